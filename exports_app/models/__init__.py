@@ -1,0 +1,3 @@
+"""nbdweb's models, one module per concern."""
+
+__all__: list[str] = []
