@@ -1,0 +1,55 @@
+# nbdweb: `make run` brings the whole stack up in the foreground; `make test` runs the suite.
+
+# Debian's interpreter, so that python3-libnbd's `nbd` module is importable from the venv.
+PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+
+.PHONY: help venv venv-dev run test lint format check bench clean
+
+help:
+	@echo "make run     - install into $(VENV), migrate, start web + celery + nbdworker (foreground)"
+	@echo "make test    - install dev requirements into $(VENV) and run the whole suite"
+	@echo "make lint    - ruff check and ruff format --check"
+	@echo "make format  - ruff format and ruff check --fix"
+	@echo "make bench   - nbdworker vs nbdkit benchmark (see bench/README.md)"
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is needed"' \
+	  || { echo "nbdweb needs Python >= 3.11 (Debian 12: apt-get install python3 python3-venv)"; exit 1; }
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 \
+	  || { echo "python3-venv is missing: apt-get install python3-venv"; exit 1; }
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Stamps re-run pip only when a requirements file changed.
+$(VENV)/.installed: $(BIN)/python requirements.txt
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	@touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	@touch $@
+
+venv: $(VENV)/.installed
+venv-dev: $(VENV)/.installed-dev
+
+run: venv
+	$(BIN)/python scripts/runstack.py
+
+test: venv-dev
+	PATH="$(CURDIR)/$(BIN):/usr/bin:$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: venv-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv-dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: venv-dev
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

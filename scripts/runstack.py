@@ -1,0 +1,239 @@
+#!/usr/bin/env python3
+"""`make run`: bring the whole nbdweb stack up on one machine, in the foreground.
+
+Prepares the data dir and its secrets, makes sure Redis answers (starting a private
+`redis-server` when it does not), migrates, then runs gunicorn, one Celery worker and
+nbdworker, prefixing each output line with the process's name. Ctrl-C or SIGTERM stops all of
+them; every child also gets SIGTERM from the kernel if this supervisor dies (PR_SET_PDEATHSIG),
+so no orphan survives.
+
+Standard library only: it runs before Django is configured.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from nbdweb.datadir import data_dir, secret_from_env_or_file  # noqa: E402
+
+PYTHON = sys.executable
+STOP_GRACE_SECONDS = 15.0
+PR_SET_PDEATHSIG = 1
+
+# The three long-running processes. docker-compose.yml runs these very commands (a test checks).
+COMMANDS: dict[str, list[str]] = {
+    "web": [PYTHON, "-m", "gunicorn", "-c", "nbdweb/gunicorn.conf.py", "nbdweb.wsgi"],
+    "celery": [PYTHON, "-m", "celery", "-A", "nbdweb", "worker", "--loglevel", "INFO"],
+    "nbdworker": [PYTHON, "-m", "nbdworker"],
+}
+
+SECRETS = {
+    "SECRET_KEY": "secret_key",
+    "NBDWEB_CONFIG_SECRET": "config_secret",
+    "NBDWEB_KEY_ENCRYPTION_KEY": "key_encryption_key",
+}
+
+
+def say(message: str) -> None:
+    print(f"[runstack] {message}", flush=True)
+
+
+def die_with_parent() -> None:
+    """Runs in each child before exec: the kernel sends SIGTERM if the supervisor dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def redis_answers(url: str, timeout: float = 1.0) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or 6379), timeout=timeout
+        ) as sock:
+            if parts.password:
+                user = parts.username or "default"
+                sock.sendall(
+                    f"*3\r\n$4\r\nAUTH\r\n${len(user)}\r\n{user}\r\n"
+                    f"${len(parts.password)}\r\n{parts.password}\r\n".encode()
+                )
+                sock.recv(64)
+            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"[runstack] {what} did not happen within {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+class Stack:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.children: dict[str, subprocess.Popen] = {}
+        self.selector = selectors.DefaultSelector()
+        self.stopping = False
+
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
+        self.children[name] = proc
+        self.selector.register(proc.stdout, selectors.EVENT_READ, name)
+        say(f"started {name} (pid {proc.pid})")
+        return proc
+
+    def pump(self, timeout: float) -> None:
+        width = max(len(name) for name in self.children)
+        for key, _ in self.selector.select(timeout):
+            line = key.fileobj.readline()
+            if not line:
+                self.selector.unregister(key.fileobj)
+                continue
+            text = line.decode("utf-8", "replace").rstrip("\n")
+            print(f"{key.data:<{width}} | {text}", flush=True)
+
+    def stop(self, reason: str) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        say(f"stopping ({reason})")
+        for proc in self.children.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while time.monotonic() < deadline and any(p.poll() is None for p in self.children.values()):
+            self.pump(0.1)
+        for name, proc in self.children.items():
+            if proc.poll() is None:
+                say(f"{name} did not stop in {STOP_GRACE_SECONDS:.0f}s: killing")
+                proc.kill()
+                proc.wait()
+        # Drain what the children printed while stopping.
+        while self.selector.get_map():
+            self.pump(0.05)
+
+
+def prepare_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    data = data_dir()
+    env["NBDWEB_DATA_DIR"] = str(data)
+    env.setdefault("NBDWEB_STORAGE_ROOT", str(data / "images"))
+    Path(env["NBDWEB_STORAGE_ROOT"]).mkdir(parents=True, exist_ok=True)
+    env.setdefault("NBDWORKER_STORAGE_ROOTS", env["NBDWEB_STORAGE_ROOT"])
+    env.setdefault("NBDWEB_HTTP_ADDR", "127.0.0.1:8000")
+    env.setdefault("NBD_LISTEN", "127.0.0.1:10809")
+    env.setdefault("REDIS_URL", "redis://127.0.0.1:6379/0")
+    env["PYTHONUNBUFFERED"] = "1"
+    for variable, filename in SECRETS.items():
+        env[variable] = secret_from_env_or_file(variable, filename)
+    return env
+
+
+def ensure_redis(env: dict[str, str], stack: Stack) -> None:
+    url = env["REDIS_URL"]
+    if redis_answers(url):
+        say(f"redis answers at {url}")
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit(
+            f"[runstack] Redis does not answer at {url} and no redis-server is installed.\n"
+            "  Install one (Debian: apt-get install redis-server) or point REDIS_URL at a "
+            "running Redis."
+        )
+    port = free_port()
+    redis_dir = Path(env["NBDWEB_DATA_DIR"]) / "redis"
+    redis_dir.mkdir(exist_ok=True)
+    say(f"redis does not answer at {url}: starting a private redis-server on port {port}")
+    stack.spawn(
+        "redis",
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(redis_dir),
+         "--save", "", "--appendonly", "no"],
+    )  # fmt: skip
+    parts = urlsplit(url)
+    env["REDIS_URL"] = urlunsplit(
+        (parts.scheme or "redis", f"127.0.0.1:{port}", parts.path or "/0", "", "")
+    )
+    wait_until(lambda: redis_answers(env["REDIS_URL"]), 15, "private redis-server answering")
+
+
+def manage(env: dict[str, str], *args: str) -> None:
+    subprocess.run([PYTHON, "manage.py", *args], cwd=ROOT, env=env, check=True)
+
+
+def main() -> int:
+    env = prepare_environment()
+    stack = Stack(env)
+
+    def on_signal(signum: int, _frame) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    status = 0
+    try:
+        ensure_redis(env, stack)
+        manage(env, "migrate", "--noinput")
+        manage(env, "collectstatic", "--noinput", "-v0")
+        if env.get("DJANGO_SUPERUSER_USERNAME") and env.get("DJANGO_SUPERUSER_PASSWORD"):
+            manage(env, "ensure_admin")
+        else:
+            say(
+                "no admin user configured: set DJANGO_SUPERUSER_USERNAME and "
+                "DJANGO_SUPERUSER_PASSWORD, or run `.venv/bin/python manage.py createsuperuser`"
+            )
+        for name, argv in COMMANDS.items():
+            stack.spawn(name, argv)
+        say(
+            f"web on http://{env['NBDWEB_HTTP_ADDR']}/  NBD on {env['NBD_LISTEN']}  "
+            f"data in {env['NBDWEB_DATA_DIR']}"
+        )
+        while True:
+            stack.pump(0.5)
+            for name, proc in stack.children.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with status {proc.returncode}")
+    except KeyboardInterrupt as exc:
+        stack.stop(str(exc) or "interrupted")
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        say(str(exc))
+        stack.stop("a process failed")
+        status = 1
+    except SystemExit:
+        stack.stop("startup failed")
+        raise
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
