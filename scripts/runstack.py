@@ -191,8 +191,24 @@ def manage(env: dict[str, str], *args: str) -> None:
     subprocess.run([PYTHON, "manage.py", *args], cwd=ROOT, env=env, check=True)
 
 
+def prepare(env: dict[str, str]) -> None:
+    """One-off steps before the processes start (also docker compose's `init` service)."""
+    manage(env, "migrate", "--noinput")
+    manage(env, "collectstatic", "--noinput", "-v0")
+    if env.get("DJANGO_SUPERUSER_USERNAME") and env.get("DJANGO_SUPERUSER_PASSWORD"):
+        manage(env, "ensure_admin")
+    else:
+        say(
+            "no admin user configured: set DJANGO_SUPERUSER_USERNAME and "
+            "DJANGO_SUPERUSER_PASSWORD, or run `.venv/bin/python manage.py createsuperuser`"
+        )
+
+
 def main() -> int:
     env = prepare_environment()
+    if sys.argv[1:] == ["--prepare-only"]:
+        prepare(env)
+        return 0
     stack = Stack(env)
 
     def on_signal(signum: int, _frame) -> None:
@@ -203,15 +219,7 @@ def main() -> int:
     status = 0
     try:
         ensure_redis(env, stack)
-        manage(env, "migrate", "--noinput")
-        manage(env, "collectstatic", "--noinput", "-v0")
-        if env.get("DJANGO_SUPERUSER_USERNAME") and env.get("DJANGO_SUPERUSER_PASSWORD"):
-            manage(env, "ensure_admin")
-        else:
-            say(
-                "no admin user configured: set DJANGO_SUPERUSER_USERNAME and "
-                "DJANGO_SUPERUSER_PASSWORD, or run `.venv/bin/python manage.py createsuperuser`"
-            )
+        prepare(env)
         for name, argv in COMMANDS.items():
             stack.spawn(name, argv)
         say(
