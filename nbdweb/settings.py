@@ -157,3 +157,11 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {"django": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False}},
 }
+
+# --- exports_app (issue 5) ------------------------------------------------------------------
+# Certificates expiring within this many days are flagged in the API and the admin.
+NBDWEB_CERT_EXPIRY_WARNING_DAYS = int(os.environ.get("NBDWEB_CERT_EXPIRY_WARNING_DAYS", "30"))
+# Validity of certificates issued without an explicit `validity_days`.
+NBDWEB_CERT_DEFAULT_VALIDITY_DAYS = int(os.environ.get("NBDWEB_CERT_DEFAULT_VALIDITY_DAYS", "365"))
+NBDWEB_CA_DEFAULT_VALIDITY_DAYS = int(os.environ.get("NBDWEB_CA_DEFAULT_VALIDITY_DAYS", "3650"))
+# --- end exports_app --------------------------------------------------------------------------

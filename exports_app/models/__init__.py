@@ -1,3 +1,8 @@
 """nbdweb's models, one module per concern."""
 
-__all__: list[str] = []
+from exports_app.models.certificates import Certificate, CertificateAuthority
+from exports_app.models.exports import Export
+from exports_app.models.nodes import WorkerNode
+from exports_app.models.tls import TLSPolicy
+
+__all__ = ["Certificate", "CertificateAuthority", "Export", "TLSPolicy", "WorkerNode"]

@@ -1,0 +1,49 @@
+"""Enumerations shared by the models, the API and the admin."""
+
+from django.db import models
+
+__all__ = [
+    "CertificateKind",
+    "ClientVerification",
+    "ExportState",
+    "KeyAlgorithm",
+    "TLSMode",
+    "TLSVersion",
+]
+
+
+class ExportState(models.TextChoices):
+    # An export created through the API waits in PROVISIONING until its image exists.
+    PROVISIONING = "provisioning", "Provisioning"
+    READY = "ready", "Ready"
+    FAILED = "failed", "Failed"
+    DELETING = "deleting", "Deleting"
+
+
+class TLSMode(models.TextChoices):
+    NOTLS = "NOTLS", "No TLS"
+    # Not a spec term: SELECTIVETLS without TLS-only exports. STARTTLS can be stripped.
+    OPTIONALTLS = "OPTIONALTLS", "Optional TLS (downgradable)"
+    FORCEDTLS = "FORCEDTLS", "Forced TLS"
+    SELECTIVETLS = "SELECTIVETLS", "Selective TLS (per export)"
+
+
+class ClientVerification(models.TextChoices):
+    NONE = "none", "None"
+    OPTIONAL = "optional", "Optional"
+    REQUIRED = "required", "Required"
+
+
+class TLSVersion(models.TextChoices):
+    TLS_1_2 = "1.2", "TLS 1.2"
+    TLS_1_3 = "1.3", "TLS 1.3"
+
+
+class CertificateKind(models.TextChoices):
+    SERVER = "server", "Server"
+    CLIENT = "client", "Client"
+
+
+class KeyAlgorithm(models.TextChoices):
+    EC_P256 = "ec-p256", "EC P-256"
+    RSA_3072 = "rsa-3072", "RSA 3072"

@@ -1,0 +1,38 @@
+"""Named limits. The NBD ones restate the protocol (see /work/shared/nbd-protocol.md)."""
+
+__all__ = [
+    "DEFAULT_MAX_BLOCK_SIZE",
+    "DEFAULT_MIN_BLOCK_SIZE",
+    "DEFAULT_PREFERRED_BLOCK_SIZE",
+    "MAX_DESCRIPTION_BYTES",
+    "MAX_EXPORT_SIZE",
+    "MAX_IMAGE_PATH_BYTES",
+    "MAX_MIN_BLOCK_SIZE",
+    "MAX_NAME_BYTES",
+    "MAX_PAYLOAD",
+    "MAX_VALIDITY_DAYS",
+    "SECTOR_SIZE",
+]
+
+# NBD strings (export names, descriptions) MUST be at most 4096 bytes of UTF-8.
+MAX_NAME_BYTES = 4096
+MAX_DESCRIPTION_BYTES = 4096
+
+# Every export size is a multiple of a sector: the Linux kernel client and qemu assume it.
+SECTOR_SIZE = 512
+# Images are files: off_t is signed 64-bit. The largest multiple of 512 below 2**63.
+MAX_EXPORT_SIZE = 2**63 - SECTOR_SIZE
+
+# Block size constraints advertised with NBD_INFO_BLOCK_SIZE.
+MAX_PAYLOAD = 32 * 1024 * 1024
+MAX_MIN_BLOCK_SIZE = 65536
+DEFAULT_MIN_BLOCK_SIZE = 1
+DEFAULT_PREFERRED_BLOCK_SIZE = 4096
+DEFAULT_MAX_BLOCK_SIZE = MAX_PAYLOAD
+
+# Relative image paths are unique per node; keeping them short keeps that index within
+# PostgreSQL's btree row limit (about 2.7 kB).
+MAX_IMAGE_PATH_BYTES = 1024
+
+# Ten years: long-lived CAs are common, unbounded ones are a typo.
+MAX_VALIDITY_DAYS = 3650
