@@ -191,6 +191,20 @@ class ClientMatch:
         return {k: getattr(self, k) for k in CLIENT_MATCH_KINDS if getattr(self, k) is not None}
 
 
+_EXPORT_BOOL_DEFAULTS = {
+    "read_only": False,
+    "enabled": True,
+    "tls_required": False,
+    "flush": True,
+    "fua": True,
+    "trim": True,
+    "write_zeroes": True,
+    "fast_zero": True,
+    "cache": True,
+    "multi_conn": True,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class ExportConfig:
     name: str
@@ -214,19 +228,6 @@ class ExportConfig:
     max_connections: int = 0
     allowed_clients: tuple[ClientMatch, ...] = ()
     allowed_networks: tuple[str, ...] = ()
-
-    _BOOLS = (
-        "read_only",
-        "enabled",
-        "tls_required",
-        "flush",
-        "fua",
-        "trim",
-        "write_zeroes",
-        "fast_zero",
-        "cache",
-        "multi_conn",
-    )
 
     @classmethod
     def from_dict(cls, d: Any, path: str) -> ExportConfig:
@@ -255,7 +256,7 @@ class ExportConfig:
                 raise _fail(f"{path}.size", "is required for the memory backend")
         description = _get_str(d, "description", path, "")
         _check_nbd_string(description, f"{path}.description", MAX_DESCRIPTION_BYTES, True)
-        bools = {k: _get_bool(d, k, path, getattr(cls, k)) for k in cls._BOOLS}
+        bools = {k: _get_bool(d, k, path, v) for k, v in _EXPORT_BOOL_DEFAULTS.items()}
 
         min_bs = _get_int(d, "min_block_size", path, 1, minimum=1)
         if not _is_power_of_2(min_bs) or min_bs > MAX_MIN_BLOCK:

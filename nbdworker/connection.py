@@ -1,0 +1,620 @@
+"""One NBD connection: greeting, handshake under a deadline, then the transmission loop.
+
+The whole connection is one `asyncio.BufferedProtocol`, so the transport never changes hands
+(no StreamReader/StreamWriter to keep alive) and a later STARTTLS can wrap the same protocol
+with `loop.start_tls`.
+
+Performance notes (measured with nbdcopy and fio against nbdkit, see bench/README.md):
+
+* Requests are parsed straight out of one receive buffer and dispatched as soon as they are
+  complete; replies are written as each request finishes, so many requests are in flight while
+  earlier replies are still queued in the transport (pipelining). Reading stops only when
+  `max_inflight_per_connection` requests wait on threads or the transport's buffer is full.
+* Every reply is one `transport.write` (header and data in one buffer, read into place with
+  `preadv`), and TCP_NODELAY is set before the greeting.
+* Reads try `preadv(RWF_NOWAIT)` on the event loop first: page-cache hits cost no thread hop;
+  a miss finishes in the thread pool. Plain writes go to the page cache inline (ext4 refuses
+  RWF_NOWAIT for buffered writes, and a thread hop per 4 KiB write costs more than the write).
+  FLUSH, FUA, trim, zero, cache and block status always run in the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno as host_errno
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+from nbdworker.backends import Backend
+from nbdworker.protocol import (
+    NEED_DATA,
+    REQUEST_HEADER,
+    Closed,
+    Command,
+    CommandFlag,
+    Errno,
+    ExportView,
+    Handshake,
+    HandshakeLimits,
+    OptionHandled,
+    ProtocolError,
+    Ready,
+    Session,
+    StartTLS,
+    decode_request,
+    encode_block_status,
+    encode_error,
+    encode_hole_chunk,
+    encode_none_chunk,
+    encode_read_data_header,
+    encode_simple_reply,
+    errno_from_oserror,
+)
+
+if TYPE_CHECKING:
+    from nbdworker.server import ExportEntry, NBDServer, ServerState
+
+__all__ = ["NBDConnection"]
+
+log = logging.getLogger("nbdworker.connection")
+
+HEADER = REQUEST_HEADER.size
+# Receive buffer for the transmission phase. Write payloads that do not fit in what is left of
+# it are received into a buffer of their own (no copy for big writes).
+RECV_BUFFER = 1 << 20
+HANDSHAKE_BUFFER = 64 * 1024
+# The transport stops our reading at this many buffered reply bytes: deep enough for nbdcopy's
+# 64 x 256 KiB in flight, bounded per connection.
+WRITE_HIGH_WATER = 16 << 20
+WRITE_LOW_WATER = 4 << 20
+# Structured reads at least this long are checked for holes (two lseeks): below it a hole
+# chunk saves nothing worth the syscalls.
+SPARSE_READ_MIN = 64 * 1024
+# Block status: at most this many descriptors per chunk (spec: SHOULD be <= 2**20), each
+# below 2**32 and kept 512-aligned.
+MAX_DESCRIPTORS = 1 << 20
+MAX_EXTENT = 0xFFFFFFFF & ~511
+DRAIN_CHUNK = 1 << 20
+
+_PHASE_HANDSHAKE = 0
+_PHASE_TRANSMISSION = 1
+_PHASE_CLOSED = 2
+
+
+class NBDConnection(asyncio.BufferedProtocol):
+    def __init__(self, server: NBDServer) -> None:
+        self.server = server
+        self.state: ServerState = server.state
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.peer_ip: str | None = None
+        self.phase = _PHASE_HANDSHAKE
+        self.hs: Handshake | None = None
+        self.deadline: asyncio.TimerHandle | None = None
+        self.hs_buf = bytearray(HANDSHAKE_BUFFER)
+        # transmission state
+        self.entry: ExportEntry | None = None
+        self.backend: Backend | None = None
+        self.session: Session | None = None
+        self.structured = False
+        self.context_id = 0
+        self.rbuf = bytearray()
+        self.rview = memoryview(self.rbuf)
+        self.start = 0
+        self.end = 0
+        # A WRITE whose payload is received outside rbuf (pending_buf None: being drained).
+        self.pending_req = None
+        self.pending_verdict = None
+        self.pending_buf: bytearray | None = None
+        self.pending_view: memoryview | None = None
+        self.pending_total = 0
+        self.pending_got = 0
+        self.eof = False
+        self.inflight = 0
+        self.max_inflight = self.state.config.limits.max_inflight_per_connection
+        self.reading_paused = False
+        self.writing_paused = False
+        self.disconnecting = False  # DISC received: finish in-flight work, then close
+        self.shutting_down = False
+        self.counted_export: str | None = None
+
+    # -- asyncio protocol callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        peer = transport.get_extra_info("peername")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.peer_ip = peer[0]
+            self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+        else:
+            self.peer = "unix"
+        if not self.server.connection_allowed():
+            log.warning("%s: refused: connection limit reached or shutting down", self.peer)
+            self.phase = _PHASE_CLOSED
+            transport.abort()
+            return
+        self.server.connections.add(self)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)  # type: ignore[attr-defined]
+        limits = self.state.config.limits
+        self.hs = Handshake(
+            lookup=self._lookup,
+            listing=self._listing,
+            tls_mode=self.state.tls_mode,
+            authorize=self._authorize,
+            limits=HandshakeLimits(),
+        )
+        self.deadline = self.loop.call_later(limits.handshake_timeout, self._handshake_expired)
+        log.debug("%s: connected", self.peer)
+        self._send(self.hs.data_to_send())
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.phase == _PHASE_HANDSHAKE:
+            return memoryview(self.hs_buf)
+        if self.pending_view is not None:
+            if self.pending_buf is None:
+                return self.pending_view[: self.pending_total - self.pending_got]
+            return self.pending_view[self.pending_got :]
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif len(self.rbuf) - self.end < HEADER * 4 or len(self.rbuf) - self.end < 65536:
+            # Move the unparsed tail (a partial header or a request that fits) to the front.
+            n = self.end - self.start
+            self.rbuf[:n] = self.rbuf[self.start : self.end]
+            self.start, self.end = 0, n
+        return self.rview[self.end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.phase == _PHASE_HANDSHAKE:
+            self._handshake_data(bytes(self.hs_buf[:nbytes]))
+        elif self.phase == _PHASE_TRANSMISSION:
+            if self.pending_view is not None:
+                self.pending_got += nbytes
+                if self.pending_got == self.pending_total:
+                    self._payload_complete()
+            else:
+                self.end += nbytes
+            self._process()
+
+    def eof_received(self) -> bool:
+        if self.phase == _PHASE_HANDSHAKE and self.hs is not None:
+            self._handshake_data(b"")
+        elif self.phase == _PHASE_TRANSMISSION:
+            # EOF between requests without NBD_CMD_DISC is how fio and others hang up.
+            log.debug("%s: client closed the connection", self.peer)
+            self.eof = True
+            self._process()
+            return True  # keep the transport until in-flight replies are abandoned
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            log.debug("%s: connection lost: %s", self.peer, exc)
+        self.phase = _PHASE_CLOSED
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+        if self.counted_export is not None:
+            self.server.export_closed(self.counted_export)
+            self.counted_export = None
+        self.server.connection_closed(self)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._update_reading()
+        if self.phase == _PHASE_TRANSMISSION:
+            self._process()
+
+    # -- lifecycle hooks used by the server ------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Graceful: handshakes end now; transmission answers what it has, then closes."""
+        if self.phase == _PHASE_HANDSHAKE:
+            if self.hs is not None:
+                self.hs.start_shutdown()
+            self._close()
+        elif self.phase == _PHASE_TRANSMISSION:
+            self.shutting_down = True
+            self._process()
+            self._maybe_close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- handshake -----------------------------------------------------------------------------
+
+    def _lookup(self, name: str) -> ExportView | None:
+        entry = self.state.lookup(name)
+        return entry.view if entry is not None else None
+
+    def _listing(self):
+        return [entry.view for entry in self.state.exports.values()]
+
+    def _authorize(self, view: ExportView) -> str | None:
+        entry = self.state.exports.get(view.name)
+        if entry is None:
+            return "export is gone"
+        cfg = entry.config
+        if not cfg.allows_address(self.peer_ip):
+            return f"address {self.peer_ip or 'unix socket'} not in allowed_networks"
+        if cfg.allowed_clients:
+            # Client certificates arrive with TLS (a later task); without one no rule matches.
+            return "no client certificate"
+        if not self.server.export_slot_free(entry):
+            return f"export connection limit ({cfg.max_connections}) reached"
+        return None
+
+    def _handshake_expired(self) -> None:
+        self.deadline = None
+        if self.phase == _PHASE_HANDSHAKE:
+            log.info("%s: handshake deadline passed: dropping", self.peer)
+            self.abort()
+
+    def _handshake_data(self, data: bytes) -> None:
+        hs = self.hs
+        assert hs is not None
+        try:
+            hs.receive_data(data)
+            while self.phase == _PHASE_HANDSHAKE:
+                event = hs.next_event()
+                if event is NEED_DATA:
+                    break
+                if isinstance(event, OptionHandled):
+                    log.debug("%s: %s -> %s %s", self.peer, event.option, event.reply, event.detail)
+                elif isinstance(event, Ready):
+                    self._send(hs.data_to_send())
+                    self._enter_transmission(event, hs.trailing_data())
+                    return
+                elif isinstance(event, Closed):
+                    self._send(hs.data_to_send())
+                    level = logging.INFO if event.error else logging.DEBUG
+                    log.log(level, "%s: handshake ended: %s", self.peer, event.reason)
+                    self._close()
+                    return
+                elif isinstance(event, StartTLS):
+                    self._send(hs.data_to_send())
+                    # TLS is a later task; the handshake only emits this when a TLS mode is
+                    # configured, so reaching it means config and build disagree.
+                    log.error("%s: STARTTLS accepted but TLS is not implemented", self.peer)
+                    self.abort()
+                    return
+        except ProtocolError as exc:
+            log.info("%s: protocol error in handshake: %s", self.peer, exc)
+            self._send(hs.data_to_send())
+            self.abort()
+            return
+        self._send(hs.data_to_send())
+
+    def _enter_transmission(self, ready: Ready, trailing: bytes) -> None:
+        entry = self.state.exports.get(ready.export.name)
+        if entry is None:  # cannot happen: lookup() produced the view
+            self.abort()
+            return
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+        self.phase = _PHASE_TRANSMISSION
+        self.entry = entry
+        self.backend = entry.backend
+        self.server.export_opened(entry.config.name)
+        self.counted_export = entry.config.name
+        self.session = Session(ready)
+        self.structured = ready.structured
+        self.context_id = next(iter(ready.meta_contexts), 0)
+        self.hs = None
+        self.hs_buf = bytearray()
+        self.rbuf = bytearray(RECV_BUFFER)
+        self.rview = memoryview(self.rbuf)
+        log.info(
+            "%s: export %r opened (%s replies)",
+            self.peer,
+            entry.config.name,
+            "structured" if self.structured else "simple",
+        )
+        if trailing:
+            self.rbuf[: len(trailing)] = trailing
+            self.end = len(trailing)
+            self._process()
+
+    # -- transmission: parsing ------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Dispatch every complete request in the buffer, unless paused."""
+        session = self.session
+        rbuf = self.rbuf
+        while (
+            self.phase == _PHASE_TRANSMISSION
+            and not self.disconnecting
+            and self.pending_view is None
+            and self.inflight < self.max_inflight
+            and not self.writing_paused
+        ):
+            avail = self.end - self.start
+            if avail < HEADER:
+                break
+            start = self.start
+            try:
+                req = decode_request(rbuf, start)
+            except ProtocolError as exc:
+                log.info("%s: protocol error: %s: dropping", self.peer, exc)
+                self.abort()
+                return
+            verdict = session.check(req)
+            if verdict.disconnect:
+                log.info("%s: %s: dropping", self.peer, verdict.message or "bad request")
+                self.abort()
+                return
+            payload = verdict.payload
+            if payload:
+                if avail < HEADER + payload:
+                    if start + HEADER + payload <= len(rbuf):
+                        break  # the rest arrives in place
+                    self._receive_payload_apart(req, verdict, payload)
+                    return
+                data = self.rview[start + HEADER : start + HEADER + payload]
+            else:
+                data = None
+            self.start = start + HEADER + payload
+            if verdict.error:
+                self._reply_error(req, verdict.error, verdict.message)
+            elif self.shutting_down and req.command != Command.DISC:
+                self._reply_error(req, Errno.ESHUTDOWN, "server is shutting down")
+            else:
+                self._execute(req, data, True)
+        self._update_reading()
+        self._maybe_close()
+
+    def _receive_payload_apart(self, req, verdict, payload: int) -> None:
+        """Receive a payload that does not fit in rbuf into a buffer of its own (or drain it)."""
+        have = self.end - self.start - HEADER
+        body_start = self.start + HEADER
+        self.start = self.end  # header and partial payload are consumed from rbuf
+        self.pending_req = req
+        self.pending_verdict = verdict
+        self.pending_total = payload
+        self.pending_got = have
+        if verdict.error or self.shutting_down:
+            # A rejected WRITE: drain its payload through a scratch buffer, never keep it.
+            self.pending_buf = None
+            self.pending_view = memoryview(bytearray(min(payload, DRAIN_CHUNK)))
+        else:
+            buf = bytearray(payload)
+            buf[:have] = self.rview[body_start : body_start + have]
+            self.pending_buf = buf
+            self.pending_view = memoryview(buf)
+        self._update_reading()
+
+    def _payload_complete(self) -> None:
+        req, verdict, buf = self.pending_req, self.pending_verdict, self.pending_buf
+        self.pending_req = self.pending_verdict = self.pending_buf = self.pending_view = None
+        if verdict.error:
+            self._reply_error(req, verdict.error, verdict.message)
+        elif buf is None or self.shutting_down:
+            self._reply_error(req, Errno.ESHUTDOWN, "server is shutting down")
+        else:
+            self._execute(req, memoryview(buf), False)
+
+    # -- transmission: execution ----------------------------------------------------------------
+
+    def _execute(self, req, data: memoryview | None, data_borrowed: bool) -> None:
+        cmd = req.command
+        backend = self.backend
+        if cmd == Command.READ:
+            self._read(req)
+        elif cmd == Command.WRITE:
+            fua = bool(req.flags & CommandFlag.FUA)
+            if not fua:
+                try:
+                    backend.pwrite(data, req.offset)
+                except OSError as exc:
+                    self._reply_oserror(req, exc)
+                    return
+                self._send(encode_simple_reply(req.cookie))
+            else:
+                # The payload may live in the shared receive buffer: copy it before the thread
+                # sees it, since that buffer is reused as soon as we return.
+                payload = bytes(data) if data_borrowed else data
+                self._in_thread(req, backend.pwrite, payload, req.offset, True)
+        elif cmd == Command.DISC:
+            log.debug("%s: NBD_CMD_DISC", self.peer)
+            self.disconnecting = True
+        elif cmd == Command.FLUSH:
+            self._in_thread(req, backend.flush)
+        elif cmd == Command.TRIM:
+            self._in_thread(
+                req, backend.trim, req.offset, req.length, bool(req.flags & CommandFlag.FUA)
+            )
+        elif cmd == Command.WRITE_ZEROES:
+            self._in_thread(
+                req,
+                backend.zero,
+                req.offset,
+                req.length,
+                not req.flags & CommandFlag.NO_HOLE,
+                bool(req.flags & CommandFlag.FAST_ZERO),
+                bool(req.flags & CommandFlag.FUA),
+            )
+        elif cmd == Command.CACHE:
+            self._in_thread(req, backend.cache, req.offset, req.length)
+        elif cmd == Command.BLOCK_STATUS:
+            self._in_thread(req, backend.extents, req.offset, req.length, result=self._block_status)
+        else:  # Session.check refuses everything else; keep the stream alive regardless
+            self._reply_error(req, Errno.EINVAL, "unsupported command")
+
+    def _in_thread(self, req, func, *args, result=None) -> None:
+        self.inflight += 1
+        fut = self.loop.run_in_executor(self.server.executor, func, *args)
+        fut.add_done_callback(lambda f: self._thread_done(req, f, result))
+
+    def _thread_done(self, req, fut: asyncio.Future, result) -> None:
+        self.inflight -= 1
+        if self.phase != _PHASE_CLOSED:
+            exc = fut.exception()
+            if exc is not None:
+                if isinstance(exc, OSError):
+                    self._reply_oserror(req, exc)
+                else:
+                    log.error("%s: internal error in %s: %r", self.peer, req.command, exc)
+                    self._reply_error(req, Errno.EIO, "internal error")
+            elif result is not None:
+                result(req, fut.result())
+            else:
+                self._send(encode_simple_reply(req.cookie))
+        if self.reading_paused or self.shutting_down or self.eof:
+            self._process()
+        self._maybe_close()
+
+    def _read(self, req) -> None:
+        length = req.length
+        if length == 0:
+            self._send(
+                encode_none_chunk(req.cookie)
+                if self.structured
+                else encode_simple_reply(req.cookie)
+            )
+            return
+        backend = self.backend
+        if (
+            self.structured
+            and length >= SPARSE_READ_MIN
+            and backend.can_extents
+            and not req.flags & CommandFlag.DF
+        ):
+            try:
+                extents = backend.extents(req.offset, length)
+            except OSError:
+                extents = None
+            if extents and (len(extents) > 1 or extents[0][1] & 1):
+                self._in_thread(req, self._sparse_read, req, extents, result=self._send_reply)
+                return
+        header = encode_read_data_header(req.cookie, req.offset, length, self.structured)
+        hlen = len(header)
+        buf = bytearray(hlen + length)
+        buf[:hlen] = header
+        view = memoryview(buf)[hlen:]
+        got = backend.pread_nowait(view, req.offset)
+        if got == length:
+            self._send(buf)
+            return
+        self._in_thread(req, self._finish_read, buf, view, req.offset, got, result=self._send_reply)
+
+    def _finish_read(self, buf: bytearray, view: memoryview, offset: int, got: int) -> bytearray:
+        # Runs in a worker thread: the page cache did not have all of it.
+        self.backend.pread(view[got:], offset + got)
+        return buf
+
+    def _sparse_read(self, req, extents) -> bytes:
+        # Runs in a worker thread. One chunk per extent: OFFSET_HOLE for ranges that read as
+        # zeroes, OFFSET_DATA otherwise; all sent in one write, the last one flagged DONE.
+        pieces: list[tuple[int, int, bool]] = []
+        pos, end = req.offset, req.offset + req.length
+        for length, flags in extents:
+            if pos >= end:
+                break
+            n = min(length, end - pos)
+            hole = bool(flags & 2)
+            if pieces and pieces[-1][2] == hole:
+                last = pieces.pop()
+                pieces.append((last[0], last[1] + n, hole))
+            else:
+                pieces.append((pos, n, hole))
+            pos += n
+        if pos < end:
+            pieces.append((pos, end - pos, False))
+        out = []
+        last = len(pieces) - 1
+        for i, (off, n, hole) in enumerate(pieces):
+            if hole:
+                out.append(encode_hole_chunk(req.cookie, off, n, i == last))
+            else:
+                out.append(encode_read_data_header(req.cookie, off, n, True, i == last))
+                data = bytearray(n)
+                self.backend.pread(memoryview(data), off)
+                out.append(data)
+        return b"".join(out)
+
+    def _send_reply(self, req, reply) -> None:
+        self._send(reply)
+
+    def _block_status(self, req, extents) -> None:
+        out: list[tuple[int, int]] = []
+        remaining = req.length
+        for length, flags in extents:
+            while length > 0 and len(out) < MAX_DESCRIPTORS:
+                n = min(length, MAX_EXTENT)
+                out.append((n, flags))
+                length -= n
+                remaining -= n
+            if len(out) >= MAX_DESCRIPTORS or remaining <= 0:
+                break
+        if not out:
+            out = [(min(req.length, MAX_EXTENT), 0)]
+        if req.flags & CommandFlag.REQ_ONE:
+            out = [(min(out[0][0], req.length), out[0][1])]
+        self._send(encode_block_status(req.cookie, self.context_id, out))
+
+    # -- replies --------------------------------------------------------------------------------
+
+    def _reply_oserror(self, req, exc: OSError) -> None:
+        nbd_errno = errno_from_oserror(exc)
+        if exc.errno == host_errno.ENOTSUP and req.flags & CommandFlag.FAST_ZERO:
+            nbd_errno = Errno.ENOTSUP
+        log.info(
+            "%s: %s at %d+%d failed: %s",
+            self.peer,
+            Command(req.command),
+            req.offset,
+            req.length,
+            exc,
+        )
+        self._reply_error(req, nbd_errno, exc.strerror or str(exc))
+
+    def _reply_error(self, req, error: int, message: str) -> None:
+        # With structured replies an error chunk carries the message (and READ must use one).
+        self._send(encode_error(req.cookie, error, message[:1024], structured=self.structured))
+
+    def _send(self, data) -> None:
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    # -- flow control and closing ---------------------------------------------------------------
+
+    def _update_reading(self) -> None:
+        if self.transport is None or self.phase != _PHASE_TRANSMISSION:
+            return
+        want_pause = (
+            self.inflight >= self.max_inflight
+            or self.writing_paused
+            or self.disconnecting
+            or self.eof
+        )
+        if want_pause and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        elif not want_pause and self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def _maybe_close(self) -> None:
+        if self.phase != _PHASE_TRANSMISSION or self.inflight:
+            return
+        if self.disconnecting or (self.eof and not self.writing_paused):
+            # After EOF, whatever is left unparsed can never complete.
+            self._close()
+        elif self.shutting_down and self.pending_view is None and self.end - self.start < HEADER:
+            self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            # close() sends what is buffered first, so every answered request reaches the client.
+            self.transport.close()
