@@ -59,7 +59,9 @@ __all__ = [
 ]
 
 GREETING_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
-_KNOWN_CLIENT_FLAGS = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
+# Plain ints: ``~`` on an IntFlag only complements the defined bits, which would hide unknown
+# bits from the check.
+_KNOWN_CLIENT_FLAGS = int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)
 
 BASE_ALLOCATION_ID = 1
 """Context id of ``base:allocation`` after SET_META_CONTEXT (ids are per connection; 0 is
@@ -76,16 +78,25 @@ _INFO_BLOCK_SIZE = struct.Struct(">HIII")
 _EXPORT_NAME_REPLY = struct.Struct(">QH")
 _PADDING = bytes(EXPORT_NAME_PADDING)
 
-# Flags we can honour; SEND_DF is added only with structured replies, and the experimental
-# RESIZE / BLOCK_STATUS_PAYLOAD are never advertised.
-_SERVABLE_FLAGS = (
-    ~(
-        TransmissionFlag.SEND_DF
-        | TransmissionFlag.SEND_RESIZE
-        | TransmissionFlag.BLOCK_STATUS_PAYLOAD
-    )
-    & 0xFFFF
+# Flags an export may pass through to the client. SEND_DF is added only with structured
+# replies; the experimental RESIZE / BLOCK_STATUS_PAYLOAD and reserved bits are never sent.
+_SERVABLE_FLAGS = int(
+    TransmissionFlag.HAS_FLAGS
+    | TransmissionFlag.READ_ONLY
+    | TransmissionFlag.SEND_FLUSH
+    | TransmissionFlag.SEND_FUA
+    | TransmissionFlag.ROTATIONAL
+    | TransmissionFlag.SEND_TRIM
+    | TransmissionFlag.SEND_WRITE_ZEROES
+    | TransmissionFlag.CAN_MULTI_CONN
+    | TransmissionFlag.SEND_CACHE
+    | TransmissionFlag.SEND_FAST_ZERO
 )
+
+_HAS_FLAGS = int(TransmissionFlag.HAS_FLAGS)
+_SEND_WRITE_ZEROES = int(TransmissionFlag.SEND_WRITE_ZEROES)
+_SEND_FAST_ZERO = int(TransmissionFlag.SEND_FAST_ZERO)
+_SEND_DF = int(TransmissionFlag.SEND_DF)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,12 +149,12 @@ def _decode_string(data: bytes) -> str | None:
 
 def final_transmission_flags(view: ExportView, structured: bool) -> TransmissionFlag:
     """The transmission flags the client is sent for ``view``."""
-    flags = (int(view.flags) | TransmissionFlag.HAS_FLAGS) & _SERVABLE_FLAGS
-    if not flags & TransmissionFlag.SEND_WRITE_ZEROES:
+    flags = (int(view.flags) | _HAS_FLAGS) & _SERVABLE_FLAGS
+    if not flags & _SEND_WRITE_ZEROES:
         # The spec forbids FAST_ZERO without WRITE_ZEROES.
-        flags &= ~TransmissionFlag.SEND_FAST_ZERO
+        flags &= ~_SEND_FAST_ZERO
     if structured:
-        flags |= TransmissionFlag.SEND_DF
+        flags |= _SEND_DF
     return TransmissionFlag(flags)
 
 

@@ -106,13 +106,14 @@ OK = Verdict()
 
 _WRITE_TYPE = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
 _ENOSPC_PAST_END = frozenset({Command.WRITE, Command.WRITE_ZEROES})
-_KNOWN_FLAGS = (
-    CommandFlag.FUA
-    | CommandFlag.NO_HOLE
-    | CommandFlag.DF
-    | CommandFlag.REQ_ONE
-    | CommandFlag.FAST_ZERO
-)
+# Flag masks are plain ints: ``~`` on an IntFlag complements only the defined bits, which
+# would let unknown bits through the validation.
+_FUA = int(CommandFlag.FUA)
+_NO_HOLE = int(CommandFlag.NO_HOLE)
+_DF = int(CommandFlag.DF)
+_REQ_ONE = int(CommandFlag.REQ_ONE)
+_FAST_ZERO = int(CommandFlag.FAST_ZERO)
+_KNOWN_FLAGS = _FUA | _NO_HOLE | _DF | _REQ_ONE | _FAST_ZERO
 
 
 class Session:
@@ -149,12 +150,12 @@ class Session:
         self._read_cap = cap
         self._write_cap = cap
 
-        fua = CommandFlag.FUA if flags & TransmissionFlag.SEND_FUA else 0
+        fua = _FUA if flags & TransmissionFlag.SEND_FUA else 0
         # allowed[command] = flag bits the command accepts, or None if the command is not
         # available on this connection; _refusal[command] says why, for the error message.
         allowed: list[int | None] = [None] * 8
         refusal = ["unknown command"] * 8
-        allowed[Command.READ] = fua | (CommandFlag.DF if self._df else 0)
+        allowed[Command.READ] = fua | (_DF if self._df else 0)
         allowed[Command.WRITE] = fua
         allowed[Command.DISC] = _KNOWN_FLAGS  # never replied to: flags are irrelevant
         # CACHE is answered even when not advertised: some clients send it regardless.
@@ -168,12 +169,12 @@ class Session:
         else:
             refusal[Command.TRIM] = "TRIM not advertised"
         if flags & TransmissionFlag.SEND_WRITE_ZEROES:
-            fast = CommandFlag.FAST_ZERO if flags & TransmissionFlag.SEND_FAST_ZERO else 0
-            allowed[Command.WRITE_ZEROES] = fua | CommandFlag.NO_HOLE | fast
+            fast = _FAST_ZERO if flags & TransmissionFlag.SEND_FAST_ZERO else 0
+            allowed[Command.WRITE_ZEROES] = fua | _NO_HOLE | fast
         else:
             refusal[Command.WRITE_ZEROES] = "WRITE_ZEROES not advertised"
         if self.structured and self.meta_contexts:
-            allowed[Command.BLOCK_STATUS] = fua | CommandFlag.REQ_ONE
+            allowed[Command.BLOCK_STATUS] = fua | _REQ_ONE
         else:
             refusal[Command.BLOCK_STATUS] = "BLOCK_STATUS needs structured replies and a context"
         self._allowed = allowed
