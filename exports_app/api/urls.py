@@ -1,7 +1,13 @@
 """Routes of the REST API, mounted at /api/v1/."""
 
-from rest_framework.routers import DefaultRouter
+from . import views
+from .base import NBDWebRouter
 
-router = DefaultRouter()
+router = NBDWebRouter()
+router.register("nodes", views.WorkerNodeViewSet)
+router.register("tls-policies", views.TLSPolicyViewSet)
+router.register("exports", views.ExportViewSet)
+router.register("authorities", views.CertificateAuthorityViewSet)
+router.register("certificates", views.CertificateViewSet)
 
 urlpatterns = router.urls

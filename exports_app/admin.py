@@ -1,0 +1,651 @@
+"""The Django admin: every model, with filters, search, history and the day-to-day actions."""
+
+from collections.abc import Callable
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import transaction
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils.html import format_html
+from simple_history.admin import SimpleHistoryAdmin
+
+from exports_app.choices import CertificateKind, KeyAlgorithm, TLSMode
+from exports_app.constants import MAX_VALIDITY_DAYS
+from exports_app.models import Certificate, CertificateAuthority, Export, TLSPolicy, WorkerNode
+from exports_app.models.tls import OPTIONALTLS_WARNING
+from exports_app.services import bundles, ca, provisioning
+from exports_app.validators import parse_size
+
+__all__ = [
+    "CertificateAdmin",
+    "CertificateAuthorityAdmin",
+    "ExportAdmin",
+    "TLSPolicyAdmin",
+    "WorkerNodeAdmin",
+]
+
+
+def human_size(size: int) -> str:
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift}{unit}"
+    return f"{size} B"
+
+
+def action_with_form(
+    modeladmin: admin.ModelAdmin,
+    request: HttpRequest,
+    queryset: QuerySet,
+    form_class: type[forms.Form],
+    title: str,
+    apply: Callable[[forms.Form, QuerySet], None],
+) -> TemplateResponse | None:
+    """An admin action that asks for input on an intermediate page before applying."""
+    if "apply" in request.POST:
+        form = form_class(request.POST)
+        if form.is_valid():
+            apply(form, queryset)
+            return None
+    else:
+        form = form_class()
+    context = {
+        **modeladmin.admin_site.each_context(request),
+        "title": title,
+        "form": form,
+        "objects": list(queryset),
+        "selected": request.POST.getlist(ACTION_CHECKBOX_NAME),
+        "action": request.POST.get("action", ""),
+        "opts": modeladmin.model._meta,
+    }
+    return TemplateResponse(request, "admin/exports_app/action_form.html", context)
+
+
+# -- nodes and TLS policies --------------------------------------------------------------------
+
+
+@admin.register(WorkerNode)
+class WorkerNodeAdmin(SimpleHistoryAdmin):
+    list_display = [
+        "name",
+        "listen",
+        "public_address",
+        "storage_root",
+        "tls_policy",
+        "export_count",
+    ]
+    list_filter = ["tls_policy__mode", "tls_policy"]
+    search_fields = ["name", "description", "listen", "storage_root"]
+    readonly_fields = ["created", "last_updated"]
+
+    @admin.display(description="exports")
+    def export_count(self, node: WorkerNode) -> int:
+        return node.exports.count()
+
+
+class TLSPolicyForm(forms.ModelForm):
+    class Meta:
+        model = TLSPolicy
+        fields = "__all__"
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        if "trusted_authorities" in cleaned:
+            try:
+                self.instance.validate_trusted_authorities(list(cleaned["trusted_authorities"]))
+            except ValidationError as exc:
+                self.add_error(None, exc.message_dict["trusted_authorities"])
+        return cleaned
+
+
+class SwitchTLSModeForm(forms.Form):
+    mode = forms.ChoiceField(choices=TLSMode.choices)
+
+
+@admin.register(TLSPolicy)
+class TLSPolicyAdmin(SimpleHistoryAdmin):
+    form = TLSPolicyForm
+    list_display = ["name", "mode", "server_certificate", "client_verification", "min_tls_version"]
+    list_filter = ["mode", "client_verification", "min_tls_version"]
+    search_fields = ["name", "description"]
+    filter_horizontal = ["trusted_authorities"]
+    readonly_fields = ["created", "last_updated"]
+    actions = ["switch_tls_mode"]
+
+    def save_model(self, request, obj: TLSPolicy, form, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if obj.mode == TLSMode.OPTIONALTLS:
+            messages.warning(request, OPTIONALTLS_WARNING)
+
+    @admin.action(description="Switch TLS mode", permissions=["change"])
+    def switch_tls_mode(self, request, queryset):
+        def apply(form, policies):
+            mode = form.cleaned_data["mode"]
+            for policy in policies:
+                policy.mode = mode
+                try:
+                    policy.full_clean()
+                    policy.validate_trusted_authorities(list(policy.trusted_authorities.all()))
+                except ValidationError as exc:
+                    problems = "; ".join(m for ms in exc.message_dict.values() for m in ms)
+                    self.message_user(request, f"{policy.name}: {problems}", messages.ERROR)
+                    continue
+                policy.save()
+                self.message_user(request, f"{policy.name}: switched to {mode}.", messages.SUCCESS)
+            if mode == TLSMode.OPTIONALTLS:
+                messages.warning(request, OPTIONALTLS_WARNING)
+
+        return action_with_form(
+            self, request, queryset, SwitchTLSModeForm, "Switch TLS mode", apply
+        )
+
+
+# -- exports -----------------------------------------------------------------------------------
+
+
+class SizeFormField(forms.CharField):
+    """Bytes or "10G"/"512M"/"1T" in the admin, like the API."""
+
+    def prepare_value(self, value):
+        return human_size(value) if isinstance(value, int) else value
+
+    def to_python(self, value):
+        value = super().to_python(value)
+        if value in self.empty_values:
+            return None
+        return parse_size(value.strip())
+
+
+class ExportForm(forms.ModelForm):
+    size = SizeFormField(help_text='Bytes, or with a binary unit: "10G", "512M", "1T".')
+
+    class Meta:
+        model = Export
+        fields = "__all__"
+        widgets = {"name": forms.TextInput(attrs={"size": 60})}
+
+
+class ResizeExportForm(forms.Form):
+    size = SizeFormField(label="New size")
+    force = forms.BooleanField(
+        required=False, help_text="Allow shrinking (destroys data past the new end)."
+    )
+
+
+@admin.register(Export)
+class ExportAdmin(SimpleHistoryAdmin):
+    form = ExportForm
+    list_display = [
+        "__str__",
+        "node",
+        "display_size",
+        "state",
+        "enabled",
+        "read_only",
+        "tls_required",
+        "short_error",
+    ]
+    list_filter = ["state", "enabled", "read_only", "tls_required", "node"]
+    search_fields = ["name", "description", "image_path"]
+    readonly_fields = [
+        "state",
+        "last_error",
+        "uri",
+        "absolute_image_path",
+        "content_sha256",
+        "verified_at",
+        "created",
+        "last_updated",
+    ]
+    actions = ["enable_exports", "disable_exports", "resize_exports"]
+
+    def get_readonly_fields(self, request, obj=None):
+        # Moving an image to another node or path is not something a form can do.
+        extra = ["node", "image_path"] if obj is not None else []
+        return [*self.readonly_fields, *extra]
+
+    @admin.display(description="size", ordering="size")
+    def display_size(self, export: Export) -> str:
+        return human_size(export.size)
+
+    @admin.display(description="last error")
+    def short_error(self, export: Export) -> str:
+        return export.last_error[:80]
+
+    def save_model(self, request, obj: Export, form, change: bool) -> None:
+        with transaction.atomic():
+            old_size = form.initial.get("size") if change else None
+            super().save_model(request, obj, form, change)
+            if not change:
+                provisioning.request_create(obj)
+            elif old_size is not None and obj.size != old_size:
+                provisioning.request_resize(obj, old_size, force=True)
+
+    def delete_model(self, request, obj: Export) -> None:
+        with transaction.atomic():
+            provisioning.request_delete(obj)
+
+    def delete_queryset(self, request, queryset) -> None:
+        with transaction.atomic():
+            for export in queryset:
+                provisioning.request_delete(export)
+
+    def _set_enabled(self, request, queryset, enabled: bool) -> None:
+        changed = 0
+        with transaction.atomic():
+            for export in queryset.filter(enabled=not enabled):
+                export.enabled = enabled
+                export.save(update_fields=["enabled", "last_updated"])
+                changed += 1
+        word = "Enabled" if enabled else "Disabled"
+        self.message_user(request, f"{word} {changed} export(s).", messages.SUCCESS)
+
+    @admin.action(description="Enable selected exports", permissions=["change"])
+    def enable_exports(self, request, queryset) -> None:
+        self._set_enabled(request, queryset, True)
+
+    @admin.action(description="Disable selected exports", permissions=["change"])
+    def disable_exports(self, request, queryset) -> None:
+        self._set_enabled(request, queryset, False)
+
+    @admin.action(description="Resize selected exports", permissions=["change"])
+    def resize_exports(self, request, queryset):
+        def apply(form, exports):
+            new_size, force = form.cleaned_data["size"], form.cleaned_data["force"]
+            for export in exports:
+                old_size = export.size
+                if new_size < old_size and not force:
+                    self.message_user(
+                        request,
+                        f"{export}: shrinking needs 'force' (it destroys data).",
+                        messages.ERROR,
+                    )
+                    continue
+                export.size = new_size
+                try:
+                    export.full_clean()
+                except ValidationError as exc:
+                    problems = "; ".join(m for ms in exc.message_dict.values() for m in ms)
+                    self.message_user(request, f"{export}: {problems}", messages.ERROR)
+                    continue
+                with transaction.atomic():
+                    export.save(update_fields=["size", "last_updated"])
+                    provisioning.request_resize(export, old_size, force=force)
+                self.message_user(
+                    request,
+                    f"{export}: resize to {human_size(new_size)} requested.",
+                    messages.SUCCESS,
+                )
+
+        return action_with_form(self, request, queryset, ResizeExportForm, "Resize exports", apply)
+
+
+# -- certificates ------------------------------------------------------------------------------
+
+
+class CertificateAuthorityAddForm(forms.ModelForm):
+    """Create an internal CA (common name) or import one (certificate PEM, optional key)."""
+
+    common_name = forms.CharField(
+        max_length=64, required=False, help_text="Creates an internal CA."
+    )
+    key_algorithm = forms.ChoiceField(choices=KeyAlgorithm.choices, initial=KeyAlgorithm.EC_P256)
+    validity_days = forms.IntegerField(min_value=1, max_value=MAX_VALIDITY_DAYS, required=False)
+    certificate_pem = forms.CharField(
+        widget=forms.Textarea, required=False, strip=False, help_text="Imports an external CA."
+    )
+    private_key_pem = forms.CharField(
+        widget=forms.Textarea, required=False, strip=False, help_text="The imported CA's key."
+    )
+
+    class Meta:
+        model = CertificateAuthority
+        fields = ["name", "description"]
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        has_cn, has_pem = bool(cleaned.get("common_name")), bool(cleaned.get("certificate_pem"))
+        if has_cn == has_pem:
+            raise ValidationError("Give a common name to create a CA, or a certificate to import.")
+        if has_pem:
+            try:
+                ca.check_authority_import(
+                    cleaned["certificate_pem"], cleaned.get("private_key_pem")
+                )
+            except ca.CertificateError as exc:
+                self.add_error("certificate_pem", str(exc))
+        return cleaned
+
+
+class IssueClientCertificateForm(forms.Form):
+    common_name = forms.CharField(max_length=64, help_text="The client identity (CN).")
+    validity_days = forms.IntegerField(
+        min_value=1, max_value=MAX_VALIDITY_DAYS, required=False, help_text="Default: 365."
+    )
+
+
+@admin.register(CertificateAuthority)
+class CertificateAuthorityAdmin(SimpleHistoryAdmin):
+    list_display = ["name", "subject", "is_imported", "has_key", "not_after", "expiry_warning"]
+    list_filter = ["is_imported", "key_algorithm"]
+    search_fields = ["name", "subject", "serial", "fingerprint_sha256"]
+    readonly_fields = [
+        "subject",
+        "serial",
+        "fingerprint_sha256",
+        "not_before",
+        "not_after",
+        "key_algorithm",
+        "is_imported",
+        "has_key",
+        "certificate_pem",
+        "created",
+        "last_updated",
+    ]
+    actions = ["issue_client_certificate"]
+
+    def get_form(self, request, obj=None, **kwargs):
+        if obj is None:
+            kwargs["form"] = CertificateAuthorityAddForm
+        return super().get_form(request, obj, **kwargs)
+
+    def get_readonly_fields(self, request, obj=None):
+        return self.readonly_fields if obj is not None else []
+
+    def get_fields(self, request, obj=None):
+        if obj is None:
+            return [
+                "name",
+                "description",
+                "common_name",
+                "key_algorithm",
+                "validity_days",
+                "certificate_pem",
+                "private_key_pem",
+            ]
+        return ["name", "description", *self.readonly_fields]
+
+    @admin.display(boolean=True, description="private key")
+    def has_key(self, authority: CertificateAuthority) -> bool:
+        return authority.has_private_key
+
+    @admin.display(boolean=True, description="expiry OK")
+    def expiry_warning(self, authority: CertificateAuthority) -> bool:
+        return not authority.expires_soon
+
+    def save_model(self, request, obj: CertificateAuthority, form, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        data = form.cleaned_data
+        with transaction.atomic():
+            if data.get("certificate_pem"):
+                created = ca.import_authority(
+                    data["name"],
+                    data["certificate_pem"],
+                    data.get("private_key_pem") or None,
+                    description=data.get("description", ""),
+                )
+            else:
+                created = ca.create_authority(
+                    data["name"],
+                    data["common_name"],
+                    data["key_algorithm"],
+                    data.get("validity_days"),
+                    description=data.get("description", ""),
+                )
+        obj.pk = created.pk
+        obj.refresh_from_db()
+
+    @admin.action(description="Issue a client certificate", permissions=["add"])
+    def issue_client_certificate(self, request, queryset):
+        def apply(form, authorities):
+            for authority in authorities:
+                try:
+                    with transaction.atomic():
+                        certificate = ca.issue_certificate(
+                            authority,
+                            CertificateKind.CLIENT,
+                            form.cleaned_data["common_name"],
+                            validity_days=form.cleaned_data.get("validity_days"),
+                        )
+                except ca.CertificateError as exc:
+                    self.message_user(request, f"{authority}: {exc}", messages.ERROR)
+                    continue
+                link = reverse("admin:exports_app_certificate_bundle", args=[certificate.pk])
+                self.message_user(
+                    request,
+                    format_html(
+                        'Issued {} (serial {}). <a href="{}">Download its bundle</a>.',
+                        certificate.name,
+                        certificate.serial,
+                        link,
+                    ),
+                    messages.SUCCESS,
+                )
+
+        return action_with_form(
+            self, request, queryset, IssueClientCertificateForm, "Issue a client certificate", apply
+        )
+
+
+class CertificateAddForm(forms.ModelForm):
+    """Issue from a CA, or import a PEM certificate (a server certificate needs its key)."""
+
+    kind = forms.ChoiceField(choices=CertificateKind.choices, initial=CertificateKind.CLIENT)
+    authority = forms.ModelChoiceField(
+        CertificateAuthority.objects.all(), required=False, help_text="Issue from this CA."
+    )
+    common_name = forms.CharField(max_length=64, required=False)
+    dns_names = forms.CharField(required=False, help_text="Comma-separated DNS SANs.")
+    ip_addresses = forms.CharField(required=False, help_text="Comma-separated IP SANs.")
+    validity_days = forms.IntegerField(min_value=1, max_value=MAX_VALIDITY_DAYS, required=False)
+    certificate_pem = forms.CharField(
+        widget=forms.Textarea, required=False, strip=False, help_text="Imports a certificate."
+    )
+    private_key_pem = forms.CharField(widget=forms.Textarea, required=False, strip=False)
+
+    class Meta:
+        model = Certificate
+        fields = ["name", "description"]
+
+    @staticmethod
+    def _split(text: str) -> list[str]:
+        return [item.strip() for item in text.split(",") if item.strip()]
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        if cleaned.get("certificate_pem"):
+            try:
+                ca.check_certificate_import(
+                    cleaned["certificate_pem"], cleaned.get("private_key_pem"), cleaned["kind"]
+                )
+            except ca.CertificateError as exc:
+                self.add_error("certificate_pem", str(exc))
+            return cleaned
+        authority = cleaned.get("authority")
+        if authority is None:
+            self.add_error("authority", "Choose a CA to issue from, or paste a certificate.")
+        elif not authority.can_issue:
+            self.add_error("authority", "This CA has no private key or has expired.")
+        if not cleaned.get("common_name"):
+            self.add_error("common_name", "Required to issue a certificate.")
+        try:
+            cleaned["dns_list"], cleaned["ip_list"] = ca.normalize_sans(
+                self._split(cleaned.get("dns_names", "")),
+                self._split(cleaned.get("ip_addresses", "")),
+            )
+        except ca.CertificateError as exc:
+            self.add_error(None, str(exc))
+        return cleaned
+
+
+class RevokedFilter(admin.SimpleListFilter):
+    title = "revoked"
+    parameter_name = "revoked"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Yes"), ("no", "No")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            return queryset.filter(revoked_at__isnull=False)
+        if self.value() == "no":
+            return queryset.filter(revoked_at__isnull=True)
+        return queryset
+
+
+@admin.register(Certificate)
+class CertificateAdmin(SimpleHistoryAdmin):
+    list_display = [
+        "name",
+        "kind",
+        "common_name",
+        "authority",
+        "serial",
+        "not_after",
+        "expiry_ok",
+        "revoked_at",
+    ]
+    list_filter = ["kind", RevokedFilter, "authority"]
+    search_fields = ["name", "common_name", "subject", "serial", "fingerprint_sha256"]
+    readonly_fields = [
+        "kind",
+        "authority",
+        "common_name",
+        "dns_names",
+        "ip_addresses",
+        "subject",
+        "serial",
+        "fingerprint_sha256",
+        "not_before",
+        "not_after",
+        "revoked_at",
+        "revocation_reason",
+        "has_key",
+        "bundle_link",
+        "certificate_pem",
+        "created",
+        "last_updated",
+    ]
+    actions = ["revoke_certificates", "download_bundle"]
+
+    def get_form(self, request, obj=None, **kwargs):
+        if obj is None:
+            kwargs["form"] = CertificateAddForm
+        return super().get_form(request, obj, **kwargs)
+
+    def get_readonly_fields(self, request, obj=None):
+        return self.readonly_fields if obj is not None else []
+
+    def get_fields(self, request, obj=None):
+        if obj is None:
+            return [
+                "name",
+                "description",
+                "kind",
+                "authority",
+                "common_name",
+                "dns_names",
+                "ip_addresses",
+                "validity_days",
+                "certificate_pem",
+                "private_key_pem",
+            ]
+        return ["name", "description", *self.readonly_fields]
+
+    def get_urls(self):
+        bundle = path(
+            "<int:pk>/bundle/",
+            self.admin_site.admin_view(self.bundle_view),
+            name="exports_app_certificate_bundle",
+        )
+        return [bundle, *super().get_urls()]
+
+    @admin.display(boolean=True, description="private key")
+    def has_key(self, certificate: Certificate) -> bool:
+        return certificate.has_private_key
+
+    @admin.display(boolean=True, description="expiry OK")
+    def expiry_ok(self, certificate: Certificate) -> bool:
+        return not certificate.expires_soon
+
+    @admin.display(description="bundle")
+    def bundle_link(self, certificate: Certificate) -> str:
+        if certificate.kind != CertificateKind.CLIENT or not certificate.has_private_key:
+            return "-"
+        url = reverse("admin:exports_app_certificate_bundle", args=[certificate.pk])
+        return format_html('<a href="{}">Download client bundle (.tar.gz)</a>', url)
+
+    def save_model(self, request, obj: Certificate, form, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        data = form.cleaned_data
+        with transaction.atomic():
+            if data.get("certificate_pem"):
+                created = ca.import_certificate(
+                    data["name"],
+                    data["certificate_pem"],
+                    data.get("private_key_pem") or None,
+                    data["kind"],
+                    description=data.get("description", ""),
+                )
+            else:
+                created = ca.issue_certificate(
+                    data["authority"],
+                    data["kind"],
+                    data["common_name"],
+                    name=data.get("name", ""),
+                    dns_names=data.get("dns_list"),
+                    ip_addresses=data.get("ip_list"),
+                    validity_days=data.get("validity_days"),
+                    description=data.get("description", ""),
+                )
+        obj.pk = created.pk
+        obj.refresh_from_db()
+
+    def has_revoke_permission(self, request) -> bool:
+        return request.user.has_perm("exports_app.revoke_certificate")
+
+    def has_bundle_permission(self, request) -> bool:
+        return request.user.has_perm("exports_app.download_certificate_bundle")
+
+    @admin.action(description="Revoke selected certificates", permissions=["revoke"])
+    def revoke_certificates(self, request, queryset) -> None:
+        with transaction.atomic():
+            for certificate in queryset:
+                ca.revoke_certificate(certificate, f"revoked by {request.user} in the admin")
+        self.message_user(request, f"Revoked {queryset.count()} certificate(s).", messages.SUCCESS)
+
+    @admin.action(description="Download client bundle", permissions=["bundle"])
+    def download_bundle(self, request, queryset) -> HttpResponse | None:
+        if queryset.count() != 1:
+            self.message_user(request, "Select exactly one certificate.", messages.ERROR)
+            return None
+        return self._bundle_response(request, queryset.get())
+
+    def bundle_view(self, request, pk: int) -> HttpResponse:
+        if not self.has_bundle_permission(request):
+            raise PermissionDenied
+        certificate = get_object_or_404(Certificate, pk=pk)
+        response = self._bundle_response(request, certificate)
+        if response is None:
+            return redirect("admin:exports_app_certificate_change", pk)
+        return response
+
+    def _bundle_response(self, request, certificate: Certificate) -> HttpResponse | None:
+        try:
+            data = bundles.build_client_bundle(certificate)
+        except bundles.BundleError as exc:
+            self.message_user(request, f"{certificate}: {exc}", messages.ERROR)
+            return None
+        response = HttpResponse(data, content_type="application/gzip")
+        filename = bundles.bundle_filename(certificate)
+        response["Content-Disposition"] = f'attachment; filename="{filename}"'
+        return response

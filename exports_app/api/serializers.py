@@ -1,0 +1,581 @@
+"""API serializers: one per model, named after it. Validation lives here and in the models."""
+
+from django.conf import settings
+from django.core.exceptions import ValidationError as DjangoValidationError
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from exports_app.choices import CertificateKind, ExportState, KeyAlgorithm
+from exports_app.constants import MAX_VALIDITY_DAYS
+from exports_app.models import Certificate, CertificateAuthority, Export, TLSPolicy, WorkerNode
+from exports_app.services import ca
+from exports_app.validators import parse_size
+
+from .base import ValidatedModelSerializer
+
+__all__ = [
+    "CertificateAuthoritySerializer",
+    "CertificateRevokeSerializer",
+    "CertificateSerializer",
+    "ExportSerializer",
+    "SizeField",
+    "StrictCharField",
+    "TLSPolicySerializer",
+    "WorkerNodeSerializer",
+]
+
+
+@extend_schema_field({"oneOf": [{"type": "integer"}, {"type": "string", "example": "10G"}]})
+class SizeField(serializers.Field):
+    """Bytes, as an integer or a string with a binary unit ("10G", "512M", "1T")."""
+
+    def to_internal_value(self, data: object) -> int:
+        try:
+            return parse_size(data)
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(exc.messages) from None
+
+    def to_representation(self, value: int) -> int:
+        return value
+
+
+class StrictCharField(serializers.CharField):
+    """A CharField that refuses numbers and booleans instead of converting them."""
+
+    def to_internal_value(self, data: object) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+def default_node() -> WorkerNode | None:
+    node = WorkerNode.objects.filter(name=settings.NBDWORKER_NODE).first()
+    return node or WorkerNode.objects.order_by("pk").first()
+
+
+# -- nodes and policies ------------------------------------------------------------------------
+
+
+class WorkerNodeSerializer(ValidatedModelSerializer):
+    url = serializers.HyperlinkedIdentityField(view_name="workernode-detail")
+    tls_mode = serializers.CharField(source="tls_policy.mode", read_only=True)
+    export_count = serializers.IntegerField(source="exports.count", read_only=True)
+    warnings = serializers.SerializerMethodField()
+
+    class Meta:
+        model = WorkerNode
+        fields = [
+            "id",
+            "url",
+            "name",
+            "description",
+            "listen",
+            "public_address",
+            "storage_root",
+            "tls_policy",
+            "tls_mode",
+            "export_count",
+            "warnings",
+            "created",
+            "last_updated",
+        ]
+
+    def get_warnings(self, node: WorkerNode) -> list[str]:
+        return node.tls_policy.warnings
+
+    def validate_storage_root(self, value: str) -> str:
+        instance = self.instance
+        if instance is not None and value != instance.storage_root and instance.exports.exists():
+            raise serializers.ValidationError(
+                "The node has exports; their images live under the current root."
+            )
+        return value
+
+    def validate(self, attrs: dict) -> dict:
+        # The default policy for a new node: the default node's, as most labs have one policy.
+        if self.instance is None and "tls_policy" not in attrs:
+            node = default_node()
+            if node is None:
+                raise serializers.ValidationError({"tls_policy": ["This field is required."]})
+            attrs["tls_policy"] = node.tls_policy
+        attrs = super().validate(attrs)
+        policy = attrs.get("tls_policy")
+        if (
+            self.instance is not None
+            and policy is not None
+            and policy.mode == "NOTLS"
+            and self.instance.exports.filter(tls_required=True).exists()
+        ):
+            raise serializers.ValidationError(
+                {"tls_policy": ["The node has exports that require TLS; pick a TLS policy."]}
+            )
+        return attrs
+
+
+class TLSPolicySerializer(ValidatedModelSerializer):
+    url = serializers.HyperlinkedIdentityField(view_name="tlspolicy-detail")
+    revoked_serials = serializers.SerializerMethodField()
+    warnings = serializers.ListField(child=serializers.CharField(), read_only=True)
+
+    class Meta:
+        model = TLSPolicy
+        fields = [
+            "id",
+            "url",
+            "name",
+            "description",
+            "mode",
+            "server_certificate",
+            "trusted_authorities",
+            "client_verification",
+            "min_tls_version",
+            "revoked_serials",
+            "nodes",
+            "warnings",
+            "created",
+            "last_updated",
+        ]
+        read_only_fields = ["nodes"]
+
+    def get_revoked_serials(self, policy: TLSPolicy) -> list[str]:
+        return policy.revoked_serials()
+
+    def after_clean(self, instance: TLSPolicy, attrs: dict) -> None:
+        if "trusted_authorities" in attrs:
+            authorities = list(attrs["trusted_authorities"])
+        elif self.instance is not None:
+            authorities = list(self.instance.trusted_authorities.all())
+        else:
+            authorities = []
+        try:
+            instance.validate_trusted_authorities(authorities)
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(exc.message_dict) from None
+
+
+# -- exports -----------------------------------------------------------------------------------
+
+
+class ExportSerializer(ValidatedModelSerializer):
+    url = serializers.HyperlinkedIdentityField(view_name="export-detail")
+    node = serializers.PrimaryKeyRelatedField(
+        queryset=WorkerNode.objects.all(),
+        required=False,
+        help_text="Defaults to the node named by NBDWORKER_NODE.",
+    )
+    node_name = serializers.CharField(source="node.name", read_only=True)
+    name = StrictCharField(trim_whitespace=False, help_text="The NBD export name.")
+    size = SizeField(help_text='Bytes, or a string with a binary unit: "10G", "512M", "1T".')
+    force = serializers.BooleanField(
+        write_only=True,
+        required=False,
+        default=False,
+        help_text="Allow a shrink (destroys data past the new end).",
+    )
+    uri = serializers.CharField(read_only=True)
+    absolute_image_path = serializers.CharField(read_only=True)
+    warnings = serializers.ListField(child=serializers.CharField(), read_only=True)
+
+    class Meta:
+        model = Export
+        fields = [
+            "id",
+            "url",
+            "node",
+            "node_name",
+            "name",
+            "description",
+            "image_path",
+            "absolute_image_path",
+            "size",
+            "force",
+            "read_only",
+            "enabled",
+            "tls_required",
+            "allowed_clients",
+            "allowed_networks",
+            "flush",
+            "fua",
+            "trim",
+            "write_zeroes",
+            "fast_zero",
+            "cache",
+            "multi_conn",
+            "min_block_size",
+            "preferred_block_size",
+            "max_block_size",
+            "max_connections",
+            "state",
+            "last_error",
+            "uri",
+            "warnings",
+            "content_sha256",
+            "verified_at",
+            "created",
+            "last_updated",
+        ]
+        read_only_fields = ["state", "last_error", "content_sha256", "verified_at"]
+        # Uniqueness is checked in Export.clean() (per node, by name digest and by image path);
+        # DRF's generated UniqueTogetherValidator would make image_path required.
+        validators: list = []
+        extra_kwargs = {"description": {"trim_whitespace": False}}
+
+    def build_instance(self, attrs: dict) -> Export:
+        attrs = {k: v for k, v in attrs.items() if k != "force"}
+        return super().build_instance(attrs)
+
+    def validate(self, attrs: dict) -> dict:
+        instance = self.instance
+        if instance is None:
+            if attrs.get("node") is None:
+                node = default_node()
+                if node is None:
+                    raise serializers.ValidationError({"node": ["No worker node exists."]})
+                attrs["node"] = node
+        else:
+            errors = {}
+            if instance.state == ExportState.DELETING:
+                raise serializers.ValidationError(
+                    {"non_field_errors": ["The export is being deleted."]}
+                )
+            if "node" in attrs and attrs["node"] != instance.node:
+                errors["node"] = ["An export cannot move to another node."]
+            if "image_path" in attrs and attrs["image_path"] != instance.image_path:
+                errors["image_path"] = ["The image path cannot change after creation."]
+            new_size = attrs.get("size", instance.size)
+            if new_size < instance.size and not attrs.get("force"):
+                errors["size"] = ["Shrinking destroys data past the new end; send force=true."]
+            if errors:
+                raise serializers.ValidationError(errors)
+        return super().validate(attrs)
+
+    def after_clean(self, instance: Export, attrs: dict) -> None:
+        # clean() canonicalises these (CIDR, lower-case fingerprints).
+        for field in ("allowed_clients", "allowed_networks"):
+            if field in attrs:
+                attrs[field] = getattr(instance, field)
+
+    def create(self, validated_data: dict) -> Export:
+        validated_data.pop("force", None)
+        return super().create(validated_data)
+
+    def update(self, instance: Export, validated_data: dict) -> Export:
+        validated_data.pop("force", None)
+        return super().update(instance, validated_data)
+
+
+# -- certificates ------------------------------------------------------------------------------
+
+
+class CertificateAuthoritySerializer(serializers.ModelSerializer):
+    """POST with `common_name` creates an internal CA; with `certificate_pem` (and optionally
+    `private_key_pem`) imports an external one. Only name and description change afterwards."""
+
+    url = serializers.HyperlinkedIdentityField(view_name="certificateauthority-detail")
+    common_name = serializers.CharField(
+        write_only=True, required=False, max_length=64, help_text="Creates an internal CA."
+    )
+    key_algorithm = serializers.ChoiceField(
+        choices=KeyAlgorithm.choices, required=False, default=KeyAlgorithm.EC_P256
+    )
+    validity_days = serializers.IntegerField(
+        write_only=True, required=False, min_value=1, max_value=MAX_VALIDITY_DAYS
+    )
+    certificate_pem = serializers.CharField(
+        required=False, trim_whitespace=False, help_text="Imports an external CA certificate."
+    )
+    private_key_pem = serializers.CharField(
+        write_only=True,
+        required=False,
+        trim_whitespace=False,
+        style={"input_type": "password"},
+        help_text="The imported CA's key (unencrypted PEM); stored encrypted.",
+    )
+    has_private_key = serializers.BooleanField(read_only=True)
+    expires_soon = serializers.BooleanField(read_only=True)
+    certificate_count = serializers.IntegerField(source="certificates.count", read_only=True)
+
+    class Meta:
+        model = CertificateAuthority
+        fields = [
+            "id",
+            "url",
+            "name",
+            "description",
+            "common_name",
+            "key_algorithm",
+            "validity_days",
+            "certificate_pem",
+            "private_key_pem",
+            "subject",
+            "serial",
+            "fingerprint_sha256",
+            "not_before",
+            "not_after",
+            "is_imported",
+            "has_private_key",
+            "expires_soon",
+            "certificate_count",
+            "created",
+            "last_updated",
+        ]
+
+    _CREATE_ONLY = (
+        "common_name",
+        "validity_days",
+        "certificate_pem",
+        "private_key_pem",
+        "key_algorithm",
+    )
+
+    def validate(self, attrs: dict) -> dict:
+        if self.instance is not None:
+            fixed = [k for k in self._CREATE_ONLY if k in self.initial_data]
+            if fixed:
+                raise serializers.ValidationError(
+                    {k: ["Cannot change after creation."] for k in fixed}
+                )
+            return attrs
+        has_cn, has_pem = bool(attrs.get("common_name")), bool(attrs.get("certificate_pem"))
+        if has_cn == has_pem:
+            raise serializers.ValidationError(
+                {
+                    "non_field_errors": [
+                        "Give common_name to create a CA, or certificate_pem to import one."
+                    ]
+                }
+            )
+        if has_pem:
+            try:
+                certificate, _ = ca.check_authority_import(
+                    attrs["certificate_pem"], attrs.get("private_key_pem")
+                )
+            except ca.CertificateError as exc:
+                field = "private_key_pem" if "key" in str(exc).lower() else "certificate_pem"
+                raise serializers.ValidationError({field: [str(exc)]}) from None
+            if CertificateAuthority.objects.filter(
+                fingerprint_sha256=ca.fingerprint_sha256(certificate)
+            ).exists():
+                raise serializers.ValidationError(
+                    {"certificate_pem": ["This CA is already imported."]}
+                )
+        elif attrs.get("private_key_pem"):
+            raise serializers.ValidationError(
+                {"private_key_pem": ["Only an imported CA takes a private key."]}
+            )
+        return attrs
+
+    def create(self, validated_data: dict) -> CertificateAuthority:
+        if validated_data.get("certificate_pem"):
+            return ca.import_authority(
+                name=validated_data["name"],
+                certificate_pem=validated_data["certificate_pem"],
+                private_key_pem=validated_data.get("private_key_pem"),
+                description=validated_data.get("description", ""),
+            )
+        return ca.create_authority(
+            name=validated_data["name"],
+            common_name=validated_data["common_name"],
+            key_algorithm=validated_data.get("key_algorithm", KeyAlgorithm.EC_P256),
+            validity_days=validated_data.get("validity_days"),
+            description=validated_data.get("description", ""),
+        )
+
+    def update(self, instance: CertificateAuthority, validated_data: dict) -> CertificateAuthority:
+        for field in ("name", "description"):
+            if field in validated_data:
+                setattr(instance, field, validated_data[field])
+        instance.save()
+        return instance
+
+
+class CertificateSerializer(serializers.ModelSerializer):
+    """POST with `authority` issues a certificate from that CA; with `certificate_pem` imports
+    one (a server certificate needs `private_key_pem`). Only name and description change
+    afterwards; revoke with POST …/revoke/."""
+
+    url = serializers.HyperlinkedIdentityField(view_name="certificate-detail")
+    name = serializers.CharField(
+        required=False,
+        max_length=100,
+        validators=Certificate._meta.get_field("name").validators,
+        help_text="Defaults to <kind>-<common name>-<serial>.",
+    )
+    kind = serializers.ChoiceField(choices=CertificateKind.choices, default=CertificateKind.CLIENT)
+    authority = serializers.PrimaryKeyRelatedField(
+        queryset=CertificateAuthority.objects.all(), required=False, allow_null=True
+    )
+    common_name = serializers.CharField(required=False, max_length=64)
+    dns_names = serializers.ListField(
+        child=serializers.CharField(max_length=253), required=False, max_length=100
+    )
+    ip_addresses = serializers.ListField(
+        child=serializers.CharField(max_length=64), required=False, max_length=100
+    )
+    validity_days = serializers.IntegerField(
+        write_only=True, required=False, min_value=1, max_value=MAX_VALIDITY_DAYS
+    )
+    key_algorithm = serializers.ChoiceField(
+        choices=KeyAlgorithm.choices, write_only=True, required=False, default=KeyAlgorithm.EC_P256
+    )
+    certificate_pem = serializers.CharField(required=False, trim_whitespace=False)
+    private_key_pem = serializers.CharField(
+        write_only=True, required=False, trim_whitespace=False, style={"input_type": "password"}
+    )
+    is_revoked = serializers.BooleanField(read_only=True)
+    has_private_key = serializers.BooleanField(read_only=True)
+    expires_soon = serializers.BooleanField(read_only=True)
+    warnings = serializers.ListField(child=serializers.CharField(), read_only=True)
+    bundle_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Certificate
+        fields = [
+            "id",
+            "url",
+            "name",
+            "description",
+            "kind",
+            "authority",
+            "common_name",
+            "dns_names",
+            "ip_addresses",
+            "validity_days",
+            "key_algorithm",
+            "certificate_pem",
+            "private_key_pem",
+            "subject",
+            "serial",
+            "fingerprint_sha256",
+            "not_before",
+            "not_after",
+            "is_revoked",
+            "revoked_at",
+            "revocation_reason",
+            "has_private_key",
+            "expires_soon",
+            "warnings",
+            "bundle_url",
+            "created",
+            "last_updated",
+        ]
+        read_only_fields = ["revoked_at", "revocation_reason"]
+
+    _CREATE_ONLY = (
+        "kind",
+        "authority",
+        "common_name",
+        "dns_names",
+        "ip_addresses",
+        "validity_days",
+        "key_algorithm",
+        "certificate_pem",
+        "private_key_pem",
+    )
+
+    @extend_schema_field(OpenApiTypes.URI)
+    def get_bundle_url(self, certificate: Certificate) -> str | None:
+        if certificate.kind != CertificateKind.CLIENT or not certificate.has_private_key:
+            return None
+        request = self.context.get("request")
+        path = f"/api/v1/certificates/{certificate.pk}/bundle/"
+        return request.build_absolute_uri(path) if request else path
+
+    def validate_name(self, value: str) -> str:
+        clash = Certificate.objects.filter(name=value)
+        if self.instance is not None:
+            clash = clash.exclude(pk=self.instance.pk)
+        if clash.exists():
+            raise serializers.ValidationError("A certificate with this name already exists.")
+        return value
+
+    def validate(self, attrs: dict) -> dict:
+        if self.instance is not None:
+            fixed = [k for k in self._CREATE_ONLY if k in self.initial_data]
+            if fixed:
+                raise serializers.ValidationError(
+                    {k: ["Cannot change after creation; issue a new certificate."] for k in fixed}
+                )
+            return attrs
+        kind = attrs["kind"]
+        if attrs.get("certificate_pem"):
+            for field in ("authority", "common_name", "dns_names", "ip_addresses", "validity_days"):
+                if attrs.get(field):
+                    raise serializers.ValidationError(
+                        {field: ["Not used when importing a certificate."]}
+                    )
+            if not attrs.get("name"):
+                raise serializers.ValidationError({"name": ["Name the imported certificate."]})
+            try:
+                certificate, _ = ca.check_certificate_import(
+                    attrs["certificate_pem"], attrs.get("private_key_pem"), kind
+                )
+            except ca.CertificateError as exc:
+                field = "private_key_pem" if "key" in str(exc).lower() else "certificate_pem"
+                raise serializers.ValidationError({field: [str(exc)]}) from None
+            if Certificate.objects.filter(
+                fingerprint_sha256=ca.fingerprint_sha256(certificate)
+            ).exists():
+                raise serializers.ValidationError(
+                    {"certificate_pem": ["This certificate is already imported."]}
+                )
+            return attrs
+        if attrs.get("private_key_pem"):
+            raise serializers.ValidationError(
+                {"private_key_pem": ["Only an imported certificate takes a private key."]}
+            )
+        errors = {}
+        authority = attrs.get("authority")
+        if authority is None:
+            errors["authority"] = ["Give the issuing CA, or certificate_pem to import."]
+        elif not authority.has_private_key:
+            errors["authority"] = [
+                f"The CA {authority.name!r} has no private key; it cannot issue."
+            ]
+        elif authority.is_expired:
+            errors["authority"] = [f"The CA {authority.name!r} has expired."]
+        if not attrs.get("common_name"):
+            errors["common_name"] = ["This field is required to issue a certificate."]
+        if errors:
+            raise serializers.ValidationError(errors)
+        try:
+            attrs["dns_names"], attrs["ip_addresses"] = ca.normalize_sans(
+                attrs.get("dns_names", []), attrs.get("ip_addresses", [])
+            )
+        except ca.CertificateError as exc:
+            field = "ip_addresses" if "IP" in str(exc) else "dns_names"
+            raise serializers.ValidationError({field: [str(exc)]}) from None
+        return attrs
+
+    def create(self, validated_data: dict) -> Certificate:
+        if validated_data.get("certificate_pem"):
+            return ca.import_certificate(
+                name=validated_data["name"],
+                certificate_pem=validated_data["certificate_pem"],
+                private_key_pem=validated_data.get("private_key_pem"),
+                kind=validated_data["kind"],
+                description=validated_data.get("description", ""),
+            )
+        return ca.issue_certificate(
+            authority=validated_data["authority"],
+            kind=validated_data["kind"],
+            common_name=validated_data["common_name"],
+            name=validated_data.get("name", ""),
+            dns_names=validated_data.get("dns_names"),
+            ip_addresses=validated_data.get("ip_addresses"),
+            validity_days=validated_data.get("validity_days"),
+            key_algorithm=validated_data.get("key_algorithm", KeyAlgorithm.EC_P256),
+            description=validated_data.get("description", ""),
+        )
+
+    def update(self, instance: Certificate, validated_data: dict) -> Certificate:
+        for field in ("name", "description"):
+            if field in validated_data:
+                setattr(instance, field, validated_data[field])
+        instance.save()
+        return instance
+
+
+class CertificateRevokeSerializer(serializers.Serializer):
+    reason = serializers.CharField(required=False, allow_blank=True, max_length=200, default="")

@@ -1,0 +1,136 @@
+"""API viewsets: thin, one per model. Validation is in the serializers, side effects in
+exports_app.services."""
+
+from django.http import HttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import status
+from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError
+from rest_framework.response import Response
+
+from exports_app import filtersets
+from exports_app.models import Certificate, CertificateAuthority, Export, TLSPolicy, WorkerNode
+from exports_app.services import bundles, ca, provisioning
+
+from . import serializers
+from .base import BaseModelViewSet
+
+__all__ = [
+    "CertificateAuthorityViewSet",
+    "CertificateViewSet",
+    "ExportViewSet",
+    "TLSPolicyViewSet",
+    "WorkerNodeViewSet",
+]
+
+
+class WorkerNodeViewSet(BaseModelViewSet):
+    queryset = WorkerNode.objects.select_related("tls_policy__server_certificate")
+    serializer_class = serializers.WorkerNodeSerializer
+    filterset_class = filtersets.WorkerNodeFilterSet
+
+
+class TLSPolicyViewSet(BaseModelViewSet):
+    queryset = TLSPolicy.objects.select_related("server_certificate").prefetch_related(
+        "trusted_authorities", "nodes"
+    )
+    serializer_class = serializers.TLSPolicySerializer
+    filterset_class = filtersets.TLSPolicyFilterSet
+
+
+class ExportViewSet(BaseModelViewSet):
+    queryset = Export.objects.select_related("node__tls_policy__server_certificate")
+    serializer_class = serializers.ExportSerializer
+    filterset_class = filtersets.ExportFilterSet
+
+    def create_object(self, serializer: serializers.ExportSerializer) -> None:
+        provisioning.request_create(serializer.save())
+
+    def update_object(self, serializer: serializers.ExportSerializer) -> None:
+        old_size = serializer.instance.size
+        force = serializer.validated_data.get("force", False)
+        export = serializer.save()
+        if export.size != old_size:
+            provisioning.request_resize(export, old_size, force=force)
+
+    @extend_schema(
+        responses={
+            204: OpenApiResponse(description="Deleted."),
+            202: OpenApiResponse(serializers.ExportSerializer, "Deletion continues in a job."),
+        }
+    )
+    def destroy(self, request, *args, **kwargs) -> Response:
+        export = self.get_object()
+        pk = export.pk
+        self.perform_destroy(export)
+        # The hook either deleted the row or left it in DELETING for a job to finish.
+        export = Export.objects.filter(pk=pk).first()
+        if export is not None:
+            return Response(self.get_serializer(export).data, status=status.HTTP_202_ACCEPTED)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    def destroy_object(self, instance: Export) -> None:
+        provisioning.request_delete(instance)
+
+
+class CertificateAuthorityViewSet(BaseModelViewSet):
+    queryset = CertificateAuthority.objects.all()
+    serializer_class = serializers.CertificateAuthoritySerializer
+    filterset_class = filtersets.CertificateAuthorityFilterSet
+
+
+class CertificateViewSet(BaseModelViewSet):
+    queryset = Certificate.objects.select_related("authority")
+    serializer_class = serializers.CertificateSerializer
+    filterset_class = filtersets.CertificateFilterSet
+    action_permissions = {
+        "bundle": ["exports_app.view_certificate", "exports_app.download_certificate_bundle"],
+        "revoke": ["exports_app.view_certificate", "exports_app.revoke_certificate"],
+    }
+
+    @extend_schema(
+        request=serializers.CertificateRevokeSerializer,
+        responses=serializers.CertificateSerializer,
+    )
+    @action(detail=True, methods=["post"])
+    def revoke(self, request, pk=None) -> Response:
+        certificate = self.get_object()
+        body = serializers.CertificateRevokeSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        ca.revoke_certificate(certificate, body.validated_data["reason"])
+        return Response(self.get_serializer(certificate).data)
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("export", OpenApiTypes.INT, description="Export for the README."),
+            OpenApiParameter("node", OpenApiTypes.INT, description="Node for the README."),
+        ],
+        responses={(200, "application/gzip"): OpenApiTypes.BINARY},
+    )
+    @action(detail=True, methods=["get"])
+    def bundle(self, request, pk=None) -> HttpResponse:
+        """A .tar.gz with ca-cert.pem, client-cert.pem, client-key.pem and a README."""
+        certificate = self.get_object()
+        export = self._lookup_param(request, "export", Export)
+        node = self._lookup_param(request, "node", WorkerNode)
+        try:
+            data = bundles.build_client_bundle(certificate, node=node, export=export)
+        except bundles.BundleError as exc:
+            raise ValidationError({"non_field_errors": [str(exc)]}) from None
+        response = HttpResponse(data, content_type="application/gzip")
+        filename = bundles.bundle_filename(certificate)
+        response["Content-Disposition"] = f'attachment; filename="{filename}"'
+        return response
+
+    @staticmethod
+    def _lookup_param(request, name: str, model):
+        value = request.query_params.get(name)
+        if value in (None, ""):
+            return None
+        if not value.isdigit():
+            raise ValidationError({name: ["Must be an ID."]})
+        found = model.objects.filter(pk=int(value)).first()
+        if found is None:
+            raise ValidationError({name: [f"No {model._meta.verbose_name} with ID {value}."]})
+        return found
