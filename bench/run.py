@@ -1,0 +1,252 @@
+"""nbdworker vs nbdkit's file plugin, on the same image, in one run.
+
+    .venv/bin/python bench/run.py [--size 1G] [--runtime 10] [--rounds 1] [--only seq,fio,connect]
+
+Prints each figure for both servers and nbdworker's ratio to nbdkit (higher is better, except
+for connect latency where lower is better). Needs nbdkit, nbdcopy, fio (nbd engine) and
+python3-libnbd (driven through /usr/bin/python3). Not a test: nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PATH": "/usr/bin:/usr/sbin:" + os.environ.get("PATH", "")}
+
+CONNECT_SCRIPT = r"""
+import nbd, sys, time, statistics
+uri, n = sys.argv[1], int(sys.argv[2])
+times = []
+for _ in range(n):
+    t = time.perf_counter()
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    h.get_size()
+    times.append(time.perf_counter() - t)
+    h.shutdown()
+    del h
+print(statistics.median(times))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError("server did not start listening")
+
+
+@contextlib.contextmanager
+def nbdkit(image: Path):
+    port = free_port()
+    proc = subprocess.Popen(
+        ["nbdkit", "-f", "-p", str(port), "-i", "127.0.0.1", "file", f"file={image}"],
+        env=ENV,
+    )
+    try:
+        wait_port(port, proc)
+        yield f"nbd://127.0.0.1:{port}/"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def nbdworker(image: Path, workdir: Path):
+    port = free_port()
+    cfg = {
+        "version": 1,
+        "generation": 1,
+        "default_export": "bench",
+        "exports": [{"name": "bench", "backend": "file", "path": str(image)}],
+    }
+    cfg_path = workdir / "worker.json"
+    cfg_path.write_text(json.dumps(cfg))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nbdworker",
+            "--config",
+            str(cfg_path),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--storage-root",
+            str(image.parent),
+            "--log-level",
+            "WARNING",
+        ],
+        cwd=REPO,
+        env=ENV,
+    )
+    try:
+        wait_port(port, proc)
+        yield f"nbd://127.0.0.1:{port}/"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def timed(cmd: list[str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, env=ENV, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def seq_read(uri: str, size: int, conns: int | None) -> float:
+    extra = [f"--connections={conns}"] if conns else []
+    return size / timed(["nbdcopy", "--no-extents", *extra, uri, "null:"]) / 1e6
+
+
+def seq_write(uri: str, src: Path, size: int, conns: int | None) -> float:
+    extra = [f"--connections={conns}"] if conns else []
+    elapsed = timed(["nbdcopy", *extra, str(src), uri])
+    subprocess.run(["sync"], check=True)
+    return size / elapsed / 1e6
+
+
+def fio_iops(uri: str, rw: str, depth: int, runtime: int) -> float:
+    out = subprocess.run(
+        [
+            "fio",
+            "--name=bench",
+            "--ioengine=nbd",
+            f"--uri={uri}",
+            f"--rw={rw}",
+            "--bs=4k",
+            f"--iodepth={depth}",
+            f"--runtime={runtime}",
+            "--time_based",
+            "--output-format=json",
+        ],
+        check=True,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    ).stdout
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    return job["read"]["iops"] + job["write"]["iops"]
+
+
+def connect_latency(uri: str, n: int) -> float:
+    out = subprocess.run(
+        ["/usr/bin/python3", "-c", CONNECT_SCRIPT, uri, str(n)],
+        check=True,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return float(out.strip()) * 1000
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"(\d+)([KMG]?)", text.upper())
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}")
+    return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2)]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=parse_size, default=1 << 30)
+    p.add_argument("--runtime", type=int, default=10, help="seconds per fio run")
+    p.add_argument("--connects", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=1, help="repeat and keep the best figure")
+    p.add_argument("--only", default="seq,fio,connect")
+    p.add_argument("--dir", default=None, help="scratch directory (default: under /var/tmp)")
+    args = p.parse_args()
+    for tool in ("nbdkit", "nbdcopy", "fio"):
+        if not shutil.which(tool, path=ENV["PATH"]):
+            print(f"missing {tool}", file=sys.stderr)
+            return 2
+    only = set(args.only.split(","))
+    work = Path(tempfile.mkdtemp(prefix="nbdbench-", dir=args.dir or "/var/tmp"))
+    image = work / "images" / "bench.img"
+    image.parent.mkdir()
+    src = work / "source.img"
+    print(f"preparing {args.size >> 20} MiB of random data in {work}", flush=True)
+    with open(src, "wb") as f:
+        left = args.size
+        while left:
+            chunk = os.urandom(min(left, 16 << 20))
+            f.write(chunk)
+            left -= len(chunk)
+    shutil.copyfile(src, image)
+
+    tests: list[tuple[str, str, object]] = []
+    if "seq" in only:
+        tests += [
+            ("seq read, nbdcopy default (MB/s)", "up", lambda u: seq_read(u, args.size, None)),
+            ("seq read, nbdcopy --connections=1 (MB/s)", "up", lambda u: seq_read(u, args.size, 1)),
+            (
+                "seq write, nbdcopy default (MB/s)",
+                "up",
+                lambda u: seq_write(u, src, args.size, None),
+            ),
+            (
+                "seq write, nbdcopy --connections=1 (MB/s)",
+                "up",
+                lambda u: seq_write(u, src, args.size, 1),
+            ),
+        ]
+    if "fio" in only:
+        for rw in ("randread", "randwrite"):
+            for depth in (1, 16):
+                tests.append(
+                    (
+                        f"4k {rw} iodepth={depth} (IOPS)",
+                        "up",
+                        lambda u, rw=rw, d=depth: fio_iops(u, rw, d, args.runtime),
+                    )
+                )
+    if "connect" in only:
+        tests.append(
+            ("connect-to-ready, median (ms)", "down", lambda u: connect_latency(u, args.connects))
+        )
+
+    results: dict[str, dict[str, float]] = {}
+    for _round in range(args.rounds):
+        for server_name, server in (("nbdkit", nbdkit), ("nbdworker", nbdworker)):
+            with server(image, work) if server is nbdworker else server(image) as uri:
+                for name, better, fn in tests:
+                    value = fn(uri)  # type: ignore[operator]
+                    best = results.setdefault(name, {}).get(server_name)
+                    if best is None or (value > best if better == "up" else value < best):
+                        results[name][server_name] = value
+                    print(f"  {server_name:9} {name}: {value:.2f}", flush=True)
+
+    print()
+    print(f"{'benchmark':45} {'nbdkit':>10} {'nbdworker':>10} {'ratio':>7}")
+    for name, better, _fn in tests:
+        kit, worker = results[name]["nbdkit"], results[name]["nbdworker"]
+        ratio = worker / kit if better == "up" else kit / worker
+        print(f"{name:45} {kit:10.2f} {worker:10.2f} {ratio:6.2f}x")
+    print("(ratio: nbdworker relative to nbdkit, >1 is better; for latency, nbdkit/nbdworker)")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
