@@ -104,8 +104,20 @@ class Verdict:
 OK = Verdict()
 """The shared verdict for every request without a payload that may go ahead."""
 
+_READ = int(Command.READ)
+_WRITE = int(Command.WRITE)
+_DISC = int(Command.DISC)
+_FLUSH = int(Command.FLUSH)
+_BLOCK_STATUS = int(Command.BLOCK_STATUS)
+_LAST_COMMAND = _BLOCK_STATUS
 _WRITE_TYPE = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
-_ENOSPC_PAST_END = frozenset({Command.WRITE, Command.WRITE_ZEROES})
+# Past the end: writes that would grow the export are "no space", everything else "invalid".
+_PAST_END = tuple(
+    Errno.ENOSPC if command in (Command.WRITE, Command.WRITE_ZEROES) else Errno.EINVAL
+    for command in range(_LAST_COMMAND + 1)
+)
+# Distinct WRITE lengths whose OK verdict a session keeps (clients use a handful of sizes).
+_WRITE_VERDICT_CACHE = 64
 # Flag masks are plain ints: ``~`` on an IntFlag complements only the defined bits, which
 # would let unknown bits through the validation.
 _FUA = int(CommandFlag.FUA)
@@ -122,10 +134,12 @@ class Session:
     __slots__ = (
         "_allowed",
         "_df",
+        "_eperm",
         "_read_cap",
         "_read_only",
         "_refusal",
         "_write_cap",
+        "_write_ok",
         "export",
         "flags",
         "meta_contexts",
@@ -179,53 +193,65 @@ class Session:
             refusal[Command.BLOCK_STATUS] = "BLOCK_STATUS needs structured replies and a context"
         self._allowed = allowed
         self._refusal = refusal
+        self._eperm = tuple(
+            self._read_only and command in _WRITE_TYPE for command in range(_LAST_COMMAND + 1)
+        )
+        self._write_ok: dict[int, Verdict] = {}
 
     def start_shutdown(self) -> None:
         """Refuse every further request (but DISC) with ESHUTDOWN."""
         self.shutting_down = True
 
     def check(self, req: Request) -> Verdict:
-        """Validate ``req``; see the module docs of Verdict for how to act on the answer."""
+        """Validate ``req``; see ``Verdict`` for how to act on the answer."""
+        # Hot path: plain int comparisons and per-session tables; a Verdict is allocated only
+        # for errors and for WRITE lengths not seen before on this session.
         command = req.command
         length = req.length
         payload = 0
-        if command == Command.WRITE:
+        if command == _WRITE:
             if length > MAX_PAYLOAD:
                 return Verdict(Errno.EINVAL, 0, True, "write payload too large")
             payload = length
-        elif command == Command.DISC:
+        elif command == _DISC:
             return OK
         if self.shutting_down:
             return Verdict(Errno.ESHUTDOWN, payload, False, "server shutting down")
-        if command > 7:
+        if command > _LAST_COMMAND:
             return Verdict(Errno.EINVAL, payload, False, "unknown command")
         allowed = self._allowed[command]
         if allowed is None:
             return Verdict(Errno.EINVAL, payload, False, self._refusal[command])
         if req.flags & ~allowed:
             return Verdict(Errno.EINVAL, payload, False, self._flag_message(req, allowed))
-        if command == Command.FLUSH:
+        if command == _FLUSH:
             return OK  # offset and length are reserved: ignored
-        if self._read_only and command in _WRITE_TYPE:
+        if self._eperm[command]:
             return Verdict(Errno.EPERM, payload, False, "export is read-only")
         offset = req.offset
         size = self.size
-        # Subtraction form: offset + length would be fine in Python, but this reads as the rule.
+        # Subtraction form, the spec's own: it cannot wrap (not that Python ints would).
         if offset > size or length > size - offset:
-            error = Errno.ENOSPC if command in _ENOSPC_PAST_END else Errno.EINVAL
-            return Verdict(error, payload, False, "request beyond the end of the export")
-        if command == Command.READ:
+            return Verdict(
+                _PAST_END[command], payload, False, "request beyond the end of the export"
+            )
+        if command == _READ:
             if length > self._read_cap:
                 error = Errno.EOVERFLOW if self._df else Errno.EINVAL
                 return Verdict(error, 0, False, "read larger than the maximum payload")
             return OK
-        if command == Command.WRITE:
+        if command == _WRITE:
             if length > self._write_cap:
                 return Verdict(
                     Errno.EINVAL, payload, False, "write larger than the maximum payload"
                 )
-            return Verdict(0, payload, False, "")
-        if command == Command.BLOCK_STATUS and length == 0:
+            verdict = self._write_ok.get(length)
+            if verdict is None:
+                verdict = Verdict(0, length, False, "")
+                if len(self._write_ok) < _WRITE_VERDICT_CACHE:
+                    self._write_ok[length] = verdict
+            return verdict
+        if command == _BLOCK_STATUS and length == 0:
             return Verdict(Errno.EINVAL, 0, False, "zero-length BLOCK_STATUS")
         # TRIM, WRITE_ZEROES, CACHE and BLOCK_STATUS lengths are not payloads: no cap here.
         return OK
