@@ -318,7 +318,7 @@ class CertificateAuthorityAddForm(forms.ModelForm):
                     cleaned["certificate_pem"], cleaned.get("private_key_pem")
                 )
             except ca.CertificateError as exc:
-                self.add_error("certificate_pem", str(exc))
+                self.add_error(exc.field, str(exc))
         return cleaned
 
 
@@ -466,7 +466,7 @@ class CertificateAddForm(forms.ModelForm):
                     cleaned["certificate_pem"], cleaned.get("private_key_pem"), cleaned["kind"]
                 )
             except ca.CertificateError as exc:
-                self.add_error("certificate_pem", str(exc))
+                self.add_error(exc.field, str(exc))
             return cleaned
         authority = cleaned.get("authority")
         if authority is None:

@@ -80,6 +80,9 @@ class WorkerNodeSerializer(ValidatedModelSerializer):
             "created",
             "last_updated",
         ]
+        extra_kwargs = {
+            "tls_policy": {"required": False, "help_text": "Defaults to the default node's policy."}
+        }
 
     def get_warnings(self, node: WorkerNode) -> list[str]:
         return node.tls_policy.warnings
@@ -352,8 +355,7 @@ class CertificateAuthoritySerializer(serializers.ModelSerializer):
                     attrs["certificate_pem"], attrs.get("private_key_pem")
                 )
             except ca.CertificateError as exc:
-                field = "private_key_pem" if "key" in str(exc).lower() else "certificate_pem"
-                raise serializers.ValidationError({field: [str(exc)]}) from None
+                raise serializers.ValidationError({exc.field: [str(exc)]}) from None
             if CertificateAuthority.objects.filter(
                 fingerprint_sha256=ca.fingerprint_sha256(certificate)
             ).exists():
@@ -512,8 +514,7 @@ class CertificateSerializer(serializers.ModelSerializer):
                     attrs["certificate_pem"], attrs.get("private_key_pem"), kind
                 )
             except ca.CertificateError as exc:
-                field = "private_key_pem" if "key" in str(exc).lower() else "certificate_pem"
-                raise serializers.ValidationError({field: [str(exc)]}) from None
+                raise serializers.ValidationError({exc.field: [str(exc)]}) from None
             if Certificate.objects.filter(
                 fingerprint_sha256=ca.fingerprint_sha256(certificate)
             ).exists():
@@ -544,8 +545,7 @@ class CertificateSerializer(serializers.ModelSerializer):
                 attrs.get("dns_names", []), attrs.get("ip_addresses", [])
             )
         except ca.CertificateError as exc:
-            field = "ip_addresses" if "IP" in str(exc) else "dns_names"
-            raise serializers.ValidationError({field: [str(exc)]}) from None
+            raise serializers.ValidationError({exc.field: [str(exc)]}) from None
         return attrs
 
     def create(self, validated_data: dict) -> Certificate:

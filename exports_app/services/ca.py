@@ -42,7 +42,11 @@ _CLOCK_SKEW = timedelta(minutes=5)
 
 
 class CertificateError(ValueError):
-    """Malformed or unsuitable certificate material."""
+    """Malformed or unsuitable certificate material; `field` names the input at fault."""
+
+    def __init__(self, message: str, field: str = "certificate_pem") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 # -- parsing -----------------------------------------------------------------------------------
@@ -64,7 +68,9 @@ def load_certificate_pem(pem: str) -> x509.Certificate:
 def load_private_key_pem(pem: str) -> PrivateKey:
     """An unencrypted PEM private key (EC or RSA), or CertificateError."""
     if not isinstance(pem, str) or "PRIVATE KEY-----" not in pem:
-        raise CertificateError("Not a PEM private key (expected -----BEGIN PRIVATE KEY-----).")
+        raise CertificateError(
+            "Not a PEM private key (expected -----BEGIN PRIVATE KEY-----).", "private_key_pem"
+        )
     try:
         key = serialization.load_pem_private_key(pem.encode("ascii"), password=None)
     except TypeError:
@@ -72,11 +78,11 @@ def load_private_key_pem(pem: str) -> PrivateKey:
             "The private key is encrypted; give it without a passphrase."
         ) from None
     except (ValueError, UnicodeEncodeError) as exc:
-        raise CertificateError(f"Malformed PEM private key: {exc}") from None
+        raise CertificateError(f"Malformed PEM private key: {exc}", "private_key_pem") from None
     except Exception as exc:  # cryptography raises UnsupportedAlgorithm for odd key types
-        raise CertificateError(f"Unsupported private key: {exc}") from None
+        raise CertificateError(f"Unsupported private key: {exc}", "private_key_pem") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-        raise CertificateError("Only EC and RSA private keys are supported.")
+        raise CertificateError("Only EC and RSA private keys are supported.", "private_key_pem")
     return key
 
 
@@ -180,7 +186,9 @@ def _validity(days: int) -> tuple[datetime, datetime]:
 def _check_authority_key(certificate: x509.Certificate, key: PrivateKey) -> None:
     """Sign and verify a probe so a mismatched pair is caught at import, not at issue time."""
     if not _key_matches(certificate, key):
-        raise CertificateError("The private key does not belong to this certificate.")
+        raise CertificateError(
+            "The private key does not belong to this certificate.", "private_key_pem"
+        )
     probe = b"nbdweb key check"
     if isinstance(key, rsa.RSAPrivateKey):
         key.public_key().verify(
@@ -308,7 +316,7 @@ def normalize_sans(dns_names: list[str], ip_addresses: list[str]) -> tuple[list[
                 not (ch.isascii() and (ch.isalnum() or ch in "-*")) for ch in text.replace(".", "")
             )
         ):
-            raise CertificateError(f"{name!r} is not a valid DNS name.")
+            raise CertificateError(f"{name!r} is not a valid DNS name.", "dns_names")
         if text not in dns:
             dns.append(text)
     ips: list[str] = []
@@ -316,7 +324,7 @@ def normalize_sans(dns_names: list[str], ip_addresses: list[str]) -> tuple[list[
         try:
             text = str(ipaddress.ip_address(str(address).strip()))
         except ValueError:
-            raise CertificateError(f"{address!r} is not an IP address.") from None
+            raise CertificateError(f"{address!r} is not an IP address.", "ip_addresses") from None
         if text not in ips:
             ips.append(text)
     return dns, ips
@@ -335,11 +343,13 @@ def issue_certificate(
 ) -> Certificate:
     """Issue and save a server (serverAuth, SANs) or client (clientAuth, CN) certificate."""
     if not authority.has_private_key:
-        raise CertificateError(f"The CA {authority.name!r} has no private key; it cannot issue.")
+        raise CertificateError(
+            f"The CA {authority.name!r} has no private key; it cannot issue.", "authority"
+        )
     if authority.is_expired:
-        raise CertificateError(f"The CA {authority.name!r} has expired.")
+        raise CertificateError(f"The CA {authority.name!r} has expired.", "authority")
     if not common_name:
-        raise CertificateError("A common name is required.")
+        raise CertificateError("A common name is required.", "common_name")
     dns, ips = normalize_sans(dns_names or [], ip_addresses or [])
     if kind == CertificateKind.SERVER and not dns and not ips:
         # Clients match the host they dial against the SANs, never the CN.
@@ -428,9 +438,11 @@ def check_certificate_import(
     if private_key_pem:
         key = load_private_key_pem(private_key_pem)
         if not _key_matches(certificate, key):
-            raise CertificateError("The private key does not belong to this certificate.")
+            raise CertificateError(
+                "The private key does not belong to this certificate.", "private_key_pem"
+            )
     elif kind == CertificateKind.SERVER:
-        raise CertificateError("A server certificate needs its private key.")
+        raise CertificateError("A server certificate needs its private key.", "private_key_pem")
     try:
         usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
