@@ -96,6 +96,8 @@ _CMD_CACHE = int(Command.CACHE)
 _CMD_WRITE_ZEROES = int(Command.WRITE_ZEROES)
 _CMD_BLOCK_STATUS = int(Command.BLOCK_STATUS)
 
+_EMPTY = memoryview(b"")
+
 _PHASE_HANDSHAKE = 0
 _PHASE_TRANSMISSION = 1
 _PHASE_CLOSED = 2
@@ -384,7 +386,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                     return
                 data = self.rview[start + HEADER : start + HEADER + payload]
             else:
-                data = None
+                data = _EMPTY
             self.start = start + HEADER + payload
             if verdict.error:
                 self._reply_error(req, verdict.error, verdict.message)
@@ -435,7 +437,15 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     # -- transmission: execution ----------------------------------------------------------------
 
-    def _execute(self, req, data: memoryview | None, data_borrowed: bool) -> None:
+    def _execute(self, req, data: memoryview, data_borrowed: bool) -> None:
+        try:
+            self._dispatch(req, data, data_borrowed)
+        except Exception as exc:
+            # A bug must cost one request, not the connection or the event loop.
+            log.exception("%s: internal error in %s", self.peer, req.command)
+            self._reply_error(req, Errno.EIO, f"internal error: {type(exc).__name__}")
+
+    def _dispatch(self, req, data: memoryview, data_borrowed: bool) -> None:
         cmd = req.command
         backend = self.backend
         if cmd == _CMD_READ:

@@ -1,0 +1,1 @@
+from tests.support.fixtures import worker_factory  # noqa: F401
