@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .constants import MAX_PAYLOAD, Option, Reply, TransmissionFlag
+from .constants import MAX_PAYLOAD, MAX_STRING, Option, Reply, TransmissionFlag
 
 __all__ = [
     "NEED_DATA",
@@ -32,6 +32,21 @@ class ExportView:
     preferred_block: int = 4096
     max_block: int = MAX_PAYLOAD
     tls_required: bool = False  # honoured in SELECTIVETLS only
+
+    def __post_init__(self) -> None:
+        # Only what the wire cannot carry is checked here (once per export, not per
+        # connection), so that a bad view fails where it is built instead of as a struct.error
+        # in the middle of a handshake. Policy (powers of two, alignment) is the config's job.
+        if not 0 <= self.size < 1 << 64:
+            raise ValueError(f"export size {self.size} does not fit in 64 bits")
+        if not 0 <= int(self.flags) <= 0xFFFF:
+            raise ValueError(f"transmission flags 0x{int(self.flags):x} do not fit in 16 bits")
+        for field_name in ("min_block", "preferred_block", "max_block"):
+            value = getattr(self, field_name)
+            if not 1 <= value <= 0xFFFFFFFF:
+                raise ValueError(f"{field_name} {value} outside 1 .. 2**32-1")
+        if len(self.name.encode("utf-8")) > MAX_STRING:
+            raise ValueError("export name longer than 4096 bytes")
 
 
 class NeedData:

@@ -160,7 +160,7 @@ class Session:
         self._read_only = bool(flags & TransmissionFlag.READ_ONLY)
         self._df = bool(flags & TransmissionFlag.SEND_DF)
         # The advertised maximum payload, never above what we are willing to buffer.
-        cap = min(view.max_block, MAX_PAYLOAD) if view.max_block > 0 else MAX_PAYLOAD
+        cap = min(view.max_block, MAX_PAYLOAD)
         self._read_cap = cap
         self._write_cap = cap
 

@@ -753,3 +753,30 @@ def test_every_option_yields_exactly_one_option_handled_event():
 def test_exports_fixture_is_unchanged():
     # Guards against a test mutating the shared views (they are frozen).
     assert EXPORTS["disk"] is DISK
+
+
+# --- ExportView --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"size": -1},
+        {"size": 1 << 64},
+        {"flags": 0x10000},
+        {"min_block": 0},
+        {"preferred_block": 1 << 32},
+        {"max_block": 0},
+        {"name": "n" * (MAX_STRING + 1)},
+    ],
+    ids=lambda kwargs: next(iter(kwargs)),
+)
+def test_export_view_rejects_values_the_wire_cannot_carry(kwargs):
+    fields = {"name": "x", "description": "", "size": MIB, "flags": ALL_FLAGS, **kwargs}
+    with pytest.raises(ValueError):
+        ExportView(**fields)
+
+
+def test_export_view_accepts_wire_extremes():
+    view = ExportView("x", "", (1 << 64) - 1, F(0xFFFF), 1, 1, 0xFFFFFFFF)
+    assert view.max_block == 0xFFFFFFFF
