@@ -152,6 +152,25 @@ def test_well_framed_options_each_get_a_final_reply_echoing_their_code(mode, opt
         assert all(r.reply != Reply.ERR_TLS_REQD for r in replies)
 
 
+@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=300)
+@given(
+    mode=MODES,
+    options=st.lists(_option_strategy(), min_size=1, max_size=8),
+    edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=6),
+    cut=st.integers(0, 10_000),
+)
+def test_corrupted_option_streams_only_produce_events(mode, options, edits, cut):
+    """Well-framed streams with flipped bytes and a truncated tail reach deep parser states."""
+    stream = bytearray(b"".join(options))
+    for position, value in edits:
+        stream[position % len(stream)] = value
+    del stream[cut % (len(stream) + 1) :]
+    hs = new_handshake(mode)
+    hs.receive_data(encode_client_flags(3))
+    events = run(hs, [bytes(stream)], SMALL_LIMITS)
+    assert isinstance(events[-1], Ready | Closed)
+
+
 @given(st.binary(max_size=64), st.integers(0, 40))
 def test_decode_request_raises_only_protocol_error(data, pos):
     try:
