@@ -351,7 +351,8 @@ class CertificateAuthorityAdmin(SimpleHistoryAdmin):
 
     def get_form(self, request, obj=None, **kwargs):
         if obj is None:
-            kwargs["form"] = CertificateAuthorityAddForm
+            # The declared (non-model) fields come with the form; only these are model fields.
+            kwargs.update(form=CertificateAuthorityAddForm, fields=["name", "description"])
         return super().get_form(request, obj, **kwargs)
 
     def get_readonly_fields(self, request, obj=None):
@@ -437,6 +438,9 @@ class CertificateAuthorityAdmin(SimpleHistoryAdmin):
 class CertificateAddForm(forms.ModelForm):
     """Issue from a CA, or import a PEM certificate (a server certificate needs its key)."""
 
+    name = forms.CharField(
+        max_length=100, required=False, help_text="Default: <kind>-<common name>-<serial>."
+    )
     kind = forms.ChoiceField(choices=CertificateKind.choices, initial=CertificateKind.CLIENT)
     authority = forms.ModelChoiceField(
         CertificateAuthority.objects.all(), required=False, help_text="Issue from this CA."
@@ -461,6 +465,8 @@ class CertificateAddForm(forms.ModelForm):
     def clean(self) -> dict:
         cleaned = super().clean()
         if cleaned.get("certificate_pem"):
+            if not cleaned.get("name"):
+                self.add_error("name", "Name the imported certificate.")
             try:
                 ca.check_certificate_import(
                     cleaned["certificate_pem"], cleaned.get("private_key_pem"), cleaned["kind"]
@@ -537,7 +543,8 @@ class CertificateAdmin(SimpleHistoryAdmin):
 
     def get_form(self, request, obj=None, **kwargs):
         if obj is None:
-            kwargs["form"] = CertificateAddForm
+            # The declared (non-model) fields come with the form; only these are model fields.
+            kwargs.update(form=CertificateAddForm, fields=["name", "description"])
         return super().get_form(request, obj, **kwargs)
 
     def get_readonly_fields(self, request, obj=None):
