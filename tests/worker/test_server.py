@@ -1,0 +1,431 @@
+"""Server-level behaviour of a real worker: limits, deadlines, pipelining, DISC, shutdown,
+durability, listeners, storage roots and the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from nbdworker.config import WorkerConfig, WorkerSettings
+from nbdworker.protocol import Command, CommandFlag, Errno, Option, Reply
+from nbdworker.protocol.client import encode_info_request, encode_request
+from nbdworker.server import NBDServer
+from tests.support.fixtures import make_image
+from tests.support.rawclient import RawClient, check_fresh_client
+from tests.support.tools import require_libnbd
+from tests.support.worker import REPO
+
+MiB = 1 << 20
+
+
+def mem(name: str, size: int = 16 * MiB, **kw) -> dict:
+    return {"name": name, "backend": "memory", "size": size, **kw}
+
+
+def config(*exports: dict, **top) -> dict:
+    return {"version": 1, "exports": list(exports), **top}
+
+
+def poll(predicate, timeout: float = 10.0, what: str = "condition"):
+    """Retry `predicate` until it returns a true value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+# -- handshake deadline and connection limits ---------------------------------------------------
+
+
+def test_stalled_handshake_is_dropped_at_deadline_and_blocks_nobody(worker_factory):
+    w = worker_factory(config(mem("a"), limits={"handshake_timeout": 1.0}))
+    stalled = RawClient(w.host, w.port)
+    stalled.greet()  # ... and never sends an option
+    # Another client is served while the first one stalls.
+    check_fresh_client(w.host, w.port, "a")
+    assert stalled.closed_by_server(timeout=10)
+    w.wait_for_log("handshake deadline passed")
+    stalled.close()
+
+
+def test_silent_client_is_dropped_at_deadline(worker_factory):
+    w = worker_factory(config(mem("a"), limits={"handshake_timeout": 0.5}))
+    with socket.create_connection((w.host, w.port)) as s:
+        s.settimeout(10)
+        data = b""
+        while chunk := s.recv(100):  # greeting, then EOF when the deadline passes
+            data += chunk
+        assert data.startswith(b"NBDMAGIC")
+
+
+def test_transmission_is_not_subject_to_handshake_deadline(worker_factory):
+    w = worker_factory(config(mem("a"), limits={"handshake_timeout": 0.3}))
+    with RawClient.open(w.host, w.port, "a") as c:
+        # Wait past the deadline on the server's clock: a later handshake must have expired.
+        other = RawClient(w.host, w.port)
+        other.greet()
+        assert other.closed_by_server(timeout=10)
+        other.close()
+        assert c.read(0, 512).error == 0
+
+
+def test_global_connection_limit(worker_factory):
+    w = worker_factory(config(mem("a"), limits={"max_connections": 2}))
+    first = RawClient.open(w.host, w.port, "a")
+    second = RawClient.open(w.host, w.port, "a")
+    with RawClient(w.host, w.port) as third:
+        assert third.closed_by_server()
+    w.wait_for_log("connection limit reached")
+    assert first.read(0, 512).error == 0
+    first.disconnect()
+    assert first.closed_by_server()
+    first.close()
+
+    def served() -> bool:
+        try:
+            check_fresh_client(w.host, w.port, "a")
+            return True
+        except (EOFError, ConnectionError, AssertionError):
+            return False
+
+    poll(served, what="a slot to free up")
+    second.close()
+
+
+def test_per_export_connection_limit(worker_factory):
+    w = worker_factory(config(mem("a", max_connections=1), mem("b")))
+    first = RawClient.open(w.host, w.port, "a")
+    with RawClient(w.host, w.port) as c:
+        c.greet()
+        c.send(encode_info_request(Option.GO, "a"))
+        reply = c.collect_replies()[-1]
+        assert reply.reply & 0x80000000, reply
+        c.go("b")  # other exports are not affected
+    first.close()
+
+    def a_free() -> bool:
+        with RawClient(w.host, w.port) as c:
+            c.greet()
+            c.send(encode_info_request(Option.GO, "a"))
+            return c.collect_replies()[-1].reply == Reply.ACK
+
+    poll(a_free, what="export slot to free up")
+
+
+# -- transmission behaviour ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_pipelined_requests_all_answered(worker_factory, structured):
+    w = worker_factory(config(mem("a")))
+    blocks = {i: os.urandom(4096) for i in range(200)}
+    with RawClient.open(w.host, w.port, "a", structured=structured) as c:
+        # Everything is sent before any reply is read.
+        batch = b"".join(
+            encode_request(Command.WRITE, cookie=i, offset=i * 4096, length=4096) + blocks[i]
+            for i in blocks
+        )
+        batch += encode_request(Command.FLUSH, cookie=1000)
+        c.send(batch)
+        seen = set()
+        for _ in range(len(blocks) + 1):
+            cookie, error, _reply = c.read_any()
+            assert error == 0
+            seen.add(cookie)
+        assert seen == set(blocks) | {1000}
+        c.send(
+            b"".join(
+                encode_request(Command.READ, cookie=i, offset=i * 4096, length=4096) for i in blocks
+            )
+        )
+        for _ in blocks:
+            if structured:
+                chunk = c.read_chunk()
+                assert chunk.done
+                cookie = chunk.cookie
+                data = chunk.payload[8:]
+            else:
+                reply = c.read_simple()
+                cookie, data = reply.cookie, c.recv_exact(4096)
+            assert data == blocks[cookie]
+
+
+def test_disc_answers_outstanding_requests_then_closes(worker_factory):
+    w = worker_factory(config(mem("a")))
+    payload = os.urandom(64 * 1024)
+    with RawClient.open(w.host, w.port, "a") as c:
+        batch = b"".join(
+            encode_request(Command.WRITE, cookie=i, offset=i * len(payload), length=len(payload))
+            + payload
+            for i in range(32)
+        )
+        c.send(batch + encode_request(Command.DISC, cookie=99))
+        for _ in range(32):
+            assert c.read_simple().error == 0
+        assert c.closed_by_server()
+    with RawClient.open(w.host, w.port, "a") as c:
+        assert c.read(31 * len(payload), len(payload)).data == payload
+
+
+def test_large_writes_and_reads_round_trip(worker_factory, tmp_path):
+    image = make_image(tmp_path / "images" / "disk.img", 64 * MiB)
+    w = worker_factory(config({"name": "d", "path": str(image)}))
+    data = os.urandom(32 * MiB)
+    with RawClient.open(w.host, w.port, "d", structured=True) as c:
+        assert c.write(4096, data) == 0
+        assert c.read(4096, 32 * MiB).data == data
+        assert c.write(0, data[:300000]) == 0
+        assert c.read(0, 300000).data == data[:300000]
+    with open(image, "rb") as f:
+        f.seek(300000)
+        assert f.read(1000) == data[300000 - 4096 : 300000 - 4096 + 1000]
+
+
+# -- shutdown and durability --------------------------------------------------------------------
+
+
+def test_graceful_shutdown_finishes_inflight_read(worker_factory):
+    w = worker_factory(config(mem("a", size=64 * MiB)))
+    pattern = os.urandom(MiB) * 32
+    with RawClient.open(w.host, w.port, "a") as c:
+        assert c.write(0, pattern) == 0
+        # Reads whose replies cannot all be sent yet: we do not read until after the signal.
+        c.send(
+            b"".join(
+                encode_request(Command.READ, cookie=i, offset=0, length=32 * MiB) for i in range(4)
+            )
+        )
+        w.signal(signal.SIGTERM)
+        w.wait_for_log(r"waiting for 1 connection")
+        reply = c.read_simple()
+        assert reply.cookie == 0 and reply.error == 0
+        assert c.recv_exact(32 * MiB) == pattern
+        # Later requests are either served or refused with ESHUTDOWN; none is lost.
+        for _ in range(3):
+            reply = c.read_simple()
+            if reply.error == 0:
+                assert c.recv_exact(32 * MiB) == pattern
+            else:
+                assert reply.error == Errno.ESHUTDOWN
+        assert c.closed_by_server()
+    assert w.wait() == 0
+    assert "stopped" in w.log
+
+
+def test_shutdown_answers_every_queued_request(worker_factory):
+    # Requests queued behind a full send buffer get an answer (data or ESHUTDOWN), then EOF.
+    w = worker_factory(config(mem("a", size=64 * MiB)))
+    first = RawClient.open(w.host, w.port, "a")
+    first.send(encode_request(Command.READ, cookie=1, offset=0, length=32 * MiB) * 2)
+    w.signal(signal.SIGTERM)
+    w.wait_for_log("waiting for 1 connection")
+    errors = []
+    for _ in range(2):
+        reply = first.read_simple()
+        errors.append(reply.error)
+        if reply.error == 0:
+            first.recv_exact(32 * MiB)
+    assert errors[0] == 0
+    assert errors[1] in (0, Errno.ESHUTDOWN)
+    assert first.closed_by_server()
+    first.close()
+    assert w.wait() == 0
+
+
+def test_second_signal_forces_exit(worker_factory):
+    w = worker_factory(config(mem("a")), args=["--shutdown-timeout", "600"])
+    c = RawClient.open(w.host, w.port, "a")
+    c.send(encode_request(Command.READ, cookie=1, offset=0, length=16 * MiB) * 8)
+    w.signal(signal.SIGTERM)
+    w.wait_for_log("waiting for 1 connection")
+    w.signal(signal.SIGTERM)
+    w.wait_for_log("forcing shutdown")
+    assert w.wait() == 0
+    c.close()
+
+
+@pytest.mark.parametrize("mode", ["fua", "flush"])
+def test_acknowledged_data_survives_sigkill(worker_factory, tmp_path, mode):
+    image = make_image(tmp_path / "images" / "disk.img", 16 * MiB)
+    w = worker_factory(config({"name": "d", "path": str(image)}))
+    data = os.urandom(MiB)
+    with RawClient.open(w.host, w.port, "d") as c:
+        if mode == "fua":
+            assert c.write(5 * MiB, data, flags=CommandFlag.FUA) == 0
+        else:
+            assert c.write(5 * MiB, data) == 0
+            assert c.command(Command.FLUSH) == 0
+        w.kill()
+    with open(image, "rb") as f:
+        f.seek(5 * MiB)
+        assert f.read(MiB) == data
+
+
+# -- listeners ----------------------------------------------------------------------------------
+
+
+def test_unix_socket_listener(worker_factory, tmp_path):
+    nbd = require_libnbd()
+    sock = tmp_path / "nbd.sock"
+    w = worker_factory(config(mem("a")), listen=[f"unix:{sock}"])
+    assert w.addresses == [f"unix:{sock}"]
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///a?socket={sock}")
+    h.pwrite(b"u" * 512, 0)
+    assert h.pread(512, 0) == b"u" * 512
+    h.shutdown()
+    del h
+    w.stop()
+    assert not sock.exists()
+
+
+def test_ipv6_and_ipv4_listeners(worker_factory):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("::1 is not configured")
+    w = worker_factory(config(mem("a")), listen=["[::1]:0", "127.0.0.1:0"])
+    v6 = [a for a in w.addresses if a.startswith("[::1]")]
+    v4 = [a for a in w.addresses if a.startswith("127.0.0.1")]
+    assert v6 and v4
+    check_fresh_client("::1", int(v6[0].rpartition(":")[2]), "a")
+    check_fresh_client("127.0.0.1", int(v4[0].rpartition(":")[2]), "a")
+
+
+# -- storage roots and configuration ------------------------------------------------------------
+
+
+def test_file_outside_storage_root_is_refused(worker_factory, tmp_path):
+    outside = make_image(tmp_path / "elsewhere" / "secret.img", MiB)
+    inside = make_image(tmp_path / "images" / "ok.img", MiB)
+    link = tmp_path / "images" / "link.img"
+    link.symlink_to(outside)
+    w = worker_factory(
+        config(
+            {"name": "outside", "path": str(outside)},
+            {"name": "via-link", "path": str(link)},
+            {"name": "ok", "path": str(inside)},
+        )
+    )
+    assert "export 'outside' refused" in w.log
+    assert "export 'via-link' refused" in w.log
+    with RawClient(w.host, w.port) as c:
+        c.greet()
+        for name in ("outside", "via-link"):
+            c.send(encode_info_request(Option.GO, name))
+            assert c.collect_replies()[-1].reply == Reply.ERR_UNKNOWN
+        c.go("ok")
+
+
+def run_main(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "nbdworker", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"version": 2}), "version: unsupported schema version 2"),
+        (
+            json.dumps(config(mem("a", min_block_size=3))),
+            "exports[0].min_block_size: must be a power of 2",
+        ),
+        (json.dumps([1, 2]), "must be an object"),
+    ],
+)
+def test_bad_config_exits_2_with_message(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    result = run_main("--config", str(path), "--listen", "127.0.0.1:0")
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_config_exits_2(tmp_path):
+    result = run_main("--config", str(tmp_path / "nope.json"))
+    assert result.returncode == 2
+    assert "cannot read" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_listen_address_exits_2(tmp_path):
+    path = tmp_path / "ok.json"
+    path.write_text(json.dumps(config(mem("a"))))
+    result = run_main("--config", str(path), "--listen", "nonsense")
+    assert result.returncode == 2
+    assert "listen" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_listen_from_environment(worker_factory):
+    w = worker_factory(config(mem("a")), listen=(), env={"NBD_LISTEN": "127.0.0.1:0"})
+    assert w.addresses and w.addresses[0].startswith("127.0.0.1:")
+    check_fresh_client(w.host, w.port, "a")
+
+
+# -- configuration reload (in process) ----------------------------------------------------------
+
+
+def test_apply_config_new_connections_see_it_existing_keep_theirs(tmp_path):
+    settings = WorkerSettings.from_sources([str(tmp_path)], ["127.0.0.1:0"], environ={})
+    first = WorkerConfig.from_dict(config(mem("a"), generation=1))
+    second = WorkerConfig.from_dict(config(mem("b"), generation=2))
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder: dict = {}
+
+    async def main() -> None:
+        server = NBDServer(settings, first)
+        holder["server"] = server
+        holder["addr"] = (await server.start())[0]
+        holder["stop"] = asyncio.Event()
+        ready.set()
+        await holder["stop"].wait()
+        await server.shutdown()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    host, _, port = holder["addr"].rpartition(":")
+    try:
+        old = RawClient.open(host, int(port), "a")
+        assert old.write(0, b"x" * 512) == 0
+        done = threading.Event()
+        loop.call_soon_threadsafe(lambda: (holder["server"].apply_config(second), done.set()))
+        assert done.wait(10)
+        # The existing connection keeps export "a" ...
+        assert old.read(0, 512).data == b"x" * 512
+        # ... while new connections see generation 2.
+        with RawClient(host, int(port)) as c:
+            c.greet()
+            c.send(encode_info_request(Option.GO, "a"))
+            assert c.collect_replies()[-1].reply == Reply.ERR_UNKNOWN
+            c.go("b")
+        old.close()
+    finally:
+        loop.call_soon_threadsafe(holder["stop"].set)
+        thread.join(30)
