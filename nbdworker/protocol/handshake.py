@@ -61,7 +61,9 @@ __all__ = [
 GREETING_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
 # Plain ints: ``~`` on an IntFlag only complements the defined bits, which would hide unknown
 # bits from the check.
-_KNOWN_CLIENT_FLAGS = int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)
+_C_FIXED_NEWSTYLE = int(ClientFlag.C_FIXED_NEWSTYLE)
+_C_NO_ZEROES = int(ClientFlag.C_NO_ZEROES)
+_KNOWN_CLIENT_FLAGS = _C_FIXED_NEWSTYLE | _C_NO_ZEROES
 
 BASE_ALLOCATION_ID = 1
 """Context id of ``base:allocation`` after SET_META_CONTEXT (ids are per connection; 0 is
@@ -122,11 +124,11 @@ class _State(Enum):
     CLOSED = auto()
 
 
+_OPTIONS_BY_CODE = {int(option): option for option in Option}
+
+
 def _known_option(code: int) -> Option | int:
-    try:
-        return Option(code)
-    except ValueError:
-        return code
+    return _OPTIONS_BY_CODE.get(code, code)
 
 
 def _encode_string(text: str) -> bytes:
@@ -194,7 +196,7 @@ class Handshake:
         self._largest_listing = 0
 
         # The option being received: code, bytes still expected, and what to do once they are in.
-        # ``_discard`` True: the data is dropped as it arrives (the answer does not depend on it).
+        # ``_cur_discard``: the data is dropped as it arrives (the answer does not depend on it).
         self._cur_code: int | None = None
         self._cur_remaining = 0
         self._cur_discard = False
@@ -313,11 +315,11 @@ class Handshake:
             return True
         # C_NO_ZEROES is only legal because we always offer NO_ZEROES; the check is the
         # GREETING_FLAGS constant, kept explicit in case the greeting ever changes.
-        if flags & ClientFlag.C_NO_ZEROES and not GREETING_FLAGS & HandshakeFlag.NO_ZEROES:
+        if flags & _C_NO_ZEROES and not GREETING_FLAGS & HandshakeFlag.NO_ZEROES:
             self._close("client set NO_ZEROES that was not offered", error=True)  # pragma: no cover
             return True
-        self._fixed_newstyle = bool(flags & ClientFlag.C_FIXED_NEWSTYLE)
-        self._no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
+        self._fixed_newstyle = bool(flags & _C_FIXED_NEWSTYLE)
+        self._no_zeroes = bool(flags & _C_NO_ZEROES)
         self._state = _State.OPTIONS
         return True
 

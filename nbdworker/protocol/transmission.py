@@ -126,6 +126,13 @@ _DF = int(CommandFlag.DF)
 _REQ_ONE = int(CommandFlag.REQ_ONE)
 _FAST_ZERO = int(CommandFlag.FAST_ZERO)
 _KNOWN_FLAGS = _FUA | _NO_HOLE | _DF | _REQ_ONE | _FAST_ZERO
+_TF_READ_ONLY = int(TransmissionFlag.READ_ONLY)
+_TF_SEND_DF = int(TransmissionFlag.SEND_DF)
+_TF_SEND_FUA = int(TransmissionFlag.SEND_FUA)
+_TF_SEND_FLUSH = int(TransmissionFlag.SEND_FLUSH)
+_TF_SEND_TRIM = int(TransmissionFlag.SEND_TRIM)
+_TF_SEND_WRITE_ZEROES = int(TransmissionFlag.SEND_WRITE_ZEROES)
+_TF_SEND_FAST_ZERO = int(TransmissionFlag.SEND_FAST_ZERO)
 
 
 class Session:
@@ -150,21 +157,21 @@ class Session:
 
     def __init__(self, ready: Ready) -> None:
         view = ready.export
-        flags = ready.flags
         self.export = view
-        self.flags = flags
+        self.flags = ready.flags
+        flags = int(ready.flags)  # int arithmetic: IntFlag operators are slow
         self.size = view.size
         self.structured = ready.structured
         self.meta_contexts = dict(ready.meta_contexts) if ready.structured else {}
         self.shutting_down = False
-        self._read_only = bool(flags & TransmissionFlag.READ_ONLY)
-        self._df = bool(flags & TransmissionFlag.SEND_DF)
+        self._read_only = bool(flags & _TF_READ_ONLY)
+        self._df = bool(flags & _TF_SEND_DF)
         # The advertised maximum payload, never above what we are willing to buffer.
         cap = min(view.max_block, MAX_PAYLOAD)
         self._read_cap = cap
         self._write_cap = cap
 
-        fua = _FUA if flags & TransmissionFlag.SEND_FUA else 0
+        fua = _FUA if flags & _TF_SEND_FUA else 0
         # allowed[command] = flag bits the command accepts, or None if the command is not
         # available on this connection; _refusal[command] says why, for the error message.
         allowed: list[int | None] = [None] * 8
@@ -174,16 +181,16 @@ class Session:
         allowed[Command.DISC] = _KNOWN_FLAGS  # never replied to: flags are irrelevant
         # CACHE is answered even when not advertised: some clients send it regardless.
         allowed[Command.CACHE] = fua
-        if flags & TransmissionFlag.SEND_FLUSH:
+        if flags & _TF_SEND_FLUSH:
             allowed[Command.FLUSH] = fua
         else:
             refusal[Command.FLUSH] = "FLUSH not advertised"
-        if flags & TransmissionFlag.SEND_TRIM:
+        if flags & _TF_SEND_TRIM:
             allowed[Command.TRIM] = fua
         else:
             refusal[Command.TRIM] = "TRIM not advertised"
-        if flags & TransmissionFlag.SEND_WRITE_ZEROES:
-            fast = _FAST_ZERO if flags & TransmissionFlag.SEND_FAST_ZERO else 0
+        if flags & _TF_SEND_WRITE_ZEROES:
+            fast = _FAST_ZERO if flags & _TF_SEND_FAST_ZERO else 0
             allowed[Command.WRITE_ZEROES] = fua | _NO_HOLE | fast
         else:
             refusal[Command.WRITE_ZEROES] = "WRITE_ZEROES not advertised"
