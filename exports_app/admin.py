@@ -20,7 +20,7 @@ from exports_app.constants import MAX_VALIDITY_DAYS
 from exports_app.models import Certificate, CertificateAuthority, Export, TLSPolicy, WorkerNode
 from exports_app.models.tls import OPTIONALTLS_WARNING
 from exports_app.services import bundles, ca, provisioning
-from exports_app.validators import parse_size
+from exports_app.validators import parse_size, validate_no_control_characters
 
 __all__ = [
     "CertificateAdmin",
@@ -292,7 +292,10 @@ class CertificateAuthorityAddForm(forms.ModelForm):
     """Create an internal CA (common name) or import one (certificate PEM, optional key)."""
 
     common_name = forms.CharField(
-        max_length=64, required=False, help_text="Creates an internal CA."
+        max_length=64,
+        required=False,
+        validators=[validate_no_control_characters],
+        help_text="Creates an internal CA.",
     )
     key_algorithm = forms.ChoiceField(choices=KeyAlgorithm.choices, initial=KeyAlgorithm.EC_P256)
     validity_days = forms.IntegerField(min_value=1, max_value=MAX_VALIDITY_DAYS, required=False)
@@ -323,7 +326,11 @@ class CertificateAuthorityAddForm(forms.ModelForm):
 
 
 class IssueClientCertificateForm(forms.Form):
-    common_name = forms.CharField(max_length=64, help_text="The client identity (CN).")
+    common_name = forms.CharField(
+        max_length=64,
+        validators=[validate_no_control_characters],
+        help_text="The client identity (CN).",
+    )
     validity_days = forms.IntegerField(
         min_value=1, max_value=MAX_VALIDITY_DAYS, required=False, help_text="Default: 365."
     )
@@ -445,7 +452,9 @@ class CertificateAddForm(forms.ModelForm):
     authority = forms.ModelChoiceField(
         CertificateAuthority.objects.all(), required=False, help_text="Issue from this CA."
     )
-    common_name = forms.CharField(max_length=64, required=False)
+    common_name = forms.CharField(
+        max_length=64, required=False, validators=[validate_no_control_characters]
+    )
     dns_names = forms.CharField(required=False, help_text="Comma-separated DNS SANs.")
     ip_addresses = forms.CharField(required=False, help_text="Comma-separated IP SANs.")
     validity_days = forms.IntegerField(min_value=1, max_value=MAX_VALIDITY_DAYS, required=False)

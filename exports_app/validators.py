@@ -29,6 +29,7 @@ __all__ = [
     "validate_description",
     "validate_listen_address",
     "validate_nbd_name",
+    "validate_no_control_characters",
     "validate_node_name",
     "validate_storage_root",
 ]
@@ -43,6 +44,11 @@ CLIENT_RULE_KINDS = ("fingerprint_sha256", "common_name", "san")
 def _has_control_characters(value: str) -> bool:
     # Category Cc covers C0, DEL and C1; NUL is one of them.
     return any(unicodedata.category(ch) == "Cc" for ch in value)
+
+
+def validate_no_control_characters(value: str) -> None:
+    if _has_control_characters(value):
+        raise ValidationError("Must not contain NUL or other control characters.", code="control")
 
 
 def validate_nbd_name(value: str) -> None:

@@ -10,7 +10,7 @@ from exports_app.choices import CertificateKind, ExportState, KeyAlgorithm
 from exports_app.constants import MAX_VALIDITY_DAYS
 from exports_app.models import Certificate, CertificateAuthority, Export, TLSPolicy, WorkerNode
 from exports_app.services import ca
-from exports_app.validators import parse_size
+from exports_app.validators import parse_size, validate_no_control_characters
 
 from .base import ValidatedModelSerializer
 
@@ -60,7 +60,7 @@ def default_node() -> WorkerNode | None:
 class WorkerNodeSerializer(ValidatedModelSerializer):
     url = serializers.HyperlinkedIdentityField(view_name="workernode-detail")
     tls_mode = serializers.CharField(source="tls_policy.mode", read_only=True)
-    export_count = serializers.IntegerField(source="exports.count", read_only=True)
+    export_count = serializers.SerializerMethodField()
     warnings = serializers.SerializerMethodField()
 
     class Meta:
@@ -83,6 +83,11 @@ class WorkerNodeSerializer(ValidatedModelSerializer):
         extra_kwargs = {
             "tls_policy": {"required": False, "help_text": "Defaults to the default node's policy."}
         }
+
+    def get_export_count(self, node: WorkerNode) -> int:
+        # The list view annotates the count; a freshly saved node is counted directly.
+        count = getattr(node, "export_count", None)
+        return node.exports.count() if count is None else count
 
     def get_warnings(self, node: WorkerNode) -> list[str]:
         return node.tls_policy.warnings
@@ -277,7 +282,11 @@ class CertificateAuthoritySerializer(serializers.ModelSerializer):
 
     url = serializers.HyperlinkedIdentityField(view_name="certificateauthority-detail")
     common_name = serializers.CharField(
-        write_only=True, required=False, max_length=64, help_text="Creates an internal CA."
+        write_only=True,
+        required=False,
+        max_length=64,
+        validators=[validate_no_control_characters],
+        help_text="Creates an internal CA.",
     )
     key_algorithm = serializers.ChoiceField(
         choices=KeyAlgorithm.choices, required=False, default=KeyAlgorithm.EC_P256
@@ -297,7 +306,7 @@ class CertificateAuthoritySerializer(serializers.ModelSerializer):
     )
     has_private_key = serializers.BooleanField(read_only=True)
     expires_soon = serializers.BooleanField(read_only=True)
-    certificate_count = serializers.IntegerField(source="certificates.count", read_only=True)
+    certificate_count = serializers.SerializerMethodField()
 
     class Meta:
         model = CertificateAuthority
@@ -331,6 +340,10 @@ class CertificateAuthoritySerializer(serializers.ModelSerializer):
         "private_key_pem",
         "key_algorithm",
     )
+
+    def get_certificate_count(self, authority: CertificateAuthority) -> int:
+        count = getattr(authority, "certificate_count", None)
+        return authority.certificates.count() if count is None else count
 
     def validate(self, attrs: dict) -> dict:
         if self.instance is not None:
@@ -408,7 +421,9 @@ class CertificateSerializer(serializers.ModelSerializer):
     authority = serializers.PrimaryKeyRelatedField(
         queryset=CertificateAuthority.objects.all(), required=False, allow_null=True
     )
-    common_name = serializers.CharField(required=False, max_length=64)
+    common_name = serializers.CharField(
+        required=False, max_length=64, validators=[validate_no_control_characters]
+    )
     dns_names = serializers.ListField(
         child=serializers.CharField(max_length=253), required=False, max_length=100
     )

@@ -1,6 +1,7 @@
 """API viewsets: thin, one per model. Validation is in the serializers, side effects in
 exports_app.services."""
 
+from django.db.models import Count
 from django.http import HttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
@@ -26,7 +27,9 @@ __all__ = [
 
 
 class WorkerNodeViewSet(BaseModelViewSet):
-    queryset = WorkerNode.objects.select_related("tls_policy__server_certificate")
+    queryset = WorkerNode.objects.select_related("tls_policy__server_certificate").annotate(
+        export_count=Count("exports")
+    )
     serializer_class = serializers.WorkerNodeSerializer
     filterset_class = filtersets.WorkerNodeFilterSet
 
@@ -75,7 +78,7 @@ class ExportViewSet(BaseModelViewSet):
 
 
 class CertificateAuthorityViewSet(BaseModelViewSet):
-    queryset = CertificateAuthority.objects.all()
+    queryset = CertificateAuthority.objects.annotate(certificate_count=Count("certificates"))
     serializer_class = serializers.CertificateAuthoritySerializer
     filterset_class = filtersets.CertificateAuthorityFilterSet
 

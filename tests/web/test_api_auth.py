@@ -109,3 +109,18 @@ def test_certificate_actions_need_their_own_permission(
 def test_schema_and_docs(api):
     assert api.get("/api/schema/").status_code == 200
     assert api.get("/api/docs/").status_code == 200
+
+
+@pytest.mark.parametrize(("url", "model", "key"), ENDPOINTS)
+def test_list_query_count_does_not_grow_with_rows(
+    api, objects, url, model, key, django_assert_max_num_queries
+):
+    from exports_app.services import ca
+
+    # Many rows of every kind; a list must not cost a query per row.
+    node = objects["default_node"]
+    for i in range(15):
+        Export.objects.create(node=node, name=f"bulk{i}", size=512)
+        ca.issue_certificate(objects["authority"], "client", f"c{i}", name=f"c{i}")
+    with django_assert_max_num_queries(12):
+        assert api.get(url).status_code == 200
