@@ -1,0 +1,195 @@
+"""`make run` end to end: scripts/runstack.py brings up web, Celery and nbdworker with a private
+Redis and an SQLite database in a fresh data dir, answers on HTTP and NBD, and leaves no process
+behind after SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.tools import require_tool
+
+ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class Stack:
+    def __init__(self, proc: subprocess.Popen, http: str, nbd: str) -> None:
+        self.proc = proc
+        self.http = http
+        self.nbd = nbd
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for raw in self.proc.stdout:
+            self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+
+    def output(self) -> str:
+        return "\n".join(self.lines[-80:])
+
+    def wait_for(self, predicate, what: str, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            if self.proc.poll() is not None:
+                pytest.fail(
+                    f"make run exited ({self.proc.returncode}) before {what}:\n{self.output()}"
+                )
+            time.sleep(0.2)
+        pytest.fail(f"{what} did not happen within {timeout:.0f}s:\n{self.output()}")
+
+
+def http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    http = f"127.0.0.1:{free_port()}"
+    nbd = f"127.0.0.1:{free_port()}"
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key
+        not in {"DATABASE_URL", "SECRET_KEY", "NBDWEB_CONFIG_SECRET", "DJANGO_SETTINGS_MODULE"}
+        and not key.startswith("NBDW")
+    }
+    env.update(
+        NBDWEB_DATA_DIR=str(tmp_path / "data"),
+        NBDWEB_HTTP_ADDR=http,
+        NBD_LISTEN=nbd,
+        # Nothing listens there: runstack must start its private redis-server.
+        REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+        DJANGO_SUPERUSER_USERNAME="admin",
+        DJANGO_SUPERUSER_PASSWORD="a-long-test-password",
+        GUNICORN_WORKERS="1",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "scripts/runstack.py"],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    running = Stack(proc, http, nbd)
+    try:
+        yield running
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            for pid in descendants(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_make_run_serves_http_and_nbd_and_stops_cleanly(stack: Stack) -> None:
+    nbdinfo = require_tool("nbdinfo")
+    api = f"http://{stack.http}/api/v1/"
+    stack.wait_for(lambda: http_status(api) is not None, "the web server answering")
+    assert http_status(api) in (401, 403), "the API must refuse anonymous clients"
+
+    host, port = stack.nbd.rsplit(":", 1)
+
+    def nbd_lists() -> bool:
+        result = subprocess.run(
+            [nbdinfo, "--list", f"nbd://{host}:{port}"],
+            capture_output=True,
+            timeout=20,
+        )
+        return result.returncode == 0
+
+    stack.wait_for(nbd_lists, "nbdinfo --list connecting to nbdworker")
+    text = stack.output()
+    assert "private redis-server" in text
+    for name in ("web", "celery", "nbdworker"):
+        assert any(line.startswith(f"{name} ") for line in stack.lines), f"no lines from {name}"
+
+    children = descendants(stack.proc.pid)
+    assert len(children) >= 4, (
+        f"expected redis, web, celery and nbdworker below runstack: {children}"
+    )
+    stack.proc.send_signal(signal.SIGTERM)
+    assert stack.proc.wait(timeout=60) == 0, stack.output()
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = [pid for pid in children if alive(pid)]
+    assert not survivors, f"processes left behind after SIGTERM: {survivors}"
+
+
+def test_make_run_without_redis_and_without_redis_server_says_how_to_install(
+    tmp_path: Path,
+) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
+    env.update(
+        NBDWEB_DATA_DIR=str(tmp_path / "data"),
+        REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+        PATH=str(Path(sys.executable).parent),  # the venv only: no redis-server on it
+    )
+    result = subprocess.run(
+        [sys.executable, "scripts/runstack.py"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "apt-get install redis-server" in result.stdout + result.stderr
