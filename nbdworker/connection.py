@@ -25,8 +25,10 @@ import contextlib
 import errno as host_errno
 import logging
 import socket
+import ssl
 from typing import TYPE_CHECKING
 
+from nbdworker.auth import ExportAuthorizer
 from nbdworker.backends import Backend
 from nbdworker.protocol import (
     NEED_DATA,
@@ -52,8 +54,10 @@ from nbdworker.protocol import (
     encode_simple_reply,
     errno_from_oserror,
 )
+from nbdworker.tls import check_peer
 
 if TYPE_CHECKING:
+    from nbdworker.config import ExportConfig
     from nbdworker.server import ExportEntry, NBDServer, ServerState
 
 __all__ = ["NBDConnection"]
@@ -101,6 +105,7 @@ _EMPTY = memoryview(b"")
 _PHASE_HANDSHAKE = 0
 _PHASE_TRANSMISSION = 1
 _PHASE_CLOSED = 2
+_PHASE_TLS = 3  # STARTTLS acked; the TLS handshake runs
 
 
 class NBDConnection(asyncio.BufferedProtocol):
@@ -115,6 +120,12 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.hs: Handshake | None = None
         self.deadline: asyncio.TimerHandle | None = None
         self.hs_buf = bytearray(HANDSHAKE_BUFFER)
+        self.authorizer: ExportAuthorizer | None = None
+        # Decrypted bytes that arrive between the end of the TLS handshake and tls_started().
+        self.tls_early = bytearray()
+        self.tls_eof = False
+        self.tls_active = False
+        self.tls_task: asyncio.Task | None = None
         # transmission state
         self.entry: ExportEntry | None = None
         self.backend: Backend | None = None
@@ -160,6 +171,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             transport.abort()
             return
         self.server.connections.add(self)
+        self.authorizer = ExportAuthorizer(self._export_config, peer)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)  # type: ignore[attr-defined]
         limits = self.state.config.limits
         self.hs = Handshake(
@@ -174,7 +186,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._send(self.hs.data_to_send())
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self.phase == _PHASE_HANDSHAKE:
+        if self.phase == _PHASE_HANDSHAKE or self.phase == _PHASE_TLS:
             return memoryview(self.hs_buf)
         if self.pending_view is not None:
             if self.pending_buf is None:
@@ -192,6 +204,10 @@ class NBDConnection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         if self.phase == _PHASE_HANDSHAKE:
             self._handshake_data(bytes(self.hs_buf[:nbytes]))
+        elif self.phase == _PHASE_TLS:
+            # Only the TLS layer can deliver here (the raw socket stopped reading at the ACK):
+            # the client's first options, decrypted before _upgrade() has resumed.
+            self.tls_early += self.hs_buf[:nbytes]
         elif self.phase == _PHASE_TRANSMISSION:
             if self.pending_view is not None:
                 self.pending_got += nbytes
@@ -204,12 +220,16 @@ class NBDConnection(asyncio.BufferedProtocol):
     def eof_received(self) -> bool:
         if self.phase == _PHASE_HANDSHAKE and self.hs is not None:
             self._handshake_data(b"")
+        elif self.phase == _PHASE_TLS:
+            self.tls_eof = True
         elif self.phase == _PHASE_TRANSMISSION:
             # EOF between requests without NBD_CMD_DISC is how fio and others hang up.
             log.debug("%s: client closed the connection", self.peer)
             self.eof = True
             self._process()
-            return True  # keep the transport until in-flight replies are abandoned
+            # Keep the transport until in-flight replies are abandoned (TLS cannot: the TLS layer
+            # closes on the client's close_notify whatever is answered here).
+            return not self.tls_active
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -242,6 +262,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             if self.hs is not None:
                 self.hs.start_shutdown()
             self._close()
+        elif self.phase == _PHASE_TLS:
+            self.abort()
         elif self.phase == _PHASE_TRANSMISSION:
             self.shutting_down = True
             self._process()
@@ -260,23 +282,26 @@ class NBDConnection(asyncio.BufferedProtocol):
     def _listing(self):
         return [entry.view for entry in self.state.exports.values()]
 
+    def _export_config(self, name: str) -> ExportConfig | None:
+        entry = self.state.exports.get(name)
+        return entry.config if entry is not None else None
+
     def _authorize(self, view: ExportView) -> str | None:
         entry = self.state.exports.get(view.name)
         if entry is None:
             return "export is gone"
         cfg = entry.config
-        if not cfg.allows_address(self.peer_ip):
-            return f"address {self.peer_ip or 'unix socket'} not in allowed_networks"
-        if cfg.allowed_clients:
-            # Client certificates arrive with TLS (a later task); without one no rule matches.
-            return "no client certificate"
+        # allowed_networks and allowed_clients (against the certificate, once TLS is up).
+        reason = self.authorizer(view) if self.authorizer is not None else "no authorizer"
+        if reason is not None:
+            return reason
         if not self.server.export_slot_free(entry):
             return f"export connection limit ({cfg.max_connections}) reached"
         return None
 
     def _handshake_expired(self) -> None:
         self.deadline = None
-        if self.phase == _PHASE_HANDSHAKE:
+        if self.phase == _PHASE_HANDSHAKE or self.phase == _PHASE_TLS:
             log.info("%s: handshake deadline passed: dropping", self.peer)
             self.abort()
 
@@ -303,10 +328,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                     return
                 elif isinstance(event, StartTLS):
                     self._send(hs.data_to_send())
-                    # TLS is a later task; the handshake only emits this when a TLS mode is
-                    # configured, so reaching it means config and build disagree.
-                    log.error("%s: STARTTLS accepted but TLS is not implemented", self.peer)
-                    self.abort()
+                    self._start_tls()
                     return
         except ProtocolError as exc:
             log.info("%s: protocol error in handshake: %s", self.peer, exc)
@@ -314,6 +336,77 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.abort()
             return
         self._send(hs.data_to_send())
+
+    # -- TLS --------------------------------------------------------------------------------------
+
+    def _start_tls(self) -> None:
+        """The STARTTLS ACK is written: hand the socket to the TLS layer, as server."""
+        hs = self.hs
+        assert hs is not None and self.transport is not None
+        context = self.state.tls_context
+        if context is None or hs.buffered:
+            # The Handshake already closes on plaintext pipelined behind STARTTLS; this is the
+            # belt to its braces. A missing context was logged when the config was applied.
+            log.info(
+                "%s: STARTTLS: %s: dropping",
+                self.peer,
+                "plaintext after STARTTLS" if hs.buffered else "no usable TLS context",
+            )
+            self.abort()
+            return
+        # Synchronously, before the loop can read again: whatever the client sends from here on
+        # goes to the TLS layer (a ClientHello, or garbage that fails the handshake), never to
+        # the option parser as plaintext.
+        self.transport.pause_reading()
+        self.phase = _PHASE_TLS
+        self.tls_task = self.loop.create_task(self._upgrade(context))
+
+    async def _upgrade(self, context: ssl.SSLContext) -> None:
+        raw = self.transport
+        assert raw is not None and self.hs is not None
+        timeout = self.state.config.limits.handshake_timeout
+        if self.deadline is not None:
+            timeout = max(self.deadline.when() - self.loop.time(), 0.001)
+        try:
+            transport = await self.loop.start_tls(
+                raw, self, context, server_side=True, ssl_handshake_timeout=timeout
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            # No downgrade, no second chance: the connection ends here. A certificate that does
+            # not verify is a refusal worth a warning; the rest is noise from broken clients.
+            level = (
+                logging.WARNING if isinstance(exc, ssl.SSLCertVerificationError) else logging.INFO
+            )
+            log.log(level, "%s: TLS handshake failed: %s", self.peer, exc or type(exc).__name__)
+            raw.abort()
+            self.connection_lost(None)
+            return
+        if self.phase != _PHASE_TLS or transport is None:
+            return  # closed meanwhile (deadline, shutdown)
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        peer = check_peer(transport.get_extra_info("ssl_object"), self.state.config.tls)
+        who = peer.identity.describe() if peer.identity else "no certificate"
+        if peer.refusal is not None:
+            # Before any option is answered over TLS.
+            log.warning(
+                "%s [%s]: refused after the TLS handshake: %s", self.peer, who, peer.refusal
+            )
+            self.abort()
+            return
+        log.info("%s: TLS up (%s, %s) [%s]", self.peer, peer.version, peer.cipher, who)
+        if self.authorizer is not None:
+            self.authorizer.identity = peer.identity
+        self.phase = _PHASE_HANDSHAKE
+        self.tls_active = True
+        self.hs.tls_started()
+        early, self.tls_early = bytes(self.tls_early), bytearray()
+        if early:
+            self._handshake_data(early)
+        if self.tls_eof and self.phase == _PHASE_HANDSHAKE:
+            self._handshake_data(b"")
+
+    # -- transmission setup ---------------------------------------------------------------------
 
     def _enter_transmission(self, ready: Ready, trailing: bytes) -> None:
         entry = self.state.exports.get(ready.export.name)

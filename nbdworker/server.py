@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from nbdworker.backends import Backend, FileBackend, MemoryBackend
 from nbdworker.config import ExportConfig, ListenAddress, WorkerConfig, WorkerSettings
 from nbdworker.protocol import ExportView, TLSMode, TransmissionFlag
+from nbdworker.tls import TLSContextCache, TLSSetupError
 
 __all__ = ["ExportEntry", "NBDServer", "ServerState"]
 
@@ -70,6 +72,8 @@ class ServerState:
     config: WorkerConfig
     exports: dict[str, ExportEntry] = field(default_factory=dict)
     tls_mode: TLSMode = TLSMode.NOTLS
+    # The server context of this generation's TLS policy (None: NOTLS, or the policy is unusable).
+    tls_context: ssl.SSLContext | None = None
 
     def lookup(self, name: str) -> ExportEntry | None:
         if name == "" and self.config.default_export is not None:
@@ -112,6 +116,7 @@ class NBDServer:
         self.export_connections: dict[str, int] = {}
         # Thread pool for I/O that may block (flush, fallocate, cold reads); reads from the page
         # cache and plain writes run inline (see connection.py for the measurements).
+        self.tls_contexts = TLSContextCache()
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="nbdio")
         self._servers: list[asyncio.AbstractServer] = []
         self._unix_paths: list[str] = []
@@ -156,7 +161,15 @@ class NBDServer:
             )
         # Retired backends close when the last connection using them lets go (FileBackend
         # closes its descriptor when collected), so nothing is closed under a live client.
-        self.state = ServerState(config, exports, TLSMode[config.tls.mode])
+        tls_context = None
+        if config.tls.mode != "NOTLS":
+            try:
+                tls_context = self.tls_contexts.get(config.tls)
+            except TLSSetupError as exc:
+                # Never fall back to plaintext: STARTTLS will be acked and the connection dropped
+                # until a usable policy arrives.
+                log.error("TLS policy unusable, TLS connections will fail: %s", exc)
+        self.state = ServerState(config, exports, TLSMode[config.tls.mode], tls_context)
         log.info(
             "config generation %d applied: %d export(s) served", config.generation, len(exports)
         )
