@@ -6,6 +6,8 @@ __all__ = [
     "CertificateKind",
     "ClientVerification",
     "ExportState",
+    "JobKind",
+    "JobState",
     "KeyAlgorithm",
     "TLSMode",
     "TLSVersion",
@@ -47,3 +49,18 @@ class CertificateKind(models.TextChoices):
 class KeyAlgorithm(models.TextChoices):
     EC_P256 = "ec-p256", "EC P-256"
     RSA_3072 = "rsa-3072", "RSA 3072"
+
+
+class JobKind(models.TextChoices):
+    CREATE = "create", "Create"
+    CLONE = "clone", "Clone"
+    RESIZE = "resize", "Resize"
+    DELETE = "delete", "Delete"
+    VERIFY = "verify", "Verify"
+
+
+class JobState(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"

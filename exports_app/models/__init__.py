@@ -2,7 +2,8 @@
 
 from exports_app.models.certificates import Certificate, CertificateAuthority
 from exports_app.models.exports import Export
+from exports_app.models.jobs import Job
 from exports_app.models.nodes import WorkerNode
 from exports_app.models.tls import TLSPolicy
 
-__all__ = ["Certificate", "CertificateAuthority", "Export", "TLSPolicy", "WorkerNode"]
+__all__ = ["Certificate", "CertificateAuthority", "Export", "Job", "TLSPolicy", "WorkerNode"]
