@@ -163,11 +163,29 @@ class SizeFormField(forms.CharField):
 
 class ExportForm(forms.ModelForm):
     size = SizeFormField(help_text='Bytes, or with a binary unit: "10G", "512M", "1T".')
+    force = forms.BooleanField(
+        required=False,
+        label="Allow shrinking",
+        help_text="A smaller size destroys the data past the new end.",
+    )
 
     class Meta:
         model = Export
         fields = "__all__"
         widgets = {"name": forms.TextInput(attrs={"size": 60})}
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        # construct_instance() has not run yet: self.instance still holds the stored size.
+        new_size = cleaned.get("size")
+        if (
+            self.instance.pk
+            and new_size
+            and new_size < self.instance.size
+            and not cleaned.get("force")
+        ):
+            self.add_error("size", "Shrinking destroys data; tick 'Allow shrinking'.")
+        return cleaned
 
 
 class ResizeExportForm(forms.Form):
@@ -224,7 +242,9 @@ class ExportAdmin(SimpleHistoryAdmin):
             if not change:
                 provisioning.request_create(obj)
             elif old_size is not None and obj.size != old_size:
-                provisioning.request_resize(obj, old_size, force=True)
+                provisioning.request_resize(
+                    obj, old_size, force=form.cleaned_data.get("force", False)
+                )
 
     def delete_model(self, request, obj: Export) -> None:
         with transaction.atomic():

@@ -1,18 +1,24 @@
 """Shared API behaviour: model validation in serializers, transactions in viewsets."""
 
+from itertools import pairwise
+
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import ProtectedError
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
+from rest_framework.decorators import action
 from rest_framework.exceptions import APIException
 from rest_framework.exceptions import ValidationError as DRFValidationError
 from rest_framework.permissions import IsAuthenticated
+from rest_framework.response import Response
 from rest_framework.routers import APIRootView, DefaultRouter
 from rest_framework.viewsets import ModelViewSet
 
 __all__ = [
     "BaseModelViewSet",
     "Conflict",
+    "HistoryRecordSerializer",
     "NBDWebRouter",
     "ValidatedModelSerializer",
     "django_errors_to_drf",
@@ -66,8 +72,61 @@ class ValidatedModelSerializer(serializers.ModelSerializer):
         """Hook: copy values normalised by clean() back into attrs, check m2m rules."""
 
 
+class HistoryRecordSerializer(serializers.Serializer):
+    """One entry of an object's audit trail (django-simple-history)."""
+
+    history_id = serializers.IntegerField()
+    date = serializers.DateTimeField()
+    type = serializers.ChoiceField(choices=["created", "changed", "deleted"])
+    user = serializers.CharField(allow_null=True)
+    changes = serializers.ListField(child=serializers.DictField())
+
+
+_HISTORY_TYPES = {"+": "created", "~": "changed", "-": "deleted"}
+HISTORY_LIMIT = 100
+
+
+def history_entries(obj) -> list[dict]:
+    """The newest HISTORY_LIMIT records of `obj`, each with the fields it changed."""
+    records = list(
+        obj.history.select_related("history_user").order_by("-history_date", "-history_id")[
+            : HISTORY_LIMIT + 1
+        ]
+    )
+    # Each record is diffed against the one before it; one extra record is fetched so the
+    # oldest listed entry still shows its changes.
+    entries: list = list(pairwise(records))
+    if records and len(records) <= HISTORY_LIMIT:
+        entries.append((records[-1], None))
+    result = []
+    for newer, older in entries[:HISTORY_LIMIT]:
+        changes = []
+        if older is not None:
+            changes = [
+                {"field": c.field, "old": c.old, "new": c.new}
+                for c in newer.diff_against(older).changes
+            ]
+        result.append(
+            {
+                "history_id": newer.history_id,
+                "date": newer.history_date,
+                "type": _HISTORY_TYPES.get(newer.history_type, newer.history_type),
+                "user": newer.history_user.get_username() if newer.history_user else None,
+                "changes": changes,
+            }
+        )
+    return result
+
+
 class BaseModelViewSet(ModelViewSet):
-    """Writes run in one transaction; database conflicts answer 400/409, never 500."""
+    """Writes run in one transaction; database conflicts answer 400/409, never 500.
+    Every object has its audit trail at `{id}/history/`."""
+
+    @extend_schema(responses=HistoryRecordSerializer(many=True))
+    @action(detail=True, methods=["get"])
+    def history(self, request, pk=None) -> Response:
+        """Who changed what and when, newest first."""
+        return Response(HistoryRecordSerializer(history_entries(self.get_object()), many=True).data)
 
     def perform_create(self, serializer) -> None:
         with transaction.atomic():

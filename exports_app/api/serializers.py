@@ -92,14 +92,6 @@ class WorkerNodeSerializer(ValidatedModelSerializer):
     def get_warnings(self, node: WorkerNode) -> list[str]:
         return node.tls_policy.warnings
 
-    def validate_storage_root(self, value: str) -> str:
-        instance = self.instance
-        if instance is not None and value != instance.storage_root and instance.exports.exists():
-            raise serializers.ValidationError(
-                "The node has exports; their images live under the current root."
-            )
-        return value
-
     def validate(self, attrs: dict) -> dict:
         # The default policy for a new node: the default node's, as most labs have one policy.
         if self.instance is None and "tls_policy" not in attrs:
@@ -107,18 +99,7 @@ class WorkerNodeSerializer(ValidatedModelSerializer):
             if node is None:
                 raise serializers.ValidationError({"tls_policy": ["This field is required."]})
             attrs["tls_policy"] = node.tls_policy
-        attrs = super().validate(attrs)
-        policy = attrs.get("tls_policy")
-        if (
-            self.instance is not None
-            and policy is not None
-            and policy.mode == "NOTLS"
-            and self.instance.exports.filter(tls_required=True).exists()
-        ):
-            raise serializers.ValidationError(
-                {"tls_policy": ["The node has exports that require TLS; pick a TLS policy."]}
-            )
-        return attrs
+        return super().validate(attrs)
 
 
 class TLSPolicySerializer(ValidatedModelSerializer):

@@ -1,8 +1,10 @@
 """Worker nodes: one nbdworker process (and one Celery queue) per storage host."""
 
+from django.core.exceptions import ValidationError
 from django.db import models
 from simple_history.models import HistoricalRecords
 
+from exports_app.choices import TLSMode
 from exports_app.validators import (
     parse_listen_address,
     validate_listen_address,
@@ -52,6 +54,26 @@ class WorkerNode(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        if self.pk is None:
+            return
+        errors = {}
+        stored = (
+            WorkerNode.objects.filter(pk=self.pk).values_list("storage_root", flat=True).first()
+        )
+        if stored is not None and stored != self.storage_root and self.exports.exists():
+            errors["storage_root"] = (
+                "The node has exports; their images live under the current root."
+            )
+        if (
+            self.tls_policy_id
+            and self.tls_policy.mode == TLSMode.NOTLS
+            and self.exports.filter(tls_required=True).exists()
+        ):
+            errors["tls_policy"] = "The node has exports that require TLS; pick a TLS policy."
+        if errors:
+            raise ValidationError(errors)
 
     @property
     def client_address(self) -> tuple[str, int]:

@@ -151,6 +151,30 @@ def test_add_export_through_the_admin(admin_client, default_node, hooks):
     response = admin_client.post(f"/admin/exports_app/export/{export.pk}/change/", change)
     assert response.status_code == 302, response.context["adminform"].form.errors
     assert hooks[-1] == ("resize", "admin-disk", 1 << 30, 2 << 30)
+    shrink = {**change, "size": "1M"}
+    response = admin_client.post(f"/admin/exports_app/export/{export.pk}/change/", shrink)
+    assert response.status_code == 200
+    assert "size" in response.context["adminform"].form.errors
+    response = admin_client.post(
+        f"/admin/exports_app/export/{export.pk}/change/", {**shrink, "force": "on"}
+    )
+    assert response.status_code == 302
+    assert hooks[-1] == ("resize", "admin-disk", 2 << 30, 1 << 20)
+
+
+def test_node_rules_hold_in_the_admin(admin_client, default_node, tmp_path):
+    Export.objects.create(node=default_node, name="x", size=512)
+    data = {
+        "name": default_node.name,
+        "description": "",
+        "listen": default_node.listen,
+        "public_address": "",
+        "storage_root": str(tmp_path / "elsewhere"),
+        "tls_policy": default_node.tls_policy_id,
+    }
+    response = admin_client.post(f"/admin/exports_app/workernode/{default_node.pk}/change/", data)
+    assert response.status_code == 200
+    assert "storage_root" in response.context["adminform"].form.errors
 
 
 def test_enable_and_disable_actions(admin_client, objects):

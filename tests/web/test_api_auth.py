@@ -68,6 +68,7 @@ def test_view_permission_reads_but_cannot_write(make_user, token_client, objects
     pk = objects[key].pk
     assert client.get(url).status_code == 200
     assert client.get(f"{url}{pk}/").status_code == 200
+    assert client.get(f"{url}{pk}/history/").status_code == 200
     assert client.post(url, {}, format="json").status_code == 403
     assert client.patch(f"{url}{pk}/", {"description": "x"}, format="json").status_code == 403
     assert client.delete(f"{url}{pk}/").status_code == 403

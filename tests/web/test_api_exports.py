@@ -298,3 +298,18 @@ def test_history_records_the_api_user(api, superuser, default_node):
     assert all(r.history_user == superuser for r in records)
     delta = records[0].diff_against(records[1])
     assert [c.field for c in delta.changes] == ["description"]
+
+
+def test_history_endpoint_lists_changes_newest_first(
+    api, superuser, default_node, make_user, token_client
+):
+    body = api.post(URL, {"name": "trail", "size": 512}).json()
+    api.patch(f"{URL}{body['id']}/", {"description": "now described", "enabled": False})
+    response = api.get(f"{URL}{body['id']}/history/")
+    assert response.status_code == 200
+    entries = response.json()
+    assert [e["type"] for e in entries] == ["changed", "created"]
+    assert entries[0]["user"] == superuser.username
+    changed = {c["field"]: (c["old"], c["new"]) for c in entries[0]["changes"]}
+    assert changed == {"description": ("", "now described"), "enabled": (True, False)}
+    assert token_client(make_user()).get(f"{URL}{body['id']}/history/").status_code == 403

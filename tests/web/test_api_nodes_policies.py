@@ -190,3 +190,18 @@ def test_filters(api, default_node):
     assert api.get(POLICIES, {"mode": "FORCEDTLS"}).json()["count"] == 0
     assert api.get(NODES, {"name": "default"}).json()["count"] == 1
     assert api.get(NODES, {"tls_mode": "NOTLS"}).json()["count"] == WorkerNode.objects.count()
+
+
+def test_policy_history_includes_trusted_authority_changes(
+    api, default_node, server_certificate, authority
+):
+    url = f"{POLICIES}{default_node.tls_policy_id}/"
+    api.patch(url, {"mode": "FORCEDTLS", "server_certificate": server_certificate.pk})
+    api.patch(url, {"trusted_authorities": [authority.pk], "client_verification": "required"})
+    entries = api.get(f"{url}history/").json()
+    # The m2m change is recorded as its own entry right after the field changes.
+    assert {c["field"] for c in entries[0]["changes"]} == {"trusted_authorities"}
+    assert {c["field"] for c in entries[1]["changes"]} == {"client_verification"}
+    # The migration made the policy without a history record, so the first PATCH is the oldest
+    # entry and has nothing to be compared with.
+    assert len(entries) == 3
