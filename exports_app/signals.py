@@ -51,9 +51,7 @@ def policy_authorities_changed(sender, instance, action: str, pk_set, **kwargs) 
         schedule_publish(_nodes_of_policies(Q(tls_policy__in=pk_set)))
 
 
-@receiver(
-    [post_save, post_delete], sender=Certificate, dispatch_uid="nbdweb-publish-certificate"
-)
+@receiver([post_save, post_delete], sender=Certificate, dispatch_uid="nbdweb-publish-certificate")
 def certificate_changed(sender, instance: Certificate, created: bool = False, **kwargs) -> None:
     if created and instance.revoked_at is None:
         return  # a new certificate is in no snapshot until a policy names it or it is revoked
@@ -65,9 +63,7 @@ def certificate_changed(sender, instance: Certificate, created: bool = False, **
     schedule_publish(_nodes_of_policies(match))
 
 
-@receiver(
-    [post_save, post_delete], sender=CertificateAuthority, dispatch_uid="nbdweb-publish-ca"
-)
+@receiver([post_save, post_delete], sender=CertificateAuthority, dispatch_uid="nbdweb-publish-ca")
 def authority_changed(
     sender, instance: CertificateAuthority, created: bool = False, **kwargs
 ) -> None:

@@ -1,0 +1,212 @@
+"""Signed config snapshots: the one format web and worker exchange through Redis.
+
+The web side signs (`sign_snapshot`) and the worker verifies (`verify_snapshot`) with this same
+code, so the two can never disagree on the canonical form. Standard library only: `exports_app`
+imports it, and the worker must not depend on anything the web side brings.
+
+Envelope (the value stored at ``nbdweb:config:<node>``), JSON::
+
+    {"format": "nbdweb-config-v1", "alg": "HMAC-SHA256", "kid": "k1-<8 hex>",
+     "payload": "<canonical JSON of WorkerConfig.to_dict()>", "sig": "<64 hex>"}
+
+``sig`` is HMAC-SHA256, keyed with ``NBDWEB_CONFIG_SECRET``, over
+``format "\\n" kid "\\n" payload``. The payload travels as a string so the verifier checks the
+exact bytes that were signed and only then parses them. ``kid`` names the secret (a digest of
+it, not the secret): a worker with another secret says so in its log instead of "forged".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from nbdworker.config import ConfigError, WorkerConfig
+
+__all__ = [
+    "ALGORITHM",
+    "CHANNEL",
+    "FORMAT",
+    "KICK_CHANNEL",
+    "SecretError",
+    "SnapshotError",
+    "canonical_json",
+    "config_key",
+    "generation_key",
+    "heartbeat_key",
+    "key_id",
+    "kicks_key",
+    "load_secret",
+    "parse_notice",
+    "published_key",
+    "sessions_key",
+    "sign_snapshot",
+    "verify_snapshot",
+]
+
+FORMAT = "nbdweb-config-v1"
+ALGORITHM = "HMAC-SHA256"
+# Redis names shared by both sides (docs/architecture.md). Notices on CHANNEL are
+# "<node>:<generation>"; on KICK_CHANNEL "<node>" (the session ids wait in kicks_key).
+CHANNEL = "nbdweb:config-changed"
+KICK_CHANNEL = "nbdweb:session-kick"
+# A snapshot far bigger than any real node's config is refused before it is hashed or parsed.
+MAX_SNAPSHOT_BYTES = 64 << 20
+
+
+class SnapshotError(ValueError):
+    """The snapshot is forged, malformed, for another node, or not newer than what runs."""
+
+
+class SecretError(RuntimeError):
+    """No usable NBDWEB_CONFIG_SECRET."""
+
+
+def config_key(node: str) -> str:
+    """The node's signed snapshot (written by the web side)."""
+    return f"nbdweb:config:{node}"
+
+
+def generation_key(node: str) -> str:
+    """The node's generation counter (web side)."""
+    return f"nbdweb:config-generation:{node}"
+
+
+def published_key(node: str) -> str:
+    """The generation stored at config_key (web side), for the "latest published" status."""
+    return f"nbdweb:config-published:{node}"
+
+
+def heartbeat_key(node: str) -> str:
+    """The worker's heartbeat, JSON, with an expiry (worker)."""
+    return f"nbdweb:worker:{node}"
+
+
+def sessions_key(node: str) -> str:
+    """Hash session id → JSON of the worker's live sessions, with an expiry (worker)."""
+    return f"nbdweb:sessions:{node}"
+
+
+def kicks_key(node: str) -> str:
+    """Set of session ids the web side asked the worker to end."""
+    return f"nbdweb:kicks:{node}"
+
+
+def canonical_json(data: Any) -> str:
+    """One spelling for one value: sorted keys, no spaces, UTF-8 kept as is."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def key_id(secret: str | bytes) -> str:
+    raw = secret.encode("utf-8") if isinstance(secret, str) else secret
+    return "k1-" + hashlib.sha256(b"nbdweb config key id\0" + raw).hexdigest()[:8]
+
+
+def _mac(secret: bytes, kid: str, payload: str) -> str:
+    message = f"{FORMAT}\n{kid}\n{payload}".encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def _secret_bytes(secret: str | bytes) -> bytes:
+    raw = secret.encode("utf-8") if isinstance(secret, str) else secret
+    if not raw:
+        raise SecretError("the config secret is empty")
+    return raw
+
+
+def sign_snapshot(config: WorkerConfig, secret: str | bytes) -> str:
+    """The envelope (JSON text) carrying `config`, signed with `secret`."""
+    raw = _secret_bytes(secret)
+    kid = key_id(raw)
+    payload = canonical_json(config.to_dict())
+    return canonical_json(
+        {
+            "format": FORMAT,
+            "alg": ALGORITHM,
+            "kid": kid,
+            "payload": payload,
+            "sig": _mac(raw, kid, payload),
+        }
+    )
+
+
+def verify_snapshot(
+    data: str | bytes,
+    secret: str | bytes,
+    *,
+    node: str | None = None,
+    after_generation: int | None = None,
+) -> WorkerConfig:
+    """Check the signature, then parse and validate; raise SnapshotError naming the reason.
+
+    `node`: the snapshot must be for this node (a copy of another node's key is refused).
+    `after_generation`: the snapshot's generation must be greater (an older or replayed
+    snapshot is refused).
+    """
+    raw_secret = _secret_bytes(secret)
+    if len(data) > MAX_SNAPSHOT_BYTES:
+        raise SnapshotError(f"snapshot of {len(data)} bytes is over {MAX_SNAPSHOT_BYTES}")
+    try:
+        envelope = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SnapshotError(f"not JSON: {exc}") from None
+    if not isinstance(envelope, Mapping):
+        raise SnapshotError("not a snapshot envelope (expected an object)")
+    if envelope.get("format") != FORMAT:
+        raise SnapshotError(f"unknown format {envelope.get('format')!r} (expected {FORMAT})")
+    if envelope.get("alg") != ALGORITHM:
+        raise SnapshotError(f"unknown algorithm {envelope.get('alg')!r}")
+    kid, payload, sig = envelope.get("kid"), envelope.get("payload"), envelope.get("sig")
+    if not all(isinstance(v, str) for v in (kid, payload, sig)):
+        raise SnapshotError("kid, payload and sig must be strings")
+    if kid != key_id(raw_secret):
+        raise SnapshotError(f"signed with another secret (key id {kid}, ours {key_id(raw_secret)})")
+    if not hmac.compare_digest(sig, _mac(raw_secret, kid, payload)):
+        raise SnapshotError("bad signature")
+    try:
+        config = WorkerConfig.from_dict(json.loads(payload))
+    except ValueError as exc:  # JSONDecodeError and ConfigError are both ValueErrors
+        kind = "invalid config" if isinstance(exc, ConfigError) else "payload is not JSON"
+        raise SnapshotError(f"{kind}: {exc}") from None
+    if node is not None and config.node != node:
+        raise SnapshotError(f"snapshot is for node {config.node!r}, this is node {node!r}")
+    if after_generation is not None and config.generation <= after_generation:
+        raise SnapshotError(
+            f"generation {config.generation} is not newer than {after_generation} (applied)"
+        )
+    return config
+
+
+def parse_notice(message: str | bytes) -> tuple[str, int] | None:
+    """``<node>:<generation>`` → (node, generation); None when it is not one."""
+    text = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
+    node, sep, generation = text.rpartition(":")
+    if not sep or not node or not generation.isdigit():
+        return None
+    return node, int(generation)
+
+
+def load_secret(environ: Mapping[str, str] | None = None) -> str:
+    """NBDWEB_CONFIG_SECRET, else ``$NBDWEB_DATA_DIR/config_secret`` (the file the web side
+    generates on first run). Raises SecretError naming both places."""
+    env = os.environ if environ is None else environ
+    # Exactly as nbdweb.datadir reads it: the variable verbatim, the file stripped.
+    value = env.get("NBDWEB_CONFIG_SECRET", "")
+    if value:
+        return value
+    path = Path(env.get("NBDWEB_DATA_DIR") or "./var") / "config_secret"
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise SecretError(
+            f"no config secret: NBDWEB_CONFIG_SECRET is unset and {path} cannot be read "
+            f"({exc.strerror or exc}); run the web side once (it generates the file) or set "
+            "NBDWEB_CONFIG_SECRET to the web side's value"
+        ) from None
+    if not value:
+        raise SecretError(f"no config secret: {path} is empty")
+    return value
