@@ -1,9 +1,11 @@
 """Django settings for nbdweb, read from the environment (see the README's table)."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 from nbdweb.datadir import data_dir, secret_from_env_or_file
 
@@ -165,3 +167,27 @@ NBDWEB_CERT_EXPIRY_WARNING_DAYS = int(os.environ.get("NBDWEB_CERT_EXPIRY_WARNING
 NBDWEB_CERT_DEFAULT_VALIDITY_DAYS = int(os.environ.get("NBDWEB_CERT_DEFAULT_VALIDITY_DAYS", "365"))
 NBDWEB_CA_DEFAULT_VALIDITY_DAYS = int(os.environ.get("NBDWEB_CA_DEFAULT_VALIDITY_DAYS", "3650"))
 # --- end exports_app --------------------------------------------------------------------------
+
+# --- jobs and logging (issue 7) ---------------------------------------------------------------
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Web, Celery and the tests' Celery worker subprocess share the file: wait for its lock.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("timeout", 20)
+    # The test database must be a file, not :memory:, for the e2e tests' Celery worker
+    # subprocess to see it; one per test process so parallel runs never share it.
+    DATABASES["default"].setdefault("TEST", {}).setdefault(
+        "NAME", os.path.join(tempfile.gettempdir(), f"nbdweb-test-{os.getpid()}.sqlite3")
+    )
+
+# Celery logs through LOGGING below (plain or JSON) instead of installing its own handlers.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Unacked jobs come back to another worker after this long (Redis broker): longer than any job.
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": int(os.environ.get("NBDWEB_JOB_VISIBILITY_TIMEOUT", "21600"))
+}
+
+LOG_FORMAT = os.environ.get("LOG_FORMAT", "plain").strip().lower()
+if LOG_FORMAT not in ("plain", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be plain or json, not {LOG_FORMAT!r}")
+LOGGING["formatters"]["json"] = {"()": "nbdweb.logging.JSONFormatter"}
+LOGGING["handlers"]["console"]["formatter"] = LOG_FORMAT
+# --- end jobs and logging ---------------------------------------------------------------------

@@ -9,7 +9,8 @@ from rest_framework import serializers
 from exports_app.choices import CertificateKind, ExportState, KeyAlgorithm
 from exports_app.constants import MAX_VALIDITY_DAYS
 from exports_app.models import Certificate, CertificateAuthority, Export, TLSPolicy, WorkerNode
-from exports_app.services import ca
+from exports_app.models.exports import name_digest
+from exports_app.services import ca, export_usage
 from exports_app.validators import parse_size, validate_no_control_characters
 
 from .base import ValidatedModelSerializer
@@ -155,13 +156,24 @@ class ExportSerializer(ValidatedModelSerializer):
     )
     node_name = serializers.CharField(source="node.name", read_only=True)
     name = StrictCharField(trim_whitespace=False, help_text="The NBD export name.")
-    size = SizeField(help_text='Bytes, or a string with a binary unit: "10G", "512M", "1T".')
+    size = SizeField(
+        required=False,
+        help_text='Bytes, or a string with a binary unit: "10G", "512M", "1T". Required unless '
+        "cloning (a clone defaults to its source's size).",
+    )
     force = serializers.BooleanField(
         write_only=True,
         required=False,
         default=False,
         help_text="Allow a shrink (destroys data past the new end).",
     )
+    clone_from = serializers.CharField(
+        write_only=True,
+        required=False,
+        help_text="On create: ID or name of a ready export on the same node to copy the image of.",
+    )
+    job = serializers.SerializerMethodField(help_text="ID of the export's latest job.")
+    job_url = serializers.SerializerMethodField()
     uri = serializers.CharField(read_only=True)
     absolute_image_path = serializers.CharField(read_only=True)
     warnings = serializers.ListField(child=serializers.CharField(), read_only=True)
@@ -179,6 +191,7 @@ class ExportSerializer(ValidatedModelSerializer):
             "absolute_image_path",
             "size",
             "force",
+            "clone_from",
             "read_only",
             "enabled",
             "tls_required",
@@ -197,6 +210,8 @@ class ExportSerializer(ValidatedModelSerializer):
             "max_connections",
             "state",
             "last_error",
+            "job",
+            "job_url",
             "uri",
             "warnings",
             "content_sha256",
@@ -211,8 +226,47 @@ class ExportSerializer(ValidatedModelSerializer):
         extra_kwargs = {"description": {"trim_whitespace": False}}
 
     def build_instance(self, attrs: dict) -> Export:
-        attrs = {k: v for k, v in attrs.items() if k != "force"}
+        attrs = {k: v for k, v in attrs.items() if k not in ("force", "clone_from")}
         return super().build_instance(attrs)
+
+    def get_job(self, export: Export) -> int | None:
+        # The list view annotates the latest job; a freshly saved export is looked up.
+        if hasattr(export, "latest_job_id"):
+            return export.latest_job_id
+        return export.jobs.order_by("-pk").values_list("pk", flat=True).first()
+
+    @extend_schema_field(OpenApiTypes.URI)
+    def get_job_url(self, export: Export) -> str | None:
+        job_id = self.get_job(export)
+        if job_id is None:
+            return None
+        request = self.context.get("request")
+        path = f"/api/v1/jobs/{job_id}/"
+        return request.build_absolute_uri(path) if request else path
+
+    def _clone_source(self, attrs: dict) -> None:
+        """Resolve `clone_from` (ID or name on the target node) and default the size to it."""
+        value, node = attrs["clone_from"], attrs["node"]
+        exports = Export.objects.select_related("node")
+        is_id = value.isascii() and value.isdigit() and len(value) <= 18
+        source = exports.filter(pk=int(value)).first() if is_id else None
+        if source is None:
+            source = exports.filter(node=node, name_digest=name_digest(value)).first()
+        if source is None:
+            raise serializers.ValidationError({"clone_from": [f"No export {value!r} to clone."]})
+        if source.node_id != node.pk:
+            message = f"The source is on node {source.node.name!r}; clone on that node."
+            raise serializers.ValidationError({"clone_from": [message]})
+        if source.state != ExportState.READY:
+            raise serializers.ValidationError(
+                {"clone_from": [f"The source export is {source.state}; it must be ready."]}
+            )
+        attrs.setdefault("size", source.size)
+        if attrs["size"] < source.size:
+            raise serializers.ValidationError(
+                {"size": [f"A clone cannot be smaller than its source ({source.size} bytes)."]}
+            )
+        attrs["clone_from"] = source
 
     def validate(self, attrs: dict) -> dict:
         instance = self.instance
@@ -222,8 +276,12 @@ class ExportSerializer(ValidatedModelSerializer):
                 if node is None:
                     raise serializers.ValidationError({"node": ["No worker node exists."]})
                 attrs["node"] = node
+            if "clone_from" in attrs:
+                self._clone_source(attrs)
         else:
             errors = {}
+            if "clone_from" in attrs:
+                errors["clone_from"] = ["Only when creating an export."]
             if instance.state == ExportState.DELETING:
                 raise serializers.ValidationError(
                     {"non_field_errors": ["The export is being deleted."]}
@@ -235,6 +293,8 @@ class ExportSerializer(ValidatedModelSerializer):
             new_size = attrs.get("size", instance.size)
             if new_size < instance.size and not attrs.get("force"):
                 errors["size"] = ["Shrinking destroys data past the new end; send force=true."]
+            elif new_size < instance.size and export_usage.live_session_count(instance):
+                errors["force"] = ["Live sessions use the export; a shrink needs none."]
             if errors:
                 raise serializers.ValidationError(errors)
         return super().validate(attrs)
@@ -247,6 +307,7 @@ class ExportSerializer(ValidatedModelSerializer):
 
     def create(self, validated_data: dict) -> Export:
         validated_data.pop("force", None)
+        validated_data.pop("clone_from", None)
         return super().create(validated_data)
 
     def update(self, instance: Export, validated_data: dict) -> Export:

@@ -1,6 +1,6 @@
 """Routes of the REST API, mounted at /api/v1/."""
 
-from . import views
+from . import jobs, views
 from .base import NBDWebRouter
 
 router = NBDWebRouter()
@@ -9,5 +9,6 @@ router.register("tls-policies", views.TLSPolicyViewSet)
 router.register("exports", views.ExportViewSet)
 router.register("authorities", views.CertificateAuthorityViewSet)
 router.register("certificates", views.CertificateViewSet)
+router.register("jobs", jobs.JobViewSet)
 
 urlpatterns = router.urls

@@ -1,7 +1,7 @@
 """API viewsets: thin, one per model. Validation is in the serializers, side effects in
 exports_app.services."""
 
-from django.db.models import Count
+from django.db.models import Count, OuterRef, Subquery
 from django.http import HttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
@@ -11,11 +11,19 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 
 from exports_app import filtersets
-from exports_app.models import Certificate, CertificateAuthority, Export, TLSPolicy, WorkerNode
+from exports_app.models import (
+    Certificate,
+    CertificateAuthority,
+    Export,
+    Job,
+    TLSPolicy,
+    WorkerNode,
+)
 from exports_app.services import bundles, ca, provisioning
 
 from . import serializers
 from .base import BaseModelViewSet
+from .jobs import ExportJobActions, parse_bool_param
 
 __all__ = [
     "CertificateAuthorityViewSet",
@@ -42,13 +50,22 @@ class TLSPolicyViewSet(BaseModelViewSet):
     filterset_class = filtersets.TLSPolicyFilterSet
 
 
-class ExportViewSet(BaseModelViewSet):
-    queryset = Export.objects.select_related("node__tls_policy__server_certificate")
+class ExportViewSet(ExportJobActions, BaseModelViewSet):
+    queryset = Export.objects.select_related("node__tls_policy__server_certificate").annotate(
+        latest_job_id=Subquery(
+            Job.objects.filter(export=OuterRef("pk")).order_by("-pk").values("pk")[:1]
+        )
+    )
     serializer_class = serializers.ExportSerializer
     filterset_class = filtersets.ExportFilterSet
 
     def create_object(self, serializer: serializers.ExportSerializer) -> None:
-        provisioning.request_create(serializer.save())
+        source = serializer.validated_data.get("clone_from")
+        export = serializer.save()
+        if source is None:
+            provisioning.request_create(export)
+        else:
+            provisioning.request_clone(export, source)
 
     def update_object(self, serializer: serializers.ExportSerializer) -> None:
         old_size = serializer.instance.size
@@ -74,7 +91,8 @@ class ExportViewSet(BaseModelViewSet):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
     def destroy_object(self, instance: Export) -> None:
-        provisioning.request_delete(instance)
+        # ?wipe=true zeroes the image's data before it is removed.
+        provisioning.request_delete(instance, wipe=parse_bool_param(self.request, "wipe"))
 
 
 class CertificateAuthorityViewSet(BaseModelViewSet):

@@ -1,35 +1,145 @@
-"""Provisioning hooks: the one place where the web side asks for disk work on an export.
+"""Provisioning: the one place where the web side asks for disk work on an export.
 
-The API and the admin call these inside the request's database transaction, right after saving
-the export. Today they do no disk work. The jobs (issue 7) replace their bodies: create a Job,
-enqueue it on the node's queue (`export.node.celery_queue`) with `transaction.on_commit`, and let
-the job move `export.state` (provisioning → ready, or failed with `last_error`).
+Each `request_*` function records a `Job` and enqueues it (exports_app.tasks.run_job) on the
+Celery queue of the export's node, `node.<name>`, once the surrounding transaction commits: a
+worker never sees a job whose rows a rollback would take back. The job then moves the export's
+state (provisioning → ready, or failed with `last_error`) and publishes the node's config.
 
-Contract for callers:
+Contract for callers (the API and the admin call these inside their transaction, right after
+saving the export):
 - `request_create(export)`: the export was just created in state PROVISIONING.
+- `request_clone(export, source)`: likewise, its image is to be a copy of `source`'s.
 - `request_resize(export, old_size, force=False)`: `export.size` already holds the new size.
-- `request_delete(export)`: the export must go. Return True if the row is already deleted, False
-  if deletion continues in the background (the export is then left in state DELETING and the job
-  deletes the row when the image is gone). The API answers 204 or 202 accordingly.
+- `request_delete(export, wipe=False)`: the export must go. Returns True if the row is already
+  deleted, False if deletion continues in the background (the export is left in state DELETING
+  and the job deletes the row when the image is gone). The API answers 204 or 202 accordingly.
+- `request_verify(export)`: hash the image and store the digest on the export.
+- `retry_job(job)`: request a failed job's work again.
 """
 
-from exports_app.choices import ExportState
-from exports_app.models import Export
+from __future__ import annotations
 
-__all__ = ["request_create", "request_delete", "request_resize"]
+import logging
+import uuid
+from functools import partial
+
+from django.db import transaction
+from simple_history.models import HistoricalRecords
+
+from exports_app.choices import ExportState, JobKind, JobState
+from exports_app.models import Export, Job
+
+__all__ = [
+    "JobRefused",
+    "request_clone",
+    "request_create",
+    "request_delete",
+    "request_resize",
+    "request_verify",
+    "retry_job",
+]
+
+log = logging.getLogger(__name__)
 
 
-def request_create(export: Export) -> None:
-    """Ask for the export's image to be created. No-op until the jobs land."""
+class JobRefused(ValueError):
+    """The job cannot be requested in the export's current state; the message says why."""
 
 
-def request_resize(export: Export, old_size: int, force: bool = False) -> None:
-    """Ask for the export's image to be resized to `export.size`. No-op until the jobs land."""
+def _requesting_user():
+    """The user of the current request, like change logging (simple_history's middleware keeps
+    the request in a context variable); None outside a request (Celery, shell)."""
+    request = getattr(HistoricalRecords.context, "request", None)
+    user = getattr(request, "user", None)
+    return user if user is not None and user.is_authenticated else None
 
 
-def request_delete(export: Export) -> bool:
-    """Delete the export. Until the jobs land, the row goes at once and the image stays on disk."""
+def _enqueue(export: Export, kind: str, params: dict | None = None) -> Job:
+    job = Job.objects.create(
+        kind=kind,
+        export=export,
+        export_name=export.name,
+        node=export.node,
+        params=params or {},
+        requested_by=_requesting_user(),
+        # Chosen here so the row names its Celery task before the message exists.
+        celery_task_id=str(uuid.uuid4()),
+    )
+    transaction.on_commit(partial(_send, job.pk, job.celery_task_id, export.node.celery_queue))
+    return job
+
+
+def _send(job_id: int, task_id: str, queue: str) -> None:
+    from exports_app.tasks import run_job
+
+    try:
+        run_job.apply_async(args=[job_id], queue=queue, task_id=task_id)
+    except Exception as exc:  # broker down: say so on the job instead of leaving it queued
+        log.exception("cannot enqueue job %s on %s", job_id, queue)
+        from exports_app.tasks import fail_job
+
+        fail_job(job_id, f"Could not queue the job on {queue}: {exc}")
+
+
+def request_create(export: Export) -> Job:
+    """Create the export's image: a sparse file of `export.size` bytes."""
+    return _enqueue(export, JobKind.CREATE, {"size": export.size})
+
+
+def request_clone(export: Export, source: Export) -> Job:
+    """Create the export's image as a copy of `source`'s (grown to `export.size`)."""
+    params = {"size": export.size, "source_id": source.pk, "source_name": source.name}
+    return _enqueue(export, JobKind.CLONE, params)
+
+
+def request_resize(export: Export, old_size: int, force: bool = False) -> Job:
+    """Resize the image to `export.size`; a shrink needs `force`."""
+    if export.size < old_size and not force:
+        raise JobRefused("Shrinking destroys data past the new end; it needs force.")
+    return _enqueue(
+        export, JobKind.RESIZE, {"size": export.size, "old_size": old_size, "force": force}
+    )
+
+
+def request_verify(export: Export) -> Job:
+    """Compute the sha256 of the image's contents into `export.content_sha256`."""
+    if export.state == ExportState.DELETING:
+        raise JobRefused("The export is being deleted.")
+    return _enqueue(export, JobKind.VERIFY)
+
+
+def request_delete(export: Export, wipe: bool = False) -> bool:
+    """Remove the image (zeroing its data first with `wipe`), then the row. Always background."""
+    if export.state == ExportState.DELETING:
+        # A second DELETE while the first runs: the queued job will finish it.
+        return False
     export.state = ExportState.DELETING
     export.save(update_fields=["state", "last_updated"])
-    export.delete()
-    return True
+    _enqueue(export, JobKind.DELETE, {"wipe": wipe})
+    return False
+
+
+def retry_job(job: Job) -> Job:
+    """Request a failed job's work again, as a new job. Every job is safe to run twice."""
+    if job.state != JobState.FAILED:
+        raise JobRefused("Only a failed job can be retried.")
+    export = job.export
+    if export is None:
+        raise JobRefused("The export of this job no longer exists.")
+    if export.jobs.filter(pk__gt=job.pk).exists():
+        raise JobRefused("A newer job exists for this export; retry that one instead.")
+    if job.kind in (JobKind.CREATE, JobKind.CLONE):
+        export.state = ExportState.PROVISIONING
+        export.last_error = ""
+        export.save(update_fields=["state", "last_error", "last_updated"])
+        return _enqueue(export, job.kind, job.params)
+    if job.kind == JobKind.RESIZE:
+        # The failed resize put the old size back; ask for the new one again.
+        old_size, export.size = export.size, job.params["size"]
+        export.save(update_fields=["size", "last_updated"])
+        return request_resize(export, old_size, force=job.params.get("force", False))
+    if job.kind == JobKind.DELETE:
+        export.state = ExportState.DELETING
+        export.save(update_fields=["state", "last_updated"])
+        return _enqueue(export, JobKind.DELETE, job.params)
+    return request_verify(export)

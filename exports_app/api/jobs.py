@@ -1,0 +1,158 @@
+"""The jobs API: /api/v1/jobs/ (list, filter, detail, retry) and the export actions that
+request jobs (POST /api/v1/exports/{id}/resize/ and /verify/)."""
+
+import django_filters
+from django.db import transaction
+from django.db.models import QuerySet
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import serializers, status
+from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError
+from rest_framework.response import Response
+from rest_framework.viewsets import ReadOnlyModelViewSet
+
+from exports_app.choices import JobKind, JobState
+from exports_app.filtersets import _by_id_or_name
+from exports_app.models import Job
+from exports_app.services import provisioning
+
+from .serializers import SizeField
+
+__all__ = [
+    "ExportJobActions",
+    "ExportResizeSerializer",
+    "JobFilterSet",
+    "JobSerializer",
+    "JobViewSet",
+    "parse_bool_param",
+]
+
+
+def parse_bool_param(request, name: str) -> bool:
+    """A boolean query parameter (`?wipe=true`); anything but true/false is a 400 naming it."""
+    value = request.query_params.get(name)
+    if value is None or value == "":
+        return False
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ValidationError({name: ["Must be true or false."]})
+
+
+class JobFilterSet(django_filters.FilterSet):
+    export = django_filters.NumberFilter(field_name="export_id", help_text="Export ID.")
+    export_name = django_filters.CharFilter()
+    node = django_filters.CharFilter(method="filter_node", help_text="Node ID or name.")
+    state = django_filters.MultipleChoiceFilter(choices=JobState.choices)
+    kind = django_filters.MultipleChoiceFilter(choices=JobKind.choices)
+
+    class Meta:
+        model = Job
+        fields = ["id", "export", "export_name", "node", "state", "kind"]
+
+    def filter_node(self, queryset: QuerySet, name: str, value: str) -> QuerySet:
+        return _by_id_or_name(queryset, "node", value)
+
+
+class JobSerializer(serializers.ModelSerializer):
+    url = serializers.HyperlinkedIdentityField(view_name="job-detail")
+    export_url = serializers.HyperlinkedRelatedField(
+        source="export", view_name="export-detail", read_only=True
+    )
+    node_name = serializers.CharField(source="node.name", read_only=True)
+    requested_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+
+    class Meta:
+        model = Job
+        fields = [
+            "id",
+            "url",
+            "kind",
+            "export",
+            "export_url",
+            "export_name",
+            "node",
+            "node_name",
+            "state",
+            "progress",
+            "error",
+            "params",
+            "celery_task_id",
+            "requested_by",
+            "created",
+            "started",
+            "finished",
+        ]
+        read_only_fields = fields
+
+
+class JobViewSet(ReadOnlyModelViewSet):
+    queryset = Job.objects.select_related("node", "requested_by")
+    serializer_class = JobSerializer
+    filterset_class = JobFilterSet
+    action_permissions = {"retry": ["exports_app.view_job", "exports_app.retry_job"]}
+
+    @extend_schema(request=None, responses={202: JobSerializer})
+    @action(detail=True, methods=["post"])
+    def retry(self, request, pk=None) -> Response:
+        """Request a failed job's work again (as a new job); every job is safe to repeat."""
+        job = self.get_object()
+        with transaction.atomic():
+            try:
+                new_job = provisioning.retry_job(job)
+            except provisioning.JobRefused as exc:
+                raise ValidationError({"non_field_errors": [str(exc)]}) from None
+        return Response(self.get_serializer(new_job).data, status=status.HTTP_202_ACCEPTED)
+
+
+class ExportResizeSerializer(serializers.Serializer):
+    size = SizeField(help_text='The new size: bytes, or "20G", "512M", "1T".')
+    force = serializers.BooleanField(
+        required=False, default=False, help_text="Allow a shrink (destroys data past the end)."
+    )
+
+
+class ExportJobActions:
+    """Mixed into ExportViewSet: the actions that only request a job."""
+
+    action_permissions = {
+        "resize": ["exports_app.view_export", "exports_app.change_export"],
+        "verify": ["exports_app.view_export", "exports_app.change_export"],
+    }
+
+    @extend_schema(
+        request=ExportResizeSerializer,
+        responses={202: OpenApiResponse(description="The export; its `job` does the resize.")},
+    )
+    @action(detail=True, methods=["post"])
+    def resize(self, request, pk=None) -> Response:
+        export = self.get_object()
+        body = ExportResizeSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        if body.validated_data["size"] == export.size:
+            raise ValidationError({"size": ["The export already has this size."]})
+        # The same path as PATCH {"size": ...}: one set of rules for a size change.
+        serializer = self.get_serializer(export, data=body.validated_data, partial=True)
+        serializer.is_valid(raise_exception=True)
+        self.perform_update(serializer)
+        return self._accepted(export.pk)
+
+    @extend_schema(
+        request=None,
+        responses={202: OpenApiResponse(description="The export; its `job` computes the hash.")},
+    )
+    @action(detail=True, methods=["post"])
+    def verify(self, request, pk=None) -> Response:
+        export = self.get_object()
+        with transaction.atomic():
+            try:
+                provisioning.request_verify(export)
+            except provisioning.JobRefused as exc:
+                raise ValidationError({"non_field_errors": [str(exc)]}) from None
+        return self._accepted(export.pk)
+
+    def _accepted(self, pk: int) -> Response:
+        export = self.get_queryset().get(pk=pk)
+        return Response(self.get_serializer(export).data, status=status.HTTP_202_ACCEPTED)

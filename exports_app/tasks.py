@@ -1,0 +1,247 @@
+"""Celery tasks: the disk jobs, run by the Celery worker of the export's node.
+
+`run_job(job_id)` is enqueued by exports_app.services.provisioning on the node's queue
+(`node.<name>`). It runs one `Job` from start to end:
+
+    queued ──> running ──> succeeded   (export ready / resized / verified / deleted; published)
+                      └──> failed      (error on the job and on the export; nothing half-made)
+
+Jobs of one export run one at a time, in the order they were requested: a job whose export has
+an earlier unfinished job waits for it (re-queued with a short countdown). Every job is safe to
+run again (tasks are acked late, so a worker that dies mid-job has it redelivered): the disk
+functions in exports_app.services.images are idempotent and never leave a partial image behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+from celery import shared_task
+from django.db import transaction
+from django.utils import timezone
+
+from exports_app.choices import ExportState, JobKind, JobState
+from exports_app.models import Export, Job
+from exports_app.services import export_usage, images
+from exports_app.services.publishing import schedule_publish
+from exports_app.validators import resolve_image_path
+
+__all__ = ["PROGRESS_MIN_INTERVAL", "WAIT_FOR_EARLIER_JOB", "fail_job", "run_job"]
+
+log = logging.getLogger(__name__)
+
+# Progress is written when the whole percent grew and at least this many seconds passed since
+# the last write: a 1 TB clone costs ~100 row updates, a fast job one or two.
+PROGRESS_MIN_INTERVAL = 1.0
+# Seconds a job waits before looking again whether the export's earlier job has finished.
+WAIT_FOR_EARLIER_JOB = 1.0
+
+
+class JobFailed(Exception):
+    """The job cannot be done; the message is for the user."""
+
+
+class ProgressRecorder:
+    """`progress(done, total)` for the disk functions; saves the percent on the job, rarely."""
+
+    def __init__(self, job_id: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.job_id = job_id
+        self.clock = clock
+        self.saved = 0
+        self.saved_at = clock()
+
+    def __call__(self, done: int, total: int) -> None:
+        # 100 is written with the job's final state, never before the work is really done.
+        percent = min(99, done * 100 // total) if total else 0
+        now = self.clock()
+        if percent > self.saved and now - self.saved_at >= PROGRESS_MIN_INTERVAL:
+            Job.objects.filter(pk=self.job_id).update(progress=percent)
+            self.saved, self.saved_at = percent, now
+
+
+# -- the work of each kind -----------------------------------------------------------------------
+# Each returns the export fields to save on success (or None when the export row is gone).
+
+
+def _image_path(export: Export, create_parents: bool = False) -> str:
+    # Checked again here, on the node: a symbolic link may have appeared since the export was
+    # validated on the web side.
+    try:
+        path = resolve_image_path(export.node.storage_root, export.image_path)
+    except Exception as exc:
+        raise JobFailed(f"Bad image path {export.image_path!r}: {exc}") from None
+    if create_parents:
+        parent = os.path.dirname(path)
+        if parent != os.path.normpath(export.node.storage_root):
+            os.makedirs(parent, exist_ok=True)
+    return path
+
+
+def _create(job: Job, export: Export, progress: ProgressRecorder) -> dict:
+    images.create_sparse(_image_path(export, create_parents=True), job.params["size"])
+    return {"state": ExportState.READY, "last_error": ""}
+
+
+def _clone(job: Job, export: Export, progress: ProgressRecorder) -> dict:
+    source = Export.objects.select_related("node").filter(pk=job.params["source_id"]).first()
+    if source is None:
+        raise JobFailed(f"The source export {job.params.get('source_name')!r} no longer exists.")
+    if source.node_id != export.node_id:
+        raise JobFailed("The source export is on another node.")
+    try:
+        images.clone(
+            _image_path(source),
+            _image_path(export, create_parents=True),
+            job.params["size"],
+            progress,
+        )
+    except FileNotFoundError as exc:
+        if exc.filename == _image_path(source):
+            raise JobFailed(f"The source image is missing: {exc.filename}") from None
+        raise
+    return {"state": ExportState.READY, "last_error": ""}
+
+
+def _resize(job: Job, export: Export, progress: ProgressRecorder) -> dict:
+    size, old_size = job.params["size"], job.params["old_size"]
+    if size < old_size:
+        if not job.params.get("force"):
+            raise JobFailed("Shrinking destroys data past the new end; it needs force.")
+        sessions = export_usage.live_session_count(export)
+        if sessions:
+            raise JobFailed(f"{sessions} live session(s) use the export; a shrink needs none.")
+        if sessions is None:
+            log.warning("shrinking %r without knowing its live sessions", export.name)
+    images.resize(_image_path(export), size)
+    return {"last_error": ""}
+
+
+def _delete(job: Job, export: Export, progress: ProgressRecorder) -> None:
+    path = _image_path(export)
+    if job.params.get("wipe") and os.path.lexists(path):
+        images.wipe(path, progress)
+    images.remove(path)
+    return None
+
+
+def _verify(job: Job, export: Export, progress: ProgressRecorder) -> dict:
+    digest = images.sha256(_image_path(export), progress)
+    return {"content_sha256": digest, "verified_at": timezone.now()}
+
+
+WORK = {
+    JobKind.CREATE: _create,
+    JobKind.CLONE: _clone,
+    JobKind.RESIZE: _resize,
+    JobKind.DELETE: _delete,
+    JobKind.VERIFY: _verify,
+}
+
+
+# -- state changes -------------------------------------------------------------------------------
+
+
+def _finish_job(job_id: int, state: str, error: str = "") -> None:
+    fields = {"state": state, "error": error, "finished": timezone.now()}
+    if state == JobState.SUCCEEDED:
+        fields["progress"] = 100
+    Job.objects.filter(pk=job_id).update(**fields)
+
+
+def fail_job(job_id: int, error: str) -> None:
+    """Mark the job failed and put the error on its export.
+
+    A failed create or clone left no image, a failed delete or verify an image in doubt: the
+    export becomes `failed`. A failed resize left the image at its old size, which the export
+    keeps (still served); the error goes to `last_error`.
+    """
+    with transaction.atomic():
+        job = Job.objects.select_for_update().filter(pk=job_id).first()
+        if job is None:
+            return
+        _finish_job(job_id, JobState.FAILED, error)
+        export = Export.objects.select_for_update().filter(pk=job.export_id).first()
+        if export is None:
+            return
+        export.last_error = error
+        fields = ["last_error", "last_updated"]
+        if job.kind == JobKind.RESIZE:
+            if export.size == job.params.get("size"):
+                export.size = job.params["old_size"]
+                fields.append("size")
+        else:
+            export.state = ExportState.FAILED
+            fields.append("state")
+        export.save(update_fields=fields)
+        schedule_publish(export.node)
+
+
+def _succeed(job: Job, changes: dict | None) -> None:
+    with transaction.atomic():
+        _finish_job(job.pk, JobState.SUCCEEDED)
+        export = Export.objects.select_for_update().filter(pk=job.export_id).first()
+        if export is None:
+            return
+        if job.kind == JobKind.DELETE:
+            export.delete()
+        else:
+            if changes.get("state") == ExportState.READY and export.state != (
+                ExportState.PROVISIONING
+            ):
+                # Something newer (a delete) owns the export's state now.
+                changes = {k: v for k, v in changes.items() if k != "state"}
+            for field, value in changes.items():
+                setattr(export, field, value)
+            export.save(update_fields=[*changes, "last_updated"])
+        schedule_publish(job.node)
+
+
+def _has_earlier_unfinished_job(job: Job) -> bool:
+    if job.export_id is None:
+        return False
+    return (
+        Job.objects.filter(export_id=job.export_id, pk__lt=job.pk)
+        .exclude(state__in=[JobState.SUCCEEDED, JobState.FAILED])
+        .exists()
+    )
+
+
+@shared_task(bind=True, name="exports_app.run_job", max_retries=None, acks_late=True)
+def run_job(self, job_id: int) -> str:
+    """Run job `job_id`; returns its final state (for the Celery result, not used by nbdweb)."""
+    job = Job.objects.select_related("node").filter(pk=job_id).first()
+    if job is None:
+        return "missing"
+    if job.is_finished:  # a redelivered message of a job that already ended
+        return job.state
+    if _has_earlier_unfinished_job(job):
+        raise self.retry(countdown=WAIT_FOR_EARLIER_JOB, queue=job.node.celery_queue)
+    export = Export.objects.select_related("node").filter(pk=job.export_id).first()
+    # Neither case says anything about the image, so the export's state is left alone.
+    if export is None:
+        _finish_job(job.pk, JobState.FAILED, "The export no longer exists.")
+        return JobState.FAILED
+    if export.state == ExportState.DELETING and job.kind != JobKind.DELETE:
+        _finish_job(job.pk, JobState.FAILED, "The export is being deleted.")
+        return JobState.FAILED
+    Job.objects.filter(pk=job.pk).update(
+        state=JobState.RUNNING, started=timezone.now(), celery_task_id=self.request.id or ""
+    )
+    log.info("job %s: %s %r on node %s", job.pk, job.kind, job.export_name, job.node.name)
+    try:
+        changes = WORK[job.kind](job, export, ProgressRecorder(job.pk))
+    except (JobFailed, OSError, ValueError) as exc:
+        message = images.describe_error(exc)
+        log.warning("job %s failed: %s", job.pk, message)
+        fail_job(job.pk, message)
+        return JobState.FAILED
+    except Exception as exc:
+        log.exception("job %s: unexpected error", job.pk)
+        fail_job(job.pk, f"Internal error: {images.describe_error(exc)}")
+        raise
+    _succeed(job, changes)
+    log.info("job %s succeeded", job.pk)
+    return JobState.SUCCEEDED
