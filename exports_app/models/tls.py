@@ -4,7 +4,9 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from simple_history.models import HistoricalRecords
 
-from exports_app.choices import ClientVerification, TLSMode, TLSVersion
+from exports_app.choices import CertificateKind, ClientVerification, TLSMode, TLSVersion
+from exports_app.models.certificates import Certificate
+from exports_app.models.exports import Export
 
 __all__ = ["OPTIONALTLS_WARNING", "TLSPolicy"]
 
@@ -86,13 +88,13 @@ class TLSPolicy(models.Model):
                     f"The certificate {cert.name!r} has no private key; a server cannot use it."
                 )
         if cert is not None:
-            if cert.kind != "server":
+            if cert.kind != CertificateKind.SERVER:
                 errors["server_certificate"] = "Choose a server certificate, not a client one."
             elif cert.is_revoked:
                 errors["server_certificate"] = f"The certificate {cert.name!r} is revoked."
+            elif cert.is_expired:
+                errors["server_certificate"] = f"The certificate {cert.name!r} has expired."
         if self.mode == TLSMode.NOTLS and self.pk is not None:
-            from exports_app.models.exports import Export
-
             tls_only = Export.objects.filter(node__tls_policy=self, tls_required=True)
             if tls_only.exists():
                 names = ", ".join(repr(e.name[:40]) for e in tls_only[:5])
@@ -113,8 +115,6 @@ class TLSPolicy(models.Model):
 
     def revoked_serials(self) -> list[str]:
         """Serials (lower-case hex) of revoked certificates issued by the trusted CAs."""
-        from exports_app.models.certificates import Certificate
-
         return sorted(
             Certificate.objects.filter(
                 authority__in=self.trusted_authorities.all(), revoked_at__isnull=False

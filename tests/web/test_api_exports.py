@@ -18,11 +18,13 @@ URL = "/api/v1/exports/"
 def hooks(monkeypatch):
     """Record the provisioning hooks' calls (the jobs engineer's seam)."""
     calls = []
-    monkeypatch.setattr(provisioning, "request_create", lambda e: calls.append(("create", e.pk)))
+    monkeypatch.setattr(
+        provisioning, "request_create", lambda e, **kwargs: calls.append(("create", e.pk))
+    )
     monkeypatch.setattr(
         provisioning,
         "request_resize",
-        lambda e, old, force=False: calls.append(("resize", e.pk, old, e.size, force)),
+        lambda e, old, force=False, **kwargs: calls.append(("resize", e.pk, old, e.size, force)),
     )
     return calls
 
@@ -152,14 +154,15 @@ def test_state_is_read_only(api, default_node):
     assert (export.state, export.last_error) == (ExportState.PROVISIONING, "")
 
 
-def test_delete(api, default_node):
+def test_delete_answers_204_when_the_hook_deletes_at_once(api, default_node, monkeypatch):
+    monkeypatch.setattr(provisioning, "request_delete", lambda e, **kwargs: e.delete() or True)
     export = Export.objects.create(node=default_node, name="gone", size=512)
     assert api.delete(f"{URL}{export.pk}/").status_code == 204
     assert not Export.objects.filter(pk=export.pk).exists()
 
 
 def test_delete_answers_202_when_a_job_finishes_it(api, default_node, monkeypatch):
-    def deferred(export):
+    def deferred(export, **kwargs):
         export.state = ExportState.DELETING
         export.save()
         return False

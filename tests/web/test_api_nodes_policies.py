@@ -205,3 +205,16 @@ def test_policy_history_includes_trusted_authority_changes(
     # The migration made the policy without a history record, so the first PATCH is the oldest
     # entry and has nothing to be compared with.
     assert len(entries) == 3
+
+
+def test_expired_server_certificate_is_refused(api, default_node, server_certificate):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    server_certificate.not_after = timezone.now() - timedelta(days=1)
+    server_certificate.save()
+    url = f"{POLICIES}{default_node.tls_policy_id}/"
+    response = api.patch(url, {"mode": "FORCEDTLS", "server_certificate": server_certificate.pk})
+    assert response.status_code == 400
+    assert "expired" in response.json()["server_certificate"][0]
