@@ -91,8 +91,12 @@ class ExportViewSet(ExportJobActions, BaseModelViewSet):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
     def destroy_object(self, instance: Export) -> None:
-        # ?wipe=true zeroes the image's data before it is removed.
-        provisioning.request_delete(instance, wipe=parse_bool_param(self.request, "wipe"))
+        # ?wipe=true zeroes the image's data before it is removed; the plain call otherwise
+        # keeps the hook's one-argument contract.
+        if parse_bool_param(self.request, "wipe"):
+            provisioning.request_delete(instance, wipe=True)
+        else:
+            provisioning.request_delete(instance)
 
 
 class CertificateAuthorityViewSet(BaseModelViewSet):
