@@ -26,10 +26,12 @@ import errno as host_errno
 import logging
 import socket
 import ssl
+import time
 from typing import TYPE_CHECKING
 
 from nbdworker.auth import ExportAuthorizer
 from nbdworker.backends import Backend
+from nbdworker.metrics import BYTES, HandshakeFailure, new_counts, new_session_id
 from nbdworker.protocol import (
     NEED_DATA,
     REQUEST_HEADER,
@@ -43,6 +45,7 @@ from nbdworker.protocol import (
     OptionHandled,
     ProtocolError,
     Ready,
+    Reply,
     Session,
     StartTLS,
     decode_request,
@@ -54,6 +57,7 @@ from nbdworker.protocol import (
     encode_simple_reply,
     errno_from_oserror,
 )
+from nbdworker.reload import ending_reason
 from nbdworker.tls import check_peer
 
 if TYPE_CHECKING:
@@ -151,6 +155,12 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.disconnecting = False  # DISC received: finish in-flight work, then close
         self.shutting_down = False
         self.counted_export: str | None = None
+        # Read by nbdworker/metrics.py at scrape time and nbdworker/status.py per heartbeat.
+        self.session_id = new_session_id()
+        self.connected_at = time.time()
+        self.counts = new_counts()  # [command] requests, [BYTES + command] bytes
+        self.errors: dict[int, int] = {}  # NBD errno -> error replies
+        self.hs_failure: str | None = None  # why the handshake failed, for the metrics
 
     # -- asyncio protocol callbacks -------------------------------------------------------------
 
@@ -303,6 +313,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.deadline = None
         if self.phase == _PHASE_HANDSHAKE or self.phase == _PHASE_TLS:
             log.info("%s: handshake deadline passed: dropping", self.peer)
+            self.hs_failure = HandshakeFailure.TIMEOUT
             self.abort()
 
     def _handshake_data(self, data: bytes) -> None:
@@ -316,6 +327,10 @@ class NBDConnection(asyncio.BufferedProtocol):
                     break
                 if isinstance(event, OptionHandled):
                     log.debug("%s: %s -> %s %s", self.peer, event.option, event.reply, event.detail)
+                    if event.reply == Reply.ERR_TLS_REQD:
+                        self.hs_failure = HandshakeFailure.TLS_REQUIRED
+                    elif event.reply == Reply.ERR_POLICY:
+                        self.hs_failure = HandshakeFailure.NOT_AUTHORIZED
                 elif isinstance(event, Ready):
                     self._send(hs.data_to_send())
                     self._enter_transmission(event, hs.trailing_data())
@@ -378,6 +393,13 @@ class NBDConnection(asyncio.BufferedProtocol):
                 logging.WARNING if isinstance(exc, ssl.SSLCertVerificationError) else logging.INFO
             )
             log.log(level, "%s: TLS handshake failed: %s", self.peer, exc or type(exc).__name__)
+            self.hs_failure = (
+                HandshakeFailure.BAD_CERTIFICATE
+                if isinstance(exc, ssl.SSLCertVerificationError)
+                else HandshakeFailure.TIMEOUT
+                if isinstance(exc, TimeoutError)
+                else HandshakeFailure.TLS_ERROR
+            )
             raw.abort()
             self.connection_lost(None)
             return
@@ -392,6 +414,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             log.warning(
                 "%s [%s]: refused after the TLS handshake: %s", self.peer, who, peer.refusal
             )
+            self.hs_failure = HandshakeFailure.BAD_CERTIFICATE
             self.abort()
             return
         log.info("%s: TLS up (%s, %s) [%s]", self.peer, peer.version, peer.cipher, who)
@@ -421,6 +444,15 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.backend = entry.backend
         self.server.export_opened(entry.config.name)
         self.counted_export = entry.config.name
+        if self.state is not self.server.state:
+            # The config changed while this client negotiated: it may not keep what the new
+            # one withdraws. Ended as a reload ends the others, once the export is set up.
+            reason = ending_reason(self, self.server.state)
+            if reason is not None:
+                log.info(
+                    "%s: export %r: %s: ending the connection", self.peer, entry.config.name, reason
+                )
+                self.loop.call_soon(self.shutdown)
         self.session = Session(ready)
         self.structured = ready.structured
         self.context_id = next(iter(ready.meta_contexts), 0)
@@ -531,6 +563,9 @@ class NBDConnection(asyncio.BufferedProtocol):
     # -- transmission: execution ----------------------------------------------------------------
 
     def _execute(self, req, data: memoryview, data_borrowed: bool) -> None:
+        counts = self.counts
+        counts[req.command] += 1
+        counts[BYTES + req.command] += req.length
         try:
             self._dispatch(req, data, data_borrowed)
         except Exception as exc:
@@ -710,6 +745,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._reply_error(req, nbd_errno, exc.strerror or str(exc))
 
     def _reply_error(self, req, error: int, message: str) -> None:
+        self.errors[error] = self.errors.get(error, 0) + 1
         # With structured replies an error chunk carries the message (and READ must use one).
         self._send(encode_error(req.cookie, error, message[:1024], structured=self.structured))
 

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 
 from nbdworker.backends import Backend, FileBackend, MemoryBackend
 from nbdworker.config import ExportConfig, ListenAddress, WorkerConfig, WorkerSettings
+from nbdworker.metrics import WorkerStats
 from nbdworker.protocol import ExportView, TLSMode, TransmissionFlag
+from nbdworker.reload import ending_reason
 from nbdworker.tls import TLSContextCache, TLSSetupError
 
 __all__ = ["ExportEntry", "NBDServer", "ServerState"]
@@ -123,6 +125,7 @@ class NBDServer:
         self._stopping = False
         self._stop_event: asyncio.Event | None = None
         self._forced = False
+        self.stats = WorkerStats()
         self.apply_config(config)
 
     # -- configuration --------------------------------------------------------------------------
@@ -173,6 +176,24 @@ class NBDServer:
         log.info(
             "config generation %d applied: %d export(s) served", config.generation, len(exports)
         )
+        self.stats.generation = config.generation
+        self.end_affected_connections()
+
+    def end_affected_connections(self) -> None:
+        """End, gracefully, the connections the current config withdraws (nbdworker/reload.py);
+        connections still negotiating are checked when they open their export."""
+        for conn in list(self.connections):
+            if conn.entry is None or conn.shutting_down:
+                continue
+            reason = ending_reason(conn, self.state)
+            if reason is not None:
+                log.info(
+                    "%s: export %r: %s: ending the connection gracefully",
+                    conn.peer,
+                    conn.entry.config.name,
+                    reason,
+                )
+                conn.shutdown()
 
     # -- listeners ------------------------------------------------------------------------------
 
@@ -228,6 +249,7 @@ class NBDServer:
 
     def export_opened(self, name: str) -> None:
         self.export_connections[name] = self.export_connections.get(name, 0) + 1
+        self.stats.export_opened(name)
 
     def export_closed(self, name: str) -> None:
         left = self.export_connections.get(name, 0) - 1
@@ -237,6 +259,11 @@ class NBDServer:
             self.export_connections.pop(name, None)
 
     def connection_closed(self, conn) -> None:
+        if conn in self.connections:
+            if conn.entry is not None:
+                self.stats.retire(conn.entry.config.name, conn.counts, conn.errors)
+            elif conn.hs_failure is not None:
+                self.stats.handshake_failed(conn.hs_failure)
         self.connections.discard(conn)
         if self._stopping and not self.connections and self._stop_event is not None:
             self._stop_event.set()

@@ -393,7 +393,9 @@ def test_listen_from_environment(worker_factory):
 def test_apply_config_new_connections_see_it_existing_keep_theirs(tmp_path):
     settings = WorkerSettings.from_sources([str(tmp_path)], ["127.0.0.1:0"], environ={})
     first = WorkerConfig.from_dict(config(mem("a"), generation=1))
-    second = WorkerConfig.from_dict(config(mem("b"), generation=2))
+    # "a" changes (a new description: a new backend for new connections) and "b" appears; a
+    # removed export would end its connections instead (tests/e2e/test_config_distribution.py).
+    second = WorkerConfig.from_dict(config(mem("a", description="v2"), mem("b"), generation=2))
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     holder: dict = {}
@@ -422,8 +424,10 @@ def test_apply_config_new_connections_see_it_existing_keep_theirs(tmp_path):
         # ... while new connections see generation 2.
         with RawClient(host, int(port)) as c:
             c.greet()
-            c.send(encode_info_request(Option.GO, "a"))
-            assert c.collect_replies()[-1].reply == Reply.ERR_UNKNOWN
+            c.go("a")
+            assert c.read(0, 512).data == bytes(512)
+        with RawClient(host, int(port)) as c:
+            c.greet()
             c.go("b")
         old.close()
     finally:

@@ -1,0 +1,218 @@
+"""Prometheus metrics of the worker, counted cheaply.
+
+Connections count their requests in plain ints (`ConnectionCounters`): per request that is two
+list increments, nothing else. Nothing is pushed to prometheus-client on the request path;
+the collector reads the live connections and the totals of the ended ones when Prometheus
+scrapes. The scrape runs in prometheus-client's HTTP thread, so it asks the event loop for a
+consistent copy (`call_soon_threadsafe`) instead of reading structures the loop is changing.
+
+Address: ``--metrics-listen HOST:PORT`` or env ``NBDWORKER_METRICS_LISTEN``; off unless set
+(``127.0.0.1:9109`` is the conventional choice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import secrets
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from nbdworker.config import parse_listen
+from nbdworker.protocol import Command, Errno
+
+if TYPE_CHECKING:
+    from nbdworker.server import NBDServer
+
+__all__ = [
+    "BYTES",
+    "COUNTS_SIZE",
+    "HandshakeFailure",
+    "ServerCollector",
+    "WorkerStats",
+    "new_counts",
+    "new_session_id",
+    "start_metrics_server",
+]
+
+log = logging.getLogger("nbdworker.metrics")
+
+# counts[command] = requests, counts[BYTES + command] = bytes (the request's length field).
+BYTES = 16
+COUNTS_SIZE = 2 * BYTES
+_COMMAND_NAMES = {int(c): c.name.lower() for c in Command}
+_ERRNO_NAMES = {int(e): e.name for e in Errno}
+# What a scrape may wait for the event loop before it gives up (a stuck loop is itself news).
+SCRAPE_TIMEOUT = 5.0
+
+
+class HandshakeFailure:
+    """Reasons for `WorkerStats.handshake_failed` (the metric's `reason` label)."""
+
+    TLS_REQUIRED = "tls_required"
+    NOT_AUTHORIZED = "not_authorized"
+    BAD_CERTIFICATE = "bad_certificate"
+    TLS_ERROR = "tls_error"
+    TIMEOUT = "timeout"
+
+
+def new_counts() -> list[int]:
+    return [0] * COUNTS_SIZE
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(8)
+
+
+class WorkerStats:
+    """Totals the connections hand over when they end, plus worker-wide events.
+
+    Touched only on the event loop thread.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.generation = 0
+        self.connections_opened: dict[str, int] = {}
+        self.retired_counts: dict[str, list[int]] = {}
+        self.errors: dict[tuple[str, int], int] = {}
+        self.handshake_failures: dict[str, int] = {}
+        self.config_rejected: dict[str, int] = {}
+
+    def export_opened(self, export: str) -> None:
+        self.connections_opened[export] = self.connections_opened.get(export, 0) + 1
+
+    def retire(self, export: str, counts: list[int], errors: dict[int, int]) -> None:
+        """Fold the counters of an ended connection into its export's totals."""
+        total = self.retired_counts.get(export)
+        if total is None:
+            self.retired_counts[export] = list(counts)
+        else:
+            for i, n in enumerate(counts):
+                if n:
+                    total[i] += n
+        for errno, n in errors.items():
+            self.errors[export, errno] = self.errors.get((export, errno), 0) + n
+
+    def handshake_failed(self, reason: str) -> None:
+        self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + 1
+
+    def snapshot_rejected(self, reason: str) -> None:
+        self.config_rejected[reason] = self.config_rejected.get(reason, 0) + 1
+
+
+def _families(server: NBDServer) -> list[Any]:
+    """Every metric family, built from the server's state; runs on the event loop."""
+    stats: WorkerStats = server.stats
+    counts = {export: list(c) for export, c in stats.retired_counts.items()}
+    errors = dict(stats.errors)
+    live: dict[str, int] = {}
+    handshaking = 0
+    for conn in server.connections:
+        entry = conn.entry
+        if entry is None:
+            handshaking += 1
+            continue
+        export = entry.config.name
+        live[export] = live.get(export, 0) + 1
+        total = counts.setdefault(export, new_counts())
+        for i, n in enumerate(conn.counts):
+            if n:
+                total[i] += n
+        for errno, n in conn.errors.items():
+            errors[export, errno] = errors.get((export, errno), 0) + n
+
+    connections = GaugeMetricFamily(
+        "nbdworker_open_connections",
+        'Connections now open, by export (export="": still negotiating).',
+        labels=["export"],
+    )
+    connections.add_metric([""], handshaking)
+    for export, n in sorted(live.items()):
+        connections.add_metric([export], n)
+    opened = CounterMetricFamily(
+        "nbdworker_connections", "Connections that opened an export.", labels=["export"]
+    )
+    for export, n in sorted(stats.connections_opened.items()):
+        opened.add_metric([export], n)
+    requests = CounterMetricFamily(
+        "nbdworker_requests",
+        "Requests executed, by export and command.",
+        labels=["export", "command"],
+    )
+    nbytes = CounterMetricFamily(
+        "nbdworker_request_bytes",
+        "Bytes named by the requests' length fields, by export and command.",
+        labels=["export", "command"],
+    )
+    for export, c in sorted(counts.items()):
+        for code, name in _COMMAND_NAMES.items():
+            if c[code]:
+                requests.add_metric([export, name], c[code])
+                nbytes.add_metric([export, name], c[BYTES + code])
+    errs = CounterMetricFamily(
+        "nbdworker_errors", "Error replies, by export and NBD errno.", labels=["export", "errno"]
+    )
+    for (export, errno), n in sorted(errors.items()):
+        errs.add_metric([export, _ERRNO_NAMES.get(errno, str(errno))], n)
+    failures = CounterMetricFamily(
+        "nbdworker_handshake_failures",
+        "Connections that ended before transmission, by reason.",
+        labels=["reason"],
+    )
+    for reason, n in sorted(stats.handshake_failures.items()):
+        failures.add_metric([reason], n)
+    rejected = CounterMetricFamily(
+        "nbdworker_config_rejected",
+        "Config snapshots refused (forged, malformed, older, other node).",
+        labels=["reason"],
+    )
+    for reason, n in sorted(stats.config_rejected.items()):
+        rejected.add_metric([reason], n)
+    generation = GaugeMetricFamily(
+        "nbdworker_config_generation", "The config generation applied.", value=stats.generation
+    )
+    uptime = GaugeMetricFamily(
+        "nbdworker_uptime_seconds",
+        "Seconds since the worker started.",
+        value=time.time() - stats.started,
+    )
+    return [connections, opened, requests, nbytes, errs, failures, rejected, generation, uptime]
+
+
+class ServerCollector(Collector):
+    def __init__(self, server: NBDServer, loop: asyncio.AbstractEventLoop) -> None:
+        self.server = server
+        self.loop = loop
+
+    def collect(self) -> Iterator[Any]:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def build() -> None:
+            try:
+                future.set_result(_families(self.server))
+            except Exception as exc:  # reported to the scraper, not lost in the loop
+                future.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(build)
+        yield from future.result(SCRAPE_TIMEOUT)
+
+
+def start_metrics_server(server: NBDServer, address: str) -> str:
+    """Serve /metrics on `address` (host:port) from a background thread; return the address."""
+    listen = parse_listen(address)
+    if listen.kind != "tcp":
+        raise ValueError(f"metrics address {address!r}: must be host:port")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServerCollector(server, asyncio.get_running_loop()))
+    httpd, _thread = start_http_server(listen.port, listen.host, registry=registry)
+    host, port = httpd.server_address[:2]
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    log.info("metrics on http://%s/metrics", shown)
+    return shown

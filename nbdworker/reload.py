@@ -1,0 +1,55 @@
+"""Which live connections a new configuration must end.
+
+A connection keeps the config it started with, except where the new one withdraws what the
+connection is using: its export is removed or disabled (or now refused, e.g. a path outside the
+storage roots), the export or the policy now demands TLS the connection does not have, the
+export's network or client rules no longer admit it, its client certificate is revoked, a
+client certificate is now required and it has none, or a writable export became read-only (the
+flags negotiated at the handshake would be a lie). Anything else — a new description, block
+sizes, another image path, a new export — applies to new connections only.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from nbdworker.auth import authorize_export
+from nbdworker.protocol import TLSMode
+from nbdworker.tls import is_revoked
+
+if TYPE_CHECKING:
+    from nbdworker.connection import NBDConnection
+    from nbdworker.server import ServerState
+
+__all__ = ["ending_reason"]
+
+
+def ending_reason(conn: NBDConnection, state: ServerState) -> str | None:
+    """Why `conn` (in transmission) may not go on under `state`; None if it may."""
+    entry = conn.entry
+    if entry is None:
+        return None
+    old = entry.config
+    new_entry = state.exports.get(old.name)
+    if new_entry is None:
+        return "export removed, disabled or refused"
+    new = new_entry.config
+    if not conn.tls_active and (
+        state.tls_mode == TLSMode.FORCEDTLS
+        or (new.tls_required and state.tls_mode != TLSMode.NOTLS)
+    ):
+        return "TLS is now required"
+    authorizer = conn.authorizer
+    address = authorizer.address if authorizer is not None else None
+    identity = authorizer.identity if authorizer is not None else None
+    refusal = authorize_export(new, address, identity)
+    if refusal is not None:
+        return f"no longer authorized: {refusal}"
+    tls = state.config.tls
+    if is_revoked(identity, tls):
+        return f"client certificate serial {identity.serial} revoked"  # type: ignore[union-attr]
+    if conn.tls_active and identity is None and tls.client_verification == "required":
+        return "a client certificate is now required"
+    if new.read_only and not old.read_only:
+        return "export became read-only"
+    return None

@@ -1,0 +1,174 @@
+"""What the worker tells the web side through Redis: a heartbeat, its live sessions, and the
+sessions the web side asked it to end.
+
+Every `interval` seconds, in one MULTI:
+
+* ``nbdweb:worker:<node>`` = JSON {version, node, generation, started, uptime, pid, host,
+  sessions, time}, expiring after `ttl`: the web side calls the node offline once it is gone;
+* ``nbdweb:sessions:<node>`` = hash session id → JSON {id, node, client, export, tls,
+  client_identity, reads, bytes_read, writes, bytes_written, requests, connected_since},
+  rewritten whole, expiring after `ttl`.
+
+Kicks: the web side adds session ids to the set ``nbdweb:kicks:<node>`` and publishes the node's
+name on ``nbdweb:session-kick``. The worker drains the set on each notice and on every beat (a
+notice sent while it was disconnected is not lost) and ends those sessions gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from nbdworker.metrics import BYTES
+from nbdworker.protocol import Command
+from nbdworker.snapshot import heartbeat_key, kicks_key, sessions_key
+
+if TYPE_CHECKING:
+    from nbdworker.server import NBDServer
+
+__all__ = ["StatusPublisher", "session_info", "worker_version"]
+
+log = logging.getLogger("nbdworker.status")
+
+HEARTBEAT_INTERVAL = 2.0
+# Three missed beats and the node shows offline.
+HEARTBEAT_TTL = 3 * HEARTBEAT_INTERVAL
+# The most kicks handled per drain (the rest wait for the next one).
+MAX_KICKS = 1000
+_READ, _WRITE = int(Command.READ), int(Command.WRITE)
+
+
+def worker_version() -> str:
+    try:
+        return metadata.version("nbdweb")
+    except metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def session_info(conn: Any, node: str) -> dict[str, Any]:
+    """The public view of one connection in transmission."""
+    counts = conn.counts
+    identity = conn.authorizer.identity if conn.authorizer is not None else None
+    return {
+        "id": conn.session_id,
+        "node": node,
+        "client": conn.peer,
+        "export": conn.entry.config.name,
+        "tls": bool(conn.tls_active),
+        "client_identity": None
+        if identity is None
+        else {
+            "common_names": list(identity.common_names),
+            "serial": identity.serial,
+            "fingerprint_sha256": identity.fingerprint_sha256,
+        },
+        "reads": counts[_READ],
+        "bytes_read": counts[BYTES + _READ],
+        "writes": counts[_WRITE],
+        "bytes_written": counts[BYTES + _WRITE],
+        "requests": sum(counts[:BYTES]),
+        "connected_since": _iso(conn.connected_at),
+    }
+
+
+class StatusPublisher:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        server: NBDServer,
+        node: str,
+        interval: float = HEARTBEAT_INTERVAL,
+        ttl: float = HEARTBEAT_TTL,
+    ) -> None:
+        self.client = client
+        self.server = server
+        self.node = node
+        self.interval = interval
+        self.ttl = ttl
+        self._wake = asyncio.Event()
+        self._failing = False
+
+    def wake(self) -> None:
+        """Beat now (a kick notice arrived, or a new config was applied)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self.beat()
+                if self._failing:
+                    log.info("heartbeat: Redis reachable again")
+                self._failing = False
+            except (RedisError, OSError) as exc:
+                if not self._failing:
+                    log.warning("heartbeat: Redis unavailable: %s", exc)
+                self._failing = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+
+    def _sessions(self) -> dict[str, str]:
+        return {
+            conn.session_id: json.dumps(session_info(conn, self.node))
+            for conn in list(self.server.connections)
+            if conn.entry is not None
+        }
+
+    async def beat(self) -> None:
+        await self.drain_kicks()
+        stats = self.server.stats
+        now = time.time()
+        sessions = self._sessions()
+        heartbeat = {
+            "version": worker_version(),
+            "node": self.node,
+            "generation": stats.generation,
+            "started": _iso(stats.started),
+            "uptime": round(now - stats.started, 1),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "sessions": len(sessions),
+            "time": _iso(now),
+        }
+        ttl_ms = int(self.ttl * 1000)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(heartbeat_key(self.node), json.dumps(heartbeat), px=ttl_ms)
+            pipe.delete(sessions_key(self.node))
+            if sessions:
+                pipe.hset(sessions_key(self.node), mapping=sessions)
+                pipe.pexpire(sessions_key(self.node), ttl_ms)
+            await pipe.execute()
+
+    async def drain_kicks(self) -> None:
+        ids = await self.client.spop(kicks_key(self.node), MAX_KICKS)
+        if not ids:
+            return
+        wanted = {i.decode() if isinstance(i, bytes) else i for i in ids}
+        for conn in list(self.server.connections):
+            if conn.session_id in wanted and conn.entry is not None:
+                log.info(
+                    "%s: session %s on export %r ended by an administrator",
+                    conn.peer,
+                    conn.session_id,
+                    conn.entry.config.name,
+                )
+                conn.shutdown()
+
+    async def clear(self) -> None:
+        """At a clean stop: the node is offline at once instead of after the expiry."""
+        with contextlib.suppress(RedisError, OSError):
+            await self.client.delete(heartbeat_key(self.node), sessions_key(self.node))
