@@ -1,4 +1,9 @@
-"""`python -m nbdworker --config FILE [--listen ADDR ...] [--storage-root DIR ...]`
+"""`python -m nbdworker [--config FILE] [--listen ADDR ...] [--storage-root DIR ...]`
+
+Without ``--config`` the worker takes its config from Redis (``REDIS_URL``), verified with
+``NBDWEB_CONFIG_SECRET`` (or ``$NBDWEB_DATA_DIR/config_secret``), follows changes, and publishes
+its heartbeat and sessions (nbdworker/configsource.py, nbdworker/status.py). ``--config FILE``
+serves a fixed snapshot and uses no Redis (tests, debugging).
 
 Exit codes: 0 after a clean shutdown, 2 for a bad command line or configuration, 1 when a
 listener cannot be bound.
@@ -8,19 +13,41 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from nbdworker.config import ConfigError, WorkerConfig, WorkerSettings
+from nbdworker.snapshot import SecretError, load_secret
 
 log = logging.getLogger("nbdworker")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="nbdworker", description="nbdweb's NBD server")
-    parser.add_argument("--config", required=True, help="JSON worker configuration snapshot")
+    parser.add_argument(
+        "--config",
+        help="serve this JSON config snapshot, without Redis (default: follow the node's "
+        "config in Redis)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0",
+        help="Redis with the config snapshots (env REDIS_URL)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        help="where the last good snapshot is cached (default $NBDWEB_DATA_DIR/nbdworker)",
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        default=os.environ.get("NBDWORKER_METRICS_LISTEN") or "",
+        help="host:port for Prometheus /metrics, e.g. 127.0.0.1:9109 (env "
+        "NBDWORKER_METRICS_LISTEN; default off)",
+    )
     parser.add_argument(
         "--listen",
         action="append",
@@ -84,18 +111,65 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-async def run(settings: WorkerSettings, config: WorkerConfig, shutdown_timeout: float) -> int:
+async def run(
+    settings: WorkerSettings,
+    config: WorkerConfig | None,
+    args: argparse.Namespace,
+    secret: str | None = None,
+) -> int:
+    """Serve `config`, or (None) the node's config from Redis, until SIGINT/SIGTERM."""
     from nbdworker.server import NBDServer
 
-    server = NBDServer(settings, config, shutdown_timeout=shutdown_timeout)
+    client = source = status = None
+    tasks: list[asyncio.Task] = []
+    if config is None:
+        import redis.asyncio as aioredis
+
+        from nbdworker.configsource import ConfigSource, default_state_dir
+        from nbdworker.status import StatusPublisher
+
+        client = aioredis.Redis.from_url(
+            args.redis_url, socket_connect_timeout=2.0, socket_timeout=10.0
+        )
+        state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
+        assert secret is not None
+        source = ConfigSource(client, settings.node, secret, state_dir, apply=lambda c: None)
+        config = await source.initial()
+    server = NBDServer(settings, config, shutdown_timeout=args.shutdown_timeout)
     try:
         await server.start()
-    except OSError as exc:
+        if args.metrics_listen:
+            from nbdworker.metrics import start_metrics_server
+
+            start_metrics_server(server, args.metrics_listen)
+    except (OSError, ValueError) as exc:
         log.error("cannot listen: %s", exc)
         await server.shutdown()
         return 1
+    if source is not None and client is not None:
+        status = StatusPublisher(client, server, settings.node)
+
+        def apply(new: WorkerConfig) -> None:
+            server.apply_config(new)
+            status.wake()
+
+        source.apply = apply
+        source.on_kick = status.wake
+        source.on_rejected = server.stats.snapshot_rejected
+        tasks = [asyncio.create_task(source.run()), asyncio.create_task(status.run())]
     log.info("ready (node %s, config generation %d)", settings.node, config.generation)
-    await server.serve_forever()
+    try:
+        await server.serve_forever()
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if status is not None:
+            await status.clear()
+        if client is not None:
+            await client.aclose()
     return 0
 
 
@@ -106,13 +180,18 @@ def main(argv: list[str] | None = None) -> int:
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    secret = None
     try:
         settings = WorkerSettings.from_sources(args.storage_root, args.listen)
-        config = load_config(args.config)
-    except ConfigError as exc:
+        if args.config:
+            config = load_config(args.config)
+        else:
+            config = None
+            secret = load_secret()
+    except (ConfigError, SecretError) as exc:
         print(f"nbdworker: configuration error: {exc}", file=sys.stderr)
         return 2
-    if config.node != settings.node:
+    if config is not None and config.node != settings.node:
         log.warning("config is for node %r, this worker is node %r", config.node, settings.node)
     tune_malloc()
     loop = new_event_loop()
@@ -126,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         profiler = cProfile.Profile()
         profiler.enable()
     try:
-        return loop.run_until_complete(run(settings, config, args.shutdown_timeout))
+        return loop.run_until_complete(run(settings, config, args, secret))
     finally:
         loop.close()
         if profiler is not None:

@@ -93,8 +93,8 @@ class ConfigSource:
     # -- start ----------------------------------------------------------------------------------
 
     async def initial(self) -> WorkerConfig:
-        """The config to start with: the newer of Redis's and the cached one, else an empty one."""
-        candidates: list[WorkerConfig] = []
+        """The config to start with: the newer of Redis's and the cached one, else none."""
+        from_redis = None
         try:
             async with asyncio.timeout(STARTUP_TIMEOUT):
                 data = await self.client.get(config_key(self.node))
@@ -104,19 +104,21 @@ class ConfigSource:
             if data is None:
                 log.info("no config published for node %r yet", self.node)
             else:
-                config = self._verify(data, "Redis")
-                if config is not None:
-                    self._save_cache(data)
-                    candidates.append(config)
-        if not candidates:
-            cached = self._load_cache()
-            if cached is not None:
-                log.info("using the cached config, generation %d", cached.generation)
-                candidates.append(cached)
-        if not candidates:
+                from_redis = self._verify(data, "Redis")
+        # The cache counts even when Redis answers: an older snapshot put back into Redis must
+        # not roll a restarted worker back.
+        cached = self._load_cache()
+        if from_redis is not None and (
+            cached is None or from_redis.generation >= cached.generation
+        ):
+            self._save_cache(data)
+            config = from_redis
+        elif cached is not None:
+            log.info("using the cached config, generation %d", cached.generation)
+            config = cached
+        else:
             log.warning("starting with no exports until a config for node %r arrives", self.node)
             return WorkerConfig(node=self.node)
-        config = max(candidates, key=lambda c: c.generation)
         self.generation = config.generation
         return config
 
