@@ -10,7 +10,7 @@ from exports_app.choices import CertificateKind, ExportState, KeyAlgorithm
 from exports_app.constants import MAX_VALIDITY_DAYS
 from exports_app.models import Certificate, CertificateAuthority, Export, TLSPolicy, WorkerNode
 from exports_app.models.exports import name_digest
-from exports_app.services import ca, export_usage
+from exports_app.services import ca, export_usage, workerstatus
 from exports_app.validators import parse_size, validate_no_control_characters
 
 from .base import ValidatedModelSerializer
@@ -20,6 +20,7 @@ __all__ = [
     "CertificateRevokeSerializer",
     "CertificateSerializer",
     "ExportSerializer",
+    "NodeStatusSerializer",
     "SizeField",
     "StrictCharField",
     "TLSPolicySerializer",
@@ -58,11 +59,31 @@ def default_node() -> WorkerNode | None:
 # -- nodes and policies ------------------------------------------------------------------------
 
 
+class NodeStatusSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(
+        choices=["online", "offline", "unknown"],
+        help_text="online while the worker's heartbeat is fresh; unknown if Redis is unreachable.",
+    )
+    generation_applied = serializers.IntegerField(
+        allow_null=True, help_text="The config generation the worker runs."
+    )
+    generation_published = serializers.IntegerField(
+        allow_null=True, help_text="The latest config generation published for the node."
+    )
+    current = serializers.BooleanField(
+        allow_null=True, help_text="Whether the worker runs the latest published generation."
+    )
+    heartbeat = serializers.DictField(
+        allow_null=True, help_text="The worker's last heartbeat (version, uptime, sessions...)."
+    )
+
+
 class WorkerNodeSerializer(ValidatedModelSerializer):
     url = serializers.HyperlinkedIdentityField(view_name="workernode-detail")
     tls_mode = serializers.CharField(source="tls_policy.mode", read_only=True)
     export_count = serializers.SerializerMethodField()
     warnings = serializers.SerializerMethodField()
+    status = serializers.SerializerMethodField()
 
     class Meta:
         model = WorkerNode
@@ -78,12 +99,23 @@ class WorkerNodeSerializer(ValidatedModelSerializer):
             "tls_mode",
             "export_count",
             "warnings",
+            "status",
             "created",
             "last_updated",
         ]
         extra_kwargs = {
             "tls_policy": {"required": False, "help_text": "Defaults to the default node's policy."}
         }
+
+    @extend_schema_field(NodeStatusSerializer)
+    def get_status(self, node: WorkerNode) -> dict:
+        # One Redis round trip for a whole page of nodes, not one per node.
+        cache = self.context.setdefault("node_statuses", {})
+        if node.name not in cache:
+            page = getattr(self.parent, "instance", None) if self.parent is not None else None
+            names = {n.name for n in page} if isinstance(page, list | tuple) else set()
+            cache.update(workerstatus.node_statuses(sorted(names | {node.name})))
+        return cache[node.name]
 
     def get_export_count(self, node: WorkerNode) -> int:
         # The list view annotates the count; a freshly saved node is counted directly.

@@ -1,0 +1,109 @@
+"""`/api/v1/sessions/`: the live NBD sessions the workers report, and ending one.
+
+Sessions are not database rows: they are read from Redis (exports_app.services.workerstatus).
+Listing needs `exports_app.view_export`, ending one `exports_app.change_export` (it takes an
+export away from a client, as disabling the export would).
+"""
+
+from __future__ import annotations
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers, status
+from rest_framework.exceptions import APIException, NotFound
+from rest_framework.permissions import BasePermission, IsAuthenticated
+from rest_framework.response import Response
+from rest_framework.viewsets import ViewSet
+
+from exports_app.models import WorkerNode
+from exports_app.services import workerstatus
+
+__all__ = ["SessionPermissions", "SessionSerializer", "SessionViewSet"]
+
+
+class StatusUnavailable(APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "Redis is unreachable: the workers' sessions are unknown."
+    default_code = "unavailable"
+
+
+class SessionPermissions(BasePermission):
+    perms_map = {
+        "GET": ["exports_app.view_export"],
+        "HEAD": ["exports_app.view_export"],
+        "OPTIONS": ["exports_app.view_export"],
+        "DELETE": ["exports_app.view_export", "exports_app.change_export"],
+    }
+
+    def has_permission(self, request, view) -> bool:
+        # False for an anonymous user makes DRF answer 401 (TokenAuthentication), else 403.
+        if not IsAuthenticated().has_permission(request, view):
+            return False
+        perms = self.perms_map.get(request.method)
+        return perms is not None and request.user.has_perms(perms)
+
+
+class ClientIdentitySerializer(serializers.Serializer):
+    common_names = serializers.ListField(child=serializers.CharField())
+    serial = serializers.CharField()
+    fingerprint_sha256 = serializers.CharField()
+
+
+class SessionSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    node = serializers.CharField()
+    client = serializers.CharField(help_text="The client's address and port.")
+    export = serializers.CharField()
+    tls = serializers.BooleanField()
+    client_identity = ClientIdentitySerializer(
+        allow_null=True, help_text="The client certificate, when one was presented."
+    )
+    reads = serializers.IntegerField()
+    bytes_read = serializers.IntegerField()
+    writes = serializers.IntegerField()
+    bytes_written = serializers.IntegerField()
+    requests = serializers.IntegerField()
+    connected_since = serializers.DateTimeField()
+
+
+class SessionViewSet(ViewSet):
+    permission_classes = [SessionPermissions]
+    serializer_class = SessionSerializer
+    lookup_value_regex = "[0-9a-f]{1,64}"
+
+    def _node_names(self, node: str | None = None) -> list[str]:
+        nodes = WorkerNode.objects.order_by("name")
+        if node:
+            nodes = nodes.filter(pk=int(node)) if node.isdigit() else nodes.filter(name=node)
+        return list(nodes.values_list("name", flat=True))
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("node", OpenApiTypes.STR, description="Node name or ID."),
+            OpenApiParameter("export", OpenApiTypes.STR, description="Export name."),
+        ],
+        responses=SessionSerializer(many=True),
+    )
+    def list(self, request) -> Response:
+        try:
+            sessions = workerstatus.list_sessions(
+                self._node_names(request.query_params.get("node"))
+            )
+        except workerstatus.StatusUnavailable:
+            raise StatusUnavailable() from None
+        export = request.query_params.get("export")
+        if export is not None:
+            sessions = [s for s in sessions if s.get("export") == export]
+        return Response(SessionSerializer(sessions, many=True).data)
+
+    @extend_schema(responses={202: None})
+    def destroy(self, request, pk: str | None = None) -> Response:
+        """End the session: the worker answers the requests in flight, then closes it."""
+        try:
+            session = workerstatus.find_session(str(pk), self._node_names())
+            if session is None:
+                raise NotFound("No live session with this ID.")
+            workerstatus.kick_session(session["node"], session["id"])
+        except workerstatus.StatusUnavailable:
+            raise StatusUnavailable() from None
+        return Response(status=status.HTTP_202_ACCEPTED)

@@ -1,0 +1,149 @@
+"""What the workers report through Redis (nbdworker/status.py): node status, live sessions, and
+ending a session.
+
+* a node is online while its heartbeat key exists (the worker refreshes it every 2 s, it
+  expires after 6 s); the heartbeat carries the generation the worker applied, compared with
+  the latest published one (`services.publishing`);
+* sessions are read from each node's hash; ending one adds its id to the node's kick set and
+  notifies the node, whose worker ends it gracefully (requests in flight are answered).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from exports_app.services.publishing import redis_client
+from nbdworker.snapshot import (
+    KICK_CHANNEL,
+    heartbeat_key,
+    kicks_key,
+    published_key,
+    sessions_key,
+)
+
+__all__ = [
+    "KICK_TTL",
+    "StatusUnavailable",
+    "find_session",
+    "kick_session",
+    "list_sessions",
+    "node_statuses",
+]
+
+log = logging.getLogger(__name__)
+
+# A kick the worker has not picked up by then is moot (the worker is gone, so is the session).
+KICK_TTL = 60
+
+
+class StatusUnavailable(Exception):
+    """Redis cannot be reached: the workers' state is unknown."""
+
+
+def _json(raw: str | None) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def node_statuses(names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """{node name: status}; with Redis unreachable every status is "unknown"."""
+    names = list(names)
+    if not names:
+        return {}
+    try:
+        with redis_client().pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.get(heartbeat_key(name))
+                pipe.get(published_key(name))
+            replies = pipe.execute()
+    except RedisError as exc:
+        log.warning("cannot read the workers' status: %s", exc)
+        return {
+            name: {
+                "status": "unknown",
+                "generation_applied": None,
+                "generation_published": None,
+                "current": None,
+                "heartbeat": None,
+            }
+            for name in names
+        }
+    result = {}
+    for i, name in enumerate(names):
+        heartbeat = _json(replies[2 * i])
+        published = replies[2 * i + 1]
+        applied = heartbeat.get("generation") if heartbeat else None
+        latest = int(published) if published is not None else None
+        result[name] = {
+            "status": "online" if heartbeat else "offline",
+            "generation_applied": applied,
+            "generation_published": latest,
+            # Nothing published yet is current too: the worker serves the empty config.
+            "current": None if applied is None else (latest is None or applied >= latest),
+            "heartbeat": heartbeat,
+        }
+    return result
+
+
+def list_sessions(nodes: Iterable[str]) -> list[dict[str, Any]]:
+    """Every live session on `nodes`, oldest first. Raises StatusUnavailable."""
+    names = list(nodes)
+    if not names:
+        return []
+    try:
+        with redis_client().pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hvals(sessions_key(name))
+            replies = pipe.execute()
+    except RedisError as exc:
+        raise StatusUnavailable(str(exc)) from exc
+    sessions = []
+    for name, values in zip(names, replies, strict=True):
+        for raw in values:
+            session = _json(raw)
+            if session is not None and "id" in session:
+                session["node"] = name
+                sessions.append(session)
+    sessions.sort(key=lambda s: (str(s.get("connected_since", "")), str(s["id"])))
+    return sessions
+
+
+def find_session(session_id: str, nodes: Iterable[str]) -> dict[str, Any] | None:
+    """The live session with this id on one of `nodes`. Raises StatusUnavailable."""
+    names = list(nodes)
+    try:
+        with redis_client().pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hget(sessions_key(name), session_id)
+            replies = pipe.execute()
+    except RedisError as exc:
+        raise StatusUnavailable(str(exc)) from exc
+    for name, raw in zip(names, replies, strict=True):
+        session = _json(raw)
+        if session is not None:
+            session["node"] = name
+            return session
+    return None
+
+
+def kick_session(node: str, session_id: str) -> None:
+    """Ask `node`'s worker to end the session. Raises StatusUnavailable."""
+    try:
+        with redis_client().pipeline(transaction=True) as pipe:
+            pipe.sadd(kicks_key(node), session_id)
+            pipe.expire(kicks_key(node), KICK_TTL)
+            pipe.publish(KICK_CHANNEL, node)
+            pipe.execute()
+    except RedisError as exc:
+        raise StatusUnavailable(str(exc)) from exc
+    log.info("node %s: session %s asked to end", node, session_id)
