@@ -1,0 +1,231 @@
+"""nbdworker/configsource.py against a real, private redis-server: start, follow, refuse,
+reconnect, cache."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from nbdworker.config import WorkerConfig
+from nbdworker.configsource import ConfigSource
+from nbdworker.snapshot import CHANNEL, config_key, sign_snapshot
+from tests.support.redisserver import PrivateRedis, private_redis
+
+SECRET = "configsource-test-secret"
+WAIT = 10.0
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def shared_redis(tmp_path_factory) -> Iterator[PrivateRedis]:
+    with private_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def node() -> str:
+    return f"cs-{os.getpid()}-{next(_names)}"
+
+
+def snapshot(node: str, generation: int, *exports: str, secret: str = SECRET) -> str:
+    config = WorkerConfig.from_dict(
+        {
+            "version": 1,
+            "generation": generation,
+            "node": node,
+            "exports": [{"name": e, "backend": "memory", "size": 1 << 20} for e in exports],
+        }
+    )
+    return sign_snapshot(config, secret)
+
+
+class Recorder:
+    """The `apply` and `on_rejected` callbacks: what the source applied and refused."""
+
+    def __init__(self) -> None:
+        self.applied: list[WorkerConfig] = []
+        self.rejected: list[str] = []
+
+    def apply(self, config: WorkerConfig) -> None:
+        self.applied.append(config)
+
+    def reject(self, kind: str) -> None:
+        self.rejected.append(kind)
+
+
+async def until(predicate, what: str) -> None:
+    """Poll `predicate` up to a deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT
+    while not predicate():
+        if loop.time() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def make_source(url: str, node: str, state_dir: Path, rec: Recorder) -> ConfigSource:
+    client = aioredis.Redis.from_url(url, socket_connect_timeout=1.0)
+    return ConfigSource(client, node, SECRET, state_dir, apply=rec.apply, on_rejected=rec.reject)
+
+
+def test_initial_config_comes_from_redis_and_is_cached_0600(shared_redis, node, tmp_path) -> None:
+    shared_redis.client().set(config_key(node), snapshot(node, 3, "a"))
+
+    async def main() -> WorkerConfig:
+        source = make_source(shared_redis.url, node, tmp_path / "state", Recorder())
+        try:
+            return await source.initial()
+        finally:
+            await source.client.aclose()
+
+    config = asyncio.run(main())
+    assert config.generation == 3
+    assert [e.name for e in config.exports] == ["a"]
+    cache = tmp_path / "state" / f"config-{node}.json"
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
+
+
+def test_redis_unreachable_at_start_uses_the_cache(shared_redis, node, tmp_path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / f"config-{node}.json").write_text(snapshot(node, 7, "cached"))
+    dead_url = "redis://127.0.0.1:1/0"
+
+    async def main() -> WorkerConfig:
+        source = make_source(dead_url, node, state, Recorder())
+        try:
+            return await source.initial()
+        finally:
+            await source.client.aclose()
+
+    config = asyncio.run(main())
+    assert (config.generation, [e.name for e in config.exports]) == (7, ["cached"])
+
+
+def test_no_redis_and_no_cache_starts_empty(node, tmp_path) -> None:
+    async def main() -> WorkerConfig:
+        source = make_source("redis://127.0.0.1:1/0", node, tmp_path / "state", Recorder())
+        try:
+            return await source.initial()
+        finally:
+            await source.client.aclose()
+
+    config = asyncio.run(main())
+    assert (config.generation, config.exports, config.node) == (0, (), node)
+
+
+def test_a_tampered_cache_is_refused(node, tmp_path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    envelope = json.loads(snapshot(node, 7, "cached"))
+    envelope["payload"] = envelope["payload"].replace("cached", "hacked")
+    (state / f"config-{node}.json").write_text(json.dumps(envelope))
+    rec = Recorder()
+
+    async def main() -> WorkerConfig:
+        source = make_source("redis://127.0.0.1:1/0", node, state, rec)
+        try:
+            return await source.initial()
+        finally:
+            await source.client.aclose()
+
+    assert asyncio.run(main()).exports == ()
+    assert rec.rejected == ["bad_signature"]
+
+
+def test_an_older_snapshot_in_redis_does_not_roll_back_the_cache(
+    shared_redis, node, tmp_path
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / f"config-{node}.json").write_text(snapshot(node, 9, "newer"))
+    shared_redis.client().set(config_key(node), snapshot(node, 4, "older"))
+
+    async def main() -> WorkerConfig:
+        source = make_source(shared_redis.url, node, state, Recorder())
+        try:
+            return await source.initial()
+        finally:
+            await source.client.aclose()
+
+    assert asyncio.run(main()).generation == 9
+    assert "newer" in (state / f"config-{node}.json").read_text()
+
+
+def test_follows_notices_and_refuses_forged_older_and_foreign(shared_redis, node, tmp_path) -> None:
+    r = shared_redis.client()
+    r.set(config_key(node), snapshot(node, 1, "a"))
+    rec = Recorder()
+
+    def publish(envelope: str, generation: int) -> None:
+        r.set(config_key(node), envelope)
+        r.publish(CHANNEL, f"{node}:{generation}")
+
+    async def main() -> None:
+        source = make_source(shared_redis.url, node, tmp_path / "state", rec)
+        await source.initial()
+        task = asyncio.create_task(source.run())
+        try:
+            await asyncio.wait_for(source.connected.wait(), WAIT)
+            publish(snapshot(node, 2, "a", "b"), 2)
+            await until(lambda: rec.applied, "generation 2")
+            assert rec.applied[-1].generation == 2
+
+            publish(snapshot(node, 3, "forged", secret="not-the-secret"), 3)
+            await until(lambda: "bad_signature" in rec.rejected, "the forged refusal")
+            publish(snapshot("someone-else", 4, "x"), 4)
+            await until(lambda: "other_node" in rec.rejected, "the other-node refusal")
+            # A notice that claims a newer generation for a snapshot that is older.
+            publish(snapshot(node, 1, "old"), 5)
+            await until(lambda: "old_generation" in rec.rejected, "the older refusal")
+            assert [c.generation for c in rec.applied] == [2]
+            assert source.generation == 2
+
+            publish(snapshot(node, 6, "c"), 6)
+            await until(lambda: len(rec.applied) == 2, "generation 6")
+            assert [e.name for e in rec.applied[-1].exports] == ["c"]
+            cached = (tmp_path / "state" / f"config-{node}.json").read_text()
+            assert json.loads(json.loads(cached)["payload"])["generation"] == 6
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await source.client.aclose()
+
+    asyncio.run(main())
+
+
+def test_refetches_after_a_redis_restart(node, tmp_path) -> None:
+    """A change made while the worker was cut off (no notice reaches it) is picked up when
+    it reconnects."""
+    rec = Recorder()
+    with private_redis(tmp_path / "redis") as server:
+        server.client().set(config_key(node), snapshot(node, 1, "a"))
+
+        async def main() -> None:
+            source = make_source(server.url, node, tmp_path / "state", rec)
+            await source.initial()
+            task = asyncio.create_task(source.run())
+            try:
+                await asyncio.wait_for(source.connected.wait(), WAIT)
+                server.stop()
+                await until(lambda: not source.connected.is_set(), "the disconnect")
+                server.start()
+                # Written with no notice at all: only the fetch after reconnecting can see it.
+                server.client().set(config_key(node), snapshot(node, 2, "a", "b"))
+                await until(lambda: rec.applied, "generation 2 after reconnecting")
+                assert rec.applied[-1].generation == 2
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await source.client.aclose()
+
+        asyncio.run(main())
