@@ -9,7 +9,6 @@ worker may not write (it runs without CAP_DAC_OVERRIDE, see tests/support/celery
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import time
@@ -26,6 +25,7 @@ from exports_app.choices import ExportState, JobState
 from exports_app.models import Export, Job, TLSPolicy, WorkerNode
 from exports_app.services.publishing import build_config
 from tests.support.celery import RunningCelery
+from tests.support.mounts import mounted
 from tests.support.tools import client_env, require_tool
 from tests.support.worker import RunningWorker, start_worker
 
@@ -86,17 +86,6 @@ def serve(tmp_path: Path, storage_root: Path) -> Iterator:
     yield start
     for worker in workers:
         worker.stop()
-
-
-@contextlib.contextmanager
-def mounted(target: Path, *args: str) -> Iterator[Path]:
-    """`mount ARGS target` for the duration; always unmounted."""
-    target.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", *args, str(target)], check=True, capture_output=True)
-    try:
-        yield target
-    finally:
-        subprocess.run(["umount", "-l", str(target)], check=True, capture_output=True)
 
 
 # -- helpers -------------------------------------------------------------------------------------

@@ -1,0 +1,309 @@
+"""exports_app.services.images: the disk work of the jobs, on real files and real filesystems.
+
+Failure cases fail for real, as root: a tmpfs too small (ENOSPC from data) or without free
+inodes (ENOSPC from the create), a read-only bind mount (EROFS), a path below a regular file
+(ENOTDIR), and a subprocess without CAP_DAC_OVERRIDE for EACCES. Every one of them must leave
+nothing behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exports_app.services import images
+from tests.support.mounts import mounted
+
+MiB = 1 << 20
+GiB = 1 << 30
+REPO = Path(__file__).resolve().parents[2]
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def write_at(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def plain_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def entries(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, done: int, total: int) -> None:
+        self.calls.append((done, total))
+
+    def assert_monotonic_to_the_end(self, total: int) -> None:
+        dones = [done for done, _ in self.calls]
+        assert dones == sorted(dones) and dones[-1] == total
+        assert {t for _, t in self.calls} == {total}
+
+
+# -- create --------------------------------------------------------------------------------------
+
+
+def test_create_sparse_makes_a_sparse_file_of_the_size_and_nothing_else(tmp_path):
+    path = tmp_path / "disk.img"
+    images.create_sparse(str(path), GiB)
+    assert path.stat().st_size == GiB
+    assert allocated(path) == 0
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert entries(tmp_path) == ["disk.img"]
+
+
+def test_create_sparse_again_with_the_same_size_is_a_no_op(tmp_path):
+    path = tmp_path / "disk.img"
+    images.create_sparse(str(path), MiB)
+    write_at(path, 0, b"kept")
+    images.create_sparse(str(path), MiB)
+    assert path.read_bytes()[:4] == b"kept"
+
+
+def test_create_sparse_never_replaces_another_file(tmp_path):
+    path = tmp_path / "disk.img"
+    path.write_bytes(b"someone else's data")
+    with pytest.raises(FileExistsError):
+        images.create_sparse(str(path), MiB)
+    assert path.read_bytes() == b"someone else's data"
+    assert entries(tmp_path) == ["disk.img"]
+
+
+def test_create_sparse_removes_the_partial_file_of_a_killed_attempt(tmp_path):
+    (tmp_path / ".disk.img.0123456789ab.partial").write_bytes(b"half")
+    (tmp_path / ".other.img.0123456789ab.partial").write_bytes(b"not ours")
+    images.create_sparse(str(tmp_path / "disk.img"), MiB)
+    assert entries(tmp_path) == [".other.img.0123456789ab.partial", "disk.img"]
+
+
+# -- clone ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def source(tmp_path) -> Path:
+    """A 64 MiB sparse image with data at 0, 10 MiB and the last MiB, and an allocated range
+    of zeroes at 20 MiB."""
+    path = tmp_path / "src.img"
+    images.create_sparse(str(path), 64 * MiB)
+    write_at(path, 0, os.urandom(4096))
+    write_at(path, 10 * MiB, b"\xa5" * MiB)
+    write_at(path, 20 * MiB, bytes(2 * MiB))
+    write_at(path, 63 * MiB, os.urandom(MiB))
+    return path
+
+
+def test_clone_copies_the_contents_and_keeps_holes(tmp_path, source):
+    target = tmp_path / "copy.img"
+    progress = Recorder()
+    reflinked = images.clone(str(source), str(target), progress=progress)
+    assert target.stat().st_size == source.stat().st_size
+    assert plain_sha256(target) == plain_sha256(source)
+    if not reflinked:
+        # Data ranges are copied, holes and all-zero chunks are not written.
+        assert allocated(target) <= 3 * MiB
+        progress.assert_monotonic_to_the_end(64 * MiB)
+    assert entries(tmp_path) == ["copy.img", "src.img"]
+
+
+def test_clone_falls_back_to_copying_where_reflinks_are_unsupported(tmp_path, source):
+    # tmpfs has no FICLONE: the sparse copy runs.
+    with mounted(tmp_path / "t", "-t", "tmpfs", "-o", "size=16M", "tmpfs") as tmpfs:
+        src = tmpfs / "src.img"
+        images.create_sparse(str(src), GiB)
+        write_at(src, 5 * MiB, os.urandom(MiB))
+        assert images.clone(str(src), str(tmpfs / "copy.img")) is False
+        assert images.sha256(str(tmpfs / "copy.img")) == images.sha256(str(src))
+        assert allocated(tmpfs / "copy.img") <= 2 * MiB
+
+
+def test_clone_grows_to_a_bigger_size_sparsely(tmp_path, source):
+    target = tmp_path / "big.img"
+    images.clone(str(source), str(target), size=GiB)
+    assert target.stat().st_size == GiB
+    with open(target, "rb") as f:
+        f.seek(10 * MiB)
+        assert f.read(MiB) == b"\xa5" * MiB
+        f.seek(512 * MiB)
+        assert f.read(MiB) == bytes(MiB)
+    assert allocated(target) <= 3 * MiB
+
+
+def test_clone_refuses_a_smaller_size(tmp_path, source):
+    with pytest.raises(ValueError, match="smaller than its source"):
+        images.clone(str(source), str(tmp_path / "small.img"), size=MiB)
+    assert not (tmp_path / "small.img").exists()
+
+
+def test_clone_of_a_missing_source_fails_and_creates_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        images.clone(str(tmp_path / "nope.img"), str(tmp_path / "copy.img"))
+    assert info.value.filename == str(tmp_path / "nope.img")
+    assert entries(tmp_path) == []
+
+
+def test_clone_onto_a_full_filesystem_fails_with_enospc_and_leaves_nothing(tmp_path):
+    source = tmp_path / "src.img"
+    images.create_sparse(str(source), 16 * MiB)
+    write_at(source, 0, os.urandom(8 * MiB))
+    with mounted(tmp_path / "small", "-t", "tmpfs", "-o", "size=4M", "tmpfs") as small:
+        with pytest.raises(OSError) as info:
+            images.clone(str(source), str(small / "copy.img"))
+        assert info.value.errno == errno.ENOSPC
+        assert "No space left on device" in images.describe_error(info.value)
+        assert entries(small) == []
+
+
+# -- failures of create --------------------------------------------------------------------------
+
+
+def test_create_without_free_inodes_fails_with_enospc_and_leaves_nothing(tmp_path):
+    with mounted(tmp_path / "full", "-t", "tmpfs", "-o", "size=1M,nr_inodes=2", "tmpfs") as full:
+        (full / "filler").touch()
+        with pytest.raises(OSError) as info:
+            images.create_sparse(str(full / "disk.img"), GiB)
+        assert info.value.errno == errno.ENOSPC
+        assert entries(full) == ["filler"]
+
+
+def test_create_on_a_read_only_filesystem_fails_with_erofs(tmp_path):
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    with mounted(tmp_path / "ro", "--bind", "-o", "ro", str(backing)) as ro:
+        with pytest.raises(OSError) as info:
+            images.create_sparse(str(ro / "disk.img"), MiB)
+        assert info.value.errno == errno.EROFS
+        assert "Read-only file system" in images.describe_error(info.value)
+    assert entries(backing) == []
+
+
+def test_create_below_a_regular_file_fails_with_enotdir(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(NotADirectoryError):
+        images.create_sparse(str(tmp_path / "file" / "disk.img"), MiB)
+    assert entries(tmp_path) == ["file"]
+
+
+def test_create_in_a_directory_without_write_permission_fails_with_eacces(tmp_path):
+    # Root ignores file modes; a process without CAP_DAC_OVERRIDE (what an unprivileged
+    # Celery worker is) does not.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    setpriv = shutil.which("setpriv")
+    prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]
+    if os.geteuid() != 0:
+        prefix = []
+    elif setpriv is None:
+        pytest.fail("setpriv is missing: apt-get install util-linux", pytrace=False)
+    code = (
+        "import sys\n"
+        "from exports_app.services import images\n"
+        "try:\n"
+        "    images.create_sparse(sys.argv[1], 1 << 20)\n"
+        "except PermissionError as exc:\n"
+        "    print(images.describe_error(exc)); sys.exit(3)\n"
+    )
+    result = subprocess.run(
+        [*prefix, sys.executable, "-c", code, str(locked / "disk.img")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert result.stdout.startswith("Permission denied")
+    assert entries(locked) == []
+
+
+# -- resize, wipe, remove, sha256 ----------------------------------------------------------------
+
+
+def test_resize_grows_sparsely_and_keeps_the_data(tmp_path):
+    path = tmp_path / "disk.img"
+    images.create_sparse(str(path), MiB)
+    write_at(path, 0, b"data")
+    images.resize(str(path), GiB)
+    assert path.stat().st_size == GiB
+    assert path.read_bytes()[:4] == b"data"
+    assert allocated(path) <= 64 * 1024
+
+
+def test_resize_shrinks_and_drops_the_data_past_the_end(tmp_path):
+    path = tmp_path / "disk.img"
+    images.create_sparse(str(path), 4 * MiB)
+    write_at(path, 3 * MiB, b"gone")
+    images.resize(str(path), MiB)
+    images.resize(str(path), 4 * MiB)
+    with open(path, "rb") as f:
+        f.seek(3 * MiB)
+        assert f.read(4) == bytes(4)
+
+
+def test_resize_of_a_missing_image_fails_and_creates_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        images.resize(str(tmp_path / "nope.img"), MiB)
+    assert entries(tmp_path) == []
+
+
+def test_wipe_zeroes_every_data_range_without_allocating_holes(tmp_path, source):
+    before = allocated(source)
+    progress = Recorder()
+    images.wipe(str(source), progress)
+    assert plain_sha256(source) == hashlib.sha256(bytes(64 * MiB)).hexdigest()
+    assert allocated(source) <= before
+    progress.assert_monotonic_to_the_end(64 * MiB)
+
+
+def test_remove_unlinks_and_accepts_an_image_already_gone(tmp_path):
+    path = tmp_path / "disk.img"
+    images.create_sparse(str(path), MiB)
+    assert images.remove(str(path)) is True
+    assert images.remove(str(path)) is False
+    assert entries(tmp_path) == []
+
+
+def test_sha256_of_a_sparse_image_equals_hashing_every_byte(tmp_path, source):
+    progress = Recorder()
+    assert images.sha256(str(source), progress) == plain_sha256(source)
+    progress.assert_monotonic_to_the_end(64 * MiB)
+
+
+def test_sha256_of_an_empty_image(tmp_path):
+    path = tmp_path / "empty.img"
+    path.write_bytes(b"")
+    assert images.sha256(str(path)) == hashlib.sha256(b"").hexdigest()
+
+
+def test_data_extents_skip_holes(tmp_path):
+    path = tmp_path / "disk.img"
+    images.create_sparse(str(path), 16 * MiB)
+    write_at(path, 8 * MiB, b"x" * 4096)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        extents = list(images.data_extents(fd, 16 * MiB))
+    finally:
+        os.close(fd)
+    assert len(extents) == 1
+    start, end = extents[0]
+    assert start <= 8 * MiB < 8 * MiB + 4096 <= end < 16 * MiB
