@@ -1,41 +1,46 @@
-"""Whether clients are using an export right now: the one question a shrink must ask first.
+"""Whether clients are using an export right now: the question a shrink must ask first.
 
-The live sessions are what the node's nbdworker publishes to Redis (issue 6). Until that reader
-exists here, `live_session_count` answers None ("unknown"); callers then allow the operation the
-user forced and log that it could not be checked. Point `_read_sessions` at the status reader
-when it lands; nothing else changes.
+The node's nbdworker publishes its live sessions to Redis (nbdworker/status.py): a hash at
+`sessions_key(node)` of session id → JSON with the export's name, next to a heartbeat at
+`heartbeat_key(node)`; both expire when the worker stops beating.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 
+from redis.exceptions import RedisError
+
 from exports_app.models import Export
+from exports_app.services.publishing import redis_client
+from nbdworker.snapshot import heartbeat_key, sessions_key
 
 __all__ = ["live_session_count"]
 
 log = logging.getLogger(__name__)
 
 
-def _read_sessions(node_name: str) -> list[dict] | None:
-    """The node's live sessions as published by its worker, or None when they cannot be read."""
-    try:
-        from exports_app.services import sessions  # issue 6's reader, once it exists
-    except ImportError:
-        return None
-    reader = getattr(sessions, "node_sessions", None)
-    if reader is None:
-        return None
-    try:
-        return list(reader(node_name))
-    except Exception as exc:  # Redis down: unknown, not "no sessions"
-        log.warning("cannot read live sessions of node %s: %s", node_name, exc)
-        return None
-
-
 def live_session_count(export: Export) -> int | None:
-    """Live NBD sessions on `export`, or None when the worker's status cannot be read."""
-    sessions = _read_sessions(export.node.name)
-    if sessions is None:
+    """Live NBD sessions on `export`; None when unknown (Redis unreachable, or no heartbeat from
+    the node's worker, whose sessions then cannot be seen)."""
+    node = export.node.name
+    try:
+        client = redis_client()
+        with client.pipeline(transaction=False) as pipe:
+            pipe.exists(heartbeat_key(node))
+            pipe.hvals(sessions_key(node))
+            alive, sessions = pipe.execute()
+    except RedisError as exc:
+        log.warning("cannot read the live sessions of node %s: %s", node, exc)
         return None
-    return sum(1 for s in sessions if s.get("export") == export.name)
+    if not alive:
+        return None
+    count = 0
+    for raw in sessions:
+        try:
+            if json.loads(raw).get("export") == export.name:
+                count += 1
+        except (ValueError, AttributeError):
+            log.warning("node %s published a malformed session entry", node)
+    return count
