@@ -1,0 +1,251 @@
+"""exports_app/services/publishing.py and exports_app/signals.py against a private Redis: what a
+node's snapshot holds for each model state, that it is published only after commit (nothing on
+rollback), once per node per transaction, signed, with a growing generation, and that a Redis
+outage never fails the change."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+from django.conf import settings
+from django.db import transaction
+
+from exports_app.choices import ClientVerification, ExportState, TLSMode
+from exports_app.models import Export, TLSPolicy, WorkerNode
+from exports_app.services import ca, publishing
+from nbdworker.config import WorkerConfig
+from nbdworker.snapshot import (
+    CHANNEL,
+    config_key,
+    generation_key,
+    published_key,
+    verify_snapshot,
+)
+from tests.support.redisserver import PrivateRedis, private_redis
+
+pytestmark = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory) -> Iterator[PrivateRedis]:
+    with private_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def use_private_redis(redis_server, settings):
+    settings.REDIS_URL = redis_server.url
+    redis_server.client().flushdb()
+    publishing._retry.clear()
+    yield
+    publishing._retry.clear()
+
+
+@pytest.fixture
+def r(redis_server, default_node):
+    """The private Redis, emptied after the fixtures' own saves published."""
+    client = redis_server.client()
+    client.flushdb()
+    return client
+
+
+def published(r, node: WorkerNode) -> WorkerConfig | None:
+    data = r.get(config_key(node.name))
+    if data is None:
+        return None
+    return verify_snapshot(data, settings.NBDWEB_CONFIG_SECRET, node=node.name)
+
+
+def make_export(node: WorkerNode, name: str, **kw) -> Export:
+    kw.setdefault("size", 1 << 20)
+    kw.setdefault("state", ExportState.READY)
+    return Export.objects.create(node=node, name=name, **kw)
+
+
+# -- content ------------------------------------------------------------------------------------
+
+
+def test_snapshot_holds_ready_enabled_exports_with_their_rules(r, default_node) -> None:
+    make_export(
+        default_node,
+        "served",
+        read_only=True,
+        trim=False,
+        allowed_networks=["10.0.0.0/8"],
+        allowed_clients=[{"common_name": "alice"}],
+        max_connections=3,
+        description="the one",
+    )
+    make_export(default_node, "off", enabled=False)
+    make_export(default_node, "new", state=ExportState.PROVISIONING)
+    make_export(default_node, "broken", state=ExportState.FAILED)
+    config = published(r, default_node)
+    assert config is not None
+    assert [e.name for e in config.exports] == ["served"]
+    export = config.exports[0]
+    assert export.path == str(default_node.storage_root) + "/served.img"
+    assert export.backend == "file"
+    assert (export.read_only, export.trim, export.max_connections) == (True, False, 3)
+    assert export.allowed_networks == ("10.0.0.0/8",)
+    assert [c.to_dict() for c in export.allowed_clients] == [{"common_name": "alice"}]
+    assert export.description == "the one"
+    assert config.node == default_node.name
+    assert config.tls.mode == "NOTLS"
+    assert config.tls.key_pem == ""  # no key leaves the database without TLS
+
+
+def test_tls_policy_brings_certificate_decrypted_key_cas_and_revocations(
+    r, tls_node, server_certificate, client_certificate, authority
+) -> None:
+    node = tls_node(TLSMode.FORCEDTLS)
+    policy = node.tls_policy
+    policy.client_verification = ClientVerification.REQUIRED
+    policy.save()
+    config = published(r, node)
+    assert config.tls.mode == "FORCEDTLS"
+    assert config.tls.certificate_pem == server_certificate.certificate_pem
+    assert config.tls.key_pem == server_certificate.private_key_pem()
+    assert "PRIVATE KEY" in config.tls.key_pem
+    assert config.tls.ca_pem == authority.certificate_pem
+    assert config.tls.client_verification == "required"
+    assert config.tls.revoked_serials == ()
+
+    ca.revoke_certificate(client_certificate, "lost laptop")
+    assert published(r, node).tls.revoked_serials == (client_certificate.serial,)
+
+
+def test_a_policy_change_republishes_every_node_using_it(r, default_node, storage_root) -> None:
+    other = WorkerNode.objects.create(
+        name="second",
+        listen="127.0.0.1:10810",
+        storage_root=str(storage_root),
+        tls_policy=default_node.tls_policy,
+    )
+    lonely = WorkerNode.objects.create(
+        name="third",
+        listen="127.0.0.1:10811",
+        storage_root=str(storage_root),
+        tls_policy=TLSPolicy.objects.create(name="other-policy"),
+    )
+    r.flushdb()
+    policy = default_node.tls_policy
+    policy.min_tls_version = "1.3"
+    policy.save()
+    assert published(r, default_node) is not None
+    assert published(r, other) is not None
+    assert published(r, lonely) is None
+
+
+def test_snapshot_follows_changes_and_deletes(r, default_node) -> None:
+    export = make_export(default_node, "disk")
+    first = published(r, default_node)
+    export.enabled = False
+    export.save()
+    second = published(r, default_node)
+    assert second.exports == ()
+    assert second.generation > first.generation
+    export.enabled = True
+    export.save()
+    assert [e.name for e in published(r, default_node).exports] == ["disk"]
+    export.delete()
+    assert published(r, default_node).exports == ()
+    assert int(r.get(published_key(default_node.name))) == published(r, default_node).generation
+
+
+# -- after commit, once --------------------------------------------------------------------------
+
+
+def test_nothing_is_published_before_commit(r, default_node) -> None:
+    with transaction.atomic():
+        make_export(default_node, "pending")
+        assert r.get(config_key(default_node.name)) is None
+    assert [e.name for e in published(r, default_node).exports] == ["pending"]
+
+
+def test_a_rolled_back_transaction_publishes_nothing(r, default_node) -> None:
+    class Abort(Exception):
+        pass
+
+    with pytest.raises(Abort), transaction.atomic():
+        make_export(default_node, "never")
+        raise Abort
+    assert r.get(config_key(default_node.name)) is None
+    assert r.get(generation_key(default_node.name)) is None
+    # The next transaction still publishes (the dropped batch is not reused).
+    make_export(default_node, "later")
+    assert [e.name for e in published(r, default_node).exports] == ["later"]
+
+
+def test_a_rolled_back_savepoint_does_not_lose_the_outer_change(r, default_node) -> None:
+    with transaction.atomic():
+        with pytest.raises(RuntimeError), transaction.atomic():
+            make_export(default_node, "inner")
+            raise RuntimeError
+        make_export(default_node, "outer")
+    assert [e.name for e in published(r, default_node).exports] == ["outer"]
+
+
+def test_one_publish_per_node_per_transaction(r, default_node) -> None:
+    pubsub = r.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(CHANNEL)
+    try:
+        with transaction.atomic():
+            for i in range(5):
+                make_export(default_node, f"d{i}")
+            default_node.description = "touched"
+            default_node.save()
+        # A sentinel published after the commit marks the end of what the commit published.
+        r.publish(CHANNEL, "end")
+        notices = []
+        while (message := pubsub.get_message(timeout=10)) is None or message["data"] != "end":
+            if message is not None:
+                notices.append(message["data"])
+    finally:
+        pubsub.close()
+    config = published(r, default_node)
+    assert notices == [f"{default_node.name}:{config.generation}"]
+    assert len(config.exports) == 5
+
+
+def test_generation_grows_even_after_redis_lost_its_counter(r, default_node) -> None:
+    make_export(default_node, "a")
+    before = published(r, default_node).generation
+    r.flushdb()  # Redis restarted without its data
+    make_export(default_node, "b")
+    assert published(r, default_node).generation > before
+
+
+# -- Redis outage ---------------------------------------------------------------------------------
+
+
+def test_redis_outage_fails_no_request_and_the_next_publish_catches_up(
+    r, default_node, api, settings, caplog, redis_server
+) -> None:
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+    with caplog.at_level(logging.ERROR, logger="exports_app.publishing"):
+        response = api.post(
+            "/api/v1/nodes/",
+            {"name": "other", "listen": "127.0.0.1:10812", "storage_root": "/srv/other"},
+        )
+    assert response.status_code == 201, response.content
+    assert "Redis unavailable" in caplog.text
+    make_export(default_node, "during-outage")  # also only logged
+
+    settings.REDIS_URL = redis_server.url
+    other = WorkerNode.objects.get(name="other")
+    other.description = "after the outage"
+    other.save()
+    # The node changed during the outage is published with the next publish of any node.
+    assert [e.name for e in published(r, default_node).exports] == ["during-outage"]
+    assert published(r, other) is not None
+
+
+def test_publish_config_command_republishes_every_node(r, default_node) -> None:
+    from django.core.management import call_command
+
+    make_export(default_node, "a")
+    r.flushdb()
+    call_command("publish_config")
+    assert [e.name for e in published(r, default_node).exports] == ["a"]
