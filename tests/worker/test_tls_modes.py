@@ -622,3 +622,74 @@ def test_tls12_client_is_served(pki: PKI, tmp_path: Path) -> None:
         assert p.info("plain", go=True)[-1].reply == Reply.ACK
         assert p.read()[:2] == ("simple", 0)
         p.disconnect()
+
+
+# -- options pipelined with the client's Finished -------------------------------------------------
+
+
+class PipelinedTLS:
+    """A TLS client over the probe's socket that sends `first` in the same flight as its
+    Finished message, so the server decrypts it together with the end of the handshake."""
+
+    def __init__(self, p: Probe, ctx: ssl.SSLContext, first: bytes) -> None:
+        self.sock = p.sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self.outgoing.read())
+                self._fill()
+        assert self.obj.version() == "TLSv1.3"
+        self.obj.write(first)
+        self.sock.sendall(self.outgoing.read())  # Finished + the option, one write
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        if not data:
+            self.incoming.write_eof()
+            return False
+        self.incoming.write(data)
+        return True
+
+    def recv_exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            try:
+                buf += self.obj.read(n - len(buf))
+            except ssl.SSLWantReadError:
+                if not self._fill():
+                    raise EOFError from None
+        return bytes(buf)
+
+
+def test_option_sent_with_the_finished_message_is_answered(
+    workers: dict[str, RunningWorker], pki: PKI
+) -> None:
+    with Probe(workers["FORCEDTLS"].port) as p:
+        assert p.option(Option.STARTTLS)[-1].reply == Reply.ACK
+        tls = PipelinedTLS(
+            p, client_context(pki, "alice"), encode_info_request(Option.INFO, "plain")
+        )
+        header = tls.recv_exact(20)
+        _magic, option, reply, _length = struct.unpack(">QIII", header)
+        assert (option, reply) == (Option.INFO, Reply.INFO)
+
+
+def test_revoked_client_pipelining_an_option_gets_no_answer(
+    workers: dict[str, RunningWorker], pki: PKI
+) -> None:
+    worker = workers["FORCEDTLS"]
+    with Probe(worker.port) as p:
+        assert p.option(Option.STARTTLS)[-1].reply == Reply.ACK
+        client = me(p)
+        tls = PipelinedTLS(
+            p, client_context(pki, "revoked"), encode_info_request(Option.INFO, "plain")
+        )
+        with pytest.raises((EOFError, ssl.SSLError, ConnectionResetError)):
+            tls.recv_exact(20)
+    # This line names the peer as "addr:port [identity]: ...".
+    wait_for_line(worker, client.rstrip(":") + " [CN=revoked", "refused after the TLS handshake")
+    assert_still_serving(worker, pki, "FORCEDTLS")
