@@ -1,0 +1,171 @@
+"""`/api/v1/sessions/` and the status in `/api/v1/nodes/`, reading what a worker writes to a
+private Redis (the entries are written here in the worker's format; the real worker is driven
+in tests/e2e/test_config_distribution.py)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from exports_app.models import WorkerNode
+from nbdworker.snapshot import (
+    KICK_CHANNEL,
+    heartbeat_key,
+    kicks_key,
+    published_key,
+    sessions_key,
+)
+from tests.support.redisserver import PrivateRedis, private_redis
+
+SESSIONS = "/api/v1/sessions/"
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory) -> Iterator[PrivateRedis]:
+    with private_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def r(redis_server, settings):
+    settings.REDIS_URL = redis_server.url
+    client = redis_server.client()
+    client.flushdb()
+    return client
+
+
+def session(sid: str, node: str, export: str, since: str = "2026-01-01T00:00:00Z") -> dict:
+    return {
+        "id": sid,
+        "node": node,
+        "client": "127.0.0.1:40000",
+        "export": export,
+        "tls": False,
+        "client_identity": None,
+        "reads": 3,
+        "bytes_read": 12288,
+        "writes": 1,
+        "bytes_written": 4096,
+        "requests": 4,
+        "connected_since": since,
+    }
+
+
+@pytest.fixture
+def live(r, default_node, storage_root) -> WorkerNode:
+    """Two nodes with a heartbeat; three sessions between them."""
+    other = WorkerNode.objects.create(
+        name="other",
+        listen="127.0.0.1:10810",
+        storage_root=str(storage_root),
+        tls_policy=default_node.tls_policy,
+    )
+    for node in (default_node, other):
+        r.set(heartbeat_key(node.name), json.dumps({"node": node.name, "generation": 5}), ex=60)
+    r.hset(
+        sessions_key(default_node.name),
+        mapping={
+            "aa01": json.dumps(session("aa01", default_node.name, "disk1")),
+            "aa02": json.dumps(session("aa02", default_node.name, "disk2", "2026-01-02T00:00:00Z")),
+        },
+    )
+    r.hset(sessions_key("other"), "bb01", json.dumps(session("bb01", "other", "disk1")))
+    return other
+
+
+def test_anonymous_is_refused(anon_client, live) -> None:
+    assert anon_client.get(SESSIONS).status_code == 401
+    assert anon_client.delete(f"{SESSIONS}aa01/").status_code == 401
+
+
+def test_listing_needs_view_export(make_user, token_client, live) -> None:
+    assert token_client(make_user()).get(SESSIONS).status_code == 403
+    response = token_client(make_user("exports_app.view_export")).get(SESSIONS)
+    assert response.status_code == 200
+    assert sorted(s["id"] for s in response.json()) == ["aa01", "aa02", "bb01"]
+
+
+def test_list_shows_each_session_and_filters(api, live, default_node) -> None:
+    sessions = api.get(SESSIONS).json()
+    first = next(s for s in sessions if s["id"] == "aa01")
+    assert first == {**session("aa01", default_node.name, "disk1"), "node": default_node.name}
+    by_node = api.get(SESSIONS, {"node": "other"}).json()
+    assert [s["id"] for s in by_node] == ["bb01"]
+    by_id = api.get(SESSIONS, {"node": str(live.pk)}).json()
+    assert [s["id"] for s in by_id] == ["bb01"]
+    by_export = api.get(SESSIONS, {"export": "disk1"}).json()
+    assert sorted(s["id"] for s in by_export) == ["aa01", "bb01"]
+    both = api.get(SESSIONS, {"export": "disk1", "node": default_node.name}).json()
+    assert [s["id"] for s in both] == ["aa01"]
+
+
+def test_kicking_needs_change_export(make_user, token_client, live, r) -> None:
+    viewer = token_client(make_user("exports_app.view_export"))
+    assert viewer.delete(f"{SESSIONS}aa01/").status_code == 403
+    assert r.smembers(kicks_key("default")) == set()
+
+
+def test_kick_asks_the_sessions_worker_and_notifies_it(make_user, token_client, live, r) -> None:
+    editor = token_client(make_user("exports_app.view_export", "exports_app.change_export"))
+    pubsub = r.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(KICK_CHANNEL)
+    try:
+        assert editor.delete(f"{SESSIONS}bb01/").status_code == 202
+        message = None
+        while message is None:
+            message = pubsub.get_message(timeout=10)
+    finally:
+        pubsub.close()
+    assert message["data"] == "other"
+    assert r.smembers(kicks_key("other")) == {"bb01"}
+    assert r.ttl(kicks_key("other")) > 0
+    assert r.smembers(kicks_key("default")) == set()
+
+
+def test_kicking_an_unknown_session_is_404(api, live) -> None:
+    assert api.delete(f"{SESSIONS}ffff/").status_code == 404
+
+
+def test_redis_down_is_503_not_500(api, live, settings) -> None:
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+    assert api.get(SESSIONS).status_code == 503
+    assert api.delete(f"{SESSIONS}aa01/").status_code == 503
+
+
+# -- node status ---------------------------------------------------------------------------------
+
+
+def test_node_status_online_offline_and_current(api, r, default_node, live) -> None:
+    r.set(published_key(default_node.name), 7)  # newer than the heartbeat's 5
+    r.set(published_key("other"), 5)
+    offline = WorkerNode.objects.create(
+        name="gone",
+        listen="127.0.0.1:10811",
+        storage_root=default_node.storage_root,
+        tls_policy=default_node.tls_policy,
+    )
+    r.set(published_key("gone"), 3)
+    nodes = {n["name"]: n["status"] for n in api.get("/api/v1/nodes/").json()["results"]}
+    assert nodes[default_node.name]["status"] == "online"
+    assert nodes[default_node.name]["generation_applied"] == 5
+    assert nodes[default_node.name]["generation_published"] == 7
+    assert nodes[default_node.name]["current"] is False
+    assert nodes["other"]["current"] is True
+    assert nodes["gone"] == {
+        "status": "offline",
+        "generation_applied": None,
+        "generation_published": 3,
+        "current": None,
+        "heartbeat": None,
+    }
+    detail = api.get(f"/api/v1/nodes/{offline.pk}/").json()
+    assert detail["status"]["status"] == "offline"
+
+
+def test_node_status_is_unknown_without_redis(api, default_node, settings) -> None:
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+    response = api.get("/api/v1/nodes/")
+    assert response.status_code == 200
+    assert response.json()["results"][0]["status"]["status"] == "unknown"
