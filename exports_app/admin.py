@@ -17,7 +17,14 @@ from simple_history.admin import SimpleHistoryAdmin
 
 from exports_app.choices import CertificateKind, KeyAlgorithm, TLSMode
 from exports_app.constants import MAX_VALIDITY_DAYS
-from exports_app.models import Certificate, CertificateAuthority, Export, TLSPolicy, WorkerNode
+from exports_app.models import (
+    Certificate,
+    CertificateAuthority,
+    Export,
+    Job,
+    TLSPolicy,
+    WorkerNode,
+)
 from exports_app.models.tls import OPTIONALTLS_WARNING
 from exports_app.services import bundles, ca, provisioning
 from exports_app.validators import parse_size, validate_no_control_characters
@@ -26,6 +33,7 @@ __all__ = [
     "CertificateAdmin",
     "CertificateAuthorityAdmin",
     "ExportAdmin",
+    "JobAdmin",
     "TLSPolicyAdmin",
     "WorkerNodeAdmin",
 ]
@@ -220,7 +228,13 @@ class ExportAdmin(SimpleHistoryAdmin):
         "created",
         "last_updated",
     ]
-    actions = ["enable_exports", "disable_exports", "resize_exports"]
+    actions = [
+        "enable_exports",
+        "disable_exports",
+        "resize_exports",
+        "verify_exports",
+        "wipe_and_delete_exports",
+    ]
 
     def get_readonly_fields(self, request, obj=None):
         # Moving an image to another node or path is not something a form can do.
@@ -303,6 +317,105 @@ class ExportAdmin(SimpleHistoryAdmin):
                 )
 
         return action_with_form(self, request, queryset, ResizeExportForm, "Resize exports", apply)
+
+    @admin.action(description="Verify selected exports (sha256 job)", permissions=["change"])
+    def verify_exports(self, request, queryset) -> None:
+        requested = 0
+        with transaction.atomic():
+            for export in queryset:
+                try:
+                    provisioning.request_verify(export)
+                except provisioning.JobRefused as exc:
+                    self.message_user(request, f"{export}: {exc}", messages.ERROR)
+                    continue
+                requested += 1
+        self.message_user(request, f"Verify requested for {requested} export(s).", messages.INFO)
+
+    @admin.action(
+        description="Delete selected exports, zeroing their images first", permissions=["delete"]
+    )
+    def wipe_and_delete_exports(self, request, queryset) -> None:
+        with transaction.atomic():
+            for export in queryset:
+                provisioning.request_delete(export, wipe=True)
+        self.message_user(
+            request, f"Wipe and delete requested for {queryset.count()} export(s).", messages.INFO
+        )
+
+
+# -- jobs --------------------------------------------------------------------------------------
+
+
+@admin.register(Job)
+class JobAdmin(admin.ModelAdmin):
+    """Jobs are made by the export actions and the API; here they are watched and retried."""
+
+    list_display = [
+        "id",
+        "kind",
+        "export_link",
+        "node",
+        "state",
+        "progress_percent",
+        "short_error",
+        "requested_by",
+        "created",
+        "finished",
+    ]
+    list_filter = ["state", "kind", "node"]
+    search_fields = ["export_name", "error", "celery_task_id"]
+    list_select_related = ["export", "node", "requested_by"]
+    readonly_fields = [
+        "kind",
+        "export",
+        "export_name",
+        "node",
+        "state",
+        "progress",
+        "error",
+        "params",
+        "celery_task_id",
+        "requested_by",
+        "created",
+        "started",
+        "finished",
+    ]
+    actions = ["retry_jobs"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_retry_permission(self, request) -> bool:
+        return request.user.has_perm("exports_app.retry_job")
+
+    @admin.display(description="export", ordering="export_name")
+    def export_link(self, job: Job) -> str:
+        if job.export_id is None:
+            return job.export_name[:80]
+        url = reverse("admin:exports_app_export_change", args=[job.export_id])
+        return format_html('<a href="{}">{}</a>', url, job.export_name[:80])
+
+    @admin.display(description="progress", ordering="progress")
+    def progress_percent(self, job: Job) -> str:
+        return f"{job.progress}%"
+
+    @admin.display(description="error")
+    def short_error(self, job: Job) -> str:
+        return job.error[:80]
+
+    @admin.action(description="Retry selected failed jobs", permissions=["retry"])
+    def retry_jobs(self, request, queryset) -> None:
+        for job in queryset:
+            try:
+                with transaction.atomic():
+                    new_job = provisioning.retry_job(job)
+            except provisioning.JobRefused as exc:
+                self.message_user(request, f"{job}: {exc}", messages.ERROR)
+                continue
+            self.message_user(request, f"{job}: retried as job #{new_job.pk}.", messages.SUCCESS)
 
 
 # -- certificates ------------------------------------------------------------------------------
