@@ -23,10 +23,12 @@ Publishing one node (`publish_nodes`):
    ``nbdweb:config-changed <node>:<generation>``.
 
 A Redis outage never fails the request that made the change: the error is logged and the node is
-remembered; the next publish in this process (of any node) retries it. Every publish builds the
-full snapshot, so any later publish of a node carries all earlier changes. After an outage that
-outlived the web process, ``manage.py publish_config`` republishes every node; `/api/v1/nodes/`
-shows a node whose worker runs an older generation than the latest as not current.
+remembered. A background thread of this process retries the remembered nodes with backoff
+(0.5 s doubling to 10 s) until Redis answers, and the next publish of any node retries them too.
+Every publish builds the full snapshot, so any later publish of a node carries all earlier
+changes. If the web process ends before Redis is back, ``manage.py publish_config`` republishes
+every node; `/api/v1/nodes/` shows a node whose worker runs an older generation than the latest
+as not current.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from functools import lru_cache
 
 import redis
 from django.conf import settings
-from django.db import transaction
+from django.db import connections, transaction
 
 from exports_app.choices import ExportState, TLSMode
 from exports_app.models import Export, WorkerNode
@@ -209,9 +211,41 @@ def _publish_one(client: redis.Redis, node: WorkerNode) -> int | None:
     return generation
 
 
-# Nodes whose last publish hit a Redis error, retried by the next publish in this process.
+# Nodes whose last publish hit a Redis error, retried by the next publish in this process and
+# by the retry thread.
 _retry_lock = threading.Lock()
 _retry: set[int] = set()
+_retry_thread: threading.Thread | None = None
+RETRY_FIRST_DELAY = 0.5
+RETRY_MAX_DELAY = 10.0
+
+
+def _retry_loop() -> None:
+    global _retry_thread
+    delay = RETRY_FIRST_DELAY
+    try:
+        while True:
+            # A backoff between attempts, not a synchronisation: Redis is down, nothing to wait on.
+            time.sleep(delay)
+            with _retry_lock:
+                if not _retry:
+                    _retry_thread = None
+                    return
+            publish_nodes(())
+            delay = min(delay * 2, RETRY_MAX_DELAY)
+    finally:
+        connections.close_all()  # this thread's own database connections
+
+
+def _schedule_retry(node_id: int) -> None:
+    global _retry_thread
+    with _retry_lock:
+        _retry.add(node_id)
+        if _retry_thread is None:
+            _retry_thread = threading.Thread(
+                target=_retry_loop, name="nbdweb-publish-retry", daemon=True
+            )
+            _retry_thread.start()
 
 
 def publish_nodes(node_ids: Iterable[int]) -> dict[str, int | None]:
@@ -226,9 +260,10 @@ def publish_nodes(node_ids: Iterable[int]) -> dict[str, int | None]:
         try:
             results[node.name] = _publish_one(client, node)
         except redis.RedisError as exc:
-            log.error("node %s: config not published, Redis unavailable: %s", node.name, exc)
-            with _retry_lock:
-                _retry.add(node.pk)
+            log.error(
+                "node %s: config not published, Redis unavailable (retrying): %s", node.name, exc
+            )
+            _schedule_retry(node.pk)
             results[node.name] = None
         except PublishError as exc:
             log.error("node %s: config not published: %s", node.name, exc)

@@ -6,6 +6,7 @@ outage never fails the change."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -249,3 +250,16 @@ def test_publish_config_command_republishes_every_node(r, default_node) -> None:
     r.flushdb()
     call_command("publish_config")
     assert [e.name for e in published(r, default_node).exports] == ["a"]
+
+
+def test_a_failed_publish_is_retried_in_the_background(r, default_node, redis_server) -> None:
+    redis_server.stop()
+    make_export(default_node, "queued")  # the publish fails and is only logged
+    assert publishing._retry == {default_node.pk}
+    redis_server.start()
+    # No further change: the retry thread publishes once Redis answers again.
+    deadline = time.monotonic() + 20
+    while (config := published(r, default_node)) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert config is not None, "the retry thread did not publish"
+    assert [e.name for e in config.exports] == ["queued"]
