@@ -3,9 +3,10 @@
     with run_worker(config, storage_root=tmp_path) as w:
         subprocess.run(["nbdinfo", w.uri("disk")])
 
-`config` is a dict (the JSON snapshot) or a `WorkerConfig`. The worker listens on a free port
-(`--listen 127.0.0.1:0`; the harness reads the port from the "listening on" log line), or on
-the addresses given. Startup waits for the "ready" line with a deadline; the context always
+`config` is a dict (the JSON snapshot) or a `WorkerConfig`; None starts the worker without
+`--config`, following its node's config in Redis (pass REDIS_URL and the secret in `env`).
+The worker listens on a free port (`--listen 127.0.0.1:0`; the harness reads the port from the
+"listening on" log line), or on the addresses given. Startup waits for the "ready" line with a deadline; the context always
 stops the worker (SIGTERM, then SIGKILL) and, on failure, the log is in the assertion message.
 """
 
@@ -49,7 +50,7 @@ def file_export(name: str, path: str | os.PathLike, **kw: Any) -> dict[str, Any]
 @dataclass
 class RunningWorker:
     proc: subprocess.Popen
-    config_path: Path
+    config_path: Path | None
     addresses: list[str] = field(default_factory=list)
     _lines: list[str] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
@@ -161,7 +162,7 @@ def _config_dict(config: dict[str, Any] | WorkerConfig) -> dict[str, Any]:
 
 
 def start_worker(
-    config: dict[str, Any] | WorkerConfig,
+    config: dict[str, Any] | WorkerConfig | None,
     *,
     workdir: str | os.PathLike,
     storage_root: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
@@ -173,17 +174,12 @@ def start_worker(
 ) -> RunningWorker:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    config_path = workdir / "worker-config.json"
-    config_path.write_text(json.dumps(_config_dict(config)))
-    cmd = [
-        sys.executable,
-        "-m",
-        "nbdworker",
-        "--config",
-        str(config_path),
-        "--log-level",
-        log_level,
-    ]
+    cmd = [sys.executable, "-m", "nbdworker", "--log-level", log_level]
+    config_path = None
+    if config is not None:
+        config_path = workdir / "worker-config.json"
+        config_path.write_text(json.dumps(_config_dict(config)))
+        cmd += ["--config", str(config_path)]
     for addr in listen:
         cmd += ["--listen", addr]
     if storage_root is None:
@@ -224,7 +220,7 @@ def start_worker(
 
 @contextlib.contextmanager
 def run_worker(
-    config: dict[str, Any] | WorkerConfig, *, workdir: str | os.PathLike, **kw: Any
+    config: dict[str, Any] | WorkerConfig | None, *, workdir: str | os.PathLike, **kw: Any
 ) -> Iterator[RunningWorker]:
     """Start a worker (see `start_worker`), yield it, always stop it."""
     worker = start_worker(config, workdir=workdir, **kw)
