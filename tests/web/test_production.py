@@ -1,0 +1,140 @@
+"""Production settings (nbdweb/settings_production.py), static files and logging.
+
+Each check runs `manage.py` in a subprocess: settings are read once per process, and these
+tests must see exactly what an operator's process sees.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nbdweb.logging import JSONFormatter
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    # A fresh data dir: its own generated secrets and static root; SQLite, no shared state.
+    full_env.update({"NBDWEB_DATA_DIR": str(tmp_path / "data"), "DEBUG": ""})
+    full_env.pop("DATABASE_URL", None)
+    full_env.update(env)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_check_deploy_is_clean_under_production_settings(tmp_path):
+    result = run(
+        ["manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        tmp_path,
+        DJANGO_SETTINGS_MODULE="nbdweb.settings_production",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
+
+
+def test_check_deploy_warns_under_the_development_settings(tmp_path):
+    # The guard above means something: the base settings are not production-ready.
+    result = run(
+        ["manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        tmp_path,
+        DJANGO_SETTINGS_MODULE="nbdweb.settings",
+    )
+    assert result.returncode != 0
+    assert "security.W004" in result.stderr + result.stdout  # no HSTS
+
+
+def test_production_serves_collected_static_files_over_https_only(tmp_path):
+    env = {
+        "DJANGO_SETTINGS_MODULE": "nbdweb.settings_production",
+        "DJANGO_ALLOWED_HOSTS": "testserver",
+    }
+    collected = run(["manage.py", "collectstatic", "--noinput", "-v0"], tmp_path, **env)
+    assert collected.returncode == 0, collected.stderr
+    script = (
+        "import django, json\n"
+        "django.setup()\n"
+        "from django.test import Client\n"
+        "from django.templatetags.static import static\n"
+        "url = static('admin/css/base.css')\n"
+        "client = Client()\n"
+        "plain = client.get(url)\n"
+        "secure = client.get(url, secure=True)\n"
+        "print(json.dumps({'url': url, 'plain': plain.status_code,\n"
+        "    'location': plain.get('Location'), 'secure': secure.status_code,\n"
+        "    'cache': secure.get('Cache-Control'),\n"
+        "    'hsts': secure.get('Strict-Transport-Security')}))\n"
+    )
+    result = run(["-c", script], tmp_path, **env)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    # Hashed file name from the manifest storage, served by whitenoise with a long cache life.
+    assert seen["url"].startswith("/static/admin/css/base.") and seen["url"] != (
+        "/static/admin/css/base.css"
+    )
+    assert seen["plain"] == 301 and seen["location"].startswith("https://")
+    assert seen["secure"] == 200
+    assert "max-age=" in seen["cache"]
+    assert "max-age=31536000" in seen["hsts"] and "includeSubDomains" in seen["hsts"]
+
+
+def test_an_unknown_log_format_stops_the_process_with_a_clear_error(tmp_path):
+    result = run(["manage.py", "check"], tmp_path, LOG_FORMAT="xml")
+    assert result.returncode != 0
+    assert "LOG_FORMAT must be plain or json" in result.stderr
+
+
+def test_log_format_json_makes_every_line_a_json_object(tmp_path):
+    script = (
+        "import django, logging\n"
+        "django.setup()\n"
+        "logging.getLogger('exports_app.tasks').warning('job %s failed', 7, extra={'job': 7})\n"
+    )
+    result = run(["-c", script], tmp_path, DJANGO_SETTINGS_MODULE="nbdweb.settings",
+                 LOG_FORMAT="json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    line = json.loads(result.stderr.strip().splitlines()[-1])
+    assert line["message"] == "job 7 failed"
+    assert (line["level"], line["logger"], line["job"]) == ("WARNING", "exports_app.tasks", 7)
+    assert line["time"].endswith("+00:00")
+
+
+def test_json_formatter_includes_exceptions_and_stringifies_odd_values():
+    formatter = JSONFormatter()
+    try:
+        raise ValueError("bad")
+    except ValueError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "oops", None, sys.exc_info())
+    record.path = Path("/srv/images")
+    entry = json.loads(formatter.format(record))
+    assert entry["message"] == "oops"
+    assert "ValueError: bad" in entry["exc_info"]
+    assert entry["path"] == "/srv/images"
+
+
+@pytest.mark.parametrize(
+    "unit", ["nbdweb-web.service", "nbdweb-celery.service", "nbdworker.service"]
+)
+def test_systemd_units_run_the_commands_of_make_run(unit):
+    text = (REPO / "docs" / "systemd" / unit).read_text()
+    assert "[Service]" in text and "ExecStart=" in text
+    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    expected = {
+        "nbdweb-web.service": "-m gunicorn -c nbdweb/gunicorn.conf.py nbdweb.wsgi",
+        "nbdweb-celery.service": "-m celery -A nbdweb worker",
+        "nbdworker.service": "-m nbdworker",
+    }[unit]
+    assert expected in exec_start
