@@ -113,15 +113,9 @@ def create_export(api: APIClient, node: WorkerNode, worker: RunningCelery, **dat
 
 
 def nbd_size(uri: str) -> int:
-    result = subprocess.run(
-        [require_tool("nbdinfo"), "--size", uri],
-        capture_output=True,
-        text=True,
-        env=client_env(),
-        timeout=30,
-    )
-    assert result.returncode == 0, result.stderr
-    return int(result.stdout.strip())
+    size = nbd_size_or_none(uri)
+    assert size is not None, f"nbdinfo could not open {uri}"
+    return size
 
 
 def qemu_io(uri: str, *commands: str) -> str:
@@ -261,6 +255,50 @@ def test_delete_with_wipe_removes_the_image_then_the_export(api, node, celery_wo
     assert api.get(f"{EXPORTS}{export.pk}/").status_code == 404
     assert not image.exists()
     assert list(storage_root.iterdir()) == []
+
+
+def test_job_results_are_published_to_a_worker_that_follows_redis(
+    api, node, celery_worker, tmp_path, storage_root
+):
+    """No --config: the worker follows the node's snapshot in Redis, which the Celery worker
+    publishes when a job ends. The export appears when ready and goes when deleted."""
+    worker = start_worker(
+        None,
+        workdir=tmp_path / "follower",
+        storage_root=storage_root,
+        env={"NBDWORKER_NODE": node.name},
+    )
+    try:
+        assert create_export(api, node, celery_worker, name="pub", size="1G")["state"] == (
+            "succeeded"
+        )
+        uri = worker.uri("pub")
+        deadline = time.monotonic() + 10
+        while nbd_size_or_none(uri) != GiB:
+            assert time.monotonic() < deadline, worker.log_tail()
+            time.sleep(0.1)
+        qemu_io(uri, "write -P 0x3c 0 4k", "read -P 0x3c 0 4k")
+
+        export = Export.objects.get(name="pub", node=node)
+        response = api.delete(f"{EXPORTS}{export.pk}/")
+        assert wait_for_job(api, response.json()["job"], celery_worker)["state"] == "succeeded"
+        deadline = time.monotonic() + 10
+        while nbd_size_or_none(uri) is not None:
+            assert time.monotonic() < deadline, worker.log_tail()
+            time.sleep(0.1)
+    finally:
+        worker.stop()
+
+
+def nbd_size_or_none(uri: str) -> int | None:
+    result = subprocess.run(
+        [require_tool("nbdinfo"), "--size", uri],
+        capture_output=True,
+        text=True,
+        env=client_env(),
+        timeout=30,
+    )
+    return int(result.stdout) if result.returncode == 0 else None
 
 
 # -- failures ------------------------------------------------------------------------------------
