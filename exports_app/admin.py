@@ -15,6 +15,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 from simple_history.admin import SimpleHistoryAdmin
 
+from exports_app.admin_status import NodeStatusAdminMixin
 from exports_app.choices import CertificateKind, KeyAlgorithm, TLSMode
 from exports_app.constants import MAX_VALIDITY_DAYS
 from exports_app.models import (
@@ -78,7 +79,7 @@ def action_with_form(
 
 
 @admin.register(WorkerNode)
-class WorkerNodeAdmin(SimpleHistoryAdmin):
+class WorkerNodeAdmin(NodeStatusAdminMixin, SimpleHistoryAdmin):
     list_display = [
         "name",
         "listen",
@@ -86,10 +87,12 @@ class WorkerNodeAdmin(SimpleHistoryAdmin):
         "storage_root",
         "tls_policy",
         "export_count",
+        "worker_status",
+        "live_sessions",
     ]
     list_filter = ["tls_policy__mode", "tls_policy"]
     search_fields = ["name", "description", "listen", "storage_root"]
-    readonly_fields = ["created", "last_updated"]
+    readonly_fields = ["created", "last_updated", "worker_status", "live_sessions"]
 
     @admin.display(description="exports")
     def export_count(self, node: WorkerNode) -> int:

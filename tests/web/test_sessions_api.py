@@ -169,3 +169,50 @@ def test_node_status_is_unknown_without_redis(api, default_node, settings) -> No
     response = api.get("/api/v1/nodes/")
     assert response.status_code == 200
     assert response.json()["results"][0]["status"]["status"] == "unknown"
+
+
+# -- admin ---------------------------------------------------------------------------------------
+
+ADMIN_SESSIONS = "/admin/exports_app/workernode/sessions/"
+
+
+@pytest.fixture
+def admin_client_for(client, make_user):
+    def login(*perms: str, superuser: bool = False):
+        user = make_user(*perms, superuser=superuser)
+        user.is_staff = True
+        user.save()
+        client.force_login(user)
+        return client
+
+    return login
+
+
+def test_admin_node_list_shows_worker_status(admin_client_for, live, r, default_node) -> None:
+    r.set(published_key(default_node.name), 5)
+    page = admin_client_for(superuser=True).get("/admin/exports_app/workernode/")
+    assert page.status_code == 200
+    assert "online, generation 5 (current; latest 5)" in page.content.decode()
+
+
+def test_admin_sessions_page_lists_and_ends_sessions(admin_client_for, live, r) -> None:
+    client = admin_client_for(superuser=True)
+    page = client.get(ADMIN_SESSIONS, {"node": "other"})
+    text = page.content.decode()
+    assert page.status_code == 200
+    assert "bb01" in text and "aa01" not in text
+    assert "End session" in text
+    response = client.post(f"{ADMIN_SESSIONS}?node=other", {"end": "bb01"})
+    assert response.status_code == 302
+    assert r.smembers(kicks_key("other")) == {"bb01"}
+
+
+def test_admin_sessions_page_needs_the_export_permissions(admin_client_for, live, r) -> None:
+    assert admin_client_for().get(ADMIN_SESSIONS).status_code == 403
+    viewer = admin_client_for("exports_app.view_export")
+    page = viewer.get(ADMIN_SESSIONS)
+    assert page.status_code == 200
+    assert "aa01" in page.content.decode()
+    assert "End session" not in page.content.decode()
+    assert viewer.post(ADMIN_SESSIONS, {"end": "aa01"}).status_code == 403
+    assert r.smembers(kicks_key("default")) == set()
