@@ -46,7 +46,7 @@ BACKOFF_MIN = 0.2
 BACKOFF_MAX = 30.0
 # At start, how long Redis may take to answer before the cached snapshot is used.
 STARTUP_TIMEOUT = 3.0
-PING_INTERVAL = 15.0
+PING_INTERVAL = 5.0
 
 
 def default_state_dir(environ: dict[str, str] | None = None) -> Path:
