@@ -1,0 +1,187 @@
+"""A new config ends exactly the live connections it withdraws (nbdworker/reload.py), and no
+other: real connections, plaintext and TLS, against an in-process server whose config is
+swapped with `apply_config`, as nbdworker/configsource.py does."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from nbdworker.config import WorkerConfig, WorkerSettings
+from nbdworker.protocol import Reply
+from nbdworker.server import NBDServer
+from tests.support.pki import PKI, make_pki
+from tests.support.tlsprobe import Probe, client_context, worker_config
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+class ServerThread:
+    def __init__(self, server: NBDServer, loop: asyncio.AbstractEventLoop, port: int) -> None:
+        self.server, self.loop, self.port = server, loop, port
+
+    def apply(self, config: dict) -> None:
+        done = threading.Event()
+
+        def swap() -> None:
+            self.server.apply_config(WorkerConfig.from_dict(config))
+            done.set()
+
+        self.loop.call_soon_threadsafe(swap)
+        assert done.wait(10)
+
+
+@contextmanager
+def serving(config: dict, tmp_path) -> Iterator[ServerThread]:
+    settings = WorkerSettings.from_sources([str(tmp_path)], ["127.0.0.1:0"], environ={})
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder: dict = {}
+
+    async def main() -> None:
+        server = NBDServer(settings, WorkerConfig.from_dict(config), shutdown_timeout=5)
+        holder["server"] = server
+        holder["port"] = int((await server.start())[0].rpartition(":")[2])
+        holder["stop"] = asyncio.Event()
+        ready.set()
+        await holder["stop"].wait()
+        await server.shutdown()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield ServerThread(holder["server"], loop, holder["port"])
+    finally:
+        loop.call_soon_threadsafe(holder["stop"].set)
+        thread.join(30)
+        loop.close()
+
+
+def connect(port: int, export: str, pki: PKI | None = None, client: str | None = None) -> Probe:
+    """A client in transmission on `export`, over TLS as `client` when `pki` is given."""
+    p = Probe(port)
+    if pki is not None:
+        p.starttls(client_context(pki, client))
+    assert p.info(export, go=True)[-1].reply == Reply.ACK
+    return p
+
+
+def serves(p: Probe) -> bool:
+    return p.read(0, 512)[1] == 0
+
+
+def export(cfg: dict, name: str) -> dict:
+    return next(e for e in cfg["exports"] if e["name"] == name)
+
+
+def changed(cfg: dict, change: Callable[[dict], None]) -> dict:
+    new = copy.deepcopy(cfg)
+    new["generation"] = cfg["generation"] + 1
+    change(new)
+    return new
+
+
+# Each case: (mode, change to the config, (export, TLS client or None) that must end, the
+# connection that must carry on).
+CASES = {
+    "export removed": (
+        "SELECTIVETLS",
+        lambda c: c["exports"].remove(export(c, "plain")),
+        ("plain", None),
+        ("alice-only", "alice"),
+    ),
+    "export disabled": (
+        "SELECTIVETLS",
+        lambda c: export(c, "plain").update(enabled=False),
+        ("plain", "bob"),
+        ("alice-only", "alice"),
+    ),
+    "tls now required on the export": (
+        "SELECTIVETLS",
+        lambda c: export(c, "plain").update(tls_required=True),
+        ("plain", None),
+        ("plain", "bob"),
+    ),
+    "mode now FORCEDTLS": (
+        "SELECTIVETLS",
+        lambda c: c["tls"].update(mode="FORCEDTLS"),
+        ("plain", None),
+        ("plain", "alice"),
+    ),
+    "certificate revoked": (
+        "FORCEDTLS",
+        lambda c: c["tls"]["revoked_serials"].append(_serials["alice"]),
+        ("plain", "alice"),
+        ("plain", "bob"),
+    ),
+    "client no longer allowed": (
+        "FORCEDTLS",
+        lambda c: export(c, "alice-only").update(allowed_clients=[{"common_name": "carol"}]),
+        ("alice-only", "alice"),
+        ("plain", "alice"),
+    ),
+    "network no longer allowed": (
+        "SELECTIVETLS",
+        lambda c: export(c, "plain").update(allowed_networks=["10.0.0.0/8"]),
+        ("plain", None),
+        ("alice-only", "alice"),
+    ),
+    "export became read-only": (
+        "SELECTIVETLS",
+        lambda c: export(c, "plain").update(read_only=True),
+        ("plain", None),
+        ("alice-only", "alice"),
+    ),
+}
+_serials: dict[str, str] = {}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_tightening_ends_the_affected_connection_only(case: str, pki: PKI, tmp_path) -> None:
+    _serials.update({name: cred.serial_hex for name, cred in pki.clients.items()})
+    mode, change, (end_export, end_client), (keep_export, keep_client) = CASES[case]
+    config = worker_config(pki, mode, generation=1, client_verification="optional")
+    with serving(config, tmp_path) as s:
+        doomed = connect(s.port, end_export, pki if end_client else None, end_client)
+        kept = connect(s.port, keep_export, pki if keep_client else None, keep_client)
+        assert serves(doomed) and serves(kept)
+        s.apply(changed(config, change))
+        assert doomed.closed(), f"{case}: the affected connection was not ended"
+        assert serves(kept), f"{case}: an unaffected connection was disturbed"
+        doomed.close()
+        kept.close()
+
+
+HARMLESS = {
+    "description": lambda c: export(c, "plain").update(description="new words"),
+    "block sizes": lambda c: export(c, "plain").update(preferred_block_size=65536),
+    "another export added": lambda c: c["exports"].append(
+        {"name": "extra", "backend": "memory", "size": 1 << 20}
+    ),
+    "network rule that still admits": lambda c: export(c, "plain").update(
+        allowed_networks=["127.0.0.0/8"]
+    ),
+    "another serial revoked": lambda c: c["tls"]["revoked_serials"].append(_serials["carol"]),
+}
+
+
+@pytest.mark.parametrize("case", list(HARMLESS))
+def test_other_changes_leave_live_connections_alone(case: str, pki: PKI, tmp_path) -> None:
+    _serials.update({name: cred.serial_hex for name, cred in pki.clients.items()})
+    config = worker_config(pki, "SELECTIVETLS", generation=1, client_verification="optional")
+    with serving(config, tmp_path) as s:
+        plain = connect(s.port, "plain")
+        tls = connect(s.port, "plain", pki, "alice")
+        s.apply(changed(config, HARMLESS[case]))
+        assert serves(plain) and serves(tls)
+        plain.close()
+        tls.close()
