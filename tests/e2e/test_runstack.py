@@ -159,7 +159,11 @@ def test_make_run_serves_http_and_nbd_and_stops_cleanly(stack: Stack) -> None:
     text = stack.output()
     assert "private redis-server" in text
     for name in ("web", "celery", "nbdworker"):
-        assert any(line.startswith(f"{name} ") for line in stack.lines), f"no lines from {name}"
+        # Each process prints in its own time (Celery's banner can come after nbdworker answers).
+        stack.wait_for(
+            lambda name=name: any(line.startswith(f"{name} ") for line in stack.lines),
+            f"output from {name}",
+        )
 
     children = descendants(stack.proc.pid)
     assert len(children) >= 4, (
