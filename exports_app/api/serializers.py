@@ -262,8 +262,9 @@ class ExportSerializer(ValidatedModelSerializer):
         return super().build_instance(attrs)
 
     def get_job(self, export: Export) -> int | None:
-        # The list view annotates the latest job; a freshly saved export is looked up.
-        if hasattr(export, "latest_job_id"):
+        # A list uses the queryset's annotation (no query per row). A single export is looked
+        # up: its annotation predates the job an update may just have requested.
+        if self.parent is not None and hasattr(export, "latest_job_id"):
             return export.latest_job_id
         return export.jobs.order_by("-pk").values_list("pk", flat=True).first()
 

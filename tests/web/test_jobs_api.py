@@ -7,6 +7,8 @@ them, so nothing reaches a Celery queue (tests/e2e/test_jobs.py runs real worker
 
 import pytest
 from django.contrib.messages import get_messages
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from exports_app.choices import ExportState, JobKind, JobState
 from exports_app.models import Export, Job, WorkerNode
@@ -375,3 +377,24 @@ def test_admin_retry_action(admin_client, default_node):
     messages = [str(m) for m in get_messages(response.wsgi_request)]
     assert any("retried as job" in m for m in messages), messages
     assert Job.objects.filter(kind=JobKind.CREATE).count() == 2
+
+
+def test_patching_the_size_answers_with_the_new_resize_job(api, ready):
+    export = ready(size=MiB)
+    provisioning.request_verify(export)
+    response = api.patch(f"{EXPORTS}{export.pk}/", {"size": "2M"})
+    assert response.status_code == 200, response.content
+    assert job_of(response).kind == JobKind.RESIZE
+
+
+def test_listing_exports_and_jobs_costs_the_same_queries_for_one_or_many(api, ready):
+    def count(url: str) -> int:
+        with CaptureQueriesContext(connection) as queries:
+            assert api.get(url).status_code == 200
+        return len(queries)
+
+    provisioning.request_verify(ready("first"))
+    one = (count(EXPORTS), count(JOBS))
+    for i in range(10):
+        provisioning.request_verify(ready(f"more{i}"))
+    assert (count(EXPORTS), count(JOBS)) == one
