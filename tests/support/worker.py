@@ -6,8 +6,9 @@
 `config` is a dict (the JSON snapshot) or a `WorkerConfig`; None starts the worker without
 `--config`, following its node's config in Redis (pass REDIS_URL and the secret in `env`).
 The worker listens on a free port (`--listen 127.0.0.1:0`; the harness reads the port from the
-"listening on" log line), or on the addresses given. Startup waits for the "ready" line with a deadline; the context always
-stops the worker (SIGTERM, then SIGKILL) and, on failure, the log is in the assertion message.
+"listening on" log line), or on the addresses given. Startup waits for the "ready" line with a
+deadline; the context always stops the worker (SIGTERM, then SIGKILL) and, on failure, the log
+is in the assertion message.
 """
 
 from __future__ import annotations
