@@ -4,9 +4,11 @@ A connection keeps the config it started with, except where the new one withdraw
 connection is using: its export is removed or disabled (or now refused, e.g. a path outside the
 storage roots), the export or the policy now demands TLS the connection does not have, the
 export's network or client rules no longer admit it, its client certificate is revoked, a
-client certificate is now required and it has none, or a writable export became read-only (the
-flags negotiated at the handshake would be a lie). Anything else — a new description, block
-sizes, another image path, a new export — applies to new connections only.
+client certificate is now required and it has none, TLS 1.3 is now required and it runs TLS 1.2,
+or a writable export became read-only (the flags negotiated at the handshake would be a lie).
+Anything else — a new description, block sizes, another image path, a new export — applies to
+new connections only. Not covered: a change of trusted CAs does not re-verify live clients (their
+certificate chain is not kept); revoke their certificates to end them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ if TYPE_CHECKING:
     from nbdworker.server import ServerState
 
 __all__ = ["ending_reason"]
+
+
+def _tls_version(conn: NBDConnection) -> str | None:
+    sslobj = conn.transport.get_extra_info("ssl_object") if conn.transport is not None else None
+    return sslobj.version() if sslobj is not None else None
 
 
 def ending_reason(conn: NBDConnection, state: ServerState) -> str | None:
@@ -50,6 +57,8 @@ def ending_reason(conn: NBDConnection, state: ServerState) -> str | None:
         return f"client certificate serial {identity.serial} revoked"  # type: ignore[union-attr]
     if conn.tls_active and identity is None and tls.client_verification == "required":
         return "a client certificate is now required"
+    if conn.tls_active and tls.min_version == "1.3" and _tls_version(conn) == "TLSv1.2":
+        return "TLS 1.3 is now required"
     if new.read_only and not old.read_only:
         return "export became read-only"
     return None

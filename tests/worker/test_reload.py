@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -66,11 +67,17 @@ def serving(config: dict, tmp_path) -> Iterator[ServerThread]:
         loop.close()
 
 
-def connect(port: int, export: str, pki: PKI | None = None, client: str | None = None) -> Probe:
+def connect(
+    port: int,
+    export: str,
+    pki: PKI | None = None,
+    client: str | None = None,
+    maximum: ssl.TLSVersion | None = None,
+) -> Probe:
     """A client in transmission on `export`, over TLS as `client` when `pki` is given."""
     p = Probe(port)
     if pki is not None:
-        p.starttls(client_context(pki, client))
+        p.starttls(client_context(pki, client, maximum))
     assert p.info(export, go=True)[-1].reply == Reply.ACK
     return p
 
@@ -185,3 +192,15 @@ def test_other_changes_leave_live_connections_alone(case: str, pki: PKI, tmp_pat
         assert serves(plain) and serves(tls)
         plain.close()
         tls.close()
+
+
+def test_requiring_tls_13_ends_tls_12_connections_only(pki: PKI, tmp_path) -> None:
+    config = worker_config(pki, "FORCEDTLS", generation=1, client_verification="optional")
+    with serving(config, tmp_path) as s:
+        old = connect(s.port, "plain", pki, "alice", maximum=ssl.TLSVersion.TLSv1_2)
+        new = connect(s.port, "plain", pki, "bob")
+        s.apply(changed(config, lambda c: c["tls"].update(min_version="1.3")))
+        assert old.closed()
+        assert serves(new)
+        old.close()
+        new.close()
