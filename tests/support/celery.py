@@ -21,6 +21,7 @@ Celery worker does; tests of "permission denied" rely on it.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -48,6 +49,13 @@ __all__ = [
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT = 60.0
 _DROPPED_CAPABILITIES = "-dac_override,-dac_read_search"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: the kernel kills the worker if the test process dies
+    without its teardown (a killed pytest), so no worker outlives the run."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def database_url(settings_dict: dict) -> str:
@@ -155,6 +163,7 @@ def start_celery_worker(
         errors="replace",
         # Its own process group: the pool children go down with it if it must be killed.
         start_new_session=True,
+        preexec_fn=_die_with_parent,
     )
     worker = RunningCelery(proc, queue)
     threading.Thread(target=worker._pump, daemon=True).start()
