@@ -294,3 +294,17 @@ def test_eof_without_disc_releases_connection(worker):
     c = RawClient.open(worker.host, worker.port, "mem")
     c.request(Command.READ, 0, 4096)
     c.close()  # abrupt, like fio: no NBD_CMD_DISC
+
+
+def test_df_read_over_data_and_hole_is_one_chunk(worker):
+    with RawClient.open(worker.host, worker.port, "disk", structured=True) as c:
+        assert c.command(Command.TRIM, 0, 1 << 20) == 0
+        assert c.write(65536, b"\x07" * 65536) == 0
+        plain = c.read(0, 1 << 20)
+        kinds = {chunk.type for chunk in plain.chunks}
+        assert 2 in kinds and 1 in kinds  # OFFSET_HOLE and OFFSET_DATA without DF
+        result = c.read(0, 1 << 20, flags=CommandFlag.DF)
+        assert result.error == 0
+        assert [chunk.type for chunk in result.chunks] == [1]
+        assert result.data == plain.data
+        assert result.data[65536:131072] == b"\x07" * 65536
