@@ -47,6 +47,16 @@ class Backend:
         """
         return 0
 
+    def read_bytes(self, offset: int, length: int) -> bytes:
+        """Read `length` bytes at `offset` into a new bytes object."""
+        buf = bytearray(length)
+        self.pread(memoryview(buf), offset)
+        return bytes(buf)
+
+    def cached(self, offset: int, length: int) -> bool:
+        """A cheap guess whether reading the range would not wait for storage."""
+        return False
+
     def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
         raise OSError(errno.EROFS, "read-only backend")
 

@@ -93,6 +93,7 @@ class FileBackend(Backend):
         self._seek_ok = True
         self._lock = threading.Lock()
         self._closed = False
+        self._probe = bytearray(4096)
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -113,13 +114,37 @@ class FileBackend(Backend):
         except OSError:
             return 0
 
+    def read_bytes(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) == length:
+            return data
+        parts = [data]
+        got = len(data)
+        while got < length:
+            more = os.pread(self.fd, length - got, offset + got)
+            if not more:
+                raise OSError(errno.EIO, "short read: image shrank underneath the export")
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def cached(self, offset: int, length: int) -> bool:
+        # Probe the last page of the range: readahead fills the cache front to back, so when
+        # the tail is resident the rest almost always is too. A miss only costs a thread hop.
+        probe = self._probe
+        start = max(offset, offset + length - len(probe))
+        try:
+            return os.preadv(self.fd, [probe], start, os.RWF_NOWAIT) > 0
+        except OSError:
+            return False
+
     # -- writes -------------------------------------------------------------------------------
 
     def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
-        done = 0
+        done = os.pwrite(self.fd, buf, offset)
         want = len(buf)
-        while done < want:
-            done += os.pwritev(self.fd, [buf[done:]], offset + done)
+        while done < want:  # short writes are rare: only then pay for the slicing
+            done += os.pwrite(self.fd, buf[done:], offset + done)
         if fua:
             os.fdatasync(self.fd)
 

@@ -54,6 +54,9 @@ class MemoryBackend(Backend):
         self.pread(buf, offset)
         return len(buf)
 
+    def cached(self, offset: int, length: int) -> bool:
+        return True
+
     def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
         if self.read_only:
             raise OSError(errno.EROFS, "read-only export")
