@@ -9,6 +9,7 @@ Each probe is followed by a check that a fresh client is still served.
 from __future__ import annotations
 
 import contextlib
+import os
 import ssl
 import struct
 from collections.abc import Callable, Iterator
@@ -16,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from nbdworker.protocol import ClientFlag, Errno, Option, Reply
+from nbdworker.protocol import ClientFlag, Command, Errno, Option, Reply
 from nbdworker.protocol.client import (
     decode_option_replies,
     encode_info_request,
     encode_meta_context_request,
     encode_option,
+    encode_request,
     parse_server,
 )
 from tests.support.pki import PKI, make_pki
@@ -693,3 +695,78 @@ def test_revoked_client_pipelining_an_option_gets_no_answer(
     # This line names the peer as "addr:port [identity]: ...".
     wait_for_line(worker, client.rstrip(":") + " [CN=revoked", "refused after the TLS handshake")
     assert_still_serving(worker, pki, "FORCEDTLS")
+
+
+# -- transmission over TLS ------------------------------------------------------------------------
+
+
+def _go(p: Probe, pki: PKI, export: str = "plain") -> None:
+    p.starttls(client_context(pki, "alice"))
+    assert p.info(export, go=True)[-1].reply == Reply.ACK
+
+
+def test_pipelined_writes_and_reads_over_tls_keep_their_data(
+    workers: dict[str, RunningWorker], pki: PKI
+) -> None:
+    blocks = {i: os.urandom(4096) for i in range(64)}
+    with Probe(workers["SELECTIVETLS"].port) as p:
+        _go(p, pki, "secret")
+        # Every write, then every read, each batch in one send.
+        p.send(
+            b"".join(
+                encode_request(Command.WRITE, cookie=i, offset=i * 8192, length=4096) + data
+                for i, data in blocks.items()
+            )
+        )
+        for _ in blocks:
+            _, error, _cookie = struct.unpack(">IIQ", p.recv_exact(16))
+            assert error == 0
+        p.send(
+            b"".join(
+                encode_request(Command.READ, cookie=1000 + i, offset=i * 8192, length=4096)
+                for i in blocks
+            )
+        )
+        for _ in blocks:
+            _magic, error, cookie = struct.unpack(">IIQ", p.recv_exact(16))
+            assert error == 0
+            assert p.recv_exact(4096) == blocks[cookie - 1000]
+        p.disconnect()
+
+
+def test_replies_batched_before_a_disconnect_are_all_delivered(
+    workers: dict[str, RunningWorker], pki: PKI
+) -> None:
+    with Probe(workers["FORCEDTLS"].port) as p:
+        _go(p, pki)
+        reads = b"".join(
+            encode_request(Command.READ, cookie=i, offset=i * 4096, length=4096) for i in range(32)
+        )
+        p.send(reads + encode_request(Command.DISC, cookie=99))
+        cookies = []
+        for _ in range(32):
+            _, error, cookie = struct.unpack(">IIQ", p.recv_exact(16))
+            assert error == 0
+            p.recv_exact(4096)
+            cookies.append(cookie)
+        assert sorted(cookies) == list(range(32))
+        assert p.closed()
+
+
+def test_large_pipelined_reads_over_tls(workers: dict[str, RunningWorker], pki: PKI) -> None:
+    # Far more reply data than the transport's write buffer: the server must pause parsing
+    # rather than hold it all, and still answer everything.
+    with Probe(workers["FORCEDTLS"].port) as p:
+        _go(p, pki)
+        count, length = 48, 1 << 20
+        p.send(
+            b"".join(
+                encode_request(Command.READ, cookie=i, offset=(i % 4) * length, length=length)
+                for i in range(count)
+            )
+        )
+        for _ in range(count):
+            _, error, _cookie = struct.unpack(">IIQ", p.recv_exact(16))
+            assert error == 0
+            assert len(p.recv_exact(length)) == length
+        p.disconnect()
