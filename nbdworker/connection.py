@@ -88,6 +88,9 @@ SPARSE_READ_MIN = 64 * 1024
 MAX_DESCRIPTORS = 1 << 20
 MAX_EXTENT = 0xFFFFFFFF & ~511
 DRAIN_CHUNK = 1 << 20
+# Reads up to this size go through preadv(RWF_NOWAIT) into one reply buffer; larger ones
+# through os.pread (see _read).
+SMALL_READ = 64 * 1024
 # Over TLS, replies produced while handling one batch of received requests are written together
 # (every transport write is a TLS record and a send()): 4 KiB random reads at queue depth 16 gain
 # about 15%. Past this many bytes the batch is written at once, so the transport's high-water
@@ -491,6 +494,7 @@ class NBDConnection(asyncio.BufferedProtocol):
     def _process(self) -> None:
         """Dispatch every complete request in the buffer, unless paused."""
         session = self.session
+        backend = self.backend
         rbuf = self.rbuf
         while (
             self.phase == _PHASE_TRANSMISSION
@@ -530,10 +534,26 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.start = start + HEADER + payload
             if verdict.error:
                 self._reply_error(req, verdict.error, verdict.message)
-            elif self.shutting_down and req.command != _CMD_DISC:
+                continue
+            command = req.command
+            if self.shutting_down and command != _CMD_DISC:
                 self._reply_error(req, Errno.ESHUTDOWN, "server is shutting down")
-            else:
-                self._execute(req, data, True)
+                continue
+            # The two hot commands are handled right here: every call saved shows in 4 KiB IOPS.
+            try:
+                if command == _CMD_WRITE and not req.flags & _FUA:
+                    backend.pwrite(data, req.offset)
+                    self._send(encode_simple_reply(req.cookie))
+                elif command == _CMD_READ:
+                    self._read(req)
+                else:
+                    self._dispatch(req, data, True)
+            except OSError as exc:
+                self._reply_oserror(req, exc)
+            except Exception as exc:
+                # A bug must cost one request, not the connection or the event loop.
+                log.exception("%s: internal error in %s", self.peer, req.command)
+                self._reply_error(req, Errno.EIO, f"internal error: {type(exc).__name__}")
         self._update_reading()
         self._maybe_close()
 
@@ -678,6 +698,18 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self._in_thread(req, self._sparse_read, req, extents, result=self._send_reply)
                 return
         header = encode_read_data_header(req.cookie, req.offset, length, self.structured)
+        if length > SMALL_READ:
+            # Large reads: `os.pread` returns a new bytes object without zero-filling it first,
+            # and `writelines` sends header and data with one writev (uvloop). Measured with
+            # nbdcopy this used a quarter less CPU than preadv into a fresh bytearray. The
+            # page-cache probe keeps cold reads off the event loop.
+            if backend.cached(req.offset, length):
+                self._send_lines(req, [header, backend.read_bytes(req.offset, length)])
+            else:
+                self._in_thread(
+                    req, self._read_job, header, req.offset, length, result=self._send_lines
+                )
+            return
         hlen = len(header)
         buf = bytearray(hlen + length)
         buf[:hlen] = header
@@ -687,6 +719,14 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._send(buf)
             return
         self._in_thread(req, self._finish_read, buf, view, req.offset, got, result=self._send_reply)
+
+    def _read_job(self, header: bytes, offset: int, length: int) -> list[bytes]:
+        # Runs in a worker thread: the data may have to come from the disk.
+        return [header, self.backend.read_bytes(offset, length)]
+
+    def _send_lines(self, req, lines: list[bytes]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(lines)
 
     def _finish_read(self, buf: bytearray, view: memoryview, offset: int, got: int) -> bytearray:
         # Runs in a worker thread: the page cache did not have all of it.
