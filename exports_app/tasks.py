@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 from celery import shared_task
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
@@ -71,8 +72,8 @@ def _image_path(export: Export, create_parents: bool = False) -> str:
     # validated on the web side.
     try:
         path = resolve_image_path(export.node.storage_root, export.image_path)
-    except Exception as exc:
-        raise JobFailed(f"Bad image path {export.image_path!r}: {exc}") from None
+    except ValidationError as exc:
+        raise JobFailed(f"Bad image path {export.image_path!r}: {exc.messages[0]}") from None
     if create_parents:
         parent = os.path.dirname(path)
         if parent != os.path.normpath(export.node.storage_root):
