@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,8 +30,6 @@ __all__ = [
     "client_matches",
     "peer_ip",
 ]
-
-log = logging.getLogger("nbdworker.auth")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -172,7 +169,9 @@ class ExportAuthorizer:
     """The ``authorize`` callback of one connection's `Handshake`.
 
     It reads the connection's identity when asked, so setting `identity` after the TLS handshake
-    applies to every option negotiated after it.
+    applies to every option negotiated after it. It does not log: the handshake also asks it to
+    filter LIST, which is not a refusal; the connection logs the refusals the client receives,
+    naming the client with `describe()`.
     """
 
     def __init__(
@@ -184,27 +183,17 @@ class ExportAuthorizer:
         self.address = peer_ip(peername)
         self.peer = _format_peer(peername)
         self.identity: ClientIdentity | None = None
-        # LIST and the meta-context options ask too: log each refusal once per connection.
-        self._logged: set[tuple[str, str | None]] = set()
 
     def __call__(self, view: ExportView) -> str | None:
         export = self._lookup(view.name)
         if export is None:
-            reason: str | None = "export is not configured"
-        else:
-            reason = authorize_export(export, self.address, self.identity)
-        if reason is not None:
-            key = (view.name, self.identity.fingerprint_sha256 if self.identity else None)
-            if key not in self._logged:
-                self._logged.add(key)
-                log.warning(
-                    "client %s [%s] refused for export %r: %s",
-                    self.peer,
-                    self.identity.describe() if self.identity else "no certificate",
-                    view.name,
-                    reason,
-                )
-        return reason
+            return "export is not configured"
+        return authorize_export(export, self.address, self.identity)
+
+    def describe(self) -> str:
+        """The client for log lines: address and certificate identity."""
+        who = self.identity.describe() if self.identity is not None else "no certificate"
+        return f"{self.peer} [{who}]"
 
 
 def _format_peer(peername: Any) -> str:

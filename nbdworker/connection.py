@@ -42,6 +42,7 @@ from nbdworker.protocol import (
     ExportView,
     Handshake,
     HandshakeLimits,
+    Option,
     OptionHandled,
     ProtocolError,
     Ready,
@@ -118,6 +119,7 @@ _PHASE_HANDSHAKE = 0
 _PHASE_TRANSMISSION = 1
 _PHASE_CLOSED = 2
 _PHASE_TLS = 3  # STARTTLS acked; the TLS handshake runs
+_EXPORT_OPTIONS = (Option.INFO, Option.GO, Option.EXPORT_NAME)
 
 
 class NBDConnection(asyncio.BufferedProtocol):
@@ -349,6 +351,9 @@ class NBDConnection(asyncio.BufferedProtocol):
                         self.hs_failure = HandshakeFailure.TLS_REQUIRED
                     elif event.reply == Reply.ERR_POLICY:
                         self.hs_failure = HandshakeFailure.NOT_AUTHORIZED
+                        if event.option in _EXPORT_OPTIONS and self.authorizer is not None:
+                            # Each export refusal the client receives (LIST filtering is none).
+                            log.warning("%s: %s", self.authorizer.describe(), event.detail)
                 elif isinstance(event, Ready):
                     self._send(hs.data_to_send())
                     self._enter_transmission(event, hs.trailing_data())

@@ -274,7 +274,7 @@ def test_client_allowed_on_one_export_is_refused_another(
     failed = run("nbdinfo", nbds(worker, "alice-only", bob), check=False)
     assert failed.returncode != 0
     assert run("qemu-img", "info", *qemu_opts(worker, "alice-only", bob), check=False).returncode
-    wait_for_line(worker, "CN=bob", "refused for export 'alice-only'")
+    wait_for_line(worker, "CN=bob", "not authorized for export 'alice-only'")
     run("nbdinfo", nbds(worker, "alice-only", pki.client_dir("alice")))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import subprocess
 
 import pytest
@@ -220,19 +219,11 @@ def test_authorizer_refuses_an_export_missing_from_its_config() -> None:
     assert auth(view("gone")) == "export is not configured"
 
 
-def test_authorizer_logs_each_refusal_once_with_peer_and_identity(
-    pki: PKI, caplog: pytest.LogCaptureFixture
-) -> None:
-    exports = {"a": export(allowed_clients=[{"common_name": "alice"}])}
-    auth = ExportAuthorizer(exports.get, ("192.0.2.9", 4242))
+def test_authorizer_describes_the_client_by_address_and_certificate(pki: PKI) -> None:
+    auth = ExportAuthorizer({}.get, ("192.0.2.9", 4242))
+    assert auth.describe() == "192.0.2.9:4242 [no certificate]"
     auth.identity = identity(pki, "bob")
-    with caplog.at_level(logging.WARNING, logger="nbdworker.auth"):
-        for _ in range(3):
-            assert auth(view("a")) is not None
-    records = [r for r in caplog.records if r.name == "nbdworker.auth"]
-    assert len(records) == 1
-    message = records[0].getMessage()
-    assert "192.0.2.9:4242" in message
-    assert "CN=bob" in message
-    assert f"serial={pki.clients['bob'].serial_hex}" in message
-    assert "'a'" in message
+    text = auth.describe()
+    assert text.startswith("192.0.2.9:4242 [CN=bob ")
+    assert f"serial={pki.clients['bob'].serial_hex}" in text
+    assert ExportAuthorizer({}.get, ("::1", 7, 0, 0)).describe().startswith("[::1]:7 ")

@@ -530,7 +530,7 @@ def test_client_allowed_on_one_export_is_refused_another(
         assert p.info(allowed, go=True)[-1].reply == Reply.ACK
         assert p.read()[:2] == ("simple", 0)
         p.disconnect()
-    wait_for_line(worker, "127.0.0.1:", f"CN={client}", f"refused for export {refused!r}")
+    wait_for_line(worker, "127.0.0.1:", f"CN={client}", f"not authorized for export {refused!r}")
     with Probe(worker.port) as p:
         p.starttls(client_context(pki, client))
         p.send(encode_option(Option.EXPORT_NAME, refused.encode()))
