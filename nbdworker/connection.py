@@ -501,6 +501,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         session = self.session
         backend = self.backend
         rbuf = self.rbuf
+        counts = self.counts
         while (
             self.phase == _PHASE_TRANSMISSION
             and not self.disconnecting
@@ -544,6 +545,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             if self.shutting_down and command != _CMD_DISC:
                 self._reply_error(req, Errno.ESHUTDOWN, "server is shutting down")
                 continue
+            counts[command] += 1
+            counts[BYTES + command] += req.length
             # The two hot commands are handled right here: every call saved shows in 4 KiB IOPS.
             try:
                 if command == _CMD_WRITE and not req.flags & _FUA:
