@@ -71,8 +71,9 @@ log = logging.getLogger("nbdworker.connection")
 
 HEADER = REQUEST_HEADER.size
 # Receive buffer for the transmission phase. Write payloads that do not fit in what is left of
-# it are received into a buffer of their own (no copy for big writes).
-RECV_BUFFER = 1 << 20
+# it are received into a buffer of their own (no copy for big writes). 4 MiB rather than 1 MiB
+# halved nbdcopy --connections=1 write time (fewer, larger reads; fewer payloads apart).
+RECV_BUFFER = 4 << 20
 # Connections start with a small buffer (allocating 1 MiB costs ~0.1 ms, a visible share of
 # connect latency) and grow it at the first write that does not fit.
 INITIAL_RECV_BUFFER = 64 * 1024
