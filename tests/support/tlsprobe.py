@@ -111,10 +111,16 @@ class Probe:
 
     def __init__(
         self,
-        port: int,
+        port: int | str,
         flags: int = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES,
     ) -> None:
-        self.sock: socket.socket = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+        """Connect to 127.0.0.1:`port`, or to the Unix socket at path `port`."""
+        if isinstance(port, str):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(DEADLINE)
+            self.sock.connect(port)
+        else:
+            self.sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
         self.flags = flags
         # What a test's STARTTLS step wraps the socket with.
         self.tls_context: ssl.SSLContext | None = None

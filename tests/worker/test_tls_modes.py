@@ -770,3 +770,21 @@ def test_large_pipelined_reads_over_tls(workers: dict[str, RunningWorker], pki: 
             assert error == 0
             assert len(p.recv_exact(length)) == length
         p.disconnect()
+
+
+def test_tls_over_a_unix_socket(pki: PKI, tmp_path: Path) -> None:
+    path = str(tmp_path / "nbd.sock")
+    cfg = worker_config(pki, "FORCEDTLS")
+    cfg["exports"].append(
+        {"name": "tcp-only", "backend": "memory", "size": 4096, "allowed_networks": ["0.0.0.0/0"]}
+    )
+    with run_worker(cfg, workdir=tmp_path, listen=[f"unix:{path}"]) as worker, Probe(path) as p:
+        assert reply_name(p.info("plain")) == "tlsreq"
+        p.starttls(client_context(pki, "alice"))
+        assert p.info("alice-only")[-1].reply == Reply.ACK
+        # A network rule cannot admit a peer without an IP address.
+        assert reply_name(p.info("tcp-only")) == "policy"
+        assert p.info("plain", go=True)[-1].reply == Reply.ACK
+        assert p.read()[:2] == ("simple", 0)
+        p.disconnect()
+        wait_for_line(worker, "unix", "not authorized for export 'tcp-only'")
