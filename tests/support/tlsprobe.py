@@ -7,12 +7,18 @@ refusals are recorded.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import re
 import socket
 import ssl
 import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 
+from nbdworker.config import WorkerConfig, WorkerSettings, parse_listen
 from nbdworker.protocol import ChunkType, ClientFlag, Option, Reply
 from nbdworker.protocol.client import (
     GREETING_SIZE,
@@ -25,14 +31,18 @@ from nbdworker.protocol.client import (
     encode_request,
 )
 from nbdworker.protocol.constants import SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC
+from nbdworker.server import NBDServer
 from tests.support.pki import PKI, tls_config_dict
 from tests.support.worker import RunningWorker
 
 __all__ = [
     "MODES",
+    "InProcessServer",
+    "PipelinedTLS",
     "Probe",
     "client_context",
     "export_table",
+    "serve_in_process",
     "wait_for_line",
     "worker_config",
 ]
@@ -232,3 +242,77 @@ class Probe:
 
     def disconnect(self) -> None:
         self.send(encode_request(2, cookie=8))
+
+
+@dataclasses.dataclass
+class InProcessServer:
+    server: NBDServer
+    loop: asyncio.AbstractEventLoop
+    port: int
+
+    def apply(self, config: dict) -> None:
+        async def apply() -> None:
+            self.server.apply_config(WorkerConfig.from_dict(config))
+
+        asyncio.run_coroutine_threadsafe(apply(), self.loop).result(DEADLINE)
+
+
+@contextlib.contextmanager
+def serve_in_process(config: dict, tmp_path: Path) -> Iterator[InProcessServer]:
+    """Run `NBDServer` on a standard-library asyncio loop in a thread (the worker's own event
+    loop is uvloop when installed; this covers the other TLS implementation too)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="nbdworker-loop", daemon=True)
+    thread.start()
+    settings = WorkerSettings(storage_roots=(str(tmp_path),), listen=(parse_listen("127.0.0.1:0"),))
+
+    async def start() -> tuple[NBDServer, list[str]]:
+        server = NBDServer(settings, WorkerConfig.from_dict(config), shutdown_timeout=5)
+        return server, await server.start()
+
+    server, addresses = asyncio.run_coroutine_threadsafe(start(), loop).result(DEADLINE)
+    try:
+        yield InProcessServer(server, loop, int(addresses[0].rsplit(":", 1)[1]))
+    finally:
+        asyncio.run_coroutine_threadsafe(server.shutdown(), loop).result(DEADLINE)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(DEADLINE)
+        loop.close()
+
+
+class PipelinedTLS:
+    """A TLS client over the probe's socket that sends `first` in the same flight as its
+    Finished message, so the server decrypts it together with the end of the handshake."""
+
+    def __init__(self, p: Probe, ctx: ssl.SSLContext, first: bytes) -> None:
+        self.sock = p.sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self.outgoing.read())
+                self._fill()
+        assert self.obj.version() == "TLSv1.3"
+        self.obj.write(first)
+        self.sock.sendall(self.outgoing.read())  # Finished + the option, one write
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        if not data:
+            self.incoming.write_eof()
+            return False
+        self.incoming.write(data)
+        return True
+
+    def recv_exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            try:
+                buf += self.obj.read(n - len(buf))
+            except ssl.SSLWantReadError:
+                if not self._fill():
+                    raise EOFError from None
+        return bytes(buf)

@@ -27,7 +27,14 @@ from nbdworker.protocol.client import (
     parse_server,
 )
 from tests.support.pki import PKI, make_pki
-from tests.support.tlsprobe import MODES, Probe, client_context, wait_for_line, worker_config
+from tests.support.tlsprobe import (
+    MODES,
+    PipelinedTLS,
+    Probe,
+    client_context,
+    wait_for_line,
+    worker_config,
+)
 from tests.support.worker import RunningWorker, run_worker
 
 TLS_MODES = [m for m in MODES if m != "NOTLS"]
@@ -627,44 +634,6 @@ def test_tls12_client_is_served(pki: PKI, tmp_path: Path) -> None:
 
 
 # -- options pipelined with the client's Finished -------------------------------------------------
-
-
-class PipelinedTLS:
-    """A TLS client over the probe's socket that sends `first` in the same flight as its
-    Finished message, so the server decrypts it together with the end of the handshake."""
-
-    def __init__(self, p: Probe, ctx: ssl.SSLContext, first: bytes) -> None:
-        self.sock = p.sock
-        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
-        while True:
-            try:
-                self.obj.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                self.sock.sendall(self.outgoing.read())
-                self._fill()
-        assert self.obj.version() == "TLSv1.3"
-        self.obj.write(first)
-        self.sock.sendall(self.outgoing.read())  # Finished + the option, one write
-
-    def _fill(self) -> bool:
-        data = self.sock.recv(65536)
-        if not data:
-            self.incoming.write_eof()
-            return False
-        self.incoming.write(data)
-        return True
-
-    def recv_exact(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            try:
-                buf += self.obj.read(n - len(buf))
-            except ssl.SSLWantReadError:
-                if not self._fill():
-                    raise EOFError from None
-        return bytes(buf)
 
 
 def test_option_sent_with_the_finished_message_is_answered(

@@ -1,30 +1,21 @@
 """A new TLS policy (certificate, revocations) reaches new connections without a restart, and
 connections already up keep the one they were accepted with.
 
-The worker has no reload trigger of its own yet, so the server runs in-process (real listener,
-real TLS, on its own event loop thread) and the test applies a new configuration generation
-with `NBDServer.apply_config`, the call any reload path ends in.
+The server runs in-process (real listener, real TLS, on its own event loop thread) and the test
+applies a new configuration generation with `NBDServer.apply_config`, the call any reload path
+ends in.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import dataclasses
 import logging
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from nbdworker.config import WorkerConfig, WorkerSettings, parse_listen
 from nbdworker.protocol import Option, Reply
-from nbdworker.server import NBDServer
 from tests.support.pki import PKI, make_pki
-from tests.support.tlsprobe import Probe, client_context, worker_config
-
-DEADLINE = 20.0
+from tests.support.tlsprobe import Probe, client_context, serve_in_process, worker_config
 
 
 @pytest.fixture(scope="module")
@@ -32,46 +23,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-@dataclasses.dataclass
-class InProcessServer:
-    server: NBDServer
-    loop: asyncio.AbstractEventLoop
-    port: int
-
-    def apply(self, config: dict) -> None:
-        async def apply() -> None:
-            self.server.apply_config(WorkerConfig.from_dict(config))
-
-        asyncio.run_coroutine_threadsafe(apply(), self.loop).result(DEADLINE)
-
-
-@contextlib.contextmanager
-def serve(config: dict, tmp_path: Path) -> Iterator[InProcessServer]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="nbdworker-loop", daemon=True)
-    thread.start()
-    settings = WorkerSettings(storage_roots=(str(tmp_path),), listen=(parse_listen("127.0.0.1:0"),))
-
-    async def start() -> tuple[NBDServer, list[str]]:
-        server = NBDServer(settings, WorkerConfig.from_dict(config), shutdown_timeout=5)
-        return server, await server.start()
-
-    server, addresses = asyncio.run_coroutine_threadsafe(start(), loop).result(DEADLINE)
-    try:
-        yield InProcessServer(server, loop, int(addresses[0].rsplit(":", 1)[1]))
-    finally:
-        asyncio.run_coroutine_threadsafe(server.shutdown(), loop).result(DEADLINE)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(DEADLINE)
-        loop.close()
-
-
 def server_cert(p: Probe) -> bytes:
     return p.sock.getpeercert(binary_form=True)
 
 
 def test_changed_certificate_applies_to_new_connections(pki: PKI, tmp_path: Path) -> None:
-    with serve(worker_config(pki, "FORCEDTLS"), tmp_path) as srv, Probe(srv.port) as before:
+    with (
+        serve_in_process(worker_config(pki, "FORCEDTLS"), tmp_path) as srv,
+        Probe(srv.port) as before,
+    ):
         before.starttls(client_context(pki, "alice"))
         assert server_cert(before) == pki.server.der
 
@@ -89,7 +49,10 @@ def test_changed_certificate_applies_to_new_connections(pki: PKI, tmp_path: Path
 def test_connection_accepted_before_a_change_upgrades_with_its_own_policy(
     pki: PKI, tmp_path: Path
 ) -> None:
-    with serve(worker_config(pki, "FORCEDTLS"), tmp_path) as srv, Probe(srv.port) as early:
+    with (
+        serve_in_process(worker_config(pki, "FORCEDTLS"), tmp_path) as srv,
+        Probe(srv.port) as early,
+    ):
         # Accepted, but STARTTLS only after the new generation is in place.
         rotated = pki.issue_server("rotated-2")
         srv.apply(worker_config(pki, "FORCEDTLS", generation=2, server=rotated))
@@ -98,7 +61,10 @@ def test_connection_accepted_before_a_change_upgrades_with_its_own_policy(
 
 
 def test_added_revocation_refuses_new_connections_only(pki: PKI, tmp_path: Path) -> None:
-    with serve(worker_config(pki, "FORCEDTLS"), tmp_path) as srv, Probe(srv.port) as before:
+    with (
+        serve_in_process(worker_config(pki, "FORCEDTLS"), tmp_path) as srv,
+        Probe(srv.port) as before,
+    ):
         before.starttls(client_context(pki, "bob"))
         srv.apply(worker_config(pki, "FORCEDTLS", generation=2, revoked=("revoked", "bob")))
         with Probe(srv.port) as after:
@@ -116,7 +82,7 @@ def test_unusable_policy_never_falls_back_to_plaintext(
 ) -> None:
     broken = worker_config(pki, "FORCEDTLS", generation=2)
     broken["tls"]["key_pem"] = pki.clients["alice"].key_pem  # does not match the certificate
-    with serve(worker_config(pki, "FORCEDTLS"), tmp_path) as srv:
+    with serve_in_process(worker_config(pki, "FORCEDTLS"), tmp_path) as srv:
         with caplog.at_level(logging.ERROR, logger="nbdworker"):
             srv.apply(broken)
         assert any("TLS policy unusable" in r.getMessage() for r in caplog.records)
