@@ -46,7 +46,18 @@ class ClientIdentity:
 
     @classmethod
     def from_der(cls, der: bytes) -> ClientIdentity:
-        """Parse a DER certificate; ValueError if it is not one."""
+        """Parse a DER certificate; ValueError if it is not one (or cannot be read)."""
+        try:
+            return cls._from_der(der)
+        except ValueError:
+            raise
+        except Exception as exc:
+            # cryptography raises its own types for some malformed extensions (duplicates,
+            # unsupported name forms); the caller only needs to know the certificate is unusable.
+            raise ValueError(f"{type(exc).__name__}: {exc}") from None
+
+    @classmethod
+    def _from_der(cls, der: bytes) -> ClientIdentity:
         cert = x509.load_der_x509_certificate(der)
         common_names = tuple(
             str(attr.value) for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
