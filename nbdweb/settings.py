@@ -180,6 +180,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 
 # Celery logs through LOGGING below (plain or JSON) instead of installing its own handlers.
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# A pool process that dies mid-job (OOM killer, SIGKILL) puts its job back on the queue instead
+# of dropping it: every job is safe to run again, and a dropped one would stay "running".
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
 # Unacked jobs come back to another worker after this long (Redis broker): longer than any job.
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": int(os.environ.get("NBDWEB_JOB_VISIBILITY_TIMEOUT", "21600"))

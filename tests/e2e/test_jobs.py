@@ -9,7 +9,9 @@ worker may not write (it runs without CAP_DAC_OVERRIDE, see tests/support/celery
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -23,6 +25,7 @@ from rest_framework.test import APIClient
 
 from exports_app.choices import ExportState, JobState
 from exports_app.models import Export, Job, TLSPolicy, WorkerNode
+from exports_app.services import images
 from exports_app.services.publishing import build_config
 from tests.support.celery import RunningCelery
 from tests.support.mounts import mounted
@@ -35,6 +38,7 @@ pytestmark = [
 ]
 
 GiB = 1 << 30
+MiB = 1 << 20
 JOB_TIMEOUT = 60.0
 EXPORTS = "/api/v1/exports/"
 JOBS = "/api/v1/jobs/"
@@ -299,6 +303,74 @@ def nbd_size_or_none(uri: str) -> int | None:
         timeout=30,
     )
     return int(result.stdout) if result.returncode == 0 else None
+
+
+def fill(path: Path, length: int, byte: int) -> None:
+    """Write `length` bytes of `byte` from offset 0: data a clone has to copy, quickly."""
+    chunk = bytes([byte]) * MiB
+    with open(path, "r+b") as f:
+        for _ in range(length // MiB):
+            f.write(chunk)
+
+
+def partials(directory: Path) -> list[Path]:
+    return [p for p in directory.iterdir() if p.name.endswith(".partial")]
+
+
+def pool_process_holding(worker: RunningCelery, path: Path) -> int | None:
+    """The Celery pool process that has `path` open."""
+    for child in Path(f"/proc/{worker.proc.pid}/task").glob("*/children"):
+        for pid in child.read_text().split():
+            with contextlib.suppress(OSError):
+                for fd in Path(f"/proc/{pid}/fd").iterdir():
+                    with contextlib.suppress(OSError):
+                        if os.readlink(fd) == str(path):
+                            return int(pid)
+    return None
+
+
+def test_a_long_clone_reports_progress_while_it_runs(api, node, celery_worker, storage_root):
+    assert create_export(api, node, celery_worker, name="src", size="2G")["state"] == "succeeded"
+    fill(storage_root / "src.img", 1536 * MiB, 0x5A)
+    response = api.post(EXPORTS, {"node": node.pk, "name": "dst", "clone_from": "src"})
+    assert response.status_code == 201, response.content
+    job_id = response.json()["job"]
+    seen = set()
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while (body := api.get(f"{JOBS}{job_id}/").json())["state"] not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline, celery_worker.log_tail()
+        seen.add(body["progress"])
+        time.sleep(0.05)
+    assert body["state"] == "succeeded" and body["progress"] == 100, body
+    assert any(0 < p < 100 for p in seen), f"no progress seen while running: {sorted(seen)}"
+
+
+def test_a_clone_whose_worker_process_is_killed_runs_again_and_leaves_no_partial_image(
+    api, node, celery_worker, storage_root
+):
+    assert create_export(api, node, celery_worker, name="src", size="2G")["state"] == "succeeded"
+    fill(storage_root / "src.img", 1536 * MiB, 0xA5)
+    response = api.post(EXPORTS, {"node": node.pk, "name": "dst", "clone_from": "src"})
+    assert response.status_code == 201, response.content
+    job_id = response.json()["job"]
+
+    deadline = time.monotonic() + JOB_TIMEOUT
+    victim = None
+    while victim is None:
+        assert time.monotonic() < deadline, "the clone never started copying"
+        for partial in partials(storage_root):
+            victim = pool_process_holding(celery_worker, partial)
+        time.sleep(0.01)
+    os.kill(victim, signal.SIGKILL)
+    celery_worker.wait_for_log(f"pid:{victim} exited with 'signal 9", 10)
+
+    job = wait_for_job(api, job_id, celery_worker)
+    assert job["state"] == JobState.SUCCEEDED, job
+    assert Export.objects.get(name="dst", node=node).state == ExportState.READY
+    assert partials(storage_root) == [], "the killed attempt's partial image is still there"
+    assert sorted(p.name for p in storage_root.iterdir()) == ["dst.img", "src.img"]
+    src, dst = (storage_root / "src.img", storage_root / "dst.img")
+    assert images.sha256(str(dst)) == images.sha256(str(src))
 
 
 # -- failures ------------------------------------------------------------------------------------
