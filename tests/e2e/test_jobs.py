@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -48,10 +49,12 @@ JOBS = "/api/v1/jobs/"
 
 
 @pytest.fixture
-def storage_root(tmp_path: Path) -> Path:
+def storage_root(tmp_path: Path) -> Iterator[Path]:
     root = tmp_path / "images"
     root.mkdir()
-    return root
+    yield root
+    # pytest keeps the last runs' temporary directories: not gigabytes of test images.
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
