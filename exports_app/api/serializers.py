@@ -5,6 +5,7 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
+from rest_framework.exceptions import PermissionDenied
 
 from exports_app.choices import CertificateKind, ExportState, KeyAlgorithm
 from exports_app.constants import MAX_VALIDITY_DAYS
@@ -279,6 +280,10 @@ class ExportSerializer(ValidatedModelSerializer):
 
     def _clone_source(self, attrs: dict) -> None:
         """Resolve `clone_from` (ID or name on the target node) and default the size to it."""
+        request = self.context.get("request")
+        # A clone is a copy of the source's data: it takes the right to see exports.
+        if request is not None and not request.user.has_perm("exports_app.view_export"):
+            raise PermissionDenied("Cloning an export needs the permission to view exports.")
         value, node = attrs["clone_from"], attrs["node"]
         exports = Export.objects.select_related("node")
         is_id = value.isascii() and value.isdigit() and len(value) <= 18

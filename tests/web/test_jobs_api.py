@@ -398,3 +398,13 @@ def test_listing_exports_and_jobs_costs_the_same_queries_for_one_or_many(api, re
     for i in range(10):
         provisioning.request_verify(ready(f"more{i}"))
     assert (count(EXPORTS), count(JOBS)) == one
+
+
+def test_cloning_needs_the_view_permission_as_well_as_add(make_user, token_client, ready):
+    ready("gold")
+    adder = token_client(make_user("exports_app.add_export"))
+    response = adder.post(EXPORTS, {"name": "copy", "clone_from": "gold"})
+    assert response.status_code == 403
+    assert not Export.objects.filter(name="copy").exists()
+    both = token_client(make_user("exports_app.add_export", "exports_app.view_export"))
+    assert both.post(EXPORTS, {"name": "copy", "clone_from": "gold"}).status_code == 201
