@@ -16,7 +16,7 @@ from exports_app.filtersets import _by_id_or_name
 from exports_app.models import Job
 from exports_app.services import provisioning
 
-from .serializers import SizeField
+from .serializers import ExportSerializer, SizeField
 
 __all__ = [
     "ExportJobActions",
@@ -124,7 +124,7 @@ class ExportJobActions:
 
     @extend_schema(
         request=ExportResizeSerializer,
-        responses={202: OpenApiResponse(description="The export; its `job` does the resize.")},
+        responses={202: OpenApiResponse(ExportSerializer, "The export; its `job` resizes it.")},
     )
     @action(detail=True, methods=["post"])
     def resize(self, request, pk=None) -> Response:
@@ -141,7 +141,7 @@ class ExportJobActions:
 
     @extend_schema(
         request=None,
-        responses={202: OpenApiResponse(description="The export; its `job` computes the hash.")},
+        responses={202: OpenApiResponse(ExportSerializer, "The export; its `job` hashes it.")},
     )
     @action(detail=True, methods=["post"])
     def verify(self, request, pk=None) -> Response:

@@ -75,10 +75,15 @@ class ExportViewSet(ExportJobActions, BaseModelViewSet):
             provisioning.request_resize(export, old_size, force=force)
 
     @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "wipe", OpenApiTypes.BOOL, description="Zero the image's data before removing it."
+            )
+        ],
         responses={
             204: OpenApiResponse(description="Deleted."),
             202: OpenApiResponse(serializers.ExportSerializer, "Deletion continues in a job."),
-        }
+        },
     )
     def destroy(self, request, *args, **kwargs) -> Response:
         export = self.get_object()
