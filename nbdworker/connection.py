@@ -82,6 +82,9 @@ HANDSHAKE_BUFFER = 16 * 1024
 # 64 x 256 KiB in flight, bounded per connection.
 WRITE_HIGH_WATER = 16 << 20
 WRITE_LOW_WATER = 4 << 20
+# Payload bytes a connection may hold in thread-pool jobs (cold reads, FUA writes) before it
+# stops reading: with the request cap alone, 64 cold 32 MiB reads would pin 2 GiB.
+MAX_INFLIGHT_BYTES = 64 << 20
 # Structured reads at least this long are checked for holes (two lseeks): below it a hole
 # chunk saves nothing worth the syscalls.
 SPARSE_READ_MIN = 64 * 1024
@@ -162,6 +165,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.pending_got = 0
         self.eof = False
         self.inflight = 0
+        self.inflight_bytes = 0
         self.max_inflight = self.state.config.limits.max_inflight_per_connection
         self.reading_paused = False
         self.writing_paused = False
@@ -508,6 +512,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             and not self.disconnecting
             and self.pending_view is None
             and self.inflight < self.max_inflight
+            and self.inflight_bytes < MAX_INFLIGHT_BYTES
             and not self.writing_paused
         ):
             avail = self.end - self.start
@@ -661,12 +666,17 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._reply_error(req, Errno.EINVAL, "unsupported command")
 
     def _in_thread(self, req, func, *args, result=None) -> None:
+        # READ results and FUA WRITE payloads are held in memory until the job ends: counted
+        # against the connection's byte budget as well as its request budget.
+        cost = req.length if req.command == _CMD_READ or req.command == _CMD_WRITE else 0
         self.inflight += 1
+        self.inflight_bytes += cost
         fut = self.loop.run_in_executor(self.server.executor, func, *args)
-        fut.add_done_callback(lambda f: self._thread_done(req, f, result))
+        fut.add_done_callback(lambda f: self._thread_done(req, f, result, cost))
 
-    def _thread_done(self, req, fut: asyncio.Future, result) -> None:
+    def _thread_done(self, req, fut: asyncio.Future, result, cost: int = 0) -> None:
         self.inflight -= 1
+        self.inflight_bytes -= cost
         if self.phase != _PHASE_CLOSED:
             exc = fut.exception()
             if exc is not None:
@@ -839,6 +849,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             return
         want_pause = (
             self.inflight >= self.max_inflight
+            or self.inflight_bytes >= MAX_INFLIGHT_BYTES
             or self.writing_paused
             or self.disconnecting
             or self.eof
