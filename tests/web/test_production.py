@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -138,3 +142,45 @@ def test_systemd_units_run_the_commands_of_make_run(unit):
         "nbdworker.service": "-m nbdworker",
     }[unit]
     assert expected in exec_start
+
+
+def test_gunicorn_logs_json_lines_with_log_format_json(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ)
+    env.pop("DATABASE_URL", None)
+    env.update(
+        NBDWEB_DATA_DIR=str(tmp_path / "data"),
+        NBDWEB_HTTP_ADDR=f"127.0.0.1:{port}",
+        GUNICORN_WORKERS="1",
+        LOG_FORMAT="json",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "nbdweb/gunicorn.conf.py", "nbdweb.wsgi"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/", timeout=2)
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 401
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "gunicorn did not start"
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        output, _ = proc.communicate(timeout=30)
+    lines = [line for line in output.splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]  # every line is JSON
+    loggers = {entry["logger"] for entry in entries}
+    assert {"gunicorn.error", "gunicorn.access"} <= loggers, loggers
+    access = next(e for e in entries if e["logger"] == "gunicorn.access")
+    assert "GET /api/v1/" in access["message"] and " 401 " in access["message"]
