@@ -102,6 +102,18 @@ def _open_backend(cfg: ExportConfig, settings: WorkerSettings) -> Backend | None
         return None
 
 
+def _image_resized(entry: ExportEntry) -> bool:
+    """Whether a file export's image changed size since it was opened (a resize job): it is
+    then reopened, so new connections see the new size while live ones keep theirs."""
+    backend = entry.backend
+    if not isinstance(backend, FileBackend) or backend.is_block:
+        return False
+    try:
+        return os.fstat(backend.fd).st_size != entry.view.size
+    except OSError:
+        return True
+
+
 class NBDServer:
     def __init__(
         self,
@@ -138,7 +150,7 @@ class NBDServer:
             if not cfg.enabled:
                 continue
             prev = old.get(cfg.name)
-            if prev is not None and prev.config == cfg:
+            if prev is not None and prev.config == cfg and not _image_resized(prev):
                 exports[cfg.name] = prev
                 continue
             backend = _open_backend(cfg, self.settings)

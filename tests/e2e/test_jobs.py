@@ -230,19 +230,35 @@ def test_resize_grows_and_force_shrinks_the_image_seen_by_new_workers(
     qemu_io(worker.uri("grow"), "read -P 0x77 1020M 1M")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nbdworker keeps the size it read when it loaded the export, and the published "
-    "config of a resized file export is unchanged, so a running worker serves the old size",
-)
-def test_resize_is_seen_by_a_running_worker_on_the_next_connection(api, node, celery_worker, serve):
-    assert create_export(api, node, celery_worker, name="live", size="1G")["state"] == "succeeded"
-    export = Export.objects.get(name="live", node=node)
-    worker = serve(node)
-    assert nbd_size(worker.uri("live")) == GiB
-    response = api.post(f"{EXPORTS}{export.pk}/resize/", {"size": "2G"}, format="json")
-    assert wait_for_job(api, response.json()["job"], celery_worker)["state"] == "succeeded"
-    assert nbd_size(worker.uri("live")) == 2 * GiB
+def test_resize_is_seen_by_the_next_connection_to_a_running_worker(
+    api, node, celery_worker, tmp_path, storage_root
+):
+    """The resize job publishes the node's config; the worker that follows it reopens the
+    resized image, so the next connection sees the new size without a restart."""
+    assert create_export(api, node, celery_worker, name="live", size="1G")["state"] == ("succeeded")
+    worker = start_worker(
+        None, workdir=tmp_path / "follower", storage_root=storage_root,
+        env={"NBDWORKER_NODE": node.name},
+    )  # fmt: skip
+    try:
+        uri = worker.uri("live")
+        poll_size(uri, GiB, worker)
+        qemu_io(uri, "write -P 0x61 1023M 1M")
+        export = Export.objects.get(name="live", node=node)
+        response = api.post(f"{EXPORTS}{export.pk}/resize/", {"size": "2G"}, format="json")
+        assert wait_for_job(api, response.json()["job"], celery_worker)["state"] == "succeeded"
+        poll_size(uri, 2 * GiB, worker)
+        qemu_io(uri, "read -P 0x61 1023M 1M", "write -P 0x62 2047M 1M", "read -P 0x62 2047M 1M")
+    finally:
+        worker.stop()
+
+
+def poll_size(uri: str, size: int, worker: RunningWorker, timeout: float = 10.0) -> None:
+    """Wait until a new connection to `uri` sees `size` (the worker applies configs async)."""
+    deadline = time.monotonic() + timeout
+    while (seen := nbd_size_or_none(uri)) != size:
+        assert time.monotonic() < deadline, f"size {seen}, not {size}:\n{worker.log_tail()}"
+        time.sleep(0.1)
 
 
 def test_delete_with_wipe_removes_the_image_then_the_export(api, node, celery_worker, storage_root):
@@ -280,10 +296,7 @@ def test_job_results_are_published_to_a_worker_that_follows_redis(
             "succeeded"
         )
         uri = worker.uri("pub")
-        deadline = time.monotonic() + 10
-        while nbd_size_or_none(uri) != GiB:
-            assert time.monotonic() < deadline, worker.log_tail()
-            time.sleep(0.1)
+        poll_size(uri, GiB, worker)
         qemu_io(uri, "write -P 0x3c 0 4k", "read -P 0x3c 0 4k")
 
         export = Export.objects.get(name="pub", node=node)
