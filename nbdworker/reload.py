@@ -5,10 +5,11 @@ connection is using: its export is removed or disabled (or now refused, e.g. a p
 storage roots), the export or the policy now demands TLS the connection does not have, the
 export's network or client rules no longer admit it, its client certificate is revoked, a
 client certificate is now required and it has none, TLS 1.3 is now required and it runs TLS 1.2,
-or a writable export became read-only (the flags negotiated at the handshake would be a lie).
-Anything else — a new description, block sizes, another image path, a new export — applies to
-new connections only. Not covered: a change of trusted CAs does not re-verify live clients (their
-certificate chain is not kept); revoke their certificates to end them.
+a writable export became read-only or the image shrank (what was negotiated at the handshake
+would be a lie). Anything else — a new description, block sizes, another image path, a grown
+image, a new export — applies to new connections only. Not covered: a change of trusted CAs does
+not re-verify live clients (their certificate chain is not kept); revoke their certificates to
+end them.
 """
 
 from __future__ import annotations
@@ -61,4 +62,7 @@ def ending_reason(conn: NBDConnection, state: ServerState) -> str | None:
         return "TLS 1.3 is now required"
     if new.read_only and not old.read_only:
         return "export became read-only"
+    if new_entry.backend.size < entry.backend.size:
+        # The size negotiated at the handshake now promises bytes that are gone.
+        return "export shrank"
     return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import ssl
 import threading
 from collections.abc import Callable, Iterator
@@ -204,3 +205,28 @@ def test_requiring_tls_13_ends_tls_12_connections_only(pki: PKI, tmp_path) -> No
         assert serves(new)
         old.close()
         new.close()
+
+
+def test_a_shrunk_image_ends_its_connections_a_grown_one_does_not(tmp_path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("shrinks", "grows"):
+        (images / f"{name}.img").write_bytes(b"\1" * (1 << 20))
+    config = {
+        "version": 1,
+        "generation": 1,
+        "exports": [
+            {"name": n, "backend": "file", "path": str(images / f"{n}.img")}
+            for n in ("shrinks", "grows")
+        ],
+    }
+    with serving(config, images) as s:
+        shrinks = connect(s.port, "shrinks")
+        grows = connect(s.port, "grows")
+        os.truncate(images / "shrinks.img", 512 * 1024)
+        os.truncate(images / "grows.img", 2 << 20)
+        s.apply(changed(config, lambda c: None))
+        assert shrinks.closed()
+        assert serves(grows)
+        shrinks.close()
+        grows.close()
