@@ -256,18 +256,22 @@ def publish_nodes(node_ids: Iterable[int]) -> dict[str, int | None]:
         _retry.clear()
     results: dict[str, int | None] = {}
     client = redis_client()
+    redis_down: redis.RedisError | None = None
     for node in WorkerNode.objects.filter(pk__in=wanted).select_related("tls_policy"):
-        try:
-            results[node.name] = _publish_one(client, node)
-        except redis.RedisError as exc:
-            log.error(
-                "node %s: config not published, Redis unavailable (retrying): %s", node.name, exc
-            )
-            _schedule_retry(node.pk)
-            results[node.name] = None
-        except PublishError as exc:
-            log.error("node %s: config not published: %s", node.name, exc)
-            results[node.name] = None
+        results[node.name] = None
+        if redis_down is None:
+            try:
+                results[node.name] = _publish_one(client, node)
+                continue
+            except redis.RedisError as exc:
+                redis_down = exc  # the other nodes wait too: no connect timeout per node
+            except PublishError as exc:
+                log.error("node %s: config not published: %s", node.name, exc)
+                continue
+        log.error(
+            "node %s: config not published, Redis unavailable (retrying): %s", node.name, redis_down
+        )
+        _schedule_retry(node.pk)
     return results
 
 
