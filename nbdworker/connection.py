@@ -784,14 +784,16 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def _block_status(self, req, extents) -> None:
         out: list[tuple[int, int]] = []
-        remaining = req.length
         for length, flags in extents:
-            while length > 0 and len(out) < MAX_DESCRIPTORS:
-                n = min(length, MAX_EXTENT)
-                out.append((n, flags))
-                length -= n
-                remaining -= n
-            if len(out) >= MAX_DESCRIPTORS or remaining <= 0:
+            if length <= 0:
+                continue
+            if length > MAX_EXTENT:
+                # A compact descriptor holds < 4 GiB: answer the aligned first part and stop
+                # there (the client asks again from the end), rather than repeat the status.
+                out.append((MAX_EXTENT, flags))
+                break
+            out.append((length, flags))
+            if len(out) >= MAX_DESCRIPTORS:
                 break
         if not out:
             out = [(min(req.length, MAX_EXTENT), 0)]
