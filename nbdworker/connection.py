@@ -9,11 +9,14 @@ Performance notes (measured with nbdcopy and fio against nbdkit, see bench/READM
 * Requests are parsed straight out of one receive buffer and dispatched as soon as they are
   complete; replies are written as each request finishes, so many requests are in flight while
   earlier replies are still queued in the transport (pipelining). Reading stops only when
-  `max_inflight_per_connection` requests wait on threads or the transport's buffer is full.
-* Every reply is one `transport.write` (header and data in one buffer, read into place with
-  `preadv`), and TCP_NODELAY is on (asyncio and uvloop set it on every TCP transport).
-* Reads try `preadv(RWF_NOWAIT)` on the event loop first: page-cache hits cost no thread hop;
-  a miss finishes in the thread pool. Plain writes go to the page cache inline (ext4 refuses
+  `max_inflight_per_connection` requests (or MAX_INFLIGHT_BYTES) wait on threads, or the
+  transport holds WRITE_HIGH_WATER bytes of unsent replies.
+* Every reply is one write: header and data in one buffer (small reads, read into place with
+  `preadv`), or `writelines([header, data])`, one writev under uvloop (large reads). TCP_NODELAY
+  is on (asyncio and uvloop set it on every TCP transport).
+* Small reads try `preadv(RWF_NOWAIT)` on the event loop first: page-cache hits cost no thread
+  hop; a miss finishes in the thread pool. Large reads use `os.pread` (no zero-filled buffer)
+  after a one-page RWF_NOWAIT probe. Plain writes go to the page cache inline (ext4 refuses
   RWF_NOWAIT for buffered writes, and a thread hop per 4 KiB write costs more than the write).
   FLUSH, FUA, trim, zero, cache and block status always run in the pool.
 """
