@@ -151,8 +151,11 @@ def test_zero_falls_back_to_writing_when_fallocate_is_unsupported(backend):
     assert info.value.errno == errno.ENOTSUP
 
 
-def test_cache_is_accepted(backend):
+def test_cache_is_accepted_and_changes_nothing(backend):
+    data = os.urandom(4096)
+    backend.pwrite(memoryview(data), 0)
     backend.cache(0, MiB)
+    assert read(backend, 0, 4096) == data
 
 
 def test_short_read_past_end_is_an_error(backend):

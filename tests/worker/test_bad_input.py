@@ -290,12 +290,6 @@ def test_truncated_request_then_eof(worker):
         assert c.closed_by_server()
 
 
-def test_eof_without_disc_releases_connection(worker):
-    c = RawClient.open(worker.host, worker.port, "mem")
-    c.request(Command.READ, 0, 4096)
-    c.close()  # abrupt, like fio: no NBD_CMD_DISC
-
-
 def test_df_read_over_data_and_hole_is_one_chunk(worker):
     with RawClient.open(worker.host, worker.port, "disk", structured=True) as c:
         assert c.command(Command.TRIM, 0, 1 << 20) == 0

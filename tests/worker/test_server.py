@@ -105,6 +105,24 @@ def test_global_connection_limit(worker_factory):
     second.close()
 
 
+def test_eof_without_disc_releases_the_connection(worker_factory):
+    # fio hangs up like this: requests in flight, no NBD_CMD_DISC. The slot must come back.
+    w = worker_factory(config(mem("a"), limits={"max_connections": 1}))
+    c = RawClient.open(w.host, w.port, "a")
+    c.request(Command.READ, 0, 4 * MiB)
+    c.request(Command.WRITE, 0, 4096, payload=b"w" * 4096)
+    c.close()
+
+    def served() -> bool:
+        try:
+            check_fresh_client(w.host, w.port, "a")
+            return True
+        except (EOFError, ConnectionError, AssertionError):
+            return False
+
+    poll(served, what="the abandoned connection's slot")
+
+
 def test_per_export_connection_limit(worker_factory):
     w = worker_factory(config(mem("a", max_connections=1), mem("b")))
     first = RawClient.open(w.host, w.port, "a")
