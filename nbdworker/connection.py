@@ -219,6 +219,9 @@ class NBDConnection(asyncio.BufferedProtocol):
             if self.pending_buf is None:
                 return self.pending_view[: self.pending_total - self.pending_got]
             return self.pending_view[self.pending_got :]
+        if not self.rbuf:
+            self.rbuf = bytearray(INITIAL_RECV_BUFFER)
+            self.rview = memoryview(self.rbuf)
         if self.start == self.end:
             self.start = self.end = 0
         elif len(self.rbuf) - self.end < HEADER * 4 or len(self.rbuf) - self.end < 65536:
@@ -486,7 +489,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.context_id = next(iter(ready.meta_contexts), 0)
         self.hs = None
         self.hs_buf = bytearray()
-        self.rbuf = bytearray(INITIAL_RECV_BUFFER)
+        # The receive buffer is allocated when the first request arrives (get_buffer), so the
+        # GO reply goes out without waiting for it.
+        self.rbuf = bytearray()
         self.rview = memoryview(self.rbuf)
         log.debug(
             "%s: export %r opened (%s replies)",
@@ -495,6 +500,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             "structured" if self.structured else "simple",
         )
         if trailing:
+            self.rbuf = bytearray(max(INITIAL_RECV_BUFFER, 2 * len(trailing)))
+            self.rview = memoryview(self.rbuf)
             self.rbuf[: len(trailing)] = trailing
             self.end = len(trailing)
             self._process()
