@@ -185,20 +185,38 @@ class ExportAuthorizer:
     naming the client with `describe()`.
     """
 
+    __slots__ = ("_address", "_lookup", "_peername", "identity")
+
     def __init__(
         self,
         lookup: Callable[[str], ExportConfig | None],
         peername: Any = None,
     ) -> None:
+        # Built on every connect: the peer address is parsed only when an export has network
+        # rules (or reload.py asks), not here.
         self._lookup = lookup
-        self.address = peer_ip(peername)
-        self.peer = _format_peer(peername)
+        self._peername = peername
+        self._address: str | None | bool = False  # False: not parsed yet
         self.identity: ClientIdentity | None = None
+
+    @property
+    def address(self) -> str | None:
+        """The peer's IP address, normalised (None for Unix sockets); parsed once, when needed."""
+        address = self._address
+        if address is False:
+            address = self._address = peer_ip(self._peername)
+        return address  # type: ignore[return-value]
+
+    @property
+    def peer(self) -> str:
+        return _format_peer(self._peername)
 
     def __call__(self, view: ExportView) -> str | None:
         export = self._lookup(view.name)
         if export is None:
             return "export is not configured"
+        if not export.allowed_networks and not export.allowed_clients:
+            return None  # the common case: no rules, nothing to parse
         return authorize_export(export, self.address, self.identity)
 
     def describe(self) -> str:
