@@ -64,6 +64,7 @@ GREETING_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
 _C_FIXED_NEWSTYLE = int(ClientFlag.C_FIXED_NEWSTYLE)
 _C_NO_ZEROES = int(ClientFlag.C_NO_ZEROES)
 _KNOWN_CLIENT_FLAGS = _C_FIXED_NEWSTYLE | _C_NO_ZEROES
+_NO_ZEROES_OFFERED = bool(GREETING_FLAGS & HandshakeFlag.NO_ZEROES)
 
 BASE_ALLOCATION_ID = 1
 """Context id of ``base:allocation`` after SET_META_CONTEXT (ids are per connection; 0 is
@@ -79,6 +80,8 @@ _INFO_EXPORT = struct.Struct(">HQH")
 _INFO_BLOCK_SIZE = struct.Struct(">HIII")
 _EXPORT_NAME_REPLY = struct.Struct(">QH")
 _PADDING = bytes(EXPORT_NAME_PADDING)
+# Every connection starts with the same 18 bytes.
+_GREETING_BYTES = _GREETING.pack(NBDMAGIC, IHAVEOPT, GREETING_FLAGS)
 
 # Flags an export may pass through to the client. SEND_DF is added only with structured
 # replies; the experimental RESIZE / BLOCK_STATUS_PAYLOAD and reserved bits are never sent.
@@ -124,6 +127,21 @@ class _State(Enum):
     CLOSED = auto()
 
 
+# Module globals: cheaper to reach than enum class attributes on every step.
+_S_CLIENT_FLAGS = _State.CLIENT_FLAGS
+_S_OPTIONS = _State.OPTIONS
+_S_TLS_PENDING = _State.TLS_PENDING
+_S_DONE = _State.DONE
+_S_CLOSED = _State.CLOSED
+_DEFAULT_LIMITS = HandshakeLimits()
+_ACK = Reply.ACK
+_INFO = Reply.INFO
+# The ACK reply header of each option code we answer (no data): packed once.
+_ACK_HEADERS = {
+    int(option): _REPLY_HEADER.pack(REPLY_MAGIC, option, Reply.ACK, 0) for option in Option
+}
+
+
 _OPTIONS_BY_CODE = {int(option): option for option in Option}
 
 
@@ -157,7 +175,15 @@ def final_transmission_flags(view: ExportView, structured: bool) -> Transmission
         flags &= ~_SEND_FAST_ZERO
     if structured:
         flags |= _SEND_DF
-    return TransmissionFlag(flags)
+    result = _FLAG_VALUES.get(flags)
+    if result is None:
+        result = _FLAG_VALUES[flags] = TransmissionFlag(flags)
+    return result
+
+
+# TransmissionFlag(int) goes through the enum machinery (microseconds): cached per value
+# (at most 2**16 of them; a worker sees a handful).
+_FLAG_VALUES: dict[int, TransmissionFlag] = {}
 
 
 class _Malformed(Exception):
@@ -173,7 +199,7 @@ class Handshake:
         listing: Callable[[], Iterable[ExportView]],
         tls_mode: TLSMode = TLSMode.NOTLS,
         authorize: Callable[[ExportView], str | None] = lambda view: None,
-        limits: HandshakeLimits = HandshakeLimits(),  # noqa: B008 - frozen, shared safely
+        limits: HandshakeLimits = _DEFAULT_LIMITS,
     ) -> None:
         self._lookup = lookup
         self._listing = listing
@@ -181,9 +207,9 @@ class Handshake:
         self._authorize = authorize
         self._limits = limits
 
-        self._state = _State.CLIENT_FLAGS
+        self._state = _S_CLIENT_FLAGS
         self._buf = bytearray()
-        self._out = bytearray(_GREETING.pack(NBDMAGIC, IHAVEOPT, GREETING_FLAGS))
+        self._out = bytearray(_GREETING_BYTES)
         self._events: deque[Event] = deque()
         self._terminal: Ready | Closed | None = None
         self._eof = False
@@ -200,7 +226,7 @@ class Handshake:
         self._cur_code: int | None = None
         self._cur_remaining = 0
         self._cur_discard = False
-        self._cur_then: Callable[[bytes], None] | None = None
+        self._cur_then: Callable[[Handshake, int, bytes], None] | None = None
 
         # Negotiated state, all forgotten at tls_started().
         self._structured = False
@@ -234,7 +260,7 @@ class Handshake:
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the peer; ``b""`` means EOF."""
-        if self._state is _State.CLOSED:
+        if self._state is _S_CLOSED:
             return
         if not data:
             self._eof = True
@@ -280,13 +306,13 @@ class Handshake:
     def _step(self) -> bool:
         """Consume one unit of input; False when more data is needed."""
         state = self._state
-        if state is _State.OPTIONS:
+        if state is _S_OPTIONS:
             if self._cur_code is None:
                 return self._read_option_header()
             return self._read_option_data()
-        if state is _State.CLIENT_FLAGS:
+        if state is _S_CLIENT_FLAGS:
             return self._read_client_flags()
-        if state is _State.TLS_PENDING:
+        if state is _S_TLS_PENDING:
             if self._buf:
                 self._close("plaintext received after STARTTLS", error=True)
                 return True
@@ -315,12 +341,12 @@ class Handshake:
             return True
         # C_NO_ZEROES is only legal because we always offer NO_ZEROES; the check is the
         # GREETING_FLAGS constant, kept explicit in case the greeting ever changes.
-        if flags & _C_NO_ZEROES and not GREETING_FLAGS & HandshakeFlag.NO_ZEROES:
+        if flags & _C_NO_ZEROES and not _NO_ZEROES_OFFERED:
             self._close("client set NO_ZEROES that was not offered", error=True)  # pragma: no cover
             return True
         self._fixed_newstyle = bool(flags & _C_FIXED_NEWSTYLE)
         self._no_zeroes = bool(flags & _C_NO_ZEROES)
-        self._state = _State.OPTIONS
+        self._state = _S_OPTIONS
         return True
 
     def _read_option_header(self) -> bool:
@@ -362,14 +388,21 @@ class Handshake:
             data = bytes(self._buf[: self._cur_remaining])
             del self._buf[: self._cur_remaining]
         then = self._cur_then
+        code = self._cur_code
         self._cur_code = None
         self._cur_then = None
         self._cur_remaining = 0
-        assert then is not None
-        then(data)
+        assert then is not None and code is not None
+        then(self, code, data)
         return True
 
-    def _expect(self, code: int, length: int, then: Callable[[bytes], None], discard: bool) -> None:
+    def _expect(
+        self,
+        code: int,
+        length: int,
+        then: Callable[[Handshake, int, bytes], None],
+        discard: bool,
+    ) -> None:
         self._cur_code = code
         self._cur_remaining = length
         self._cur_discard = discard
@@ -382,7 +415,7 @@ class Handshake:
 
         if option is Option.ABORT:
             # Any data is ignored (the spec asks servers to tolerate it), but still consumed.
-            self._expect(code, length, self._handle_abort, discard=True)
+            self._expect(code, length, Handshake._handle_abort, discard=True)
             return
 
         refusal = self._header_refusal(option, code, length)
@@ -393,11 +426,10 @@ class Handshake:
                 self._events.append(OptionHandled(option, reply, detail))
                 self._close(f"{option}: {detail}", error=True)
                 return
-            self._expect(code, length, partial(self._refuse_after, code, reply, detail), True)
+            self._expect(code, length, partial(_refuse_after, reply, detail), True)
             return
 
-        handler = self._HANDLERS[option]
-        self._expect(code, length, partial(handler, self, code), discard=False)
+        self._expect(code, length, self._HANDLERS[option], discard=False)
 
     def _header_refusal(
         self, option: Option | int, code: int, length: int
@@ -425,32 +457,32 @@ class Handshake:
         self._reply(code, reply, _encode_string(detail if message is None else message))
         self._events.append(OptionHandled(_known_option(code), reply, detail))
 
-    def _refuse_after(self, code: int, reply: Reply, detail: str, _data: bytes) -> None:
-        self._refuse(code, reply, detail)
-
     def _ack(self, code: int, detail: str = "") -> None:
-        self._reply(code, Reply.ACK)
-        self._events.append(OptionHandled(_known_option(code), Reply.ACK, detail))
+        header = _ACK_HEADERS.get(code)
+        if header is None:  # pragma: no cover - every acked option is a known one
+            header = _REPLY_HEADER.pack(REPLY_MAGIC, code, _ACK, 0)
+        self._out += header
+        self._events.append(OptionHandled(_known_option(code), _ACK, detail))
 
     def _close(self, reason: str, error: bool) -> None:
         event = Closed(reason, error)
-        self._state = _State.CLOSED
+        self._state = _S_CLOSED
         self._terminal = event
         self._events.append(event)
         self._buf.clear()
 
-    def _ready(self, view: ExportView, block_size_requested: bool) -> None:
+    def _ready(self, view: ExportView, block_size_requested: bool, flags: TransmissionFlag) -> None:
         contexts = dict(self._meta_contexts) if self._meta_export == view.name else {}
         event = Ready(
             export=view,
             structured=self._structured,
             meta_contexts=contexts,
-            flags=final_transmission_flags(view, self._structured),
+            flags=flags,
             no_zeroes=self._no_zeroes,
             tls=self._tls_active,
             block_size_requested=block_size_requested,
         )
-        self._state = _State.DONE
+        self._state = _S_DONE
         self._terminal = event
         self._events.append(event)
 
@@ -476,7 +508,7 @@ class Handshake:
 
     # --- option handlers (data complete, header checks passed) --------------------------------
 
-    def _handle_abort(self, _data: bytes) -> None:
+    def _handle_abort(self, _code: int, _data: bytes) -> None:
         # ACKed even while shutting down; the client may hang up before reading it.
         self._ack(Option.ABORT)
         self._close("client sent NBD_OPT_ABORT", error=False)
@@ -496,7 +528,7 @@ class Handshake:
         if not self._no_zeroes:
             self._out += _PADDING
         self._events.append(OptionHandled(Option.EXPORT_NAME, Reply.ACK, f"export {view.name!r}"))
-        self._ready(view, block_size_requested=False)
+        self._ready(view, False, flags)
 
     def _handle_list(self, code: int, _data: bytes) -> None:
         count = 0
@@ -547,7 +579,9 @@ class Handshake:
             return
         flags = final_transmission_flags(view, self._structured)
         # INFO_EXPORT always, and first: qemu never asks for it but fails without it.
-        self._reply(code, Reply.INFO, _INFO_EXPORT.pack(Info.EXPORT, view.size, flags))
+        self._out += _INFO_EXPORT_REPLY.pack(
+            REPLY_MAGIC, code, _INFO, _INFO_EXPORT.size, Info.EXPORT, view.size, flags
+        )
         if Info.NAME in infos:
             self._reply(code, Reply.INFO, _U16.pack(Info.NAME) + _encode_string(view.name))
         if Info.DESCRIPTION in infos:
@@ -564,8 +598,8 @@ class Handshake:
                 ),
             )
         self._ack(code, f"export {view.name!r}")
-        if code == Option.GO:
-            self._ready(view, block_size_requested)
+        if code == _OPT_GO:
+            self._ready(view, block_size_requested, flags)
 
     def _handle_structured_reply(self, code: int, _data: bytes) -> None:
         if self._structured:
@@ -618,6 +652,13 @@ class Handshake:
     }
 
 
+def _refuse_after(reply: Reply, detail: str, hs: Handshake, code: int, _data: bytes) -> None:
+    hs._refuse(code, reply, detail)
+
+
+_OPT_GO = int(Option.GO)
+# Reply header and INFO_EXPORT payload in one pack.
+_INFO_EXPORT_REPLY = struct.Struct(">QIII" + _INFO_EXPORT.format.lstrip(">"))
 _NO_DATA_OPTIONS = frozenset({Option.LIST, Option.STARTTLS, Option.STRUCTURED_REPLY})
 _BASE_ALLOCATION = META_CONTEXT_BASE_ALLOCATION.encode()
 

@@ -135,6 +135,48 @@ _TF_SEND_WRITE_ZEROES = int(TransmissionFlag.SEND_WRITE_ZEROES)
 _TF_SEND_FAST_ZERO = int(TransmissionFlag.SEND_FAST_ZERO)
 
 
+_TABLES: dict[
+    tuple[int, bool], tuple[tuple[int | None, ...], tuple[str, ...], tuple[bool, ...]]
+] = {}
+
+
+def _command_tables(
+    flags: int, block_status: bool
+) -> tuple[tuple[int | None, ...], tuple[str, ...], tuple[bool, ...]]:
+    """(allowed, refusal, eperm) per command for a session with these transmission flags."""
+    read_only = bool(flags & _TF_READ_ONLY)
+    df = bool(flags & _TF_SEND_DF)
+    fua = _FUA if flags & _TF_SEND_FUA else 0
+    # allowed[command] = flag bits the command accepts, or None if the command is not
+    # available on this connection; _refusal[command] says why, for the error message.
+    allowed: list[int | None] = [None] * 8
+    refusal = ["unknown command"] * 8
+    allowed[Command.READ] = fua | (_DF if df else 0)
+    allowed[Command.WRITE] = fua
+    allowed[Command.DISC] = _KNOWN_FLAGS  # never replied to: flags are irrelevant
+    # CACHE is answered even when not advertised: some clients send it regardless.
+    allowed[Command.CACHE] = fua
+    if flags & _TF_SEND_FLUSH:
+        allowed[Command.FLUSH] = fua
+    else:
+        refusal[Command.FLUSH] = "FLUSH not advertised"
+    if flags & _TF_SEND_TRIM:
+        allowed[Command.TRIM] = fua
+    else:
+        refusal[Command.TRIM] = "TRIM not advertised"
+    if flags & _TF_SEND_WRITE_ZEROES:
+        fast = _FAST_ZERO if flags & _TF_SEND_FAST_ZERO else 0
+        allowed[Command.WRITE_ZEROES] = fua | _NO_HOLE | fast
+    else:
+        refusal[Command.WRITE_ZEROES] = "WRITE_ZEROES not advertised"
+    if block_status:
+        allowed[Command.BLOCK_STATUS] = fua | _REQ_ONE
+    else:
+        refusal[Command.BLOCK_STATUS] = "BLOCK_STATUS needs structured replies and a context"
+    eperm = tuple(read_only and command in _WRITE_TYPE for command in range(_LAST_COMMAND + 1))
+    return tuple(allowed), tuple(refusal), eperm
+
+
 class Session:
     """Per-connection transmission state: validates requests against what was negotiated."""
 
@@ -171,38 +213,13 @@ class Session:
         self._read_cap = cap
         self._write_cap = cap
 
-        fua = _FUA if flags & _TF_SEND_FUA else 0
-        # allowed[command] = flag bits the command accepts, or None if the command is not
-        # available on this connection; _refusal[command] says why, for the error message.
-        allowed: list[int | None] = [None] * 8
-        refusal = ["unknown command"] * 8
-        allowed[Command.READ] = fua | (_DF if self._df else 0)
-        allowed[Command.WRITE] = fua
-        allowed[Command.DISC] = _KNOWN_FLAGS  # never replied to: flags are irrelevant
-        # CACHE is answered even when not advertised: some clients send it regardless.
-        allowed[Command.CACHE] = fua
-        if flags & _TF_SEND_FLUSH:
-            allowed[Command.FLUSH] = fua
-        else:
-            refusal[Command.FLUSH] = "FLUSH not advertised"
-        if flags & _TF_SEND_TRIM:
-            allowed[Command.TRIM] = fua
-        else:
-            refusal[Command.TRIM] = "TRIM not advertised"
-        if flags & _TF_SEND_WRITE_ZEROES:
-            fast = _FAST_ZERO if flags & _TF_SEND_FAST_ZERO else 0
-            allowed[Command.WRITE_ZEROES] = fua | _NO_HOLE | fast
-        else:
-            refusal[Command.WRITE_ZEROES] = "WRITE_ZEROES not advertised"
-        if self.structured and self.meta_contexts:
-            allowed[Command.BLOCK_STATUS] = fua | _REQ_ONE
-        else:
-            refusal[Command.BLOCK_STATUS] = "BLOCK_STATUS needs structured replies and a context"
-        self._allowed = allowed
-        self._refusal = refusal
-        self._eperm = tuple(
-            self._read_only and command in _WRITE_TYPE for command in range(_LAST_COMMAND + 1)
-        )
+        # The command tables depend only on the flags and on whether BLOCK_STATUS is usable:
+        # built once per combination, shared by every session (they are never mutated).
+        key = (flags, bool(self.structured and self.meta_contexts))
+        tables = _TABLES.get(key)
+        if tables is None:
+            tables = _TABLES[key] = _command_tables(flags, key[1])
+        self._allowed, self._refusal, self._eperm = tables
         self._write_ok: dict[int, Verdict] = {}
 
     def start_shutdown(self) -> None:
