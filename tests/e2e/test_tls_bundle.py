@@ -1,0 +1,208 @@
+"""TLS end to end: the web side's certificate authority issues the server and client
+certificates, a FORCEDTLS policy with required client certificates is published to a worker
+that follows Redis, and the client bundle downloaded from the API is what qemu-img and nbdinfo
+connect with. A client without the bundle, or with a revoked certificate, is refused."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import tarfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from django.contrib.auth.models import User
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from exports_app.models import Export, TLSPolicy, WorkerNode
+from nbdweb.celery import app as celery_app
+from tests.support.redisserver import PrivateRedis, private_redis
+from tests.support.tools import client_env, require_tool
+from tests.support.worker import RunningWorker, start_worker
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.django_db(transaction=True, serialized_rollback=True),
+]
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[PrivateRedis]:
+    with private_redis(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def eager_jobs() -> Iterator[None]:
+    # The disk jobs run in-process here; tests/e2e/test_jobs.py drives a real Celery worker.
+    celery_app.conf.task_always_eager = True
+    yield
+    celery_app.conf.task_always_eager = False
+
+
+@pytest.fixture
+def api() -> APIClient:
+    user = User.objects.create_superuser(f"admin-{uuid.uuid4().hex[:8]}", password="pw-e2e")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    return client
+
+
+def post(api: APIClient, url: str, body: dict) -> dict:
+    response = api.post(url, body, format="json")
+    assert response.status_code in (200, 201), response.content
+    return response.json()
+
+
+def unpack_bundle(api: APIClient, certificate_id: int, export: Export, into: Path) -> Path:
+    response = api.get(f"/api/v1/certificates/{certificate_id}/bundle/?export={export.pk}")
+    assert response.status_code == 200, response.content
+    into.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(response.content), mode="r:gz") as archive:
+        for member in archive.getmembers():
+            if member.isfile():
+                (into / Path(member.name).name).write_bytes(archive.extractfile(member).read())
+    assert {"ca-cert.pem", "client-cert.pem", "client-key.pem"} <= {p.name for p in into.iterdir()}
+    return into
+
+
+@pytest.fixture
+def tls_stack(
+    api, tmp_path, settings, redis_server
+) -> Iterator[tuple[RunningWorker, Export, dict]]:
+    settings.REDIS_URL = redis_server.url
+    storage = tmp_path / "images"
+    storage.mkdir()
+    authority = post(api, "/api/v1/authorities/", {"name": "lab-ca", "common_name": "Lab CA"})
+    server_cert = post(
+        api,
+        "/api/v1/certificates/",
+        {
+            "kind": "server",
+            "authority": authority["id"],
+            "common_name": "localhost",
+            "dns_names": ["localhost"],
+            "ip_addresses": ["127.0.0.1"],
+        },
+    )
+    client_cert = post(
+        api,
+        "/api/v1/certificates/",
+        {"kind": "client", "authority": authority["id"], "common_name": "backup-host"},
+    )
+    policy = TLSPolicy.objects.create(name=f"tls-{uuid.uuid4().hex[:8]}")
+    node = WorkerNode.objects.create(
+        name=f"tls-{uuid.uuid4().hex[:8]}",
+        listen="127.0.0.1:10809",
+        storage_root=str(storage),
+        tls_policy=policy,
+    )
+    response = api.patch(
+        f"/api/v1/tls-policies/{policy.pk}/",
+        {
+            "mode": "FORCEDTLS",
+            "server_certificate": server_cert["id"],
+            "trusted_authorities": [authority["id"]],
+            "client_verification": "required",
+        },
+        format="json",
+    )
+    assert response.status_code == 200, response.content
+    created = post(api, "/api/v1/exports/", {"node": node.pk, "name": "secure", "size": 4 * MiB})
+    export = Export.objects.get(pk=created["id"])
+    assert export.state == "ready", export.last_error
+    assert api.get(f"/api/v1/exports/{export.pk}/").json()["uri"].startswith("nbds://")
+
+    worker = start_worker(
+        None,
+        workdir=tmp_path / "worker",
+        storage_root=storage,
+        env={
+            "REDIS_URL": redis_server.url,
+            "NBDWEB_CONFIG_SECRET": settings.NBDWEB_CONFIG_SECRET,
+            "NBDWORKER_NODE": node.name,
+            "NBDWEB_DATA_DIR": str(tmp_path / "data"),
+        },
+    )
+    try:
+        yield worker, export, client_cert
+    finally:
+        worker.stop()
+
+
+def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=60, env=client_env(), **kwargs
+    )
+
+
+def test_client_bundle_from_the_api_connects_qemu_img_and_nbdinfo(api, tls_stack, tmp_path):
+    worker, export, client_cert = tls_stack
+    bundle = unpack_bundle(api, client_cert["id"], export, tmp_path / "bundle")
+    uri = f"nbds://127.0.0.1:{worker.port}/secure?tls-certificates={bundle}"
+
+    size = run([require_tool("nbdinfo"), "--size", uri])
+    assert size.returncode == 0, size.stderr
+    assert int(size.stdout) == 4 * MiB
+
+    qemu_io = run(
+        [
+            require_tool("qemu-io"),
+            "--object",
+            f"tls-creds-x509,id=tls0,endpoint=client,dir={bundle}",
+            "--image-opts",
+            f"driver=nbd,host=127.0.0.1,port={worker.port},export=secure,tls-creds=tls0",
+            "-c",
+            "write -P 0x5a 1M 64k",
+            "-c",
+            "read -P 0x5a 1M 64k",
+        ]
+    )
+    assert qemu_io.returncode == 0, qemu_io.stdout + qemu_io.stderr
+    assert "Pattern verification failed" not in qemu_io.stdout
+    with open(export.absolute_image_path, "rb") as image:
+        image.seek(MiB)
+        assert image.read(64 * 1024) == b"\x5a" * 64 * 1024
+
+    info = run(
+        [
+            require_tool("qemu-img"),
+            "info",
+            "--object",
+            f"tls-creds-x509,id=tls0,endpoint=client,dir={bundle}",
+            "--image-opts",
+            f"driver=nbd,host=127.0.0.1,port={worker.port},export=secure,tls-creds=tls0",
+        ]
+    )
+    assert info.returncode == 0, info.stderr
+    assert "4 MiB" in info.stdout
+
+
+def test_forcedtls_refuses_plaintext_and_revoked_client_certificates(api, tls_stack, tmp_path):
+    worker, export, client_cert = tls_stack
+    bundle = unpack_bundle(api, client_cert["id"], export, tmp_path / "bundle")
+    nbdinfo = require_tool("nbdinfo")
+
+    plain = run([nbdinfo, "--size", f"nbd://127.0.0.1:{worker.port}/secure"])
+    assert plain.returncode != 0
+    assert "TLS" in plain.stderr or "tls" in plain.stderr
+
+    revoke = api.post(f"/api/v1/certificates/{client_cert['id']}/revoke/", {"reason": "lost"})
+    assert revoke.status_code == 200, revoke.content
+    uri = f"nbds://127.0.0.1:{worker.port}/secure?tls-certificates={bundle}"
+
+    def refused() -> bool:
+        return run([nbdinfo, "--size", uri]).returncode != 0
+
+    # The revocation reaches the worker through Redis; poll until it is in force.
+    deadline = time.monotonic() + 10
+    while not refused():
+        assert time.monotonic() < deadline, "revoked certificate still served"
+        time.sleep(0.05)
+    assert worker.wait_for_log("revoked", timeout=5)
