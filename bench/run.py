@@ -174,7 +174,7 @@ def main() -> int:
     p.add_argument("--runtime", type=int, default=10, help="seconds per fio run")
     p.add_argument("--connects", type=int, default=200)
     p.add_argument("--rounds", type=int, default=1, help="repeat and keep the best figure")
-    p.add_argument("--only", default="seq,fio,connect")
+    p.add_argument("--only", default="seq,fio,connect,tls")
     p.add_argument("--dir", default=None, help="scratch directory (default: under /var/tmp)")
     args = p.parse_args()
     for tool in ("nbdkit", "nbdcopy", "fio"):
@@ -245,6 +245,12 @@ def main() -> int:
         print(f"{name:45} {kit:10.2f} {worker:10.2f} {ratio:6.2f}x")
     print("(ratio: nbdworker relative to nbdkit, >1 is better; for latency, nbdkit/nbdworker)")
     shutil.rmtree(work, ignore_errors=True)
+    if "tls" in only:
+        # The same comparison over TLS, against nbdkit --tls=require (bench/tls.py).
+        import tls
+
+        print()
+        tls.run_tls_bench(args.size, args.runtime, args.rounds, "seq,fio", args.dir)
     return 0
 
 
