@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import errno as host_errno
+import fcntl
 import logging
 import os
 import ssl
+import struct
+import termios
 import time
 from typing import TYPE_CHECKING
 
@@ -123,12 +126,32 @@ _CMD_WRITE_ZEROES = int(Command.WRITE_ZEROES)
 _CMD_BLOCK_STATUS = int(Command.BLOCK_STATUS)
 
 _EMPTY = memoryview(b"")
+# Where a lingering connection reads what it throws away (contents never looked at, so shared).
+_DISCARD = memoryview(bytearray(64 * 1024))
 
 _PHASE_HANDSHAKE = 0
 _PHASE_TRANSMISSION = 1
 _PHASE_CLOSED = 2
 _PHASE_TLS = 3  # STARTTLS acked; the TLS handshake runs
+_PHASE_LINGER = 4  # our side is finished (FIN sent); discarding input until the client closes
+# Closing a socket whose receive queue holds unread requests makes the kernel send RST, and the
+# client's kernel then throws away replies it has not read yet. So a finished connection first
+# half-closes, keeps reading and discarding, and closes once its replies are out of the transport
+# and nothing unread is left; a client that keeps sending is cut after LINGER_SECONDS.
+LINGER_SECONDS = 5.0
+LINGER_POLL_SECONDS = 0.02
 _EXPORT_OPTIONS = (Option.INFO, Option.GO, Option.EXPORT_NAME)
+
+
+def _unread_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes waiting in the socket's receive queue (0 when that cannot be known)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
 
 
 class NBDConnection(asyncio.BufferedProtocol):
@@ -142,6 +165,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.phase = _PHASE_HANDSHAKE
         self.hs: Handshake | None = None
         self.deadline: asyncio.TimerHandle | None = None
+        self.linger: asyncio.TimerHandle | None = None
+        self.linger_until = 0.0
         self.hs_buf = bytearray(HANDSHAKE_BUFFER)
         self.authorizer: ExportAuthorizer | None = None
         # Decrypted bytes that arrive between the end of the TLS handshake and tls_started().
@@ -222,6 +247,8 @@ class NBDConnection(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.phase == _PHASE_HANDSHAKE or self.phase == _PHASE_TLS:
             return memoryview(self.hs_buf)
+        if self.phase == _PHASE_LINGER:
+            return _DISCARD
         if self.pending_view is not None:
             if self.pending_buf is None:
                 return self.pending_view[: self.pending_total - self.pending_got]
@@ -239,6 +266,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         return self.rview[self.end :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.phase == _PHASE_LINGER:
+            return  # after our FIN nothing the client sends can be answered
         if self.phase == _PHASE_HANDSHAKE:
             self._handshake_data(bytes(self.hs_buf[:nbytes]))
         elif self.phase == _PHASE_TLS:
@@ -263,6 +292,8 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self._process()
 
     def eof_received(self) -> bool:
+        if self.phase == _PHASE_LINGER:
+            return False  # the client has closed too: the transport closes now
         if self.phase == _PHASE_HANDSHAKE and self.hs is not None:
             self._handshake_data(b"")
         elif self.phase == _PHASE_TLS:
@@ -284,6 +315,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
+        if self.linger is not None:
+            self.linger.cancel()
+            self.linger = None
         if self.counted_export is not None:
             self.server.export_closed(self.counted_export)
             self.counted_export = None
@@ -959,11 +993,42 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self.disconnecting or (self.eof and not self.writing_paused):
             # After EOF, whatever is left unparsed can never complete.
             self._close()
-        elif self.shutting_down and self.pending_view is None and self.end - self.start < HEADER:
+        elif (
+            self.shutting_down
+            and self.pending_view is None
+            and self.end - self.start < HEADER
+            # Requests still in the socket are read and answered ESHUTDOWN first.
+            and _unread_bytes(self.transport) == 0
+        ):
             self._close()
 
     def _close(self) -> None:
         self._uncork()
-        if self.transport is not None and not self.transport.is_closing():
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.phase == _PHASE_LINGER:
+            return
+        if self.phase == _PHASE_CLOSED or not transport.can_write_eof():
             # close() sends what is buffered first, so every answered request reaches the client.
-            self.transport.close()
+            transport.close()
+            return
+        # Half-close (FIN after the buffered replies), then read and discard until the client
+        # closes, so unread requests in the socket never turn our close into a reset.
+        self.phase = _PHASE_LINGER
+        transport.write_eof()
+        if self.reading_paused:
+            self.reading_paused = False
+            transport.resume_reading()
+        self.linger_until = self.loop.time() + LINGER_SECONDS
+        self._linger_check()
+
+    def _linger_check(self) -> None:
+        transport = self.transport
+        self.linger = None
+        if self.phase != _PHASE_LINGER or transport is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size() == 0 and _unread_bytes(transport) == 0:
+            transport.close()
+        elif self.loop.time() >= self.linger_until:
+            transport.abort()
+        else:
+            self.linger = self.loop.call_later(LINGER_POLL_SECONDS, self._linger_check)

@@ -263,6 +263,37 @@ def test_shutdown_answers_every_queued_request(worker_factory):
     assert w.wait() == 0
 
 
+def test_shutdown_with_unread_requests_in_the_socket_never_resets_the_connection(worker_factory):
+    # The worker stops reading while 16 MiB of replies wait to be sent, so many of these requests
+    # are still unread in its socket when shutdown starts. Each must get its answer (data or
+    # ESHUTDOWN), and the close must not become a reset that throws away unread replies.
+    w = worker_factory(config(mem("a", size=64 * MiB)))
+    count, length = 512, 256 * 1024
+    with RawClient.open(w.host, w.port, "a") as c:
+        c.send(
+            b"".join(
+                encode_request(
+                    Command.READ, cookie=i, offset=(i * length) % (64 * MiB), length=length
+                )
+                for i in range(count)
+            )
+        )
+        w.signal(signal.SIGTERM)
+        w.wait_for_log("waiting for 1 connection")
+        answered = refused = 0
+        for _ in range(count):
+            reply = c.read_simple()
+            if reply.error == 0:
+                assert len(c.recv_exact(length)) == length
+                answered += 1
+            else:
+                assert reply.error == Errno.ESHUTDOWN
+                refused += 1
+        assert answered >= 1
+        assert c.closed_by_server()
+    assert w.wait() == 0
+
+
 def test_second_signal_forces_exit(worker_factory):
     w = worker_factory(config(mem("a")), args=["--shutdown-timeout", "600"])
     c = RawClient.open(w.host, w.port, "a")
