@@ -1,3 +1,30 @@
-"""Fixtures of the whole-stack tests: a real Celery worker subprocess on a per-session queue."""
+"""Fixtures of the whole-stack tests: a real Celery worker subprocess on a per-session queue,
+an API client with a superuser's token, and in-process jobs for tests about something else."""
 
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from django.contrib.auth.models import User
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from nbdweb.celery import app as celery_app
 from tests.support.celery import celery_node_name, celery_worker  # noqa: F401
+
+
+@pytest.fixture
+def api() -> APIClient:
+    user = User.objects.create_superuser(f"admin-{uuid.uuid4().hex[:8]}", password="pw-e2e")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    return client
+
+
+@pytest.fixture
+def eager_jobs() -> Iterator[None]:
+    """Run the disk jobs in-process (the same `run_job` a Celery worker runs, on commit), for
+    tests about something else; tests/e2e/test_jobs.py drives a real Celery worker."""
+    celery_app.conf.task_always_eager = True
+    yield
+    celery_app.conf.task_always_eager = False

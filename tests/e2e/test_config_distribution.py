@@ -20,12 +20,9 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
-from django.contrib.auth.models import User
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from exports_app.models import Export, TLSPolicy, WorkerNode
-from nbdweb.celery import app as celery_app
 from nbdworker.config import WorkerConfig
 from nbdworker.protocol import Command, Errno
 from nbdworker.snapshot import CHANNEL, config_key, sign_snapshot
@@ -36,6 +33,7 @@ from tests.support.worker import RunningWorker, start_worker
 
 pytestmark = [
     pytest.mark.e2e,
+    pytest.mark.usefixtures("eager_jobs"),
     pytest.mark.django_db(transaction=True, serialized_rollback=True),
 ]
 
@@ -69,21 +67,6 @@ def pattern(block: int) -> bytes:
 def shared_redis(tmp_path_factory) -> Iterator[PrivateRedis]:
     with private_redis(tmp_path_factory.mktemp("redis")) as server:
         yield server
-
-
-@pytest.fixture(autouse=True)
-def eager_jobs() -> Iterator[None]:
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = False
-
-
-@pytest.fixture
-def api() -> APIClient:
-    user = User.objects.create_superuser(f"admin-{uuid.uuid4().hex[:8]}", password="pw-e2e")
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
-    return client
 
 
 @dataclass

@@ -20,8 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from django.contrib.auth.models import User
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from exports_app.choices import ExportState, JobState
@@ -66,14 +64,6 @@ def node(celery_worker: RunningCelery, celery_node_name: str, storage_root: Path
         storage_root=str(storage_root),
         tls_policy=policy,
     )
-
-
-@pytest.fixture
-def api() -> APIClient:
-    user = User.objects.create_superuser(f"admin-{uuid.uuid4().hex[:8]}", password="pw-e2e")
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
-    return client
 
 
 @pytest.fixture

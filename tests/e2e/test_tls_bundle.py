@@ -14,18 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from django.contrib.auth.models import User
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from exports_app.models import Export, TLSPolicy, WorkerNode
-from nbdweb.celery import app as celery_app
 from tests.support.redisserver import PrivateRedis, private_redis
 from tests.support.tools import client_env, require_tool
 from tests.support.worker import RunningWorker, start_worker
 
 pytestmark = [
     pytest.mark.e2e,
+    pytest.mark.usefixtures("eager_jobs"),
     pytest.mark.django_db(transaction=True, serialized_rollback=True),
 ]
 
@@ -36,22 +34,6 @@ MiB = 1 << 20
 def redis_server(tmp_path: Path) -> Iterator[PrivateRedis]:
     with private_redis(tmp_path / "redis") as server:
         yield server
-
-
-@pytest.fixture(autouse=True)
-def eager_jobs() -> Iterator[None]:
-    # The disk jobs run in-process here; tests/e2e/test_jobs.py drives a real Celery worker.
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = False
-
-
-@pytest.fixture
-def api() -> APIClient:
-    user = User.objects.create_superuser(f"admin-{uuid.uuid4().hex[:8]}", password="pw-e2e")
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
-    return client
 
 
 def post(api: APIClient, url: str, body: dict) -> dict:
