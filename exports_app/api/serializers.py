@@ -356,7 +356,18 @@ class ExportSerializer(ValidatedModelSerializer):
 # -- certificates ------------------------------------------------------------------------------
 
 
-class CertificateAuthoritySerializer(serializers.ModelSerializer):
+class RenameOnlyUpdateMixin:
+    """Key material is immutable once made: an update changes only the name and description."""
+
+    def update(self, instance, validated_data: dict):
+        for field in ("name", "description"):
+            if field in validated_data:
+                setattr(instance, field, validated_data[field])
+        instance.save()
+        return instance
+
+
+class CertificateAuthoritySerializer(RenameOnlyUpdateMixin, serializers.ModelSerializer):
     """POST with `common_name` creates an internal CA; with `certificate_pem` (and optionally
     `private_key_pem`) imports an external one. Only name and description change afterwards."""
 
@@ -477,15 +488,8 @@ class CertificateAuthoritySerializer(serializers.ModelSerializer):
             description=validated_data.get("description", ""),
         )
 
-    def update(self, instance: CertificateAuthority, validated_data: dict) -> CertificateAuthority:
-        for field in ("name", "description"):
-            if field in validated_data:
-                setattr(instance, field, validated_data[field])
-        instance.save()
-        return instance
 
-
-class CertificateSerializer(serializers.ModelSerializer):
+class CertificateSerializer(RenameOnlyUpdateMixin, serializers.ModelSerializer):
     """POST with `authority` issues a certificate from that CA; with `certificate_pem` imports
     one (a server certificate needs `private_key_pem`). Only name and description change
     afterwards; revoke with POST …/revoke/."""
@@ -663,13 +667,6 @@ class CertificateSerializer(serializers.ModelSerializer):
             key_algorithm=validated_data.get("key_algorithm", KeyAlgorithm.EC_P256),
             description=validated_data.get("description", ""),
         )
-
-    def update(self, instance: Certificate, validated_data: dict) -> Certificate:
-        for field in ("name", "description"):
-            if field in validated_data:
-                setattr(instance, field, validated_data[field])
-        instance.save()
-        return instance
 
 
 class CertificateRevokeSerializer(serializers.Serializer):
