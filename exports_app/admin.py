@@ -472,8 +472,23 @@ class IssueClientCertificateForm(forms.Form):
     )
 
 
+class AddFormAdminMixin:
+    """Key material is made (or imported) by a dedicated add form and is read-only afterwards."""
+
+    add_form: type | None = None
+
+    def get_form(self, request, obj=None, **kwargs):
+        if obj is None:
+            # The declared (non-model) fields come with the form; only these are model fields.
+            kwargs.update(form=self.add_form, fields=["name", "description"])
+        return super().get_form(request, obj, **kwargs)
+
+    def get_readonly_fields(self, request, obj=None):
+        return self.readonly_fields if obj is not None else []
+
+
 @admin.register(CertificateAuthority)
-class CertificateAuthorityAdmin(SimpleHistoryAdmin):
+class CertificateAuthorityAdmin(AddFormAdminMixin, SimpleHistoryAdmin):
     list_display = ["name", "subject", "is_imported", "has_key", "not_after", "expiry_warning"]
     list_filter = ["is_imported", "key_algorithm"]
     search_fields = ["name", "subject", "serial", "fingerprint_sha256"]
@@ -492,14 +507,7 @@ class CertificateAuthorityAdmin(SimpleHistoryAdmin):
     ]
     actions = ["issue_client_certificate"]
 
-    def get_form(self, request, obj=None, **kwargs):
-        if obj is None:
-            # The declared (non-model) fields come with the form; only these are model fields.
-            kwargs.update(form=CertificateAuthorityAddForm, fields=["name", "description"])
-        return super().get_form(request, obj, **kwargs)
-
-    def get_readonly_fields(self, request, obj=None):
-        return self.readonly_fields if obj is not None else []
+    add_form = CertificateAuthorityAddForm
 
     def get_fields(self, request, obj=None):
         if obj is None:
@@ -652,7 +660,7 @@ class RevokedFilter(admin.SimpleListFilter):
 
 
 @admin.register(Certificate)
-class CertificateAdmin(SimpleHistoryAdmin):
+class CertificateAdmin(AddFormAdminMixin, SimpleHistoryAdmin):
     list_display = [
         "name",
         "kind",
@@ -686,14 +694,7 @@ class CertificateAdmin(SimpleHistoryAdmin):
     ]
     actions = ["revoke_certificates", "download_bundle"]
 
-    def get_form(self, request, obj=None, **kwargs):
-        if obj is None:
-            # The declared (non-model) fields come with the form; only these are model fields.
-            kwargs.update(form=CertificateAddForm, fields=["name", "description"])
-        return super().get_form(request, obj, **kwargs)
-
-    def get_readonly_fields(self, request, obj=None):
-        return self.readonly_fields if obj is not None else []
+    add_form = CertificateAddForm
 
     def get_fields(self, request, obj=None):
         if obj is None:
