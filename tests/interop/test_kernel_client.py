@@ -9,7 +9,7 @@ and the workers' logs:
   flush, read it back, disconnect, reconnect and read everything again;
 * ro: a read_only export attaches read-only, writes fail, the image is unchanged;
 * SELECTIVETLS: a plain export is served to the plaintext kernel client, a tls_required one is
-  refused;
+  refused, and served once nbd-client brings TLS (client certificate);
 * multi: ``nbd-client -C 2`` (two connections behind one device), write and read back.
 """
 
@@ -114,6 +114,15 @@ attach /dev/nbd3 $SELECTIVE secret; result selective secret-attach $?
 result selective secret-size $(blockdev --getsize64 /dev/nbd3)
 result selective secret-message $(tr '\n' ' ' </tmp/attach.out)
 detach /dev/nbd3 >/dev/null 2>&1
+# The same export over TLS: nbd-client does the handshake (GnuTLS) for the kernel.
+attach /dev/nbd5 $SELECTIVE secret -enable-tls -cacertfile /tls/ca.pem \
+    -certfile /tls/cert.pem -keyfile /tls/key.pem -tlshostname localhost
+result selective secret-tls-attach $?
+result selective secret-tls-size $(blockdev --getsize64 /dev/nbd5)
+write_pattern /rw.bin /dev/nbd5 0; result selective secret-tls-write $?
+blockdev --flushbufs /dev/nbd5
+result selective secret-tls-readback $(sha_direct /dev/nbd5 0 {rw_blocks})
+detach /dev/nbd5; result selective secret-tls-detach $?
 
 # -- multi-connection --------------------------------------------------------------------------
 attach /dev/nbd4 $PLAIN multi -C 2; result multi attach $?
@@ -217,6 +226,9 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
                 "scenario.sh": script,
                 "rw.bin": patterns["rw"],
                 "multi.bin": patterns["multi"],
+                "tls/ca.pem": pki.ca.cert_pem,
+                "tls/cert.pem": pki.clients["alice"].cert_pem,
+                "tls/key.pem": pki.clients["alice"].key_pem,
             },
             root / "scenario.cpio.gz",
         )
@@ -298,8 +310,22 @@ def test_selective_tls_refuses_tls_required_export(guest: Guest):
     # Never attached: the device has no size.
     assert g.result("selective", "secret-size") == "0", g.context()
     assert "TLS required for export 'secret'" in g.result("selective", "secret-message")
-    g.selective.wait_for_log(r"NBD_OPT_GO -> NBD_REP_ERR_TLS_REQD .*'secret'", timeout=10)
-    assert not sessions(g.selective, "secret"), g.context()
+    refused = g.selective.wait_for_log(
+        r"(\S+): NBD_OPT_GO -> NBD_REP_ERR_TLS_REQD .*'secret'", timeout=10
+    ).group(1)
+    assert f"{refused}: export 'secret' opened" not in g.selective.log, g.context()
+
+
+def test_tls_required_export_over_tls(guest: Guest):
+    """nbd-client does the TLS handshake (GnuTLS) and hands the kernel the encrypted session."""
+    g = guest
+    assert g.result("selective", "secret-tls-attach") == "0", g.context()
+    assert g.result("selective", "secret-tls-size") == str(4 * MiB), g.context()
+    assert g.result("selective", "secret-tls-write") == "0", g.context()
+    assert g.result("selective", "secret-tls-readback") == sha256(g.patterns["rw"]), g.context()
+    assert g.result("selective", "secret-tls-detach") == "0", g.context()
+    (peer,) = sessions(g.selective, "secret")
+    assert re.search(rf"{re.escape(peer)}: TLS up .*CN=alice", g.selective.log), g.context()
 
 
 def test_multi_connection(guest: Guest):
