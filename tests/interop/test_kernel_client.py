@@ -31,11 +31,13 @@ from tests.support.kernelvm import (
     GuestRun,
     boot,
     build_base_initramfs,
+    require_busybox,
     require_kernel,
     require_qemu,
     scenario_archive,
 )
 from tests.support.pki import make_pki, tls_config_dict
+from tests.support.tools import require_tool
 from tests.support.worker import RunningWorker, file_export, memory_export, run_worker
 
 pytestmark = pytest.mark.interop
@@ -170,6 +172,8 @@ class Guest:
 def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
     # Both before any work, so that a machine without them skips (or fails under CI) at once.
     require_qemu()
+    require_busybox()
+    nbd_client = require_tool("nbd-client")
     kernel = require_kernel()
     root = tmp_path_factory.mktemp("kernel-client")
     images = root / "images"
@@ -200,7 +204,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
         ],
         "tls": tls_config_dict(pki, "SELECTIVETLS"),
     }
-    base = build_base_initramfs(kernel, root / "base.cpio.gz")
+    base = build_base_initramfs(kernel, root / "base.cpio.gz", nbd_client)
     with contextlib.ExitStack() as stack:
         plain = stack.enter_context(
             run_worker(plain_config, workdir=root / "plain", storage_root=images, log_level="DEBUG")

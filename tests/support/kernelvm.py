@@ -50,6 +50,7 @@ __all__ = [
     "fetch_kernel",
     "find_kernel",
     "kvm_usable",
+    "require_busybox",
     "require_kernel",
     "require_qemu",
     "scenario_archive",
@@ -322,6 +323,12 @@ def require_qemu() -> str:
     return path
 
 
+def require_busybox() -> str:
+    if not os.access(BUSYBOX, os.X_OK):
+        _unavailable(f"{BUSYBOX} is not installed: apt-get install busybox-static")
+    return BUSYBOX
+
+
 def kvm_usable() -> bool:
     """Whether qemu can run a stock kernel under KVM here. A /dev/kvm is not enough: inside
     another VM it may be PVM (kvm_pvm, paravirtual nesting without VMX/SVM), which creates VMs
@@ -441,9 +448,10 @@ poweroff -f
 """
 
 
-def build_base_initramfs(kernel: Kernel, path: Path) -> Path:
-    """busybox with its applet links, the kernel's modules, nbd-client with its libraries,
-    and /init, as a gzipped newc archive at `path`."""
+def build_base_initramfs(kernel: Kernel, path: Path, nbd_client: str = NBD_CLIENT) -> Path:
+    """busybox with its applet links, the kernel's modules, `nbd_client` (as /usr/sbin/nbd-client)
+    with its libraries, and /init, as a gzipped newc archive at `path`."""
+    busybox = require_busybox()
     cpio = CpioWriter()
     for d in ("dev", "proc", "sys", "tmp", "run", "etc", "root"):
         cpio.directory(d)
@@ -454,16 +462,16 @@ def build_base_initramfs(kernel: Kernel, path: Path) -> Path:
     cpio.file("etc/group", "root:x:0:\n")
 
     real_files = {BUSYBOX.lstrip("/"), NBD_CLIENT.lstrip("/"), "init"}
-    cpio.file(BUSYBOX, Path(BUSYBOX).read_bytes(), 0o755)
-    cpio.file(NBD_CLIENT, Path(NBD_CLIENT).read_bytes(), 0o755)
-    libs = {lib for b in (BUSYBOX, NBD_CLIENT) for lib in shared_libraries(b)}
+    cpio.file(BUSYBOX, Path(busybox).read_bytes(), 0o755)
+    cpio.file(NBD_CLIENT, Path(nbd_client).read_bytes(), 0o755)
+    libs = {lib for b in (busybox, nbd_client) for lib in shared_libraries(b)}
     for lib in sorted(libs):
         # ldd names the path the loader looks for; its content is wherever that resolves to.
         cpio.file(lib, Path(lib).resolve().read_bytes(), 0o755)
         real_files.add(lib.lstrip("/"))
 
     applets = subprocess.run(
-        [BUSYBOX, "--list-full"], capture_output=True, text=True, check=True, timeout=30
+        [busybox, "--list-full"], capture_output=True, text=True, check=True, timeout=30
     ).stdout.split()
     for applet in applets:
         # Busybox's own nbd-client applet must not shadow Debian's real one.
