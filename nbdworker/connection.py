@@ -11,14 +11,15 @@ Performance notes (measured with nbdcopy and fio against nbdkit, see bench/READM
   earlier replies are still queued in the transport (pipelining). Reading stops only when
   `max_inflight_per_connection` requests (or MAX_INFLIGHT_BYTES) wait on threads, or the
   transport holds WRITE_HIGH_WATER bytes of unsent replies.
-* Every reply is one write: header and data in one buffer (small reads, read into place with
-  `preadv`), or `writelines([header, data])`, one writev under uvloop (large reads), except
-  the sendfile replies below (header, then sendfile). TCP_NODELAY is on (asyncio and uvloop set
-  it on every TCP transport).
+* Plain connections write replies through their own queue on the socket
+  (nbdworker/sockwriter.py): the replies of one batch of requests go out with one writev, large
+  reads with sendfile, in order. Over TLS every reply is one transport write: header and data
+  in one buffer (small reads, read into place with `preadv`), or `writelines([header, data])`
+  (large reads). TCP_NODELAY is on (asyncio and uvloop set it on every TCP transport).
 * Small reads try `preadv(RWF_NOWAIT)` on the event loop first: page-cache hits cost no thread
   hop; a miss finishes in the thread pool. Large reads from the page cache (one-page
-  RWF_NOWAIT probe) go out with `os.sendfile` when nothing is queued in the transport (no copy
-  through Python), else with `os.pread` (no zero-filled buffer) and `writelines`. Plain writes
+  RWF_NOWAIT probe) go out with `os.sendfile` on plain connections (no copy through Python),
+  over TLS with `os.pread` (no zero-filled buffer) and `writelines`. Plain writes
   go to the page cache inline (ext4 refuses RWF_NOWAIT for buffered writes, and a thread hop
   per 4 KiB write costs more than the write).
   FLUSH, FUA, trim, zero, cache and block status always run in the pool.
@@ -30,7 +31,6 @@ import asyncio
 import errno as host_errno
 import fcntl
 import logging
-import os
 import ssl
 import struct
 import termios
@@ -67,6 +67,7 @@ from nbdworker.protocol import (
     errno_from_oserror,
 )
 from nbdworker.reload import ending_reason
+from nbdworker.sockwriter import SocketWriter
 from nbdworker.tls import check_peer
 
 if TYPE_CHECKING:
@@ -182,9 +183,12 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.session: Session | None = None
         self.structured = False
         self.context_id = 0
-        # The socket's descriptor for sendfile (large reads over plain TCP/Unix): looked up at
-        # the first large read; -1 when it cannot be used (TLS, no descriptor).
-        self.sendfile_fd: int | None = None
+        # Plain connections in transmission write their replies through this queue on the
+        # socket (nbdworker/sockwriter.py); None during the handshake and over TLS.
+        self.writer: SocketWriter | None = None
+        self.file_fd: int | None = None  # the export's image, for sendfile replies
+        self.close_pending = False  # _close() waits for the writer's queue to empty
+        self.flush_timer: asyncio.TimerHandle | None = None
         self.rbuf = bytearray()
         self.rview = memoryview(self.rbuf)
         self.start = 0
@@ -318,16 +322,21 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self.linger is not None:
             self.linger.cancel()
             self.linger = None
+        self._close_writer()
         if self.counted_export is not None:
             self.server.export_closed(self.counted_export)
             self.counted_export = None
         self.server.connection_closed(self)
 
     def pause_writing(self) -> None:
+        if self.writer is not None:
+            return  # the writer's backlog decides (see _send)
         self.writing_paused = True
         self._update_reading()
 
     def resume_writing(self) -> None:
+        if self.writer is not None:
+            return
         self.writing_paused = False
         self._update_reading()
         if self.phase == _PHASE_TRANSMISSION:
@@ -349,6 +358,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._maybe_close()
 
     def abort(self) -> None:
+        self._close_writer()
         if self.transport is not None:
             self.transport.abort()
 
@@ -526,6 +536,13 @@ class NBDConnection(asyncio.BufferedProtocol):
                 )
                 self.loop.call_soon(self.shutdown)
         self.session = Session(ready)
+        if not self.tls_active:
+            sock_fd = self._socket_fd()
+            if sock_fd >= 0:
+                self.writer = SocketWriter(
+                    self.loop, sock_fd, self._output_sent, self._output_failed
+                )
+                self.file_fd = getattr(self.backend, "fd", None)
         self.structured = ready.structured
         self.context_id = next(iter(ready.meta_contexts), 0)
         self.hs = None
@@ -550,7 +567,17 @@ class NBDConnection(asyncio.BufferedProtocol):
     # -- transmission: parsing ------------------------------------------------------------------
 
     def _process(self) -> None:
-        """Dispatch every complete request in the buffer, unless paused."""
+        """Dispatch every complete request in the buffer, unless paused; send the replies."""
+        while self._dispatch_requests():
+            if not self._flush_output():
+                self._update_reading()
+                self._maybe_close()
+                return
+        self._flush_output()
+
+    def _dispatch_requests(self) -> bool:
+        """Dispatch what can be; False when the connection stopped parsing for good (aborted)
+        or receives a payload apart."""
         session = self.session
         backend = self.backend
         rbuf = self.rbuf
@@ -572,12 +599,12 @@ class NBDConnection(asyncio.BufferedProtocol):
             except ProtocolError as exc:
                 log.info("%s: protocol error: %s: dropping", self.peer, exc)
                 self.abort()
-                return
+                return False
             verdict = session.check(req)
             if verdict.disconnect:
                 log.info("%s: %s: dropping", self.peer, verdict.message or "bad request")
                 self.abort()
-                return
+                return False
             payload = verdict.payload
             if payload:
                 if avail < HEADER + payload:
@@ -587,7 +614,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                         rbuf = self._grow_buffer()
                         continue
                     self._receive_payload_apart(req, verdict, payload)
-                    return
+                    return False
                 data = self.rview[start + HEADER : start + HEADER + payload]
             else:
                 data = _EMPTY
@@ -616,8 +643,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                 # A bug must cost one request, not the connection or the event loop.
                 log.exception("%s: internal error in %s", self.peer, req.command)
                 self._reply_error(req, Errno.EIO, f"internal error: {type(exc).__name__}")
-        self._update_reading()
-        self._maybe_close()
+        return True
 
     def _grow_buffer(self) -> bytearray:
         n = self.end - self.start
@@ -739,6 +765,8 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self._send(encode_simple_reply(req.cookie))
         if self.reading_paused or self.shutting_down or self.eof:
             self._process()
+        else:
+            self._flush_output()
         self._maybe_close()
 
     def _read(self, req) -> None:
@@ -771,7 +799,9 @@ class NBDConnection(asyncio.BufferedProtocol):
             # nbdcopy this used a quarter less CPU than preadv into a fresh bytearray. The
             # page-cache probe keeps cold reads off the event loop.
             if backend.cached(req.offset, length):
-                if self._send_file(header, req.offset, length):
+                if self.file_fd is not None and self.writer is not None:
+                    self._send(header)
+                    self._send_file(req.offset, length)
                     return
                 self._send_lines(req, [header, backend.read_bytes(req.offset, length)])
             else:
@@ -789,75 +819,16 @@ class NBDConnection(asyncio.BufferedProtocol):
             return
         self._in_thread(req, self._finish_read, buf, view, req.offset, got, result=self._send_reply)
 
-    def _send_file(self, header: bytes, offset: int, length: int) -> bool:
-        """Send a large read reply with `os.sendfile`, straight from the page cache to the socket.
+    def _send_file(self, offset: int, length: int) -> None:
+        # Straight from the page cache to the socket when the writer gets to it: the two copies
+        # of pread + send were ~60% of the worker's CPU on nbdcopy reads.
+        writer = self.writer
+        writer.write_file(self.file_fd, offset, length)
+        if writer.pending > WRITE_HIGH_WATER:
+            self.writing_paused = True
 
-        Only when nothing is queued in the transport (uvloop defers writes to the end of the
-        loop iteration, so bytes written to the socket now must not overtake queued ones). The
-        kernel hands page-cache pages to the socket without copying them into Python and back:
-        the two copies of pread + send were ~60% of the worker's CPU on nbdcopy reads. What the
-        socket does not take now is queued in the transport as usual. False: nothing was sent,
-        use the normal path.
-        """
-        fd = self.sendfile_fd
-        transport = self.transport
-        if fd is None:
-            fd = self.sendfile_fd = self._sendfile_socket()
-        file_fd = getattr(self.backend, "fd", None)
-        if (
-            fd < 0
-            or file_fd is None
-            or self.tls_active
-            or self.cork is not None
-            or transport is None
-            or transport.is_closing()
-            or transport.get_write_buffer_size()
-        ):
-            return False
-        try:
-            sent = os.write(fd, header)
-        except OSError:
-            # EAGAIN: the socket is full; anything else the transport reports on its own.
-            return False
-        if sent < len(header):
-            # The socket is full: the rest of the header, then the data, through the transport.
-            transport.write(header[sent:])
-            done = 0
-        else:
-            done = self._sendfile_some(fd, file_fd, offset, length)
-        if done < length:
-            try:
-                rest = self.backend.read_bytes(offset + done, length - done)
-            except OSError as exc:
-                # The header is out: the reply cannot be turned into an error any more.
-                log.info("%s: read failed after the reply header: %s: dropping", self.peer, exc)
-                transport.abort()
-                return True
-            transport.write(rest)
-        return True
-
-    @staticmethod
-    def _sendfile_some(fd: int, file_fd: int, offset: int, length: int) -> int:
-        """Bytes of [offset, offset + length) the socket took now.
-
-        On EAGAIN (socket full) and on any error the caller sends the rest another way: a
-        broken socket is then reported by the transport, a failing image by the read.
-        """
-        done = 0
-        try:
-            while done < length:
-                n = os.sendfile(fd, file_fd, offset + done, length - done)
-                if n == 0:
-                    break  # end of file: the image shrank underneath the export
-                done += n
-        except OSError:
-            pass
-        return done
-
-    def _sendfile_socket(self) -> int:
-        if self.tls_active or self.transport is None:
-            return -1
-        sock = self.transport.get_extra_info("socket")
+    def _socket_fd(self) -> int:
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
         try:
             return sock.fileno() if sock is not None else -1
         except (AttributeError, OSError):
@@ -868,7 +839,10 @@ class NBDConnection(asyncio.BufferedProtocol):
         return [header, self.backend.read_bytes(offset, length)]
 
     def _send_lines(self, req, lines: list[bytes]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self.writer is not None:
+            for data in lines:
+                self._send(data)
+        elif self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(lines)
 
     def _finish_read(self, buf: bytearray, view: memoryview, offset: int, got: int) -> bytearray:
@@ -950,6 +924,13 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._send(encode_error(req.cookie, error, message[:1024], structured=self.structured))
 
     def _send(self, data) -> None:
+        writer = self.writer
+        if writer is not None:
+            # Queued; _flush_output sends the batch (one writev for many small replies).
+            writer.write(data)
+            if writer.pending > WRITE_HIGH_WATER:
+                self.writing_paused = True
+            return
         if self.cork is not None and data:
             self.cork.append(data)
             self.cork_bytes += len(data)
@@ -967,6 +948,53 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.cork_bytes = 0
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    # -- the writer (plain connections) ---------------------------------------------------------
+
+    def _flush_output(self) -> bool:
+        """Send what the writer holds; True when a backlog that had stopped parsing is low
+        again (the caller parses on)."""
+        writer = self.writer
+        if writer is None or writer.closed:
+            return False
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size():
+            # The GO reply is still in the transport: nothing may overtake it.
+            if self.flush_timer is None:
+                self.flush_timer = self.loop.call_later(0.001, self._flush_later)
+            return False
+        writer.flush()
+        if self.writing_paused and writer.pending <= WRITE_LOW_WATER:
+            self.writing_paused = False
+            return True
+        return False
+
+    def _flush_later(self) -> None:
+        self.flush_timer = None
+        self._output_sent()
+
+    def _output_sent(self) -> None:
+        """The writer sent more after waiting for the socket."""
+        if self.phase == _PHASE_CLOSED or self.writer is None:
+            return
+        if self._flush_output():
+            self._update_reading()
+            self._process()
+        if self.close_pending and not self.writer.pending:
+            self._close()
+        else:
+            self._maybe_close()
+
+    def _output_failed(self, exc: OSError) -> None:
+        log.info("%s: sending failed: %s: dropping", self.peer, exc)
+        self.abort()
+
+    def _close_writer(self) -> None:
+        if self.flush_timer is not None:
+            self.flush_timer.cancel()
+            self.flush_timer = None
+        if self.writer is not None:
+            self.writer.close()
 
     # -- flow control and closing ---------------------------------------------------------------
 
@@ -1007,6 +1035,14 @@ class NBDConnection(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or transport.is_closing() or self.phase == _PHASE_LINGER:
             return
+        writer = self.writer
+        if writer is not None and not writer.closed:
+            self._flush_output()
+            if writer.pending:
+                self.close_pending = True  # _output_sent closes once the queue is out
+                return
+            # The duplicate descriptor would keep the socket open past the transport's close.
+            self._close_writer()
         if self.phase == _PHASE_CLOSED or not transport.can_write_eof():
             # close() sends what is buffered first, so every answered request reaches the client.
             transport.close()
