@@ -1,7 +1,7 @@
-"""Large reads from a file export, pipelined far past what the socket buffers: the replies that
-go out with sendfile, those queued in the transport once the socket is full, and those mixed
-(a reply sendfile starts and the transport finishes) must all carry the right bytes, each reply
-whole and never interleaved with another."""
+"""Large reads from a file export, pipelined far past what the socket buffers: the replies the
+reply queue sends with sendfile, those that wait for a full socket, and those a partial
+sendfile splits must all carry the right bytes, each reply whole and never interleaved with
+another."""
 
 from __future__ import annotations
 
