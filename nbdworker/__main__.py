@@ -22,6 +22,7 @@ from pathlib import Path
 
 from nbdworker.config import ConfigError, WorkerConfig, WorkerSettings
 from nbdworker.snapshot import SecretError, load_secret
+from nbdworker.supervisor import SERVING_ENV
 
 log = logging.getLogger("nbdworker")
 
@@ -69,9 +70,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds a graceful shutdown waits for requests in flight",
     )
     parser.add_argument(
+        "--workers",
+        type=_workers,
+        default=os.environ.get("NBDWORKER_WORKERS") or "1",
+        help="serving processes: a number, or 'auto' for one per core up to 8 (env "
+        "NBDWORKER_WORKERS; default 1: this process serves)",
+    )
+    parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if isinstance(args.workers, str):  # a default from the environment is not converted
+        try:
+            args.workers = _workers(args.workers)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"NBDWORKER_WORKERS: {exc}")
+    return args
+
+
+def _workers(text: str) -> int:
+    from nbdworker.supervisor import default_workers
+
+    if text.strip().lower() == "auto":
+        return default_workers()
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'auto'") from None
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"{n}: between 1 and 64")
+    return n
 
 
 def load_config(path: str) -> WorkerConfig:
@@ -103,6 +131,18 @@ def tune_malloc() -> None:
         pass
 
 
+def _serve_as_child(settings: WorkerSettings, spec: dict, args: argparse.Namespace) -> int:
+    from nbdworker.supervisor import serve_as_child
+
+    tune_malloc()
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(serve_as_child(settings, spec, args.shutdown_timeout))
+    finally:
+        loop.close()
+
+
 def new_event_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
@@ -117,8 +157,13 @@ async def run(
     args: argparse.Namespace,
     secret: str | None = None,
 ) -> int:
-    """Serve `config`, or (None) the node's config from Redis, until SIGINT/SIGTERM."""
+    """Serve `config`, or (None) the node's config from Redis, until SIGINT/SIGTERM.
+
+    With one worker this process serves (NBDServer); with more it supervises that many serving
+    processes (nbdworker/supervisor.py). Either way it follows the config and publishes status.
+    """
     from nbdworker.server import NBDServer
+    from nbdworker.supervisor import Supervisor
 
     client = source = status = None
     tasks: list[asyncio.Task] = []
@@ -135,7 +180,11 @@ async def run(
         assert secret is not None
         source = ConfigSource(client, settings.node, secret, state_dir, apply=lambda c: None)
         config = await source.initial()
-    server = NBDServer(settings, config, shutdown_timeout=args.shutdown_timeout)
+    server: NBDServer | Supervisor
+    if args.workers > 1:
+        server = Supervisor(settings, config, args.workers, list(args.argv), args.shutdown_timeout)
+    else:
+        server = NBDServer(settings, config, shutdown_timeout=args.shutdown_timeout)
     try:
         await server.start()
         if args.metrics_listen:
@@ -175,14 +224,22 @@ async def run(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    serving = os.environ.pop(SERVING_ENV, None)
+    # With serving processes, every line says which process wrote it.
+    several = serving is not None or args.workers > 1
     logging.basicConfig(
         stream=sys.stderr,
         level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s"
+        + ("[%(process)d]" if several else "")
+        + ": %(message)s",
     )
     secret = None
     try:
         settings = WorkerSettings.from_sources(args.storage_root, args.listen)
+        if serving is not None:
+            return _serve_as_child(settings, json.loads(serving), args)
         if args.config:
             config = load_config(args.config)
         else:

@@ -228,12 +228,11 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
         else:
             self.peer = "unix"
-        if not self.server.connection_allowed():
+        if not self.server.admit(self):
             log.warning("%s: refused: connection limit reached or shutting down", self.peer)
             self.phase = _PHASE_CLOSED
             transport.abort()
             return
-        self.server.connections.add(self)
         self.authorizer = ExportAuthorizer(self._export_config, peer)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)  # type: ignore[attr-defined]
         limits = self.state.config.limits

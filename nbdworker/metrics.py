@@ -4,7 +4,9 @@ Connections count their requests in plain ints (`ConnectionCounters`): per reque
 list increments, nothing else. Nothing is pushed to prometheus-client on the request path;
 the collector reads the live connections and the totals of the ended ones when Prometheus
 scrapes. The scrape runs in prometheus-client's HTTP thread, so it asks the event loop for a
-consistent copy (`call_soon_threadsafe`) instead of reading structures the loop is changing.
+consistent copy (`run_coroutine_threadsafe`) instead of reading structures the loop is changing.
+With several serving processes (nbdworker/supervisor.py) the supervisor asks each of them for
+its totals at scrape time and sums them.
 
 Address: ``--metrics-listen HOST:PORT`` or env ``NBDWORKER_METRICS_LISTEN``; off unless set
 (``127.0.0.1:9109`` is the conventional choice).
@@ -18,7 +20,7 @@ import logging
 import secrets
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -36,6 +38,8 @@ __all__ = [
     "HandshakeFailure",
     "ServerCollector",
     "WorkerStats",
+    "connection_totals",
+    "merge_totals",
     "new_counts",
     "new_session_id",
     "start_metrics_server",
@@ -107,8 +111,9 @@ class WorkerStats:
         self.config_rejected[reason] = self.config_rejected.get(reason, 0) + 1
 
 
-def _families(server: NBDServer) -> list[Any]:
-    """Every metric family, built from the server's state; runs on the event loop."""
+def connection_totals(server: NBDServer) -> dict[str, Any]:
+    """The counters of one serving process, live connections included, as plain JSON data
+    (a supervisor sums those of its serving processes with `merge_totals`)."""
     stats: WorkerStats = server.stats
     counts = {export: list(c) for export, c in stats.retired_counts.items()}
     errors = dict(stats.errors)
@@ -127,6 +132,48 @@ def _families(server: NBDServer) -> list[Any]:
                 total[i] += n
         for errno, n in conn.errors.items():
             errors[export, errno] = errors.get((export, errno), 0) + n
+    return {
+        "handshaking": handshaking,
+        "live": live,
+        "counts": counts,
+        "errors": [[export, errno, n] for (export, errno), n in errors.items()],
+        "opened": dict(stats.connections_opened),
+        "handshake_failures": dict(stats.handshake_failures),
+    }
+
+
+def merge_totals(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {
+        "handshaking": 0,
+        "live": {},
+        "counts": {},
+        "errors": [],
+        "opened": {},
+        "handshake_failures": {},
+    }
+    errors: dict[tuple[str, int], int] = {}
+    for part in parts:
+        merged["handshaking"] += part["handshaking"]
+        for key in ("live", "opened", "handshake_failures"):
+            target = merged[key]
+            for name, n in part[key].items():
+                target[name] = target.get(name, 0) + n
+        for export, c in part["counts"].items():
+            total = merged["counts"].setdefault(export, new_counts())
+            for i, n in enumerate(c):
+                total[i] += n
+        for export, errno, n in part["errors"]:
+            errors[export, errno] = errors.get((export, errno), 0) + n
+    merged["errors"] = [[export, errno, n] for (export, errno), n in errors.items()]
+    return merged
+
+
+def _families(totals: dict[str, Any], stats: WorkerStats) -> list[Any]:
+    """Every metric family, from the serving processes' totals and the worker's own stats."""
+    handshaking = totals["handshaking"]
+    live = totals["live"]
+    counts = totals["counts"]
+    errors = {(export, errno): n for export, errno, n in totals["errors"]}
 
     connections = GaugeMetricFamily(
         "nbdworker_open_connections",
@@ -139,7 +186,7 @@ def _families(server: NBDServer) -> list[Any]:
     opened = CounterMetricFamily(
         "nbdworker_connections", "Connections that opened an export.", labels=["export"]
     )
-    for export, n in sorted(stats.connections_opened.items()):
+    for export, n in sorted(totals["opened"].items()):
         opened.add_metric([export], n)
     requests = CounterMetricFamily(
         "nbdworker_requests",
@@ -166,7 +213,7 @@ def _families(server: NBDServer) -> list[Any]:
         "Connections that ended before transmission, by reason.",
         labels=["reason"],
     )
-    for reason, n in sorted(stats.handshake_failures.items()):
+    for reason, n in sorted(totals["handshake_failures"].items()):
         failures.add_metric([reason], n)
     rejected = CounterMetricFamily(
         "nbdworker_config_rejected",
@@ -186,31 +233,37 @@ def _families(server: NBDServer) -> list[Any]:
     return [connections, opened, requests, nbytes, errs, failures, rejected, generation, uptime]
 
 
+class MetricsSource(Protocol):
+    """What the metrics read: an NBDServer, or a supervisor of serving processes."""
+
+    stats: WorkerStats
+
+    async def metric_totals(self) -> dict[str, Any]: ...
+
+
 class ServerCollector(Collector):
-    def __init__(self, server: NBDServer, loop: asyncio.AbstractEventLoop) -> None:
-        self.server = server
+    def __init__(self, source: MetricsSource, loop: asyncio.AbstractEventLoop) -> None:
+        self.source = source
         self.loop = loop
 
     def collect(self) -> Iterator[Any]:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-
-        def build() -> None:
-            try:
-                future.set_result(_families(self.server))
-            except Exception as exc:  # reported to the scraper, not lost in the loop
-                future.set_exception(exc)
-
-        self.loop.call_soon_threadsafe(build)
-        yield from future.result(SCRAPE_TIMEOUT)
+        # The scrape runs in prometheus-client's thread; the totals are gathered on the loop.
+        future = asyncio.run_coroutine_threadsafe(self.source.metric_totals(), self.loop)
+        try:
+            totals = future.result(SCRAPE_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise
+        yield from _families(totals, self.source.stats)
 
 
-def start_metrics_server(server: NBDServer, address: str) -> str:
+def start_metrics_server(source: MetricsSource, address: str) -> str:
     """Serve /metrics on `address` (host:port) from a background thread; return the address."""
     listen = parse_listen(address)
     if listen.kind != "tcp":
         raise ValueError(f"metrics address {address!r}: must be host:port")
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServerCollector(server, asyncio.get_running_loop()))
+    registry.register(ServerCollector(source, asyncio.get_running_loop()))
     httpd, _thread = start_http_server(listen.port, listen.host, registry=registry)
     host, port = httpd.server_address[:2]
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

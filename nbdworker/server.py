@@ -12,21 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import signal
 import socket
 import ssl
-import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from nbdworker.backends import Backend, FileBackend, MemoryBackend
-from nbdworker.config import ExportConfig, ListenAddress, WorkerConfig, WorkerSettings
-from nbdworker.metrics import WorkerStats
+from nbdworker.config import ExportConfig, WorkerConfig, WorkerSettings
+from nbdworker.listeners import Listener, bind_listeners, close_listeners
+from nbdworker.metrics import WorkerStats, connection_totals
 from nbdworker.protocol import ExportView, TLSMode, TransmissionFlag
 from nbdworker.reload import ending_reason
+from nbdworker.slots import ConnectionSlots
 from nbdworker.tls import TLSContextCache, TLSSetupError
 
 __all__ = ["ExportEntry", "NBDServer", "ServerState"]
@@ -35,6 +38,11 @@ log = logging.getLogger("nbdworker")
 
 # How long a graceful shutdown waits for connections to finish before cutting them off.
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+# A serving process that is not the least loaded leaves a new connection to a sibling and
+# looks again after this long (in case the sibling is busy).
+ACCEPT_DEFER = 0.005
+# Connections accepted per readiness callback before the loop serves others again.
+ACCEPT_BATCH = 16
 
 
 @dataclass(eq=False, slots=True)
@@ -83,8 +91,12 @@ class ServerState:
         return self.exports.get(name)
 
 
-def _open_backend(cfg: ExportConfig, settings: WorkerSettings) -> Backend | None:
+def _open_backend(
+    cfg: ExportConfig, settings: WorkerSettings, shared_memory: str | None = None
+) -> Backend | None:
     if cfg.backend == "memory":
+        if shared_memory is not None:
+            return _shared_memory_backend(cfg, shared_memory)
         return MemoryBackend(cfg.size or 0, read_only=cfg.read_only)
     assert cfg.path is not None
     if not settings.path_allowed(cfg.path):
@@ -99,6 +111,28 @@ def _open_backend(cfg: ExportConfig, settings: WorkerSettings) -> Backend | None
         return FileBackend(os.path.realpath(cfg.path), read_only=cfg.read_only)
     except OSError as exc:
         log.error("export %r refused: cannot open %s: %s", cfg.name, cfg.path, exc)
+        return None
+
+
+def _shared_memory_backend(cfg: ExportConfig, prefix: str) -> Backend | None:
+    """A memory export of several serving processes: one sparse file in shared memory (tmpfs)
+    that all of them open, so a block written through one is read through another. Named after
+    the export's whole config, as a single process starts a new RAM disk when that changes."""
+    ident = hashlib.blake2b(
+        json.dumps(cfg.to_dict(), sort_keys=True).encode(), digest_size=12
+    ).hexdigest()
+    path = f"{prefix}-{ident}"
+    size = cfg.size or 0
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        return FileBackend(path, read_only=cfg.read_only)
+    except OSError as exc:
+        log.error("export %r refused: cannot create its shared memory: %s", cfg.name, exc)
         return None
 
 
@@ -120,20 +154,28 @@ class NBDServer:
         settings: WorkerSettings,
         config: WorkerConfig,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+        slots: ConnectionSlots | None = None,
+        shared_memory: str | None = None,
     ) -> None:
         self.settings = settings
         self.shutdown_timeout = shutdown_timeout
         self.state = ServerState(WorkerConfig())
         self.connections: set = set()
-        # Live connections per export name, across config generations: max_connections is a
-        # property of the export, not of one snapshot.
-        self.export_connections: dict[str, int] = {}
+        # Connection counts, global and per export name, across config generations (an
+        # export's max_connections is a property of the export, not of one snapshot) and
+        # across serving processes when there are several (nbdworker/slots.py).
+        self.slots = slots if slots is not None else ConnectionSlots.create()
+        # Path prefix for memory exports shared by serving processes (None: private RAM disks).
+        self.shared_memory = shared_memory
+        self._balanced = self.slots.processes > 1
+        self._watched: list[Listener] = []
+        self._owned_listeners: list[Listener] = []
+        self._adopting: set[asyncio.Task] = set()  # accepted sockets being wrapped
         # Thread pool for I/O that may block (flush, fallocate, cold reads); reads from the page
         # cache and plain writes run inline (see connection.py for the measurements).
         self.tls_contexts = TLSContextCache()
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="nbdio")
         self._servers: list[asyncio.AbstractServer] = []
-        self._unix_paths: list[str] = []
         self._stopping = False
         self._stop_event: asyncio.Event | None = None
         self._forced = False
@@ -153,7 +195,7 @@ class NBDServer:
             if prev is not None and prev.config == cfg and not _image_resized(prev):
                 exports[cfg.name] = prev
                 continue
-            backend = _open_backend(cfg, self.settings)
+            backend = _open_backend(cfg, self.settings, self.shared_memory)
             if backend is None:
                 continue
             view = ExportView(
@@ -214,61 +256,97 @@ class NBDServer:
 
         return lambda: NBDConnection(self)
 
-    async def start(self) -> list[str]:
-        """Bind every listener; return their printable addresses (actual ports)."""
+    async def start(self, listeners: list[Listener] | None = None) -> list[str]:
+        """Serve on `listeners` (inherited from a supervisor), or bind the configured ones;
+        return their printable addresses (actual ports)."""
+        if listeners is None:
+            listeners = self._owned_listeners = bind_listeners(self.settings.listen)
         loop = asyncio.get_running_loop()
-        bound: list[str] = []
-        for addr in self.settings.listen:
-            bound.extend(await self._listen(loop, addr))
-        return bound
-
-    async def _listen(self, loop: asyncio.AbstractEventLoop, addr: ListenAddress) -> list[str]:
-        if addr.kind == "unix":
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(os.stat(addr.path).st_mode):
-                    os.unlink(addr.path)
-            server = await loop.create_unix_server(self._factory(), addr.path, backlog=1024)
-            self._servers.append(server)
-            self._unix_paths.append(addr.path)
-            log.info("listening on unix:%s", addr.path)
-            return [f"unix:{addr.path}"]
-        host = addr.host
-        server = await loop.create_server(
-            self._factory(), host, addr.port, reuse_address=True, backlog=1024
-        )
-        self._servers.append(server)
-        result = []
-        for sock in server.sockets:
-            sockname = sock.getsockname()
-            if sock.family == socket.AF_INET6:
-                text = f"[{sockname[0]}]:{sockname[1]}"
+        for listener in listeners:
+            if self._balanced:
+                # Several serving processes share these sockets: accept only while no sibling
+                # has fewer connections, so nbdcopy's four connections land two and two.
+                self._watched.append(listener)
+                loop.add_reader(listener.sock.fileno(), self._acceptable, listener)
+            elif listener.unix_path is not None or listener.sock.family == socket.AF_UNIX:
+                self._servers.append(
+                    await loop.create_unix_server(self._factory(), sock=listener.sock)
+                )
             else:
-                text = f"{sockname[0]}:{sockname[1]}"
-            log.info("listening on %s", text)
-            result.append(text)
-        return result
+                self._servers.append(await loop.create_server(self._factory(), sock=listener.sock))
+        return [listener.text for listener in listeners]
+
+    def _acceptable(self, listener: Listener) -> None:
+        loop = asyncio.get_running_loop()
+        fd = listener.sock.fileno()
+        if not self.slots.least_loaded():
+            loop.remove_reader(fd)
+            loop.call_later(ACCEPT_DEFER, self._watch_again, listener)
+            return
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _addr = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # EMFILE and the like: the connection stays in the backlog; look again later.
+                log.warning("accept on %s failed: %s", listener.text, exc)
+                loop.remove_reader(fd)
+                loop.call_later(0.1, self._watch_again, listener)
+                return
+            task = loop.create_task(self._adopt(sock))
+            self._adopting.add(task)
+            task.add_done_callback(self._adopting.discard)
+
+    def _watch_again(self, listener: Listener) -> None:
+        if not self._stopping and listener in self._watched:
+            asyncio.get_running_loop().add_reader(
+                listener.sock.fileno(), self._acceptable, listener
+            )
+
+    async def _adopt(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(self._factory(), sock)
+        except OSError as exc:
+            log.debug("accepted connection lost at once: %s", exc)
+            sock.close()
+
+    def _stop_listening(self) -> None:
+        loop = asyncio.get_running_loop()
+        for listener in self._watched:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(listener.sock.fileno())
+        self._watched = []
+        for server in self._servers:
+            server.close()
+        close_listeners(self._owned_listeners)
 
     # -- connection bookkeeping -----------------------------------------------------------------
 
-    def connection_allowed(self) -> bool:
-        return (
-            not self._stopping and len(self.connections) < self.state.config.limits.max_connections
-        )
+    def admit(self, conn) -> bool:
+        """Count a new connection in, unless the worker is full or stopping."""
+        if self._stopping or not self.slots.try_open_connection(
+            self.state.config.limits.max_connections
+        ):
+            return False
+        self.connections.add(conn)
+        return True
 
     def export_slot_free(self, entry: ExportEntry) -> bool:
+        # Checked at INFO/GO and counted at the start of transmission: between the two, a
+        # sibling process may count one more (a window of microseconds).
         limit = entry.config.max_connections
-        return limit == 0 or self.export_connections.get(entry.config.name, 0) < limit
+        return limit == 0 or self.slots.export_connections(entry.config.name) < limit
 
     def export_opened(self, name: str) -> None:
-        self.export_connections[name] = self.export_connections.get(name, 0) + 1
+        self.slots.open_export(name)
         self.stats.export_opened(name)
 
     def export_closed(self, name: str) -> None:
-        left = self.export_connections.get(name, 0) - 1
-        if left > 0:
-            self.export_connections[name] = left
-        else:
-            self.export_connections.pop(name, None)
+        self.slots.close_export(name)
 
     def connection_closed(self, conn) -> None:
         if conn in self.connections:
@@ -276,7 +354,8 @@ class NBDServer:
                 self.stats.retire(conn.entry.config.name, conn.counts, conn.errors)
             elif conn.hs_failure is not None:
                 self.stats.handshake_failed(conn.hs_failure)
-        self.connections.discard(conn)
+            self.connections.discard(conn)
+            self.slots.close_connection()
         if self._stopping and not self.connections and self._stop_event is not None:
             self._stop_event.set()
 
@@ -309,11 +388,7 @@ class NBDServer:
         """Stop accepting; let each connection finish what it has in flight; then close."""
         self._stopping = True
         self._stop_event = asyncio.Event()
-        for server in self._servers:
-            server.close()
-        for path in self._unix_paths:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+        self._stop_listening()
         for conn in list(self.connections):
             conn.shutdown()
         if self.connections:
@@ -328,6 +403,33 @@ class NBDServer:
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         self.executor.shutdown(wait=not self._forced, cancel_futures=self._forced)
         log.info("stopped")
+
+    # -- what the status publisher and the metrics ask (nbdworker/status.py, metrics.py) ------
+
+    async def session_report(self, node: str) -> dict[str, dict]:
+        """session id -> public view of each connection in transmission."""
+        from nbdworker.status import session_info  # status.py pulls in redis
+
+        return {
+            conn.session_id: session_info(conn, node)
+            for conn in list(self.connections)
+            if conn.entry is not None
+        }
+
+    async def end_sessions(self, ids: set[str]) -> None:
+        """End, gracefully, the sessions an administrator kicked."""
+        for conn in list(self.connections):
+            if conn.session_id in ids and conn.entry is not None:
+                log.info(
+                    "%s: session %s on export %r ended by an administrator",
+                    conn.peer,
+                    conn.session_id,
+                    conn.entry.config.name,
+                )
+                conn.shutdown()
+
+    async def metric_totals(self) -> dict:
+        return connection_totals(self)
 
     def force_close(self) -> None:
         self._forced = True

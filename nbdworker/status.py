@@ -24,7 +24,7 @@ import os
 import socket
 import time
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -34,7 +34,18 @@ from nbdworker.protocol import Command
 from nbdworker.snapshot import heartbeat_key, kicks_key, sessions_key
 
 if TYPE_CHECKING:
-    from nbdworker.server import NBDServer
+    from nbdworker.metrics import WorkerStats
+
+
+class StatusSource(Protocol):
+    """What the status publisher reads: an NBDServer, or a supervisor of serving processes."""
+
+    stats: WorkerStats
+
+    async def session_report(self, node: str) -> dict[str, dict]: ...
+
+    async def end_sessions(self, ids: set[str]) -> None: ...
+
 
 __all__ = ["StatusPublisher", "session_info", "worker_version"]
 
@@ -89,13 +100,13 @@ class StatusPublisher:
     def __init__(
         self,
         client: aioredis.Redis,
-        server: NBDServer,
+        source: StatusSource,
         node: str,
         interval: float = HEARTBEAT_INTERVAL,
         ttl: float = HEARTBEAT_TTL,
     ) -> None:
         self.client = client
-        self.server = server
+        self.source = source
         self.node = node
         self.interval = interval
         self.ttl = ttl
@@ -121,18 +132,12 @@ class StatusPublisher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
 
-    def _sessions(self) -> dict[str, str]:
-        return {
-            conn.session_id: json.dumps(session_info(conn, self.node))
-            for conn in list(self.server.connections)
-            if conn.entry is not None
-        }
-
     async def beat(self) -> None:
         await self.drain_kicks()
-        stats = self.server.stats
+        stats = self.source.stats
+        report = await self.source.session_report(self.node)
+        sessions = {sid: json.dumps(info) for sid, info in report.items()}
         now = time.time()
-        sessions = self._sessions()
         heartbeat = {
             "version": worker_version(),
             "node": self.node,
@@ -157,16 +162,7 @@ class StatusPublisher:
         ids = await self.client.spop(kicks_key(self.node), MAX_KICKS)
         if not ids:
             return
-        wanted = {i.decode() if isinstance(i, bytes) else i for i in ids}
-        for conn in list(self.server.connections):
-            if conn.session_id in wanted and conn.entry is not None:
-                log.info(
-                    "%s: session %s on export %r ended by an administrator",
-                    conn.peer,
-                    conn.session_id,
-                    conn.entry.config.name,
-                )
-                conn.shutdown()
+        await self.source.end_sessions({i.decode() if isinstance(i, bytes) else i for i in ids})
 
     async def clear(self) -> None:
         """At a clean stop: the node is offline at once instead of after the expiry."""
