@@ -72,9 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--workers",
         type=_workers,
-        default=os.environ.get("NBDWORKER_WORKERS") or "1",
+        default=os.environ.get("NBDWORKER_WORKERS") or "auto",
         help="serving processes: a number, or 'auto' for one per core up to 8 (env "
-        "NBDWORKER_WORKERS; default 1: this process serves)",
+        "NBDWORKER_WORKERS; default auto; 1: this process serves)",
     )
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
