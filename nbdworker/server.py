@@ -23,7 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from nbdworker.backends import Backend, FileBackend, MemoryBackend
-from nbdworker.config import ExportConfig, ListenAddress, WorkerConfig, WorkerSettings
+from nbdworker.config import (
+    ExportConfig,
+    ListenAddress,
+    WorkerConfig,
+    WorkerSettings,
+    tls_refusal,
+)
 from nbdworker.metrics import WorkerStats
 from nbdworker.protocol import ExportView, TLSMode, TransmissionFlag
 from nbdworker.reload import ending_reason
@@ -148,6 +154,14 @@ class NBDServer:
         exports: dict[str, ExportEntry] = {}
         for cfg in config.exports:
             if not cfg.enabled:
+                continue
+            # Checked before an open backend is reused: the export may be unchanged while the
+            # mode is not (SELECTIVETLS -> OPTIONALTLS).
+            refusal = tls_refusal(cfg, config.tls.mode)
+            if refusal is not None:
+                # Absent from LIST, INFO/GO answered UNKNOWN, live sessions ended: never served
+                # in plaintext while the admin believes it is TLS-only.
+                log.error("export %r refused: %s", cfg.name, refusal)
                 continue
             prev = old.get(cfg.name)
             if prev is not None and prev.config == cfg and not _image_resized(prev):
