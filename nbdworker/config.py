@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_LISTEN",
     "MAX_NAME_BYTES",
     "SCHEMA_VERSION",
+    "TLS_REQUIRED_MODES",
     "ClientMatch",
     "ConfigError",
     "ExportConfig",
@@ -31,6 +32,7 @@ __all__ = [
     "WorkerConfig",
     "WorkerSettings",
     "parse_listen",
+    "tls_refusal",
 ]
 
 SCHEMA_VERSION = 1
@@ -42,6 +44,11 @@ DEFAULT_LISTEN = "127.0.0.1:10809"
 
 BACKENDS = ("file", "memory")
 TLS_MODES = ("NOTLS", "OPTIONALTLS", "FORCEDTLS", "SELECTIVETLS")
+# The modes that make a client use TLS for a `tls_required` export: SELECTIVETLS refuses it
+# before TLS, FORCEDTLS refuses everything before TLS. NOTLS cannot, and OPTIONALTLS never answers
+# NBD_REP_ERR_TLS_REQD (it is SELECTIVETLS without TLS-only exports), so under either the export
+# would go out in plaintext. The web side imports this to validate with the same rule.
+TLS_REQUIRED_MODES = ("SELECTIVETLS", "FORCEDTLS")
 CLIENT_VERIFICATION = ("none", "optional", "required")
 TLS_VERSIONS = ("1.2", "1.3")
 CLIENT_MATCH_KINDS = ("fingerprint_sha256", "common_name", "san")
@@ -451,11 +458,10 @@ class WorkerConfig:
         default_export = _get_str(d, "default_export", "", None, allow_none=True)
         if default_export is not None and default_export not in seen:
             raise _fail("default_export", f"names no export: {default_export!r}")
+        # A tls_required export under a mode that cannot enforce it is valid here and refused
+        # by the worker alone (`tls_refusal`): one such export must not cost the node its whole
+        # config, and the web side publishes what older versions let an admin create.
         tls = TLSConfig.from_dict(d.get("tls") or {}, "tls")
-        if tls.mode == "NOTLS":
-            for i, export in enumerate(exports):
-                if export.tls_required:
-                    raise _fail(f"exports[{i}].tls_required", "needs a TLS mode other than NOTLS")
         limits = Limits.from_dict(d.get("limits") or {}, "limits")
         return cls(version, generation, node, default_export, exports, tls, limits)
 
@@ -478,6 +484,22 @@ class WorkerConfig:
             if export.name == name:
                 return export
         return None
+
+
+def tls_refusal(export: ExportConfig, tls_mode: str) -> str | None:
+    """Why the worker must not serve `export` under `tls_mode`, or None if it may.
+
+    An export that must only be reached over TLS is refused outright (not served at all, not
+    even over TLS) where the mode cannot enforce that: serving it in plaintext would be a silent
+    downgrade, and serving it over TLS only would turn the mode into SELECTIVETLS behind the
+    admin's back.
+    """
+    if export.tls_required and tls_mode not in TLS_REQUIRED_MODES:
+        return (
+            f"tls_required, but the TLS mode {tls_mode} would serve it in plaintext; "
+            "use SELECTIVETLS or FORCEDTLS"
+        )
+    return None
 
 
 # -- worker settings (command line / environment only) ------------------------------------------

@@ -2,14 +2,14 @@
 
 A connection keeps the config it started with, except where the new one withdraws what the
 connection is using: its export is removed or disabled (or now refused, e.g. a path outside the
-storage roots), the export or the policy now demands TLS the connection does not have, the
-export's network or client rules no longer admit it, its client certificate is revoked, a
-client certificate is now required and it has none, TLS 1.3 is now required and it runs TLS 1.2,
-a writable export became read-only or the image shrank (what was negotiated at the handshake
-would be a lie). Anything else — a new description, block sizes, another image path, a grown
-image, a new export — applies to new connections only. Not covered: a change of trusted CAs does
-not re-verify live clients (their certificate chain is not kept); revoke their certificates to
-end them.
+storage roots, or `tls_required` under a mode that cannot enforce it), the export or the policy
+now demands TLS the connection does not have, the export's network or client rules no longer
+admit it, its client certificate is revoked, a client certificate is now required and it has
+none, TLS 1.3 is now required and it runs TLS 1.2, a writable export became read-only or the
+image shrank (what was negotiated at the handshake would be a lie). Anything else — a new
+description, block sizes, another image path, a grown image, a new export — applies to new
+connections only. Not covered: a change of trusted CAs does not re-verify live clients (their
+certificate chain is not kept); revoke their certificates to end them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from nbdworker.auth import authorize_export
-from nbdworker.protocol import TLSMode
+from nbdworker.protocol.tlsmode import export_needs_tls
 from nbdworker.tls import is_revoked
 
 if TYPE_CHECKING:
@@ -42,10 +42,8 @@ def ending_reason(conn: NBDConnection, state: ServerState) -> str | None:
     if new_entry is None:
         return "export removed, disabled or refused"
     new = new_entry.config
-    if not conn.tls_active and (
-        state.tls_mode == TLSMode.FORCEDTLS
-        or (new.tls_required and state.tls_mode != TLSMode.NOTLS)
-    ):
+    # The handshake's own rule, so a live session ends exactly when a new one would be refused.
+    if export_needs_tls(state.tls_mode, new.tls_required, conn.tls_active):
         return "TLS is now required"
     authorizer = conn.authorizer
     address = authorizer.address if authorizer is not None else None

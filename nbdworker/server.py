@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from nbdworker.backends import Backend, FileBackend, MemoryBackend
-from nbdworker.config import ExportConfig, WorkerConfig, WorkerSettings
+from nbdworker.config import ExportConfig, WorkerConfig, WorkerSettings, tls_refusal
 from nbdworker.listeners import Listener, bind_listeners, close_listeners
 from nbdworker.metrics import WorkerStats, connection_totals
 from nbdworker.protocol import ExportView, TLSMode, TransmissionFlag
@@ -190,6 +190,14 @@ class NBDServer:
         exports: dict[str, ExportEntry] = {}
         for cfg in config.exports:
             if not cfg.enabled:
+                continue
+            # Checked before an open backend is reused: the export may be unchanged while the
+            # mode is not (SELECTIVETLS -> OPTIONALTLS).
+            refusal = tls_refusal(cfg, config.tls.mode)
+            if refusal is not None:
+                # Absent from LIST, INFO/GO answered UNKNOWN, live sessions ended: never served
+                # in plaintext while the admin believes it is TLS-only.
+                log.error("export %r refused: %s", cfg.name, refusal)
                 continue
             prev = old.get(cfg.name)
             if prev is not None and prev.config == cfg and not _image_resized(prev):

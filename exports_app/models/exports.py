@@ -142,6 +142,12 @@ class Export(models.Model):
         found = list(policy.warnings) if policy.mode == TLSMode.OPTIONALTLS else []
         if self.allowed_clients and not policy.uses_tls:
             found.append("allowed_clients has no effect without TLS (the policy is NOTLS).")
+        if self.tls_required and not policy.enforces_tls_required:
+            # Only an export saved before clean() refused this combination: say why it is gone.
+            found.append(
+                f"tls_required under a {policy.mode} policy: the worker refuses to serve this "
+                "export. Use SELECTIVETLS or FORCEDTLS for the node, or clear tls_required."
+            )
         return found
 
     def default_image_path(self) -> str:
@@ -187,11 +193,13 @@ class Export(models.Model):
                         .exists()
                     ):
                         fail("image_path", "Another export on this node uses this image.")
-            if self.tls_required and node.tls_policy.mode == TLSMode.NOTLS:
+            policy = node.tls_policy
+            if self.tls_required and not policy.enforces_tls_required:
                 fail(
                     "tls_required",
-                    f"Node {node.name!r} uses a NOTLS policy; switch it to SELECTIVETLS or "
-                    "FORCEDTLS first.",
+                    f"Node {node.name!r} uses the {policy.mode} policy {policy.name!r}, under "
+                    "which clients may use plaintext; use SELECTIVETLS (TLS for chosen exports) "
+                    "or FORCEDTLS (TLS for all) for the node first.",
                 )
 
         try:

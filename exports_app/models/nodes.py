@@ -4,7 +4,6 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from simple_history.models import HistoricalRecords
 
-from exports_app.choices import TLSMode
 from exports_app.validators import (
     parse_listen_address,
     validate_listen_address,
@@ -68,10 +67,13 @@ class WorkerNode(models.Model):
             )
         if (
             self.tls_policy_id
-            and self.tls_policy.mode == TLSMode.NOTLS
+            and not self.tls_policy.enforces_tls_required
             and self.exports.filter(tls_required=True).exists()
         ):
-            errors["tls_policy"] = "The node has exports that require TLS; pick a TLS policy."
+            errors["tls_policy"] = (
+                f"The node has exports that require TLS, which a {self.tls_policy.mode} policy "
+                "would let clients reach in plaintext; pick a SELECTIVETLS or FORCEDTLS policy."
+            )
         if errors:
             raise ValidationError(errors)
 

@@ -7,6 +7,7 @@ from simple_history.models import HistoricalRecords
 from exports_app.choices import CertificateKind, ClientVerification, TLSMode, TLSVersion
 from exports_app.models.certificates import Certificate
 from exports_app.models.exports import Export
+from nbdworker.config import TLS_REQUIRED_MODES
 
 __all__ = ["OPTIONALTLS_WARNING", "TLSPolicy"]
 
@@ -69,11 +70,23 @@ class TLSPolicy(models.Model):
             )
         return found
 
+    @property
+    def enforces_tls_required(self) -> bool:
+        """Whether this mode can hold an export with `tls_required` to TLS.
+
+        Only SELECTIVETLS and FORCEDTLS can. NOTLS has no TLS, and OPTIONALTLS never refuses a
+        plaintext client (NBD_REP_ERR_TLS_REQD is not part of it), so the worker refuses to
+        serve such an export under either and the web side refuses to create one. The list of
+        modes is the worker's own (`nbdworker.config.TLS_REQUIRED_MODES`).
+        """
+        return self.mode in TLS_REQUIRED_MODES
+
     def export_needs_tls(self, tls_required: bool) -> bool:
-        """Whether a client must use TLS to reach an export with this `tls_required`."""
+        """Whether a client must use TLS to reach an export with this `tls_required`: exactly
+        what the worker enforces (`nbdworker.protocol.tlsmode.export_needs_tls`)."""
         if self.mode == TLSMode.FORCEDTLS:
             return True
-        return tls_required and self.mode in (TLSMode.SELECTIVETLS, TLSMode.OPTIONALTLS)
+        return tls_required and self.mode == TLSMode.SELECTIVETLS
 
     def clean(self) -> None:
         errors: dict[str, str] = {}
@@ -94,11 +107,15 @@ class TLSPolicy(models.Model):
                 errors["server_certificate"] = f"The certificate {cert.name!r} is revoked."
             elif cert.is_expired:
                 errors["server_certificate"] = f"The certificate {cert.name!r} has expired."
-        if self.mode == TLSMode.NOTLS and self.pk is not None:
+        if not self.enforces_tls_required and self.pk is not None:
             tls_only = Export.objects.filter(node__tls_policy=self, tls_required=True)
             if tls_only.exists():
                 names = ", ".join(repr(e.name[:40]) for e in tls_only[:5])
-                errors["mode"] = f"NOTLS cannot serve exports that require TLS ({names})."
+                errors["mode"] = (
+                    f"{self.mode} cannot serve exports that require TLS ({names}): clients could "
+                    "reach them in plaintext. Use SELECTIVETLS or FORCEDTLS, or clear "
+                    "tls_required on those exports first."
+                )
         if errors:
             raise ValidationError(errors)
 

@@ -45,7 +45,7 @@ from django.db import connections, transaction
 
 from exports_app.choices import ExportState, TLSMode
 from exports_app.models import Export, WorkerNode
-from nbdworker.config import ConfigError, WorkerConfig
+from nbdworker.config import ConfigError, WorkerConfig, tls_refusal
 from nbdworker.snapshot import (
     CHANNEL,
     config_key,
@@ -156,9 +156,16 @@ def build_config(node: WorkerNode, generation: int = 0) -> WorkerConfig:
         "tls": _tls_dict(node),
     }
     try:
-        return WorkerConfig.from_dict(data)
+        config = WorkerConfig.from_dict(data)
     except ConfigError as exc:
         raise PublishError(f"node {node.name!r}: the config is invalid: {exc}") from exc
+    for export in config.exports:
+        # Only rows saved before clean() refused them; the worker will not serve these, and
+        # this log is where the web side's operator hears of it.
+        refusal = tls_refusal(export, config.tls.mode)
+        if refusal is not None:
+            log.warning("node %s: export %r will be refused: %s", node.name, export.name, refusal)
+    return config
 
 
 # -- delivering -------------------------------------------------------------------------------

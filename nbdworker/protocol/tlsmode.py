@@ -9,8 +9,10 @@ answered here in one place so that the handshake never tests the mode itself:
   ``tls_required``)?
 * can this connection upgrade at all (not in NOTLS, and only for fixed-newstyle clients)?
 
-OPTIONALTLS is SELECTIVETLS without TLS-only exports: ``tls_required`` is ignored in that mode
-(the node's policy decides; an export that must be encrypted needs SELECTIVETLS or FORCEDTLS).
+OPTIONALTLS is SELECTIVETLS without TLS-only exports: ``tls_required`` is ignored in that mode,
+as in NOTLS. No such export gets this far: the server refuses to open an export with
+``tls_required`` under either mode (``nbdworker.config.tls_refusal``) rather than serve it in
+plaintext, and the web side refuses to create one.
 """
 
 from __future__ import annotations

@@ -202,7 +202,9 @@ def test_nbdinfo_list_over_tls_shows_what_the_client_may_open(
 ) -> None:
     out = run("nbdinfo", "--list", "--json", nbds(workers[mode], "", pki.client_dir("alice")))
     names = {e["export-name"] for e in json.loads(out.stdout)["exports"]}
-    assert {"plain", "secret", "alice-only"} <= names
+    assert {"plain", "alice-only"} <= names
+    # OPTIONALTLS cannot hold the tls_required "secret" to TLS, so the worker does not serve it.
+    assert ("secret" in names) is (mode != "OPTIONALTLS")
     assert "bob-only" not in names
     assert "lan-only" not in names
 
@@ -240,6 +242,20 @@ def test_selectivetls_refuses_the_tls_only_export_to_a_plaintext_client(
     # tests/worker/test_tls_modes.py.)
     assert failed.returncode != 0
     assert run("qemu-img", "info", *qemu_opts(worker, "secret", None), check=False).returncode
+
+
+def test_optionaltls_serves_no_tls_required_export(
+    workers: dict[str, RunningWorker], pki: PKI
+) -> None:
+    # Plaintext would be a silent downgrade; TLS only would be SELECTIVETLS in disguise: refused.
+    worker = workers["OPTIONALTLS"]
+    wait_for_line(worker, "export 'secret' refused", "OPTIONALTLS", "SELECTIVETLS or FORCEDTLS")
+    assert run("nbdinfo", worker.uri("secret"), check=False).returncode != 0
+    creds = pki.client_dir("alice")
+    assert run("nbdinfo", nbds(worker, "secret", creds), check=False).returncode != 0
+    assert run("qemu-img", "info", *qemu_opts(worker, "secret", None), check=False).returncode
+    info = json.loads(run("nbdinfo", "--json", nbds(worker, "plain", creds)).stdout)
+    assert info["TLS"] is True
 
 
 def test_forcedtls_refuses_a_plaintext_client(workers: dict[str, RunningWorker]) -> None:

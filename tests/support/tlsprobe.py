@@ -54,7 +54,8 @@ DEADLINE = 20.0
 
 
 def export_table(mode: str) -> list[dict]:
-    """The exports every TLS test worker serves (all in memory)."""
+    """The exports every TLS test worker is given (all in memory). Under OPTIONALTLS the worker
+    refuses "secret" (``tls_required`` cannot be enforced there) and serves the others."""
     exports: list[dict] = [{"name": "plain", "backend": "memory", "size": EXPORT_SIZE}]
     if mode != "NOTLS":
         exports += [

@@ -117,6 +117,21 @@ def test_tls_policy_brings_certificate_decrypted_key_cas_and_revocations(
     assert published(r, node).tls.revoked_serials == (client_certificate.serial,)
 
 
+def test_a_tls_required_export_left_under_optionaltls_is_published_and_flagged(
+    r, tls_node, caplog
+) -> None:
+    # A row an older version accepted: the node's other exports must still reach the worker
+    # (which refuses this one itself), and the web log says what will happen.
+    node = tls_node(TLSMode.OPTIONALTLS)
+    with caplog.at_level(logging.WARNING, logger="exports_app.publishing"):
+        make_export(node, "plain")
+        make_export(node, "legacy", tls_required=True)
+    config = published(r, node)
+    assert [e.name for e in config.exports] == ["plain", "legacy"]
+    assert "export 'legacy' will be refused: tls_required" in caplog.text
+    assert "'plain'" not in caplog.text
+
+
 def test_a_policy_change_republishes_every_node_using_it(r, default_node, storage_root) -> None:
     other = WorkerNode.objects.create(
         name="second",

@@ -19,6 +19,7 @@ from nbdworker.config import (
     WorkerConfig,
     WorkerSettings,
     parse_listen,
+    tls_refusal,
 )
 
 PEM_CERT = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
@@ -168,7 +169,6 @@ def test_lookup_default_export():
             with_export(allowed_clients=[{"fingerprint_sha256": "abc"}]),
             "exports[0].allowed_clients[0].fingerprint_sha256: must be 64 hex digits",
         ),
-        (with_export(tls_required=True), "exports[0].tls_required: needs a TLS mode"),
         (with_export(colour="red"), "exports[0].colour: unknown field"),
         (
             base(exports=[{"name": "d", "backend": "file", "path": "rel/x.img"}]),
@@ -224,6 +224,43 @@ def test_second_export_error_names_its_index():
     data["exports"].append({"name": "z", "backend": "memory", "size": 4096, "min_block_size": 6})
     with pytest.raises(ConfigError, match=r"^exports\[2\]\.min_block_size: must be a power of 2"):
         WorkerConfig.from_dict(data)
+
+
+TLS_POLICY = {"certificate_pem": PEM_CERT, "key_pem": PEM_KEY}
+
+
+@pytest.mark.parametrize("mode", ["NOTLS", "OPTIONALTLS"])
+def test_tls_required_under_a_mode_that_cannot_enforce_it_is_valid_config(mode):
+    # The export alone is refused, by the worker (tls_refusal); the rest of the config applies.
+    tls = {"mode": mode, **(TLS_POLICY if mode != "NOTLS" else {})}
+    data = base(tls=tls)
+    data["exports"].append(
+        {"name": "secret", "backend": "memory", "size": 4096, "tls_required": True}
+    )
+    cfg = WorkerConfig.from_dict(data)
+    assert [e.name for e in cfg.exports] == ["disk", "ram", "secret"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "tls_required", "refused"),
+    [
+        ("NOTLS", False, False),
+        ("NOTLS", True, True),
+        ("OPTIONALTLS", False, False),
+        ("OPTIONALTLS", True, True),
+        ("FORCEDTLS", False, False),
+        ("FORCEDTLS", True, False),
+        ("SELECTIVETLS", False, False),
+        ("SELECTIVETLS", True, False),
+    ],
+)
+def test_tls_refusal(mode, tls_required, refused):
+    export = ExportConfig(name="x", backend="memory", size=512, tls_required=tls_required)
+    reason = tls_refusal(export, mode)
+    assert (reason is not None) == refused
+    if refused:
+        assert mode in reason
+        assert "use SELECTIVETLS or FORCEDTLS" in reason
 
 
 def test_tls_config_defaults_are_notls():

@@ -119,6 +119,20 @@ CASES = {
         ("plain", None),
         ("plain", "bob"),
     ),
+    # The unchanged "secret" keeps its open backend across generations; the new mode alone must
+    # withdraw it, from TLS clients too (OPTIONALTLS cannot hold it to TLS: it is refused).
+    "mode now OPTIONALTLS with a TLS-only export": (
+        "SELECTIVETLS",
+        lambda c: c["tls"].update(mode="OPTIONALTLS"),
+        ("secret", "alice"),
+        ("plain", None),
+    ),
+    "tls now required on the export under OPTIONALTLS": (
+        "OPTIONALTLS",
+        lambda c: export(c, "plain").update(tls_required=True),
+        ("plain", "alice"),
+        ("alice-only", "alice"),
+    ),
     "mode now FORCEDTLS": (
         "SELECTIVETLS",
         lambda c: c["tls"].update(mode="FORCEDTLS"),

@@ -383,6 +383,23 @@ def test_file_outside_storage_root_is_refused(worker_factory, tmp_path):
         c.go("ok")
 
 
+def test_tls_required_export_under_notls_is_refused_not_served_in_plaintext(worker_factory):
+    # A config the web side no longer produces (an older version's, or one written by hand): the
+    # export is refused, the rest of the config served.
+    w = worker_factory(config(mem("plain"), mem("secret", tls_required=True)))
+    assert "export 'secret' refused: tls_required, but the TLS mode NOTLS" in w.log
+    with RawClient(w.host, w.port) as c:
+        c.greet()
+        listing = c.option(Option.LIST)
+        assert [r.reply for r in listing] == [Reply.SERVER, Reply.ACK]
+        assert b"secret" not in listing[0].data
+        for option in (Option.INFO, Option.GO):
+            c.send(encode_info_request(option, "secret"))
+            assert c.collect_replies()[-1].reply == Reply.ERR_UNKNOWN
+        c.go("plain")
+        assert c.read(0, 512).error == 0
+
+
 def run_main(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "nbdworker", *args],

@@ -207,26 +207,28 @@ CASES: dict[str, Callable[[Probe], str]] = {
 # FORCEDTLS and SELECTIVETLS. Cells: ack, inval(id), policy, tlsreq(d), unknown, unsup = the option
 # reply; "ack+x" = ACK then close; "open" = the export is served (a READ works); "drop" = hard
 # disconnect; "L:p" / "L:ps" = LIST shows "plain" / "plain" and the TLS-only "secret";
-# "-" = impossible (NOTLS has no TLS-only export, and no "after").
+# "-" = impossible (NOTLS has no TLS-only export, and no "after"). OPTIONALTLS has no TLS-only
+# exports either: its worker is given "secret" with tls_required all the same and refuses to serve
+# it at all, before and after TLS, rather than serve it in plaintext.
 TABLE_TEXT = """
 case                       | NOTLS   | OPT:pre | OPT:tls | FOR:pre | FOR:tls | SEL:pre | SEL:tls
 STARTTLS                   | policy  | ack     | inval   | ack     | inval   | ack     | inval
 STARTTLS with data         | inval   | inval   | inval   | inval   | inval   | inval   | inval
 ABORT                      | ack+x   | ack+x   | ack+x   | ack+x   | ack+x   | ack+x   | ack+x
 EXPORT_NAME                | open    | open    | open    | drop    | open    | open    | open
-EXPORT_NAME tls-only       | -       | open    | open    | drop    | open    | drop    | open
-LIST                       | L:p     | L:ps    | L:ps    | tlsreq  | L:ps    | L:p     | L:ps
+EXPORT_NAME tls-only       | -       | drop    | drop    | drop    | open    | drop    | open
+LIST                       | L:p     | L:p     | L:p     | tlsreq  | L:ps    | L:p     | L:ps
 INFO                       | ack     | ack     | ack     | tlsreq  | ack     | ack     | ack
-INFO tls-only              | -       | ack     | ack     | tlsreq  | ack     | tlsreq  | ack
+INFO tls-only              | -       | unknown | unknown | tlsreq  | ack     | tlsreq  | ack
 INFO unknown export        | unknown | unknown | unknown | tlsreq  | unknown | unknown | unknown
 GO                         | open    | open    | open    | tlsreq  | open    | open    | open
-GO tls-only                | -       | open    | open    | tlsreq  | open    | tlsreq  | open
+GO tls-only                | -       | unknown | unknown | tlsreq  | open    | tlsreq  | open
 STRUCTURED_REPLY           | ack     | ack     | ack     | tlsreq  | ack     | ack     | ack
 EXTENDED_HEADERS           | unsup   | unsup   | unsup   | tlsreq  | unsup   | unsup   | unsup
 LIST_META_CONTEXT          | ack     | ack     | ack     | tlsreq  | ack     | ack     | ack
-LIST_META_CONTEXT tls-only | -       | ack     | ack     | tlsreq  | ack     | unknown | ack
+LIST_META_CONTEXT tls-only | -       | unknown | unknown | tlsreq  | ack     | unknown | ack
 SET_META_CONTEXT           | ack     | ack     | ack     | tlsreq  | ack     | ack     | ack
-SET_META_CONTEXT tls-only  | -       | ack     | ack     | tlsreq  | ack     | unknown | ack
+SET_META_CONTEXT tls-only  | -       | unknown | unknown | tlsreq  | ack     | unknown | ack
 unknown option             | unsup   | unsup   | unsup   | tlsreq  | unsup   | unsup   | unsup
 malformed option           | inval   | inval   | inval   | tlsreq  | inval   | inval   | inval
 """
@@ -279,7 +281,7 @@ def test_tls_table_cell(
     [
         ("NOTLS", "plain", "open"),
         ("OPTIONALTLS", "plain", "open"),
-        ("OPTIONALTLS", "secret", "open"),
+        ("OPTIONALTLS", "secret", "drop"),
         ("FORCEDTLS", "plain", "drop"),
         ("SELECTIVETLS", "plain", "open"),
         ("SELECTIVETLS", "secret", "drop"),
@@ -569,6 +571,34 @@ def test_export_outside_allowed_networks_is_refused(
         assert "lan-only" not in names
         client = me(p)
     wait_for_line(worker, client, "'lan-only'", "outside the export's allowed networks")
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+def test_optionaltls_refuses_to_serve_a_tls_required_export(
+    workers: dict[str, RunningWorker], pki: PKI, tls: bool
+) -> None:
+    # OPTIONALTLS never answers TLS_REQD, so "secret" would go out in plaintext: the worker does
+    # not serve it at all (not even over TLS), says why, and serves everything else.
+    worker = workers["OPTIONALTLS"]
+    wait_for_line(
+        worker,
+        "export 'secret' refused",
+        "tls_required",
+        "OPTIONALTLS",
+        "SELECTIVETLS or FORCEDTLS",
+    )
+    with Probe(worker.port) as p:
+        if tls:
+            p.starttls(client_context(pki, "alice"))
+        listing = p.option(Option.LIST)
+        names = {parse_server(r.data)[0] for r in listing if r.reply == Reply.SERVER}
+        assert "secret" not in names
+        assert "plain" in names
+        assert reply_name(p.info("secret")) == "unknown"
+        assert reply_name(p.info("secret", go=True)) == "unknown"
+        assert p.info("plain", go=True)[-1].reply == Reply.ACK
+        assert p.read()[:2] == ("simple", 0)
+        p.disconnect()
 
 
 def test_notls_refuses_starttls_and_never_says_tls_required(
