@@ -171,6 +171,7 @@ class NBDServer:
         self._watched: list[Listener] = []
         self._owned_listeners: list[Listener] = []
         self._adopting: set[asyncio.Task] = set()  # accepted sockets being wrapped
+        self._preadmitted = 0  # accepted and counted, connection_made still to come
         # Thread pool for I/O that may block (flush, fallocate, cold reads); reads from the page
         # cache and plain writes run inline (see connection.py for the measurements).
         self.tls_contexts = TLSContextCache()
@@ -292,8 +293,10 @@ class NBDServer:
             loop.call_later(ACCEPT_DEFER, self._watch_again, listener)
             return
         for _ in range(ACCEPT_BATCH):
+            if not self.slots.least_loaded():
+                return  # a sibling now has fewer: the rest are its to take
             try:
-                sock, _addr = listener.sock.accept()
+                sock, addr = listener.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -302,6 +305,16 @@ class NBDServer:
                 loop.remove_reader(fd)
                 loop.call_later(0.1, self._watch_again, listener)
                 return
+            # Counted now, not when the connection is set up on a later loop pass: clients that
+            # connect at once (nbdcopy opens its connections together) must see this one.
+            if self._stopping or not self.slots.try_open_connection(
+                self.state.config.limits.max_connections
+            ):
+                peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix"
+                log.warning("%s: refused: connection limit reached or shutting down", peer)
+                sock.close()
+                continue
+            self._preadmitted += 1
             task = loop.create_task(self._adopt(sock))
             self._adopting.add(task)
             task.add_done_callback(self._adopting.discard)
@@ -321,6 +334,8 @@ class NBDServer:
         except OSError as exc:
             log.debug("accepted connection lost at once: %s", exc)
             sock.close()
+            self._preadmitted -= 1
+            self.slots.close_connection()
 
     def _stop_listening(self) -> None:
         loop = asyncio.get_running_loop()
@@ -336,7 +351,13 @@ class NBDServer:
 
     def admit(self, conn) -> bool:
         """Count a new connection in, unless the worker is full or stopping."""
-        if self._stopping or not self.slots.try_open_connection(
+        if self._preadmitted:
+            # Counted when it was accepted (_acceptable).
+            self._preadmitted -= 1
+            if self._stopping:
+                self.slots.close_connection()
+                return False
+        elif self._stopping or not self.slots.try_open_connection(
             self.state.config.limits.max_connections
         ):
             return False

@@ -90,6 +90,23 @@ def test_connections_are_spread_over_the_serving_processes(worker_factory):
             c.close()
 
 
+def test_connections_opened_together_are_spread_too(worker_factory):
+    # nbdcopy opens its connections together: all four are in the backlog before any handshake.
+    w = worker_factory(config(mem("a")), args=["--workers", "2"], log_level="DEBUG")
+    pids = serving_pids(w)
+    clients = [RawClient(w.host, w.port) for _ in range(4)]
+    try:
+        got = wait_connected(w, 4)
+        assert sorted(got.count(p) for p in pids) == [2, 2], got
+        for c in clients:
+            c.greet()
+            c.go("a")
+            assert c.read(0, 4096).error == 0
+    finally:
+        for c in clients:
+            c.close()
+
+
 def test_memory_export_is_one_disk_for_every_process(worker_factory):
     w = worker_factory(config(mem("a")), args=["--workers", "2"], log_level="DEBUG")
     data = os.urandom(256 * 1024)
