@@ -21,10 +21,13 @@ import sys
 from pathlib import Path
 
 from nbdworker.config import ConfigError, WorkerConfig, WorkerSettings
+from nbdworker.logformat import configure_logging, log_format_from_env
 from nbdworker.snapshot import SecretError, load_secret
 from nbdworker.supervisor import SERVING_ENV
 
 log = logging.getLogger("nbdworker")
+
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,9 +80,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "NBDWORKER_WORKERS; default auto; 1: this process serves)",
     )
     parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        "--log-level",
+        type=str.upper,
+        default=os.environ.get("LOG_LEVEL") or "INFO",
+        choices=LOG_LEVELS,
+        help="(env LOG_LEVEL; default INFO)",
     )
     args = parser.parse_args(argv)
+    # argparse checks choices only on the command line, not on a default from the environment.
+    if args.log_level not in LOG_LEVELS:
+        parser.error(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {args.log_level!r}")
+    try:
+        args.log_format = log_format_from_env()
+    except ValueError as exc:
+        parser.error(str(exc))
     if isinstance(args.workers, str):  # a default from the environment is not converted
         try:
             args.workers = _workers(args.workers)
@@ -228,13 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     serving = os.environ.pop(SERVING_ENV, None)
     # With serving processes, every line says which process wrote it.
     several = serving is not None or args.workers > 1
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s"
-        + ("[%(process)d]" if several else "")
-        + ": %(message)s",
-    )
+    configure_logging(args.log_format, args.log_level, with_pid=several)
     secret = None
     try:
         settings = WorkerSettings.from_sources(args.storage_root, args.listen)
@@ -246,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             config = None
             secret = load_secret()
     except (ConfigError, SecretError) as exc:
-        print(f"nbdworker: configuration error: {exc}", file=sys.stderr)
+        log.error("configuration error: %s", exc)  # a log line, so JSON under LOG_FORMAT=json
         return 2
     if config is not None and config.node != settings.node:
         log.warning("config is for node %r, this worker is node %r", config.node, settings.node)

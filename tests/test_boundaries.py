@@ -55,13 +55,16 @@ def test_protocol_package_is_sans_io(path: Path) -> None:
     assert not forbidden, f"{path.relative_to(ROOT)} does I/O through {sorted(forbidden)}"
 
 
-def test_worker_config_contract_is_standard_library_only() -> None:
+# The modules the web side shares with the worker: the config contract, and the JSON log
+# formatter (nbdweb/logging.py re-exports it) so that every process writes the same fields.
+@pytest.mark.parametrize("module", ["config.py", "logformat.py"])
+def test_modules_shared_with_the_web_side_are_standard_library_only(module: str) -> None:
     import sys
 
-    path = ROOT / "nbdworker" / "config.py"
+    path = ROOT / "nbdworker" / module
     third_party = {
         name
         for name in top_level(imported_modules(path))
         if name not in sys.stdlib_module_names and name != "__future__"
     }
-    assert not third_party, f"nbdworker/config.py imports {sorted(third_party)}"
+    assert not third_party, f"nbdworker/{module} imports {sorted(third_party)}"
