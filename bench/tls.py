@@ -5,7 +5,11 @@
 Both servers present the same X.509 certificate and require a client certificate from the same
 CA (generated for the run, see tests/support/pki.py); the clients (nbdcopy, fio's nbd engine)
 use GnuTLS through libnbd. Prints each figure for both servers and nbdworker's ratio to nbdkit
-(higher is better). Not a test: nothing is asserted.
+(higher is better), and for the sequential runs each server's CPU seconds per GiB moved (utime +
+stime of the server process, all threads): on a shared machine the MB/s swing by 2x from run to
+run, the CPU per GiB much less. Both servers run side by side and take turns test by test, so a
+burst of load elsewhere does not land on one server's whole round. Not a test: nothing is
+asserted.
 
 fio's nbd engine never lets libnbd read local files named in a URI (``?tls-certificates=``), and
 as root libnbd then only looks in /etc/pki/libnbd. Rather than touch /etc, the run preloads a
@@ -19,6 +23,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,8 +83,18 @@ def client_uri(port: int, export: str, pki: PKI) -> str:
     return f"nbds://127.0.0.1:{port}/{export}?tls-certificates={pki.client_dir('alice')}"
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process `pid` (all its threads) so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 @contextlib.contextmanager
-def nbdkit_tls(image: Path, pki: PKI) -> Iterator[str]:
+def nbdkit_tls(image: Path, pki: PKI) -> Iterator[tuple[str, int]]:
     port = base.free_port()
     proc = subprocess.Popen(
         [
@@ -99,14 +114,14 @@ def nbdkit_tls(image: Path, pki: PKI) -> Iterator[str]:
     )
     try:
         base.wait_port(port, proc)
-        yield client_uri(port, "", pki)
+        yield client_uri(port, "", pki), proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
 
 
 @contextlib.contextmanager
-def nbdworker_tls(image: Path, workdir: Path, pki: PKI) -> Iterator[str]:
+def nbdworker_tls(image: Path, workdir: Path, pki: PKI) -> Iterator[tuple[str, int]]:
     port = base.free_port()
     cfg = {
         "version": 1,
@@ -138,7 +153,7 @@ def nbdworker_tls(image: Path, workdir: Path, pki: PKI) -> Iterator[str]:
     )
     try:
         base.wait_port(port, proc)
-        yield client_uri(port, "bench", pki)
+        yield client_uri(port, "bench", pki), proc.pid
     finally:
         proc.terminate()
         proc.wait(30)
@@ -146,15 +161,25 @@ def nbdworker_tls(image: Path, workdir: Path, pki: PKI) -> Iterator[str]:
 
 def benchmarks(
     size: int, src: Path, runtime: int, only: set[str]
-) -> list[tuple[str, Callable[[str], float]]]:
-    tests: list[tuple[str, Callable[[str], float]]] = []
+) -> list[tuple[str, bool, Callable[[str], float]]]:
+    """(name, moves `size` bytes so CPU per GiB means something, run(uri) -> figure)."""
+    tests: list[tuple[str, bool, Callable[[str], float]]] = []
     if "seq" in only:
         tests += [
-            ("TLS seq read, nbdcopy default (MB/s)", lambda u: base.seq_read(u, size, None)),
-            ("TLS seq read, nbdcopy --connections=1 (MB/s)", lambda u: base.seq_read(u, size, 1)),
-            ("TLS seq write, nbdcopy default (MB/s)", lambda u: base.seq_write(u, src, size, None)),
+            ("TLS seq read, nbdcopy default (MB/s)", True, lambda u: base.seq_read(u, size, None)),
+            (
+                "TLS seq read, nbdcopy --connections=1 (MB/s)",
+                True,
+                lambda u: base.seq_read(u, size, 1),
+            ),
+            (
+                "TLS seq write, nbdcopy default (MB/s)",
+                True,
+                lambda u: base.seq_write(u, src, size, None),
+            ),
             (
                 "TLS seq write, nbdcopy --connections=1 (MB/s)",
+                True,
                 lambda u: base.seq_write(u, src, size, 1),
             ),
         ]
@@ -164,6 +189,7 @@ def benchmarks(
                 tests.append(
                     (
                         f"TLS 4k {rw} iodepth={depth} (IOPS)",
+                        False,
                         lambda u, rw=rw, d=depth: base.fio_iops(u, rw, d, runtime),
                     )
                 )
@@ -200,20 +226,27 @@ def run_tls_bench(
 
         tests = benchmarks(size, src, runtime, set(only.split(",")))
         results: dict[str, dict[str, float]] = {}
-        for _round in range(rounds):
-            for server_name in ("nbdkit", "nbdworker"):
-                server = (
-                    nbdkit_tls(image, pki)
-                    if server_name == "nbdkit"
-                    else nbdworker_tls(image, work, pki)
-                )
-                with server as uri:
-                    for name, fn in tests:
+        cpu: dict[str, dict[str, list[float]]] = {}  # seconds per GiB, every run
+        with contextlib.ExitStack() as stack:
+            servers = {
+                "nbdkit": stack.enter_context(nbdkit_tls(image, pki)),
+                "nbdworker": stack.enter_context(nbdworker_tls(image, work, pki)),
+            }
+            for _round in range(rounds):
+                for name, per_byte, fn in tests:
+                    for server_name, (uri, pid) in servers.items():
+                        before = cpu_seconds(pid)
                         value = fn(uri)
+                        spent = cpu_seconds(pid) - before
                         best = results.setdefault(name, {}).get(server_name)
                         if best is None or value > best:
                             results[name][server_name] = value
-                        print(f"  {server_name:9} {name}: {value:.2f}", flush=True)
+                        line = f"  {server_name:9} {name}: {value:.2f}"
+                        if per_byte:
+                            per_gib = spent / (size / (1 << 30))
+                            cpu.setdefault(name, {}).setdefault(server_name, []).append(per_gib)
+                            line += f", server CPU {per_gib:.2f} s/GiB"
+                        print(line, flush=True)
     finally:
         if saved_preload is None:
             base.ENV.pop("LD_PRELOAD", None)
@@ -223,10 +256,23 @@ def run_tls_bench(
 
     print()
     print(f"{'benchmark (TLS)':47} {'nbdkit':>10} {'nbdworker':>10} {'ratio':>7}")
-    for name, _fn in tests:
+    for name, _per_byte, _fn in tests:
         kit, worker = results[name]["nbdkit"], results[name]["nbdworker"]
         print(f"{name:47} {kit:10.2f} {worker:10.2f} {worker / kit:6.2f}x")
     print("(ratio: nbdworker relative to nbdkit --tls=require, >1 is better)")
+    if cpu:
+        print()
+        print(
+            f"{'server CPU per GiB, median (s)':47} {'nbdkit':>10} {'nbdworker':>10} {'ratio':>7}"
+        )
+        for name, per_server in cpu.items():
+            kit, worker = (
+                statistics.median(per_server["nbdkit"]),
+                statistics.median(per_server["nbdworker"]),
+            )
+            label = name.removesuffix(" (MB/s)")
+            print(f"{label:47} {kit:10.2f} {worker:10.2f} {kit / worker:6.2f}x")
+        print("(ratio: nbdkit's CPU per GiB over nbdworker's, >1 is better)")
     return results
 
 

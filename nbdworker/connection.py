@@ -110,6 +110,16 @@ SMALL_READ = 64 * 1024
 # about 15%. Past this many bytes the batch is written at once, so the transport's high-water
 # mark still stops the parsing loop.
 TLS_CORK_LIMIT = 256 * 1024
+# Over TLS, uvloop encrypts each write at once into its outgoing memory BIO, copies that into a
+# new bytes object and hands it to the socket only at the end of the loop iteration. nbdcopy's
+# requests arrive in bursts of up to ~60 x 256 KiB per connection, so one iteration could pread,
+# encrypt and copy 15 MiB and more before the first byte was sent, every copy out of cache. After
+# this many bytes of read replies the remaining requests wait for the next iteration
+# (call_soon), so each batch goes out while it is still in cache. nbdcopy reads over TLS
+# (4 connections), same run: ~0.95 -> ~0.75 s of worker CPU per GiB, ~1070 -> ~1280 MB/s; with
+# 1 MiB batches 0.78 s, 512 KiB 0.90 s, 256 KiB 1.04 s (more, smaller sends), 4 MiB 0.81 s,
+# 8 MiB 0.86 s. --connections=1 did not change measurably (~0.85-0.9 s/GiB either way).
+TLS_BATCH_BYTES = 2 << 20
 
 # Plain ints for the per-request path: IntFlag arithmetic costs a Python call per operation.
 _FUA = int(CommandFlag.FUA)
@@ -176,6 +186,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.tls_active = False
         self.cork: list | None = None  # replies held back while a TLS batch is handled
         self.cork_bytes = 0
+        self.tls_budget = TLS_BATCH_BYTES  # read-reply bytes left before the batch breaks off
+        self.tls_later = False  # a continuation (_tls_continue) is scheduled
         self.tls_task: asyncio.Task | None = None
         # transmission state
         self.entry: ExportEntry | None = None
@@ -305,6 +317,10 @@ class NBDConnection(asyncio.BufferedProtocol):
             # EOF between requests without NBD_CMD_DISC is how fio and others hang up.
             log.debug("%s: client closed the connection", self.peer)
             self.eof = True
+            if self.tls_active:
+                # Answer everything now: the TLS layer stops taking writes once it has seen
+                # close_notify and flushed, so a batch deferred to the next iteration would be lost.
+                self.tls_budget = 1 << 62
             self._process()
             # Keep the transport until in-flight replies are abandoned (TLS cannot: the TLS layer
             # closes on the client's close_notify whatever is answered here).
@@ -588,6 +604,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             and self.inflight < self.max_inflight
             and self.inflight_bytes < MAX_INFLIGHT_BYTES
             and not self.writing_paused
+            and self.tls_budget > 0
         ):
             avail = self.end - self.start
             if avail < HEADER:
@@ -792,6 +809,11 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self._in_thread(req, self._sparse_read, req, extents, result=self._send_reply)
                 return
         header = encode_read_data_header(req.cookie, req.offset, length, self.structured)
+        if self.tls_active:
+            self.tls_budget -= length
+            if self.tls_budget <= 0 and not self.tls_later:
+                self.tls_later = True
+                self.loop.call_soon(self._tls_continue)
         if length > SMALL_READ:
             # Large reads: `os.pread` returns a new bytes object without zero-filling it first,
             # and `writelines` sends header and data with one writev (uvloop). Measured with
@@ -817,6 +839,19 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._send(buf)
             return
         self._in_thread(req, self._finish_read, buf, view, req.offset, got, result=self._send_reply)
+
+    def _tls_continue(self) -> None:
+        """The next batch of a TLS connection's requests (see TLS_BATCH_BYTES)."""
+        self.tls_later = False
+        self.tls_budget = TLS_BATCH_BYTES if not self.eof else 1 << 62  # see eof_received
+        if self.phase != _PHASE_TRANSMISSION:
+            return
+        self.cork = []
+        try:
+            self._process()
+        finally:
+            self._uncork()
+            self.cork = None
 
     def _send_file(self, offset: int, length: int) -> None:
         # Straight from the page cache to the socket when the writer gets to it: the two copies
@@ -1015,7 +1050,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     def _maybe_close(self) -> None:
-        if self.phase != _PHASE_TRANSMISSION or self.inflight:
+        if self.phase != _PHASE_TRANSMISSION or self.inflight or self.tls_later:
             return
         if self.disconnecting or (self.eof and not self.writing_paused):
             # After EOF, whatever is left unparsed can never complete.
