@@ -87,10 +87,17 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of process `pid` (all its threads) so far."""
+    """utime + stime so far of process `pid` (all its threads) and its live children: the
+    worker's serving processes are children of its supervisor."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    total = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        children = []
+    return total + sum(cpu_seconds(child) for child in children)
 
 
 @contextlib.contextmanager
