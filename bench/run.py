@@ -227,10 +227,17 @@ def main() -> int:
         )
 
     results: dict[str, dict[str, float]] = {}
-    for _round in range(args.rounds):
-        for server_name, server in (("nbdkit", nbdkit), ("nbdworker", nbdworker)):
-            with server(image, work) if server is nbdworker else server(image) as uri:
-                for name, better, fn in tests:
+    # Both servers run side by side on the same image and take turns test by test (the order
+    # swapped every round), so a burst of load on a shared machine lands on both, not on one
+    # server's whole series.
+    with contextlib.ExitStack() as stack:
+        servers = [
+            ("nbdkit", stack.enter_context(nbdkit(image))),
+            ("nbdworker", stack.enter_context(nbdworker(image, work))),
+        ]
+        for round_no in range(args.rounds):
+            for name, better, fn in tests:
+                for server_name, uri in servers if round_no % 2 == 0 else servers[::-1]:
                     value = fn(uri)  # type: ignore[operator]
                     best = results.setdefault(name, {}).get(server_name)
                     if best is None or (value > best if better == "up" else value < best):

@@ -545,11 +545,18 @@ def parse_listen(text: str) -> ListenAddress:
     return ListenAddress("tcp", host=host or "0.0.0.0", port=port_no)
 
 
+DEFAULT_BUSY_POLL_US = 50
+MAX_BUSY_POLL_US = 1000
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
     storage_roots: tuple[str, ...]
     listen: tuple[ListenAddress, ...]
     node: str = "default"
+    # How long a serving process polls its connections before its event loop sleeps
+    # (nbdworker/spin.py); 0 turns it off.
+    busy_poll_us: int = DEFAULT_BUSY_POLL_US
 
     @classmethod
     def from_sources(
@@ -572,10 +579,22 @@ class WorkerSettings:
         if not listen:
             listen = [DEFAULT_LISTEN]
         roots = tuple(os.path.realpath(r) for r in storage_roots)
+        raw_poll = env.get("NBDWORKER_BUSY_POLL_US", "").strip()
+        try:
+            busy_poll_us = int(raw_poll) if raw_poll else DEFAULT_BUSY_POLL_US
+        except ValueError:
+            raise ConfigError(
+                f"NBDWORKER_BUSY_POLL_US={raw_poll!r}: expected microseconds (0 turns it off)"
+            ) from None
+        if not 0 <= busy_poll_us <= MAX_BUSY_POLL_US:
+            raise ConfigError(
+                f"NBDWORKER_BUSY_POLL_US={busy_poll_us}: between 0 and {MAX_BUSY_POLL_US}"
+            )
         return cls(
             storage_roots=roots,
             listen=tuple(parse_listen(x) for x in listen),
             node=env.get("NBDWORKER_NODE") or "default",
+            busy_poll_us=busy_poll_us,
         )
 
     def path_allowed(self, path: str) -> bool:

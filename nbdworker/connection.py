@@ -201,6 +201,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.file_fd: int | None = None  # the export's image, for sendfile replies
         self.close_pending = False  # _close() waits for the writer's queue to empty
         self.flush_timer: asyncio.TimerHandle | None = None
+        self.spin_fd = -1  # watched by the server's IdleSpinner while in transmission
         self.rbuf = bytearray()
         self.rview = memoryview(self.rbuf)
         self.start = 0
@@ -257,7 +258,13 @@ class NBDConnection(asyncio.BufferedProtocol):
         )
         self.deadline = self.loop.call_later(limits.handshake_timeout, self._handshake_expired)
         log.debug("%s: connected", self.peer)
+        if self.server.spinner.enabled:
+            # Watched from the start: a handshake is several round trips, each one a wake-up.
+            self.spin_fd = self._socket_fd()
+            if self.spin_fd >= 0:
+                self.server.spinner.watch(self.spin_fd)
         self._send(self.hs.data_to_send())
+        self._request_spin()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.phase == _PHASE_HANDSHAKE or self.phase == _PHASE_TLS:
@@ -338,6 +345,9 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.linger.cancel()
             self.linger = None
         self._close_writer()
+        if self.spin_fd >= 0:
+            self.server.spinner.forget(self.spin_fd)
+            self.spin_fd = -1
         if self.counted_export is not None:
             self.server.export_closed(self.counted_export)
             self.counted_export = None
@@ -431,6 +441,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                 elif isinstance(event, Ready):
                     self._send(hs.data_to_send())
                     self._enter_transmission(event, hs.trailing_data())
+                    self._request_spin()
                     return
                 elif isinstance(event, Closed):
                     self._send(hs.data_to_send())
@@ -448,6 +459,11 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.abort()
             return
         self._send(hs.data_to_send())
+        self._request_spin()
+
+    def _request_spin(self) -> None:
+        if self.spin_fd >= 0:
+            self.server.request_spin()
 
     # -- TLS --------------------------------------------------------------------------------------
 
@@ -552,7 +568,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self.loop.call_soon(self.shutdown)
         self.session = Session(ready)
         if not self.tls_active:
-            sock_fd = self._socket_fd()
+            sock_fd = self.spin_fd if self.spin_fd >= 0 else self._socket_fd()
             if sock_fd >= 0:
                 self.writer = SocketWriter(
                     self.loop, sock_fd, self._output_sent, self._output_failed
@@ -587,6 +603,13 @@ class NBDConnection(asyncio.BufferedProtocol):
             if not self._flush_output():
                 self._update_reading()
                 self._maybe_close()
+                if (
+                    self.spin_fd >= 0
+                    and self.start == self.end
+                    and not self.inflight
+                    and not self.tls_later
+                ):
+                    self.server.request_spin()
                 return
         self._flush_output()
 
@@ -783,6 +806,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._process()
         else:
             self._flush_output()
+            if self.spin_fd >= 0 and not self.inflight:
+                self.server.request_spin()
         self._maybe_close()
 
     def _read(self, req) -> None:

@@ -30,6 +30,7 @@ from nbdworker.metrics import WorkerStats, connection_totals
 from nbdworker.protocol import ExportView, TLSMode, TransmissionFlag
 from nbdworker.reload import ending_reason
 from nbdworker.slots import ConnectionSlots
+from nbdworker.spin import IdleSpinner
 from nbdworker.tls import TLSContextCache, TLSSetupError
 
 __all__ = ["ExportEntry", "NBDServer", "ServerState"]
@@ -172,6 +173,8 @@ class NBDServer:
         self._owned_listeners: list[Listener] = []
         self._adopting: set[asyncio.Task] = set()  # accepted sockets being wrapped
         self._preadmitted = 0  # accepted and counted, connection_made still to come
+        self.spinner = IdleSpinner(settings.busy_poll_us)
+        self._spin_pending = False
         # Thread pool for I/O that may block (flush, fallocate, cold reads); reads from the page
         # cache and plain writes run inline (see connection.py for the measurements).
         self.tls_contexts = TLSContextCache()
@@ -284,6 +287,19 @@ class NBDServer:
             else:
                 self._servers.append(await loop.create_server(self._factory(), sock=listener.sock))
         return [listener.text for listener in listeners]
+
+    def request_spin(self) -> None:
+        """A connection answered everything it had: poll for the next request before the loop
+        sleeps (nbdworker/spin.py). Once per loop pass, after the pass's writes are out."""
+        if self._spin_pending or self._stopping or not self.spinner.enabled:
+            return
+        self._spin_pending = True
+        asyncio.get_running_loop().call_soon(self._spin)
+
+    def _spin(self) -> None:
+        self._spin_pending = False
+        if not self._stopping:
+            self.spinner.spin()
 
     def _acceptable(self, listener: Listener) -> None:
         loop = asyncio.get_running_loop()
