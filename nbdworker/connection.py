@@ -201,7 +201,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.file_fd: int | None = None  # the export's image, for sendfile replies
         self.close_pending = False  # _close() waits for the writer's queue to empty
         self.flush_timer: asyncio.TimerHandle | None = None
-        self.spin_fd = -1  # watched by the server's IdleSpinner while in transmission
+        self.spin_fd = -1  # watched by the server's IdleSpinner (nbdworker/spin.py)
+        self.batch = 0  # requests dispatched in the current pass of _process
         self.rbuf = bytearray()
         self.rview = memoryview(self.rbuf)
         self.start = 0
@@ -599,16 +600,21 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def _process(self) -> None:
         """Dispatch every complete request in the buffer, unless paused; send the replies."""
+        self.batch = 0
         while self._dispatch_requests():
             if not self._flush_output():
                 self._update_reading()
                 self._maybe_close()
                 if (
-                    self.spin_fd >= 0
+                    self.batch == 1
+                    and self.spin_fd >= 0
                     and self.start == self.end
                     and not self.inflight
                     and not self.tls_later
                 ):
+                    # One request in this pass: a client that waits for each reply (queue
+                    # depth 1). Clients that pipeline keep the process busy anyway, and a
+                    # spin would only take CPU from them.
                     self.server.request_spin()
                 return
         self._flush_output()
@@ -667,6 +673,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                 continue
             counts[command] += 1
             counts[BYTES + command] += req.length
+            self.batch += 1
             # The two hot commands are handled right here: every call saved shows in 4 KiB IOPS.
             try:
                 if command == _CMD_WRITE and not req.flags & _FUA:
