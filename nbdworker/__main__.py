@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workers",
         type=_workers,
         default=os.environ.get("NBDWORKER_WORKERS") or "auto",
-        help="serving processes: a number, or 'auto' for one per core up to 8 (env "
+        help="serving processes: a number, or 'auto' for one per core but one, 1 to 8 (env "
         "NBDWORKER_WORKERS; default auto; 1: this process serves)",
     )
     parser.add_argument(

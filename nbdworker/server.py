@@ -171,6 +171,7 @@ class NBDServer:
         self._balanced = self.slots.processes > 1
         self._watched: list[Listener] = []
         self._owned_listeners: list[Listener] = []
+        self._listeners: list[Listener] = []  # served here, owned or inherited
         self._adopting: set[asyncio.Task] = set()  # accepted sockets being wrapped
         self._preadmitted = 0  # accepted and counted, connection_made still to come
         self.spinner = IdleSpinner(settings.busy_poll_us)
@@ -274,7 +275,11 @@ class NBDServer:
         if listeners is None:
             listeners = self._owned_listeners = bind_listeners(self.settings.listen)
         loop = asyncio.get_running_loop()
+        self._listeners = list(listeners)
         for listener in listeners:
+            # A new connection ends a spin as a request does (nbdworker/spin.py).
+            if self.spinner.enabled:
+                self.spinner.watch(listener.sock.fileno())
             if self._balanced:
                 # Several serving processes share these sockets: accept only while no sibling
                 # has fewer connections, so nbdcopy's four connections land two and two.
@@ -291,14 +296,15 @@ class NBDServer:
     def request_spin(self) -> None:
         """A connection answered everything it had: poll for the next request before the loop
         sleeps (nbdworker/spin.py). Once per loop pass, after the pass's writes are out."""
-        if self._spin_pending or self._stopping or not self.spinner.enabled:
+        if self._spin_pending or self._stopping or self._adopting or not self.spinner.enabled:
             return
         self._spin_pending = True
         asyncio.get_running_loop().call_soon(self._spin)
 
     def _spin(self) -> None:
         self._spin_pending = False
-        if not self._stopping:
+        # A connection accepted meanwhile is being set up by a task: spinning would delay it.
+        if not self._stopping and not self._adopting:
             self.spinner.spin()
 
     def _acceptable(self, listener: Listener) -> None:
@@ -355,6 +361,8 @@ class NBDServer:
 
     def _stop_listening(self) -> None:
         loop = asyncio.get_running_loop()
+        for listener in self._listeners:
+            self.spinner.forget(listener.sock.fileno())
         for listener in self._watched:
             with contextlib.suppress(Exception):
                 loop.remove_reader(listener.sock.fileno())
