@@ -9,10 +9,10 @@ production. Every test has its own node name; tests that stop Redis have their o
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +26,7 @@ from exports_app.models import Export, TLSPolicy, WorkerNode
 from nbdworker.config import WorkerConfig
 from nbdworker.protocol import Command, Errno
 from nbdworker.snapshot import CHANNEL, config_key, sign_snapshot
+from tests.support.polling import poll as wait_for
 from tests.support.rawclient import RawClient
 from tests.support.redisserver import PrivateRedis, private_redis
 from tests.support.tools import client_env, require_tool
@@ -45,15 +46,7 @@ BLOCK = 4096
 CONVERGE = 5.0
 
 
-def poll(predicate: Callable[[], object], what: str, timeout: float = CONVERGE):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+poll = functools.partial(wait_for, timeout=CONVERGE)
 
 
 def pattern(block: int) -> bytes:

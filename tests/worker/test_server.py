@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -20,31 +19,17 @@ from nbdworker.protocol import Command, CommandFlag, Errno, Option, Reply
 from nbdworker.protocol.client import encode_info_request, encode_request
 from nbdworker.server import NBDServer
 from tests.support.fixtures import make_image
+from tests.support.polling import poll
 from tests.support.rawclient import RawClient, check_fresh_client
 from tests.support.tools import require_libnbd
 from tests.support.worker import REPO
+from tests.support.worker import memory_export as mem
 
 MiB = 1 << 20
 
 
-def mem(name: str, size: int = 16 * MiB, **kw) -> dict:
-    return {"name": name, "backend": "memory", "size": size, **kw}
-
-
 def config(*exports: dict, **top) -> dict:
     return {"version": 1, "exports": list(exports), **top}
-
-
-def poll(predicate, timeout: float = 10.0, what: str = "condition"):
-    """Retry `predicate` until it returns a true value or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 # -- handshake deadline and connection limits ---------------------------------------------------

@@ -4,13 +4,13 @@ disk seen by all, metrics summed, a crashed process replaced, and clean ends."""
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -20,30 +20,20 @@ from nbdworker.protocol import Option
 from nbdworker.protocol.client import encode_info_request
 from nbdworker.slots import ConnectionSlots
 from tests.support.fixtures import make_image
+from tests.support.polling import poll as wait_for
 from tests.support.rawclient import RawClient, check_fresh_client
 from tests.support.worker import REPO
+from tests.support.worker import memory_export as mem
 
 MiB = 1 << 20
 DEADLINE = 15.0
-
-
-def mem(name: str, size: int = 16 * MiB, **kw) -> dict:
-    return {"name": name, "backend": "memory", "size": size, **kw}
 
 
 def config(*exports: dict, **top) -> dict:
     return {"version": 1, "exports": list(exports), **top}
 
 
-def poll(predicate, what: str, timeout: float = DEADLINE):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+poll = functools.partial(wait_for, timeout=DEADLINE)
 
 
 def serving_pids(worker) -> list[int]:
