@@ -287,3 +287,12 @@ def check_fresh_client(host: str, port: int, export: str = "", offset: int = 0) 
         assert result.data == pattern
         c.disconnect()
         assert c.closed_by_server()
+
+
+def serves_fresh_client(host: str, port: int, export: str = "") -> bool:
+    """`check_fresh_client` as a poll predicate: False while the server refuses or drops it."""
+    try:
+        check_fresh_client(host, port, export)
+    except (EOFError, ConnectionError, AssertionError):
+        return False
+    return True

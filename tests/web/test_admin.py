@@ -10,6 +10,7 @@ from django.contrib.messages import get_messages
 from exports_app.choices import ExportState, TLSMode
 from exports_app.models import Certificate, CertificateAuthority, Export, TLSPolicy
 from exports_app.services import provisioning
+from tests.support.adminforms import export_add_form
 
 pytestmark = pytest.mark.django_db
 
@@ -104,27 +105,7 @@ def test_admin_pages_need_staff_and_permission(client, make_user, objects):
 
 
 def test_add_export_through_the_admin(admin_client, default_node, hooks):
-    data = {
-        "node": default_node.pk,
-        "name": "admin-disk",
-        "size": "1G",
-        "description": "",
-        "image_path": "",
-        "enabled": "on",
-        "allowed_clients": "[]",
-        "allowed_networks": "[]",
-        "flush": "on",
-        "fua": "on",
-        "trim": "on",
-        "write_zeroes": "on",
-        "fast_zero": "on",
-        "cache": "on",
-        "multi_conn": "on",
-        "min_block_size": 1,
-        "preferred_block_size": 4096,
-        "max_block_size": 32 << 20,
-        "max_connections": 0,
-    }
+    data = export_add_form(default_node.pk)
     response = admin_client.post("/admin/exports_app/export/add/", data)
     assert response.status_code == 302, response.context["adminform"].form.errors
     export = Export.objects.get(name="admin-disk")

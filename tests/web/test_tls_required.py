@@ -15,6 +15,7 @@ from exports_app.choices import TLSMode
 from exports_app.models import Export, TLSPolicy, WorkerNode
 from nbdworker.protocol.tlsmode import TLSMode as WorkerTLSMode
 from nbdworker.protocol.tlsmode import export_needs_tls
+from tests.support.adminforms import export_add_form
 
 pytestmark = pytest.mark.django_db
 
@@ -166,28 +167,7 @@ def _messages(response) -> list[str]:
 @pytest.mark.parametrize("mode", UNENFORCING)
 def test_admin_export_form_refuses_tls_required(admin_client, node_in, mode):
     node = node_in(mode)
-    data = {
-        "node": node.pk,
-        "name": "admin-disk",
-        "description": "",
-        "image_path": "",
-        "size": "1M",
-        "enabled": "on",
-        "tls_required": "on",
-        "allowed_clients": "[]",
-        "allowed_networks": "[]",
-        "flush": "on",
-        "fua": "on",
-        "trim": "on",
-        "write_zeroes": "on",
-        "fast_zero": "on",
-        "cache": "on",
-        "multi_conn": "on",
-        "min_block_size": 1,
-        "preferred_block_size": 4096,
-        "max_block_size": 32 << 20,
-        "max_connections": 0,
-    }
+    data = export_add_form(node.pk, size="1M", tls_required="on")
     response = admin_client.post("/admin/exports_app/export/add/", data)
     assert response.status_code == 200
     errors = response.context["adminform"].form.errors

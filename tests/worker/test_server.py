@@ -20,7 +20,7 @@ from nbdworker.protocol.client import encode_info_request, encode_request
 from nbdworker.server import NBDServer
 from tests.support.fixtures import make_image
 from tests.support.polling import poll
-from tests.support.rawclient import RawClient, check_fresh_client
+from tests.support.rawclient import RawClient, check_fresh_client, serves_fresh_client
 from tests.support.tools import require_libnbd
 from tests.support.worker import REPO
 from tests.support.worker import memory_export as mem
@@ -79,14 +79,7 @@ def test_global_connection_limit(worker_factory):
     assert first.closed_by_server()
     first.close()
 
-    def served() -> bool:
-        try:
-            check_fresh_client(w.host, w.port, "a")
-            return True
-        except (EOFError, ConnectionError, AssertionError):
-            return False
-
-    poll(served, what="a slot to free up")
+    poll(lambda: serves_fresh_client(w.host, w.port, "a"), what="a slot to free up")
     second.close()
 
 
@@ -98,14 +91,7 @@ def test_eof_without_disc_releases_the_connection(worker_factory):
     c.request(Command.WRITE, 0, 4096, payload=b"w" * 4096)
     c.close()
 
-    def served() -> bool:
-        try:
-            check_fresh_client(w.host, w.port, "a")
-            return True
-        except (EOFError, ConnectionError, AssertionError):
-            return False
-
-    poll(served, what="the abandoned connection's slot")
+    poll(lambda: serves_fresh_client(w.host, w.port, "a"), what="the abandoned connection's slot")
 
 
 def test_per_export_connection_limit(worker_factory):

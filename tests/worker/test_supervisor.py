@@ -21,7 +21,7 @@ from nbdworker.protocol.client import encode_info_request
 from nbdworker.slots import ConnectionSlots
 from tests.support.fixtures import make_image
 from tests.support.polling import poll as wait_for
-from tests.support.rawclient import RawClient, check_fresh_client
+from tests.support.rawclient import RawClient, serves_fresh_client
 from tests.support.worker import REPO
 from tests.support.worker import memory_export as mem
 
@@ -145,14 +145,7 @@ def test_global_limit_holds_across_processes(worker_factory):
         w.wait_for_log("connection limit reached")
         first.close()
 
-        def served() -> bool:
-            try:
-                check_fresh_client(w.host, w.port, "a")
-                return True
-            except (EOFError, ConnectionError, AssertionError):
-                return False
-
-        poll(served, "a slot to free up")
+        poll(lambda: serves_fresh_client(w.host, w.port, "a"), "a slot to free up")
     finally:
         first.close()
         second.close()
