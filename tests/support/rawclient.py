@@ -154,6 +154,13 @@ class RawClient:
                 if kind == 0:
                     self.size, self.flags = value  # type: ignore[misc]
 
+    def refused_go(self, name: str) -> OptionReply:
+        """Ask for `name` with GO and expect an error reply (the handshake goes on)."""
+        self.send(encode_info_request(Option.GO, name))
+        reply = self.collect_replies()[-1]
+        assert reply.reply & 0x80000000, f"GO {name!r} was not refused: {reply}"
+        return reply
+
     @classmethod
     def open(cls, host: str, port: int, name: str = "", **kw: bool) -> RawClient:
         client = cls(host, port)

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.support.worker import REPO
 
 FIELDS = {"time", "level", "logger", "message", "process"}
@@ -79,30 +81,26 @@ def test_plain_is_still_the_default_and_unchanged(worker_factory):
     time.strptime(f"{date} {clock.split(',')[0]}", "%Y-%m-%d %H:%M:%S")
 
 
-def test_an_unknown_log_format_stops_the_worker_with_exit_code_2(tmp_path):
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("LOG_FORMAT", "xml", "LOG_FORMAT must be plain or json, not 'xml'"),
+        ("LOG_LEVEL", "loud", "LOG_LEVEL must be one of"),
+    ],
+)
+def test_an_unknown_log_setting_stops_the_worker_with_exit_code_2(
+    tmp_path, variable, value, message
+):
     result = subprocess.run(
         [sys.executable, "-m", "nbdworker", "--config", str(tmp_path / "none.json")],
         cwd=REPO,
-        env=worker_env(LOG_FORMAT="xml"),
+        env=worker_env(**{variable: value}),
         capture_output=True,
         text=True,
         timeout=30,
     )
     assert result.returncode == 2
-    assert "LOG_FORMAT must be plain or json, not 'xml'" in result.stderr
-
-
-def test_an_unknown_log_level_stops_the_worker_with_exit_code_2(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "nbdworker", "--config", str(tmp_path / "none.json")],
-        cwd=REPO,
-        env=worker_env(LOG_LEVEL="loud"),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode == 2
-    assert "LOG_LEVEL must be one of" in result.stderr
+    assert message in result.stderr
 
 
 def test_log_level_warning_hides_info_lines(tmp_path):
