@@ -259,13 +259,20 @@ class NBDConnection(asyncio.BufferedProtocol):
         )
         self.deadline = self.loop.call_later(limits.handshake_timeout, self._handshake_expired)
         log.debug("%s: connected", self.peer)
-        if self.server.spinner.enabled:
-            # Watched from the start: a handshake is several round trips, each one a wake-up.
-            self.spin_fd = self._socket_fd()
-            if self.spin_fd >= 0:
-                self.server.spinner.watch(self.spin_fd)
         self._send(self.hs.data_to_send())
-        self._request_spin()
+        if self.server.spinner.enabled:
+            # After the greeting has gone out (the transport sends at the end of this loop
+            # pass): whatever runs here delays it, and connect latency is counted in microseconds.
+            self.loop.call_soon(self._watch_for_spin)
+
+    def _watch_for_spin(self) -> None:
+        # Watched from the start: a handshake is several round trips, each one a wake-up.
+        if self.phase == _PHASE_CLOSED:
+            return
+        self.spin_fd = self._socket_fd()
+        if self.spin_fd >= 0:
+            self.server.spinner.watch(self.spin_fd)
+            self._request_spin()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.phase == _PHASE_HANDSHAKE or self.phase == _PHASE_TLS:
@@ -569,12 +576,12 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self.loop.call_soon(self.shutdown)
         self.session = Session(ready)
         if not self.tls_active:
-            sock_fd = self.spin_fd if self.spin_fd >= 0 else self._socket_fd()
-            if sock_fd >= 0:
-                self.writer = SocketWriter(
-                    self.loop, sock_fd, self._output_sent, self._output_failed
-                )
-                self.file_fd = getattr(self.backend, "fd", None)
+            self.file_fd = getattr(self.backend, "fd", None)
+            if trailing:
+                self._make_writer()
+            else:
+                # After the GO reply has gone out; the client sends nothing before it has it.
+                self.loop.call_soon(self._make_writer)
         self.structured = ready.structured
         self.context_id = next(iter(ready.meta_contexts), 0)
         self.hs = None
@@ -892,6 +899,13 @@ class NBDConnection(asyncio.BufferedProtocol):
         writer.write_file(self.file_fd, offset, length)
         if writer.pending > WRITE_HIGH_WATER:
             self.writing_paused = True
+
+    def _make_writer(self) -> None:
+        if self.writer is not None or self.phase != _PHASE_TRANSMISSION:
+            return
+        sock_fd = self.spin_fd if self.spin_fd >= 0 else self._socket_fd()
+        if sock_fd >= 0:
+            self.writer = SocketWriter(self.loop, sock_fd, self._output_sent, self._output_failed)
 
     def _socket_fd(self) -> int:
         sock = self.transport.get_extra_info("socket") if self.transport is not None else None
