@@ -74,6 +74,29 @@ def default_workers() -> int:
     return max(1, min(cores - 1, 8))
 
 
+def remove_stale_shared_memory(directory: str) -> list[str]:
+    """Remove the memory-export files of supervisors that are gone (killed before they could
+    clean up); return what was removed. A file is stale when no process has its pid."""
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(directory), "nbdworker-*-*")):
+        pid_text = os.path.basename(path).split("-")[1]
+        if not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # alive (or not ours to signal): keep
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            removed.append(path)
+    if removed:
+        log.info("removed %d memory-export file(s) left by stopped workers", len(removed))
+    return removed
+
+
 def encode_message(message: dict[str, Any]) -> bytes:
     body = json.dumps(message, separators=(",", ":")).encode()
     return len(body).to_bytes(4, "big") + body
@@ -134,6 +157,7 @@ class Supervisor:
         # Memory exports live in shared memory files under this prefix (removed at the end).
         shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
         self.shared_memory = os.path.join(shm_dir, f"nbdworker-{os.getpid()}")
+        remove_stale_shared_memory(shm_dir)
         self._report_id = 0
         self._all_exited: asyncio.Event | None = None
 

@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nbdworker.slots import ConnectionSlots
+from nbdworker.supervisor import remove_stale_shared_memory
 from tests.support.fixtures import make_image
 from tests.support.polling import poll as wait_for
 from tests.support.rawclient import RawClient, serves_fresh_client
@@ -245,8 +246,25 @@ def test_sigterm_ends_every_process_and_cleans_up(worker_factory):
 def test_serving_processes_die_with_the_supervisor(worker_factory):
     w = worker_factory(config(mem("a")), args=["--workers", "2"])
     pids = serving_pids(w)
+    with RawClient.open(w.host, w.port, "a") as c:
+        assert c.write(0, b"x" * 4096) == 0
     w.kill()
     poll(lambda: not any(alive(p) for p in pids), "serving processes to follow the supervisor")
+    # SIGKILL left the memory export's file behind; the next supervisor removes it.
+    left = glob.glob(f"/dev/shm/nbdworker-{w.proc.pid}-*")
+    assert left
+    worker_factory(config(mem("a")), args=["--workers", "2"])
+    assert not any(os.path.exists(p) for p in left)
+
+
+def test_stale_shared_memory_of_live_supervisors_is_kept(tmp_path):
+    live = tmp_path / f"nbdworker-{os.getpid()}-abc"
+    gone = tmp_path / "nbdworker-999999999-abc"
+    other = tmp_path / "nbdworker-notapid-abc"
+    for path in (live, gone, other):
+        path.write_bytes(b"x")
+    assert remove_stale_shared_memory(str(tmp_path)) == [str(gone)]
+    assert live.exists() and other.exists() and not gone.exists()
 
 
 @pytest.mark.parametrize("value", ["0", "65", "lots"])
