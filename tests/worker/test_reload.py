@@ -4,19 +4,15 @@ swapped with `apply_config`, as nbdworker/configsource.py does."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import os
 import ssl
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import pytest
 
-from nbdworker.config import WorkerConfig, WorkerSettings
 from nbdworker.protocol import Reply
-from nbdworker.server import NBDServer
+from tests.support.inprocess import serving
 from tests.support.pki import PKI, make_pki
 from tests.support.tlsprobe import Probe, client_context, worker_config
 
@@ -24,48 +20,6 @@ from tests.support.tlsprobe import Probe, client_context, worker_config
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-class ServerThread:
-    def __init__(self, server: NBDServer, loop: asyncio.AbstractEventLoop, port: int) -> None:
-        self.server, self.loop, self.port = server, loop, port
-
-    def apply(self, config: dict) -> None:
-        done = threading.Event()
-
-        def swap() -> None:
-            self.server.apply_config(WorkerConfig.from_dict(config))
-            done.set()
-
-        self.loop.call_soon_threadsafe(swap)
-        assert done.wait(10)
-
-
-@contextmanager
-def serving(config: dict, tmp_path) -> Iterator[ServerThread]:
-    settings = WorkerSettings.from_sources([str(tmp_path)], ["127.0.0.1:0"], environ={})
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder: dict = {}
-
-    async def main() -> None:
-        server = NBDServer(settings, WorkerConfig.from_dict(config), shutdown_timeout=5)
-        holder["server"] = server
-        holder["port"] = int((await server.start())[0].rpartition(":")[2])
-        holder["stop"] = asyncio.Event()
-        ready.set()
-        await holder["stop"].wait()
-        await server.shutdown()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    try:
-        yield ServerThread(holder["server"], loop, holder["port"])
-    finally:
-        loop.call_soon_threadsafe(holder["stop"].set)
-        thread.join(30)
-        loop.close()
 
 
 def connect(

@@ -3,22 +3,19 @@ durability, listeners, storage roots and the command line."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 
 import pytest
 
-from nbdworker.config import WorkerConfig, WorkerSettings
 from nbdworker.protocol import Command, CommandFlag, Errno, Option, Reply
 from nbdworker.protocol.client import encode_info_request, encode_request
-from nbdworker.server import NBDServer
 from tests.support.fixtures import make_image
+from tests.support.inprocess import serving
 from tests.support.polling import poll
 from tests.support.rawclient import RawClient, check_fresh_client, serves_fresh_client
 from tests.support.tools import require_libnbd
@@ -427,45 +424,21 @@ def test_listen_from_environment(worker_factory):
 
 
 def test_apply_config_new_connections_see_it_existing_keep_theirs(tmp_path):
-    settings = WorkerSettings.from_sources([str(tmp_path)], ["127.0.0.1:0"], environ={})
-    first = WorkerConfig.from_dict(config(mem("a"), generation=1))
     # "a" changes (a new description: a new backend for new connections) and "b" appears; a
     # removed export would end its connections instead (tests/e2e/test_config_distribution.py).
-    second = WorkerConfig.from_dict(config(mem("a", description="v2"), mem("b"), generation=2))
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder: dict = {}
-
-    async def main() -> None:
-        server = NBDServer(settings, first)
-        holder["server"] = server
-        holder["addr"] = (await server.start())[0]
-        holder["stop"] = asyncio.Event()
-        ready.set()
-        await holder["stop"].wait()
-        await server.shutdown()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    host, _, port = holder["addr"].rpartition(":")
-    try:
-        old = RawClient.open(host, int(port), "a")
+    second = config(mem("a", description="v2"), mem("b"), generation=2)
+    with serving(config(mem("a"), generation=1), tmp_path) as srv:
+        old = RawClient.open("127.0.0.1", srv.port, "a")
         assert old.write(0, b"x" * 512) == 0
-        done = threading.Event()
-        loop.call_soon_threadsafe(lambda: (holder["server"].apply_config(second), done.set()))
-        assert done.wait(10)
+        srv.apply(second)
         # The existing connection keeps export "a" ...
         assert old.read(0, 512).data == b"x" * 512
         # ... while new connections see generation 2.
-        with RawClient(host, int(port)) as c:
+        with RawClient("127.0.0.1", srv.port) as c:
             c.greet()
             c.go("a")
             assert c.read(0, 512).data == bytes(512)
-        with RawClient(host, int(port)) as c:
+        with RawClient("127.0.0.1", srv.port) as c:
             c.greet()
             c.go("b")
         old.close()
-    finally:
-        loop.call_soon_threadsafe(holder["stop"].set)
-        thread.join(30)
