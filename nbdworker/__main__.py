@@ -18,7 +18,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from nbdworker.config import ConfigError, WorkerConfig, WorkerSettings
 from nbdworker.logformat import configure_logging, log_format_from_env
@@ -145,16 +147,25 @@ def tune_malloc() -> None:
         pass
 
 
-def _serve_as_child(settings: WorkerSettings, spec: dict, args: argparse.Namespace) -> int:
-    from nbdworker.supervisor import serve_as_child
-
+def run_on_new_loop(main: Coroutine[Any, Any, int], profile_path: str | None = None) -> int:
+    """Run `main` on a new event loop (uvloop when installed) and close it; with
+    `profile_path`, write cProfile statistics of the whole run there (bench/README)."""
     tune_malloc()
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
+    profiler = None
+    if profile_path:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
-        return loop.run_until_complete(serve_as_child(settings, spec, args.shutdown_timeout))
+        return loop.run_until_complete(main)
     finally:
         loop.close()
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile_path)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -247,7 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = WorkerSettings.from_sources(args.storage_root, args.listen)
         if serving is not None:
-            return _serve_as_child(settings, json.loads(serving), args)
+            from nbdworker.supervisor import serve_as_child
+
+            return run_on_new_loop(
+                serve_as_child(settings, json.loads(serving), args.shutdown_timeout)
+            )
         if args.config:
             config = load_config(args.config)
         else:
@@ -258,24 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if config is not None and config.node != settings.node:
         log.warning("config is for node %r, this worker is node %r", config.node, settings.node)
-    tune_malloc()
-    loop = new_event_loop()
-    asyncio.set_event_loop(loop)
     # NBDWORKER_PROFILE=FILE writes cProfile statistics of the whole run to FILE (bench/README).
-    profile_path = os.environ.get("NBDWORKER_PROFILE")
-    profiler = None
-    if profile_path:
-        import cProfile
-
-        profiler = cProfile.Profile()
-        profiler.enable()
-    try:
-        return loop.run_until_complete(run(settings, config, args, secret))
-    finally:
-        loop.close()
-        if profiler is not None:
-            profiler.disable()
-            profiler.dump_stats(profile_path)
+    return run_on_new_loop(run(settings, config, args, secret), os.environ.get("NBDWORKER_PROFILE"))
 
 
 if __name__ == "__main__":

@@ -312,12 +312,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             else:
                 self.end += nbytes
             if self.tls_active:
-                self.cork = []
-                try:
-                    self._process()
-                finally:
-                    self._uncork()
-                    self.cork = None
+                self._process_corked()
             else:
                 self._process()
 
@@ -614,7 +609,6 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self._maybe_close()
                 if (
                     self.batch == 1
-                    and self.spin_fd >= 0
                     and self.start == self.end
                     and not self.inflight
                     and not self.tls_later
@@ -622,7 +616,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                     # One request in this pass: a client that waits for each reply (queue
                     # depth 1). Clients that pipeline keep the process busy anyway, and a
                     # spin would only take CPU from them.
-                    self.server.request_spin()
+                    self._request_spin()
                 return
         self._flush_output()
 
@@ -820,8 +814,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._process()
         else:
             self._flush_output()
-            if self.spin_fd >= 0 and not self.inflight:
-                self.server.request_spin()
+            if not self.inflight:
+                self._request_spin()
         self._maybe_close()
 
     def _read(self, req) -> None:
@@ -860,8 +854,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             # page-cache probe keeps cold reads off the event loop.
             if backend.cached(req.offset, length):
                 if self.file_fd is not None and self.writer is not None:
-                    self._send(header)
-                    self._send_file(req.offset, length)
+                    self._send_file(header, req.offset, length)
                     return
                 self._send_lines(req, [header, backend.read_bytes(req.offset, length)])
             else:
@@ -883,8 +876,11 @@ class NBDConnection(asyncio.BufferedProtocol):
         """The next batch of a TLS connection's requests (see TLS_BATCH_BYTES)."""
         self.tls_later = False
         self.tls_budget = TLS_BATCH_BYTES if not self.eof else 1 << 62  # see eof_received
-        if self.phase != _PHASE_TRANSMISSION:
-            return
+        if self.phase == _PHASE_TRANSMISSION:
+            self._process_corked()
+
+    def _process_corked(self) -> None:
+        # Over TLS the replies of one pass go out as one write (see TLS_CORK_LIMIT).
         self.cork = []
         try:
             self._process()
@@ -892,10 +888,11 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._uncork()
             self.cork = None
 
-    def _send_file(self, offset: int, length: int) -> None:
+    def _send_file(self, header: bytes, offset: int, length: int) -> None:
         # Straight from the page cache to the socket when the writer gets to it: the two copies
         # of pread + send were ~60% of the worker's CPU on nbdcopy reads.
         writer = self.writer
+        writer.write(header)
         writer.write_file(self.file_fd, offset, length)
         if writer.pending > WRITE_HIGH_WATER:
             self.writing_paused = True

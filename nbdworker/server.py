@@ -169,7 +169,6 @@ class NBDServer:
         # Path prefix for memory exports shared by serving processes (None: private RAM disks).
         self.shared_memory = shared_memory
         self._balanced = self.slots.processes > 1
-        self._watched: list[Listener] = []
         self._owned_listeners: list[Listener] = []
         self._listeners: list[Listener] = []  # served here, owned or inherited
         self._adopting: set[asyncio.Task] = set()  # accepted sockets being wrapped
@@ -283,7 +282,6 @@ class NBDServer:
             if self._balanced:
                 # Several serving processes share these sockets: accept only while no sibling
                 # has fewer connections, so nbdcopy's four connections land two and two.
-                self._watched.append(listener)
                 loop.add_reader(listener.sock.fileno(), self._acceptable, listener)
             elif listener.unix_path is not None or listener.sock.family == socket.AF_UNIX:
                 self._servers.append(
@@ -342,7 +340,7 @@ class NBDServer:
             task.add_done_callback(self._adopting.discard)
 
     def _watch_again(self, listener: Listener) -> None:
-        if not self._stopping and listener in self._watched:
+        if not self._stopping:
             asyncio.get_running_loop().add_reader(
                 listener.sock.fileno(), self._acceptable, listener
             )
@@ -363,10 +361,8 @@ class NBDServer:
         loop = asyncio.get_running_loop()
         for listener in self._listeners:
             self.spinner.forget(listener.sock.fileno())
-        for listener in self._watched:
-            with contextlib.suppress(Exception):
+            if self._balanced:
                 loop.remove_reader(listener.sock.fileno())
-        self._watched = []
         for server in self._servers:
             server.close()
         close_listeners(self._owned_listeners)

@@ -98,9 +98,9 @@ class ConnectionSlots:
         return sum(self._count(i, key) for i in range(self.processes))
 
     def open_export(self, name: str) -> None:
-        slot = self._slot(name)
-        if slot is not None:
-            with self._locked():
+        with self._locked():
+            slot = self._slot(name)
+            if slot is not None:
                 self._words[slot + 1] += 1
 
     def close_export(self, name: str) -> None:
@@ -109,38 +109,37 @@ class ConnectionSlots:
             with self._locked():
                 self._words[slot + 1] -= 1
 
-    def _count(self, index: int, key: int) -> int:
+    def _probe(self, index: int, key: int) -> int | None:
+        """Where `key` is in process `index`'s table, or the free slot it would take; None
+        when the table is full."""
         words = self._words
         base = index * _REGION + 1
         start = key % SLOTS
         for probe in range(SLOTS):
             at = base + 2 * ((start + probe) % SLOTS)
             found = words[at]
-            if found == key:
-                return words[at + 1]
-            if found == 0:
-                return 0
-        return 0
+            if found == key or found == 0:
+                return at
+        return None
+
+    def _count(self, index: int, key: int) -> int:
+        at = self._probe(index, key)
+        return self._words[at + 1] if at is not None and self._words[at] == key else 0
 
     def _slot(self, name: str) -> int | None:
+        """This process's slot for `name`, claimed on first use (under the caller's lock)."""
         slot = self._slot_of.get(name)
         if slot is not None:
             return slot
         key = export_key(name)
-        words = self._words
-        base = self._base + 1
-        start = key % SLOTS
-        with self._locked():
-            for probe in range(SLOTS):
-                at = base + 2 * ((start + probe) % SLOTS)
-                if words[at] == key or words[at] == 0:
-                    words[at] = key
-                    self._slot_of[name] = at
-                    return at
-        if not self._table_full_logged:
+        slot = self._probe(self.index, key)
+        if slot is not None:
+            self._words[slot] = key
+            self._slot_of[name] = slot
+        elif not self._table_full_logged:
             self._table_full_logged = True
             log.error("more than %d exports opened: their connection limits are not counted", SLOTS)
-        return None
+        return slot
 
     def _locked(self) -> _Lock | contextlib.nullcontext:
         # One process has no one to exclude: the lock's two syscalls are saved per count.
