@@ -5,7 +5,7 @@ PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: help venv venv-dev run test lint format check bench clean
+.PHONY: help venv venv-dev run test lint format check bench bench-deps clean
 
 help:
 	@echo "make run     - install into $(VENV), migrate, start web + celery + nbdworker (foreground)"
@@ -48,7 +48,19 @@ format: venv-dev
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: venv-dev
+# The benchmark's clients and the server it compares against, from Debian's packages.
+BENCH_PACKAGES = nbdkit:nbdkit nbdcopy:libnbd-bin fio:fio
+bench-deps:
+	@missing=""; for pair in $(BENCH_PACKAGES); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	/usr/bin/python3 -c 'import nbd' 2>/dev/null || missing="$$missing python3-libnbd"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing:$$missing"; apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "bench needs:$$missing (apt-get install$$missing)"; exit 1; fi; fi
+
+bench: venv-dev bench-deps
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
