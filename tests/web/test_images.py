@@ -137,6 +137,40 @@ def test_clone_falls_back_to_copying_where_reflinks_are_unsupported(tmp_path, so
         assert allocated(tmpfs / "copy.img") <= 2 * MiB
 
 
+def test_clone_shares_blocks_on_a_filesystem_with_reflinks(tmp_path, source):
+    # XFS with reflink=1 (mkfs.xfs wants 300 MiB at least; the file is sparse).
+    fs_image = tmp_path / "xfs.img"
+    images.create_sparse(str(fs_image), 320 * MiB)
+    mkfs = shutil.which("mkfs.xfs") or "/usr/sbin/mkfs.xfs"
+    assert os.path.exists(mkfs), "mkfs.xfs is missing: apt-get install xfsprogs"
+    subprocess.run([mkfs, "-q", "-m", "reflink=1", str(fs_image)], check=True)
+    with mounted(tmp_path / "x", "-o", "loop", str(fs_image)) as xfs:
+        src = xfs / "src.img"
+        shutil.copyfile(source, src)
+        os.sync()
+        free_before = os.statvfs(xfs).f_bfree * os.statvfs(xfs).f_frsize
+        progress = Recorder()
+        assert images.clone(str(src), str(xfs / "copy.img"), 96 * MiB, progress=progress)
+        os.sync()
+        free_after = os.statvfs(xfs).f_bfree * os.statvfs(xfs).f_frsize
+        # The source holds 4 MiB of data; the clone shares it instead of taking its own.
+        assert allocated(src) >= 4 * MiB
+        assert free_before - free_after < MiB
+        assert (xfs / "copy.img").stat().st_size == 96 * MiB
+        with open(xfs / "copy.img", "rb") as f:
+            assert f.read(64 * MiB) == src.read_bytes()
+            assert f.read() == bytes(32 * MiB)
+        progress.assert_monotonic_to_the_end(64 * MiB)
+        # Copy on write: the clone's writes leave the source alone.
+        before = plain_sha256(src)
+        write_at(xfs / "copy.img", 10 * MiB, b"\x5a" * MiB)
+        os.sync()
+        assert plain_sha256(src) == before
+        with open(xfs / "copy.img", "rb") as f:
+            f.seek(10 * MiB)
+            assert f.read(MiB) == b"\x5a" * MiB
+
+
 def test_clone_grows_to_a_bigger_size_sparsely(tmp_path, source):
     target = tmp_path / "big.img"
     images.clone(str(source), str(target), size=GiB)
