@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -161,6 +162,33 @@ def connect_latency(uri: str, n: int) -> float:
     return float(out.strip()) * 1000
 
 
+def print_comparison(
+    title: str, rows: list[tuple[str, bool]], runs: dict[str, dict[str, list[float]]], note: str
+) -> None:
+    """One line per benchmark: each server's best figure and nbdworker's ratio to nbdkit; with
+    several rounds also the ratio of the medians, which one lucky or unlucky run cannot move.
+
+    `rows` is (name, higher_is_better); `runs[name][server]` holds every run's figure.
+    """
+
+    def ratio(kit: float, worker: float, up: bool) -> float:
+        return worker / kit if up else kit / worker
+
+    several = any(len(v) > 1 for per in runs.values() for v in per.values())
+    header = f"{title:47} {'nbdkit':>10} {'nbdworker':>10} {'best':>7}"
+    print(header + (f" {'median':>7}" if several else ""))
+    for name, up in rows:
+        kit_runs, worker_runs = runs[name]["nbdkit"], runs[name]["nbdworker"]
+        pick = max if up else min
+        kit, worker = pick(kit_runs), pick(worker_runs)
+        line = f"{name:47} {kit:10.2f} {worker:10.2f} {ratio(kit, worker, up):6.2f}x"
+        if several:
+            mid = ratio(statistics.median(kit_runs), statistics.median(worker_runs), up)
+            line += f" {mid:6.2f}x"
+        print(line)
+    print(note)
+
+
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"(\d+)([KMG]?)", text.upper())
     if not m:
@@ -173,7 +201,7 @@ def main() -> int:
     p.add_argument("--size", type=parse_size, default=1 << 30)
     p.add_argument("--runtime", type=int, default=10, help="seconds per fio run")
     p.add_argument("--connects", type=int, default=200)
-    p.add_argument("--rounds", type=int, default=1, help="repeat and keep the best figure")
+    p.add_argument("--rounds", type=int, default=1, help="repeat: best and median figures")
     p.add_argument("--only", default="seq,fio,connect,tls")
     p.add_argument("--dir", default=None, help="scratch directory (default: under /var/tmp)")
     args = p.parse_args()
@@ -226,7 +254,7 @@ def main() -> int:
             ("connect-to-ready, median (ms)", "down", lambda u: connect_latency(u, args.connects))
         )
 
-    results: dict[str, dict[str, float]] = {}
+    runs: dict[str, dict[str, list[float]]] = {}
     # Both servers run side by side on the same image and take turns test by test (the order
     # swapped every round), so a burst of load on a shared machine lands on both, not on one
     # server's whole series.
@@ -236,21 +264,19 @@ def main() -> int:
             ("nbdworker", stack.enter_context(nbdworker(image, work))),
         ]
         for round_no in range(args.rounds):
-            for name, better, fn in tests:
+            for name, _better, fn in tests:
                 for server_name, uri in servers if round_no % 2 == 0 else servers[::-1]:
                     value = fn(uri)  # type: ignore[operator]
-                    best = results.setdefault(name, {}).get(server_name)
-                    if best is None or (value > best if better == "up" else value < best):
-                        results[name][server_name] = value
+                    runs.setdefault(name, {}).setdefault(server_name, []).append(value)
                     print(f"  {server_name:9} {name}: {value:.2f}", flush=True)
 
     print()
-    print(f"{'benchmark':45} {'nbdkit':>10} {'nbdworker':>10} {'ratio':>7}")
-    for name, better, _fn in tests:
-        kit, worker = results[name]["nbdkit"], results[name]["nbdworker"]
-        ratio = worker / kit if better == "up" else kit / worker
-        print(f"{name:45} {kit:10.2f} {worker:10.2f} {ratio:6.2f}x")
-    print("(ratio: nbdworker relative to nbdkit, >1 is better; for latency, nbdkit/nbdworker)")
+    print_comparison(
+        "benchmark",
+        [(name, better == "up") for name, better, _fn in tests],
+        runs,
+        "(ratio: nbdworker relative to nbdkit, >1 is better; for latency, nbdkit/nbdworker)",
+    )
     shutil.rmtree(work, ignore_errors=True)
     if "tls" in only:
         # The same comparison over TLS, against nbdkit --tls=require (bench/tls.py).

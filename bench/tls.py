@@ -209,8 +209,9 @@ def run_tls_bench(
     rounds: int = 1,
     only: str = "seq,fio",
     scratch: str | None = None,
-) -> dict[str, dict[str, float]]:
-    """Run the TLS benchmarks; print progress and the table; return {name: {server: value}}."""
+) -> dict[str, dict[str, list[float]]]:
+    """Run the TLS benchmarks; print progress and the table; return every run's figure,
+    {name: {server: [value, ...]}}."""
     for tool in ("nbdkit", "nbdcopy", "fio", "gcc"):
         if not shutil.which(tool, path=base.ENV["PATH"]):
             raise SystemExit(f"missing {tool}")
@@ -232,22 +233,22 @@ def run_tls_bench(
         shutil.copyfile(src, image)
 
         tests = benchmarks(size, src, runtime, set(only.split(",")))
-        results: dict[str, dict[str, float]] = {}
+        runs: dict[str, dict[str, list[float]]] = {}
         cpu: dict[str, dict[str, list[float]]] = {}  # seconds per GiB, every run
         with contextlib.ExitStack() as stack:
             servers = {
                 "nbdkit": stack.enter_context(nbdkit_tls(image, pki)),
                 "nbdworker": stack.enter_context(nbdworker_tls(image, work, pki)),
             }
-            for _round in range(rounds):
+            order = list(servers.items())
+            for round_no in range(rounds):
                 for name, per_byte, fn in tests:
-                    for server_name, (uri, pid) in servers.items():
+                    # Taking turns, the order swapped every round (as in bench/run.py).
+                    for server_name, (uri, pid) in order if round_no % 2 == 0 else order[::-1]:
                         before = cpu_seconds(pid)
                         value = fn(uri)
                         spent = cpu_seconds(pid) - before
-                        best = results.setdefault(name, {}).get(server_name)
-                        if best is None or value > best:
-                            results[name][server_name] = value
+                        runs.setdefault(name, {}).setdefault(server_name, []).append(value)
                         line = f"  {server_name:9} {name}: {value:.2f}"
                         if per_byte:
                             per_gib = spent / (size / (1 << 30))
@@ -262,11 +263,12 @@ def run_tls_bench(
         shutil.rmtree(work, ignore_errors=True)
 
     print()
-    print(f"{'benchmark (TLS)':47} {'nbdkit':>10} {'nbdworker':>10} {'ratio':>7}")
-    for name, _per_byte, _fn in tests:
-        kit, worker = results[name]["nbdkit"], results[name]["nbdworker"]
-        print(f"{name:47} {kit:10.2f} {worker:10.2f} {worker / kit:6.2f}x")
-    print("(ratio: nbdworker relative to nbdkit --tls=require, >1 is better)")
+    base.print_comparison(
+        "benchmark (TLS)",
+        [(name, True) for name, _per_byte, _fn in tests],
+        runs,
+        "(ratio: nbdworker relative to nbdkit --tls=require, >1 is better)",
+    )
     if cpu:
         print()
         print(
@@ -280,14 +282,14 @@ def run_tls_bench(
             label = name.removesuffix(" (MB/s)")
             print(f"{label:47} {kit:10.2f} {worker:10.2f} {kit / worker:6.2f}x")
         print("(ratio: nbdkit's CPU per GiB over nbdworker's, >1 is better)")
-    return results
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=base.parse_size, default=1 << 30)
     p.add_argument("--runtime", type=int, default=10, help="seconds per fio run")
-    p.add_argument("--rounds", type=int, default=1, help="repeat and keep the best figure")
+    p.add_argument("--rounds", type=int, default=1, help="repeat: best and median figures")
     p.add_argument("--only", default="seq,fio")
     p.add_argument("--dir", default=None, help="scratch directory (default: under /var/tmp)")
     args = p.parse_args(argv)
