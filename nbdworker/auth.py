@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
@@ -43,6 +43,8 @@ class ClientIdentity:
     ip_addresses: tuple[IPAddress, ...] = ()
     emails: tuple[str, ...] = ()
     uris: tuple[str, ...] = ()
+    # The certificate itself, for checks against a later policy (nbdworker/tls.py).
+    der: bytes = field(default=b"", repr=False, compare=False)
 
     @classmethod
     def from_der(cls, der: bytes) -> ClientIdentity:
@@ -78,6 +80,7 @@ class ClientIdentity:
             ),
             emails=tuple(san.get_values_for_type(x509.RFC822Name)),
             uris=tuple(san.get_values_for_type(x509.UniformResourceIdentifier)),
+            der=der,
         )
 
     def describe(self) -> str:

@@ -6,10 +6,11 @@ storage roots, or `tls_required` under a mode that cannot enforce it), the expor
 now demands TLS the connection does not have, the export's network or client rules no longer
 admit it, its client certificate is revoked, a client certificate is now required and it has
 none, TLS 1.3 is now required and it runs TLS 1.2, a writable export became read-only or the
-image shrank (what was negotiated at the handshake would be a lie). Anything else — a new
-description, block sizes, another image path, a grown image, a new export — applies to new
-connections only. Not covered: a change of trusted CAs does not re-verify live clients (their
-certificate chain is not kept); revoke their certificates to end them.
+image shrank (what was negotiated at the handshake would be a lie), or the CA that issued its
+client certificate left the trusted bundle. Anything else — a new description, block sizes,
+another image path, a grown image, a new export — applies to new connections only. Not
+covered: a client certificate issued by an intermediate CA is not re-verified when the bundle
+changes (the chain it presented is not kept); revoke it to end such a client at once.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from nbdworker.auth import authorize_export
 from nbdworker.protocol.tlsmode import export_needs_tls
-from nbdworker.tls import is_revoked
+from nbdworker.tls import is_revoked, issuer_withdrawn
 
 if TYPE_CHECKING:
     from nbdworker.connection import NBDConnection
@@ -54,6 +55,8 @@ def ending_reason(conn: NBDConnection, state: ServerState) -> str | None:
     tls = state.config.tls
     if is_revoked(identity, tls):
         return f"client certificate serial {identity.serial} revoked"  # type: ignore[union-attr]
+    if conn.tls_active and issuer_withdrawn(identity, conn.state.config.tls, tls):
+        return "the CA that issued its client certificate is no longer trusted"
     if conn.tls_active and identity is None and tls.client_verification == "required":
         return "a client certificate is now required"
     if conn.tls_active and tls.min_version == "1.3" and _tls_version(conn) == "TLSv1.2":

@@ -15,6 +15,7 @@ connections already up keep the context they were accepted with.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -23,6 +24,9 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from nbdworker.auth import ClientIdentity
 from nbdworker.config import TLSConfig
@@ -36,6 +40,7 @@ __all__ = [
     "build_server_context",
     "check_peer",
     "is_revoked",
+    "issuer_withdrawn",
 ]
 
 log = logging.getLogger("nbdworker.tls")
@@ -177,6 +182,41 @@ class TLSContextCache:
                 tls.client_verification,
             )
             return context
+
+
+@functools.lru_cache(maxsize=8)
+def _trusted_cas(ca_pem: str) -> tuple[x509.Certificate, ...]:
+    try:
+        return tuple(x509.load_pem_x509_certificates(ca_pem.encode()))
+    except ValueError:
+        return ()
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def issuer_withdrawn(identity: ClientIdentity | None, old: TLSConfig, new: TLSConfig) -> bool:
+    """True if the client's certificate was issued by a CA that `old` trusted and `new` no
+    longer does.
+
+    Only a certificate issued directly by a CA of the bundle can be judged: Python's `ssl` does
+    not keep the chain a client presented, so a certificate issued by an intermediate stays
+    until the client reconnects (and is verified in full against the new bundle then).
+    """
+    if identity is None or not identity.der or old.ca_pem == new.ca_pem:
+        return False
+    try:
+        cert = x509.load_der_x509_certificate(identity.der)
+    except ValueError:
+        return False
+    if any(_issued_by(cert, ca) for ca in _trusted_cas(new.ca_pem)):
+        return False
+    return any(_issued_by(cert, ca) for ca in _trusted_cas(old.ca_pem))
 
 
 def is_revoked(identity: ClientIdentity | None, tls: TLSConfig) -> bool:

@@ -111,6 +111,12 @@ CASES = {
         ("plain", None),
         ("alice-only", "alice"),
     ),
+    "issuing CA no longer trusted": (
+        "SELECTIVETLS",
+        lambda c: c["tls"].update(ca_pem=_cas["other_ca"]),
+        ("plain", "alice"),
+        ("plain", "anonymous TLS"),
+    ),
     "export became read-only": (
         "SELECTIVETLS",
         lambda c: export(c, "plain").update(read_only=True),
@@ -119,16 +125,31 @@ CASES = {
     ),
 }
 _serials: dict[str, str] = {}
+_cas: dict[str, str] = {}
+
+
+def _remember(pki: PKI) -> None:
+    _serials.update({name: cred.serial_hex for name, cred in pki.clients.items()})
+    _cas.update(ca=pki.ca.cert_pem, other_ca=pki.other_ca.cert_pem)
+
+
+def tls_client(client: str | None) -> tuple[bool, str | None]:
+    """(over TLS?, client certificate name) for a CASES entry."""
+    if client == "anonymous TLS":
+        return True, None
+    return client is not None, client
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_tightening_ends_the_affected_connection_only(case: str, pki: PKI, tmp_path) -> None:
-    _serials.update({name: cred.serial_hex for name, cred in pki.clients.items()})
+    _remember(pki)
     mode, change, (end_export, end_client), (keep_export, keep_client) = CASES[case]
     config = worker_config(pki, mode, generation=1, client_verification="optional")
     with serving(config, tmp_path) as s:
-        doomed = connect(s.port, end_export, pki if end_client else None, end_client)
-        kept = connect(s.port, keep_export, pki if keep_client else None, keep_client)
+        end_tls, end_client = tls_client(end_client)
+        keep_tls, keep_client = tls_client(keep_client)
+        doomed = connect(s.port, end_export, pki if end_tls else None, end_client)
+        kept = connect(s.port, keep_export, pki if keep_tls else None, keep_client)
         assert serves(doomed) and serves(kept)
         s.apply(changed(config, change))
         assert doomed.closed(), f"{case}: the affected connection was not ended"
@@ -147,12 +168,14 @@ HARMLESS = {
         allowed_networks=["127.0.0.0/8"]
     ),
     "another serial revoked": lambda c: c["tls"]["revoked_serials"].append(_serials["carol"]),
+    "another CA trusted": lambda c: c["tls"].update(ca_pem=_cas["ca"] + _cas["other_ca"]),
+    "trusted CAs reordered": lambda c: c["tls"].update(ca_pem=_cas["other_ca"] + _cas["ca"]),
 }
 
 
 @pytest.mark.parametrize("case", list(HARMLESS))
 def test_other_changes_leave_live_connections_alone(case: str, pki: PKI, tmp_path) -> None:
-    _serials.update({name: cred.serial_hex for name, cred in pki.clients.items()})
+    _remember(pki)
     config = worker_config(pki, "SELECTIVETLS", generation=1, client_verification="optional")
     with serving(config, tmp_path) as s:
         plain = connect(s.port, "plain")

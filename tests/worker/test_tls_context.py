@@ -17,6 +17,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from nbdworker import tls as worker_tls
+from nbdworker.auth import ClientIdentity
 from nbdworker.config import TLSConfig
 from nbdworker.tls import (
     TLSContextCache,
@@ -24,6 +25,7 @@ from nbdworker.tls import (
     build_server_context,
     check_peer,
     is_revoked,
+    issuer_withdrawn,
 )
 from tests.support.pki import PKI, make_pki, tls_config_dict
 
@@ -323,3 +325,38 @@ def test_changed_certificate_is_presented_to_new_connections(pki: PKI) -> None:
     # A connection accepted before the change keeps the context it was given.
     old = handshake(old_ctx, client_context(pki, "alice"))
     assert old.client.getpeercert(binary_form=True) == pki.server.der
+
+
+# (client, CAs trusted before, CAs trusted after, ended?). "mallory" is issued by other_ca, the
+# others by ca; a certificate whose issuer neither bundle holds directly (an intermediate's, say)
+# cannot be judged and stays.
+WITHDRAWN = [
+    ("alice", ["ca"], ["other_ca"], True),
+    ("alice", ["ca"], [], True),
+    ("alice", ["ca"], ["ca", "other_ca"], False),
+    ("alice", ["ca", "other_ca"], ["other_ca", "ca"], False),
+    ("alice", ["ca"], ["ca"], False),
+    ("mallory", ["ca"], ["ca"], False),
+    ("mallory", ["ca"], ["other_ca"], False),
+    ("mallory", ["ca", "other_ca"], ["ca"], True),
+    (None, ["ca"], ["other_ca"], False),
+]
+
+
+@pytest.mark.parametrize(("client", "before", "after", "ended"), WITHDRAWN)
+def test_issuer_withdrawn_ends_clients_of_a_ca_no_longer_trusted(
+    pki: PKI, client: str | None, before: list[str], after: list[str], ended: bool
+) -> None:
+    def bundle(names: list[str]) -> TLSConfig:
+        pem = "".join(getattr(pki, name).cert_pem for name in names)
+        return dataclasses.replace(policy(pki), ca_pem=pem)
+
+    identity = ClientIdentity.from_der(pki.clients[client].der) if client else None
+    assert issuer_withdrawn(identity, bundle(before), bundle(after)) is ended
+
+
+def test_issuer_withdrawn_survives_an_unreadable_bundle(pki: PKI) -> None:
+    identity = ClientIdentity.from_der(pki.clients["alice"].der)
+    old = policy(pki)
+    assert issuer_withdrawn(identity, old, dataclasses.replace(old, ca_pem="not PEM")) is True
+    assert issuer_withdrawn(identity, dataclasses.replace(old, ca_pem="garbage"), old) is False
