@@ -31,6 +31,7 @@ import asyncio
 import errno as host_errno
 import fcntl
 import logging
+import socket
 import ssl
 import struct
 import termios
@@ -906,7 +907,13 @@ class NBDConnection(asyncio.BufferedProtocol):
             return
         sock_fd = self.spin_fd if self.spin_fd >= 0 else self._socket_fd()
         if sock_fd >= 0:
-            self.writer = SocketWriter(self.loop, sock_fd, self._output_sent, self._output_failed)
+            if self.peer_ip is None:
+                family = socket.AF_UNIX
+            else:
+                family = socket.AF_INET6 if ":" in self.peer_ip else socket.AF_INET
+            self.writer = SocketWriter(
+                self.loop, sock_fd, self._output_sent, self._output_failed, family
+            )
 
     def _socket_fd(self) -> int:
         sock = self.transport.get_extra_info("socket") if self.transport is not None else None
