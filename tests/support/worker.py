@@ -29,7 +29,14 @@ from typing import Any
 
 from nbdworker.config import WorkerConfig
 
-__all__ = ["RunningWorker", "WorkerError", "file_export", "memory_export", "run_worker"]
+__all__ = [
+    "RunningWorker",
+    "WorkerError",
+    "file_export",
+    "memory_export",
+    "run_worker",
+    "run_worker_main",
+]
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT = 20.0
@@ -229,3 +236,15 @@ def run_worker(
         yield worker
     finally:
         worker.stop()
+
+
+def run_worker_main(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m nbdworker ARGS` to its exit (start-up errors); `env` replaces the environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "nbdworker", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

@@ -8,8 +8,6 @@ import itertools
 import json
 import os
 import stat
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from nbdworker.config import WorkerConfig
 from nbdworker.configsource import ConfigSource
 from nbdworker.snapshot import CHANNEL, config_key, sign_snapshot
 from tests.support.redisserver import PrivateRedis, private_redis
-from tests.support.worker import REPO
+from tests.support.worker import run_worker_main
 
 SECRET = "configsource-test-secret"
 WAIT = 10.0
@@ -237,14 +235,7 @@ def test_refetches_after_a_redis_restart(node, tmp_path) -> None:
 def test_worker_without_config_or_secret_refuses_to_start(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("NBDWEB_CONFIG_SECRET", "NBD_LISTEN")}
     env["NBDWEB_DATA_DIR"] = str(tmp_path)  # no config_secret file in it
-    result = subprocess.run(
-        [sys.executable, "-m", "nbdworker", "--listen", "127.0.0.1:0"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_worker_main("--listen", "127.0.0.1:0", env=env)
     assert result.returncode == 2
     assert "NBDWEB_CONFIG_SECRET is unset" in result.stderr
     assert str(tmp_path / "config_secret") in result.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.worker import REPO
+from tests.support.worker import REPO, run_worker_main
 
 FIELDS = {"time", "level", "logger", "message", "process"}
 DEADLINE = 20.0
@@ -91,13 +91,8 @@ def test_plain_is_still_the_default_and_unchanged(worker_factory):
 def test_an_unknown_log_setting_stops_the_worker_with_exit_code_2(
     tmp_path, variable, value, message
 ):
-    result = subprocess.run(
-        [sys.executable, "-m", "nbdworker", "--config", str(tmp_path / "none.json")],
-        cwd=REPO,
-        env=worker_env(**{variable: value}),
-        capture_output=True,
-        text=True,
-        timeout=30,
+    result = run_worker_main(
+        "--config", str(tmp_path / "none.json"), env=worker_env(**{variable: value})
     )
     assert result.returncode == 2
     assert message in result.stderr

@@ -7,8 +7,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 
 import pytest
 
@@ -19,8 +17,8 @@ from tests.support.inprocess import serving
 from tests.support.polling import poll
 from tests.support.rawclient import RawClient, check_fresh_client, serves_fresh_client
 from tests.support.tools import require_libnbd
-from tests.support.worker import REPO
 from tests.support.worker import memory_export as mem
+from tests.support.worker import run_worker_main
 
 MiB = 1 << 20
 
@@ -366,17 +364,6 @@ def test_tls_required_export_under_notls_is_refused_not_served_in_plaintext(work
         assert c.read(0, 512).error == 0
 
 
-def run_main(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "nbdworker", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **(env or {})},
-    )
-
-
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -392,14 +379,14 @@ def run_main(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
 def test_bad_config_exits_2_with_message(tmp_path, content, message):
     path = tmp_path / "bad.json"
     path.write_text(content)
-    result = run_main("--config", str(path), "--listen", "127.0.0.1:0")
+    result = run_worker_main("--config", str(path), "--listen", "127.0.0.1:0")
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_missing_config_exits_2(tmp_path):
-    result = run_main("--config", str(tmp_path / "nope.json"))
+    result = run_worker_main("--config", str(tmp_path / "nope.json"))
     assert result.returncode == 2
     assert "cannot read" in result.stderr
     assert "Traceback" not in result.stderr
@@ -408,7 +395,7 @@ def test_missing_config_exits_2(tmp_path):
 def test_bad_listen_address_exits_2(tmp_path):
     path = tmp_path / "ok.json"
     path.write_text(json.dumps(config(mem("a"))))
-    result = run_main("--config", str(path), "--listen", "nonsense")
+    result = run_worker_main("--config", str(path), "--listen", "nonsense")
     assert result.returncode == 2
     assert "listen" in result.stderr
     assert "Traceback" not in result.stderr

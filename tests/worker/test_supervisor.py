@@ -9,8 +9,6 @@ import glob
 import os
 import re
 import signal
-import subprocess
-import sys
 import urllib.request
 
 import pytest
@@ -21,8 +19,8 @@ from nbdworker.supervisor import remove_stale_shared_memory
 from tests.support.fixtures import make_image
 from tests.support.polling import poll as wait_for
 from tests.support.rawclient import RawClient, serves_fresh_client
-from tests.support.worker import REPO
 from tests.support.worker import memory_export as mem
+from tests.support.worker import run_worker_main
 
 MiB = 1 << 20
 DEADLINE = 15.0
@@ -269,13 +267,7 @@ def test_stale_shared_memory_of_live_supervisors_is_kept(tmp_path):
 
 @pytest.mark.parametrize("value", ["0", "65", "lots"])
 def test_bad_workers_value_is_a_usage_error(value):
-    proc = subprocess.run(
-        [sys.executable, "-m", "nbdworker", "--workers", value, "--config", "/nonexistent"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    proc = run_worker_main("--workers", value, "--config", "/nonexistent")
     assert proc.returncode == 2
     assert "--workers" in proc.stderr
 
