@@ -14,6 +14,7 @@ from nbdworker.protocol import Command, CommandFlag, Errno, Option, Reply
 from nbdworker.protocol.client import encode_info_request, encode_request
 from tests.support.fixtures import make_image
 from tests.support.inprocess import serving
+from tests.support.mounts import mounted
 from tests.support.polling import poll
 from tests.support.rawclient import RawClient, check_fresh_client, serves_fresh_client
 from tests.support.tools import require_libnbd
@@ -176,6 +177,105 @@ def test_large_writes_and_reads_round_trip(worker_factory, tmp_path):
         assert f.read(1000) == data[300000 - 4096 : 300000 - 4096 + 1000]
 
 
+def test_pipelined_writes_across_the_receive_buffer_end_land_intact(worker_factory, tmp_path):
+    # One burst of writes of odd sizes, some FUA: their payloads keep crossing the end of the
+    # 4 MiB receive buffer, so many are streamed in pieces, and every byte must land in place.
+    image = make_image(tmp_path / "images" / "disk.img", 64 * MiB)
+    w = worker_factory(config({"name": "d", "path": str(image)}))
+    expected = bytearray(64 * MiB)
+    batch, cookies, offset = [], [], 0
+    for i, size in enumerate([300_001, 4096, 1 * MiB + 17, 513, 2 * MiB + 3] * 8):
+        data = os.urandom(size)
+        flags = CommandFlag.FUA if i % 7 == 3 else 0
+        batch.append(
+            encode_request(Command.WRITE, flags=flags, cookie=i, offset=offset, length=size) + data
+        )
+        cookies.append(i)
+        expected[offset : offset + size] = data
+        offset += size + 4095
+    assert offset < 64 * MiB
+    with RawClient.open(w.host, w.port, "d") as c:
+        c.send(b"".join(batch))
+        replies = [c.read_simple() for _ in cookies]
+        assert sorted(r.cookie for r in replies) == cookies
+        assert all(r.error == 0 for r in replies)
+        assert c.read(0, offset).data == expected[:offset]
+    assert image.read_bytes()[:offset] == expected[:offset]
+
+
+def test_streamed_write_that_fails_midway_is_answered_and_stream_stays_in_sync(
+    worker_factory, tmp_path
+):
+    # A sparse image on a 4 MiB tmpfs: a 16 MiB write runs out of space after its first
+    # pieces are written. The client gets ENOSPC for it, the rest of its payload is drained,
+    # and the requests behind it are answered.
+    with mounted(tmp_path / "images", "-t", "tmpfs", "-o", "size=4M", "tmpfs") as small:
+        image = small / "sparse.img"
+        with open(image, "wb") as f:
+            f.truncate(64 * MiB)
+        w = worker_factory(config({"name": "d", "path": str(image)}), storage_root=small)
+        with RawClient.open(w.host, w.port, "d") as c:
+            c.send(
+                encode_request(Command.WRITE, cookie=1, offset=0, length=16 * MiB)
+                + bytes([7]) * (16 * MiB)
+                + encode_request(Command.READ, cookie=2, offset=32 * MiB, length=4096)
+            )
+            first = c.read_simple()
+            assert (first.cookie, first.error) == (1, Errno.ENOSPC)
+            second = c.read_simple()
+            assert (second.cookie, second.error) == (2, 0)
+            assert c.recv_exact(4096) == bytes(4096)
+            w.wait_for_log(r"WRITE at 0\+16777216 failed")
+        check_fresh_client(w.host, w.port, "d")
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_large_write_payloads_are_streamed_without_payload_sized_buffers(worker_factory, tmp_path):
+    # Eight clients each start a 32 MiB write and stall after 1 MiB of it. The worker must
+    # write what came (the image shows it) without holding 8 x 32 MiB: each connection has
+    # its 4 MiB receive buffer and no more.
+    image = make_image(tmp_path / "images" / "disk.img", 8 * 32 * MiB)
+    w = worker_factory(config({"name": "d", "path": str(image)}), args=["--workers", "1"])
+    check_fresh_client(w.host, w.port, "d")
+    before = _rss(w.proc.pid)
+    clients, pieces = [], []
+    try:
+        for i in range(8):
+            c = RawClient.open(w.host, w.port, "d")
+            clients.append(c)
+            piece = os.urandom(MiB)
+            pieces.append(piece)
+            c.send(encode_request(Command.WRITE, cookie=1, offset=i * 32 * MiB, length=32 * MiB))
+            c.send(piece)
+
+        def written() -> bool:
+            with open(image, "rb") as f:
+                for i, piece in enumerate(pieces):
+                    f.seek(i * 32 * MiB)
+                    if f.read(MiB) != piece:
+                        return False
+            return True
+
+        poll(written, "the first MiB of every stalled write in the image")
+        grown = _rss(w.proc.pid) - before
+        assert grown < 8 * 8 * MiB, f"worker grew by {grown >> 20} MiB"
+        for c in clients:
+            c.send(bytes(31 * MiB))
+            reply = c.read_simple()
+            assert (reply.cookie, reply.error) == (1, 0)
+    finally:
+        for c in clients:
+            c.close()
+    check_fresh_client(w.host, w.port, "d")
+
+
 # -- shutdown and durability --------------------------------------------------------------------
 
 
@@ -271,13 +371,14 @@ def test_second_signal_forces_exit(worker_factory):
     c.close()
 
 
-@pytest.mark.parametrize("mode", ["fua", "flush"])
+# "fua-streamed": a FUA write larger than the receive buffer, written in pieces as it arrives.
+@pytest.mark.parametrize("mode", ["fua", "fua-streamed", "flush"])
 def test_acknowledged_data_survives_sigkill(worker_factory, tmp_path, mode):
     image = make_image(tmp_path / "images" / "disk.img", 16 * MiB)
     w = worker_factory(config({"name": "d", "path": str(image)}))
-    data = os.urandom(MiB)
+    data = os.urandom(8 * MiB if mode == "fua-streamed" else MiB)
     with RawClient.open(w.host, w.port, "d") as c:
-        if mode == "fua":
+        if mode.startswith("fua"):
             assert c.write(5 * MiB, data, flags=CommandFlag.FUA) == 0
         else:
             assert c.write(5 * MiB, data) == 0
@@ -285,7 +386,7 @@ def test_acknowledged_data_survives_sigkill(worker_factory, tmp_path, mode):
         w.kill()
     with open(image, "rb") as f:
         f.seek(5 * MiB)
-        assert f.read(MiB) == data
+        assert f.read(len(data)) == data
 
 
 # -- listeners ----------------------------------------------------------------------------------
