@@ -137,6 +137,36 @@ def test_nbdcopy_writes_and_qemu_img_reads_back(
     assert (tmp_path / "back.img").read_bytes() == src
 
 
+def test_pipelined_writes_across_the_receive_buffer_over_tls(
+    workers: dict[str, RunningWorker], pki: PKI
+) -> None:
+    # Two writes sent back to back: the second one's 3 MiB payload runs past the end of the
+    # 4 MiB receive buffer and is streamed to the image, out of 16 KiB TLS records.
+    worker, creds = workers["FORCEDTLS"], pki.client_dir("alice")
+    script = textwrap.dedent(
+        f"""
+        import os
+        h = nbd.NBD()
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_certificates({str(creds)!r})
+        h.set_export_name({export_for("FORCEDTLS")!r})
+        h.connect_tcp("127.0.0.1", "{worker.port}")
+        first, second = os.urandom(1 << 20), os.urandom(3 << 20)
+        cookies = [h.aio_pwrite(nbd.Buffer.from_bytearray(first), 0),
+                   h.aio_pwrite(nbd.Buffer.from_bytearray(second), 1 << 20,
+                                flags=nbd.CMD_FLAG_FUA)]
+        while cookies:
+            cookies = [c for c in cookies if not h.aio_command_completed(c)]
+            if cookies:
+                h.poll(-1)
+        assert h.pread(4 << 20, 0) == first + second
+        h.shutdown()
+        print("ok")
+        """
+    )
+    assert run("nbdsh", "-c", script).stdout.strip() == "ok"
+
+
 @pytest.mark.parametrize("mode", TLS_MODES)
 def test_qemu_io_writes_a_pattern_that_libnbd_reads(
     workers: dict[str, RunningWorker], pki: PKI, tmp_path: Path, mode: str
