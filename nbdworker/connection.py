@@ -731,7 +731,12 @@ class NBDConnection(asyncio.BufferedProtocol):
         can rely on no byte of a write before its reply (and on none at all after an error).
         """
         start = self.start
-        take = min(self.end - start, self.stream_left)
+        avail = self.end - start
+        if avail < self.stream_left and self.end < len(self.rbuf) and self.stream_error is None:
+            # One pwrite per buffer-full, not one per read: over TLS a read is one 16 KiB
+            # record. A drained payload is let go of at once.
+            return False
+        take = min(avail, self.stream_left)
         if take:
             if self.stream_error is None:
                 try:
