@@ -328,6 +328,32 @@ def test_shutdown_answers_every_queued_request(worker_factory):
     assert w.wait() == 0
 
 
+def test_shutdown_finishes_a_write_whose_payload_is_still_arriving(worker_factory, tmp_path):
+    # The write was begun (its first 4 MiB are in the image) when the signal came: the worker
+    # waits for the rest of its payload, answers it, and only then closes.
+    image = make_image(tmp_path / "images" / "disk.img", 32 * MiB)
+    w = worker_factory(config({"name": "d", "path": str(image)}))
+    data = os.urandom(16 * MiB)
+    with RawClient.open(w.host, w.port, "d") as c:
+        c.send(
+            encode_request(Command.WRITE, cookie=7, offset=0, length=len(data)) + data[: 6 * MiB]
+        )
+
+        def begun() -> bool:
+            with open(image, "rb") as f:
+                return f.read(MiB) == data[:MiB]
+
+        poll(begun, "the first piece of the write in the image")
+        w.signal(signal.SIGTERM)
+        w.wait_for_log("waiting for 1 connection")
+        c.send(data[6 * MiB :])
+        reply = c.read_simple()
+        assert (reply.cookie, reply.error) == (7, 0)
+        assert c.closed_by_server()
+    assert w.wait() == 0
+    assert image.read_bytes()[: len(data)] == data
+
+
 def test_shutdown_with_unread_requests_in_the_socket_never_resets_the_connection(worker_factory):
     # The worker stops reading while 16 MiB of replies wait to be sent, so many of these requests
     # are still unread in its socket when shutdown starts. Each must get its answer (data or
