@@ -294,12 +294,16 @@ class NBDConnection(asyncio.BufferedProtocol):
         elif len(self.rbuf) - self.end < MOVE_TAIL and (
             self.end - self.start <= MOVE_TAIL or self.end == len(self.rbuf)
         ):
-            # Move the unparsed tail (a partial header or a short request) to the front. A
-            # longer one is a payload that fits in place (the parser streams the others).
-            n = self.end - self.start
-            self.rbuf[:n] = self.rbuf[self.start : self.end]
-            self.start, self.end = 0, n
+            # A partial header or a short request. A longer tail is a payload that fits in
+            # place (the parser streams the others).
+            self._move_tail()
         return self.rview[self.end :]
+
+    def _move_tail(self) -> None:
+        """Move the unparsed tail of rbuf to its front."""
+        n = self.end - self.start
+        self.rbuf[:n] = self.rview[self.start : self.end]
+        self.start, self.end = 0, n
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.phase == _PHASE_LINGER:
@@ -623,6 +627,10 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def _dispatch_requests(self) -> bool:
         """Dispatch what can be; False when the connection stopped parsing for good (aborted)."""
+        if self.stream_req is not None and (
+            self.phase != _PHASE_TRANSMISSION or not self._stream_payload()
+        ):
+            return True  # the rest of the payload is still to come
         session = self.session
         backend = self.backend
         rbuf = self.rbuf
@@ -635,10 +643,6 @@ class NBDConnection(asyncio.BufferedProtocol):
             and not self.writing_paused
             and self.tls_budget > 0
         ):
-            if self.stream_req is not None:
-                if not self._stream_payload():
-                    break
-                continue
             avail = self.end - self.start
             if avail < HEADER:
                 break
@@ -663,10 +667,11 @@ class NBDConnection(asyncio.BufferedProtocol):
                         rbuf = self._grow_buffer(HEADER + payload)
                         continue
                     if avail <= MOVE_TAIL and HEADER + payload <= len(rbuf):
-                        rbuf[:avail] = self.rview[start : self.end]
-                        self.start, self.end = 0, avail
+                        self._move_tail()
                         break  # the rest arrives in place
                     self._start_stream(req, verdict)
+                    if not self._stream_payload():
+                        break
                     continue
                 data = self.rview[start + HEADER : start + HEADER + payload]
             else:

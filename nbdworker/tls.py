@@ -41,6 +41,7 @@ __all__ = [
     "check_peer",
     "is_revoked",
     "issuer_withdrawn",
+    "verify_issued_by",
 ]
 
 log = logging.getLogger("nbdworker.tls")
@@ -192,9 +193,11 @@ def _trusted_cas(ca_pem: str) -> tuple[x509.Certificate, ...]:
         return ()
 
 
-def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+def verify_issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether `issuer` signed `certificate` (names and signature; not validity dates). Also the
+    web side's check (exports_app/services/ca.py)."""
     try:
-        cert.verify_directly_issued_by(ca)
+        certificate.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
@@ -214,9 +217,9 @@ def issuer_withdrawn(identity: ClientIdentity | None, old: TLSConfig, new: TLSCo
         cert = x509.load_der_x509_certificate(identity.der)
     except ValueError:
         return False
-    if any(_issued_by(cert, ca) for ca in _trusted_cas(new.ca_pem)):
+    if any(verify_issued_by(cert, ca) for ca in _trusted_cas(new.ca_pem)):
         return False
-    return any(_issued_by(cert, ca) for ca in _trusted_cas(old.ca_pem))
+    return any(verify_issued_by(cert, ca) for ca in _trusted_cas(old.ca_pem))
 
 
 def is_revoked(identity: ClientIdentity | None, tls: TLSConfig) -> bool:

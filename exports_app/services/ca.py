@@ -9,7 +9,6 @@ import ipaddress
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -18,6 +17,7 @@ from django.utils import timezone
 
 from exports_app.choices import CertificateKind, KeyAlgorithm
 from exports_app.models import Certificate, CertificateAuthority
+from nbdworker.tls import verify_issued_by
 
 __all__ = [
     "CertificateError",
@@ -137,15 +137,6 @@ def _is_ca(certificate: x509.Certificate) -> bool:
         return certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
         return False
-
-
-def verify_issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
-    """Whether `issuer` signed `certificate` (names and signature; not validity dates)."""
-    try:
-        certificate.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def _sans(certificate: x509.Certificate) -> tuple[list[str], list[str]]:
