@@ -64,8 +64,10 @@ from .transmission import (
     encode_hole_chunk,
     encode_none_chunk,
     encode_read_data_header,
+    encode_read_data_header_into,
     encode_simple_reply,
     errno_from_oserror,
+    read_data_header_size,
 )
 
 __all__ = [
@@ -121,7 +123,9 @@ __all__ = [
     "encode_hole_chunk",
     "encode_none_chunk",
     "encode_read_data_header",
+    "encode_read_data_header_into",
     "encode_simple_reply",
     "errno_from_oserror",
     "final_transmission_flags",
+    "read_data_header_size",
 ]

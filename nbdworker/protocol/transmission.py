@@ -59,6 +59,7 @@ _U64 = struct.Struct(">Q")
 _U32_MAX = 0xFFFFFFFF
 _MAX_DATA_CHUNK = _U32_MAX - 8  # the u32 chunk length also counts the 8-byte offset
 _DONE = int(ReplyFlag.DONE)
+_OFFSET_DATA = int(ChunkType.OFFSET_DATA)
 
 
 @dataclass(slots=True)
@@ -300,6 +301,27 @@ def encode_simple_reply(cookie: int, error: int = 0) -> bytes:
     return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
 
 
+def read_data_header_size(structured: bool) -> int:
+    """The length of what ``encode_read_data_header`` returns."""
+    return _CHUNK_OFFSET_DATA.size if structured else SIMPLE_REPLY.size
+
+
+def encode_read_data_header_into(
+    buf: bytearray, cookie: int, offset: int, length: int, structured: bool
+) -> int:
+    """``encode_read_data_header`` written at the front of ``buf`` (which then takes the data);
+    returns the header's length."""
+    if not structured:
+        SIMPLE_REPLY.pack_into(buf, 0, SIMPLE_REPLY_MAGIC, 0, cookie)
+        return SIMPLE_REPLY.size
+    if not 0 < length <= _MAX_DATA_CHUNK:
+        raise LocalProtocolError(f"OFFSET_DATA chunk of {length} bytes")
+    _CHUNK_OFFSET_DATA.pack_into(
+        buf, 0, STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, length + 8, offset
+    )
+    return _CHUNK_OFFSET_DATA.size
+
+
 def encode_read_data_header(
     cookie: int, offset: int, length: int, structured: bool, done: bool = True
 ) -> bytes:
@@ -315,7 +337,7 @@ def encode_read_data_header(
     return _CHUNK_OFFSET_DATA.pack(
         STRUCTURED_REPLY_MAGIC,
         _DONE if done else 0,
-        ChunkType.OFFSET_DATA,
+        _OFFSET_DATA,
         cookie,
         length + 8,
         offset,

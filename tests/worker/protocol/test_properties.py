@@ -31,8 +31,10 @@ from nbdworker.protocol import (
     encode_error,
     encode_hole_chunk,
     encode_read_data_header,
+    encode_read_data_header_into,
     encode_simple_reply,
     final_transmission_flags,
+    read_data_header_size,
 )
 from nbdworker.protocol.client import (
     Chunk,
@@ -226,6 +228,14 @@ def test_offset_data_round_trip(cookie, offset, data, done):
     chunk, end = decode_reply(raw)
     assert end == len(raw) and chunk.cookie == cookie and chunk.done == done
     assert parse_offset_data(chunk.payload) == (offset, data)
+
+
+@given(cookie=U64, offset=U64, data=st.binary(min_size=1, max_size=64), structured=st.booleans())
+def test_read_data_header_into_matches_the_encoder(cookie, offset, data, structured):
+    buf = bytearray(read_data_header_size(structured)) + data
+    size = encode_read_data_header_into(buf, cookie, offset, len(data), structured)
+    assert bytes(buf) == encode_read_data_header(cookie, offset, len(data), structured) + data
+    assert size == len(buf) - len(data)
 
 
 @given(cookie=U64, offset=U64, length=st.integers(1, 2**32 - 1), done=st.booleans())

@@ -31,9 +31,11 @@ from nbdworker.protocol import (
     encode_hole_chunk,
     encode_none_chunk,
     encode_read_data_header,
+    encode_read_data_header_into,
     encode_simple_reply,
     errno_from_oserror,
     final_transmission_flags,
+    read_data_header_size,
 )
 from nbdworker.protocol.client import (
     Chunk,
@@ -299,6 +301,21 @@ def test_read_data_header_not_done_clears_the_flag():
 def test_read_data_header_rejects_lengths_that_do_not_fit_a_chunk(length):
     with pytest.raises(LocalProtocolError):
         encode_read_data_header(1, 0, length, structured=True)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_read_data_header_into_packs_the_header_before_the_data(structured):
+    size = read_data_header_size(structured)
+    buf = bytearray(size + 3)
+    assert encode_read_data_header_into(buf, 9, 4096, 3, structured) == size
+    assert bytes(buf[:size]) == encode_read_data_header(9, 4096, 3, structured)
+    assert buf[size:] == bytes(3)  # the data's room is left alone
+
+
+@pytest.mark.parametrize("length", [0, 2**32 - 8, -1])
+def test_read_data_header_into_rejects_lengths_that_do_not_fit_a_chunk(length):
+    with pytest.raises(LocalProtocolError):
+        encode_read_data_header_into(bytearray(64), 1, 0, length, structured=True)
 
 
 def test_hole_chunk_layout():
