@@ -301,6 +301,13 @@ def encode_simple_reply(cookie: int, error: int = 0) -> bytes:
     return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
 
 
+def _data_chunk_size(length: int) -> int:
+    """An OFFSET_DATA chunk's length field for ``length`` bytes of data."""
+    if not 0 < length <= _MAX_DATA_CHUNK:
+        raise LocalProtocolError(f"OFFSET_DATA chunk of {length} bytes")
+    return length + 8
+
+
 def read_data_header_size(structured: bool) -> int:
     """The length of what ``encode_read_data_header`` returns."""
     return _CHUNK_OFFSET_DATA.size if structured else SIMPLE_REPLY.size
@@ -314,10 +321,15 @@ def encode_read_data_header_into(
     if not structured:
         SIMPLE_REPLY.pack_into(buf, 0, SIMPLE_REPLY_MAGIC, 0, cookie)
         return SIMPLE_REPLY.size
-    if not 0 < length <= _MAX_DATA_CHUNK:
-        raise LocalProtocolError(f"OFFSET_DATA chunk of {length} bytes")
     _CHUNK_OFFSET_DATA.pack_into(
-        buf, 0, STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, length + 8, offset
+        buf,
+        0,
+        STRUCTURED_REPLY_MAGIC,
+        _DONE,
+        _OFFSET_DATA,
+        cookie,
+        _data_chunk_size(length),
+        offset,
     )
     return _CHUNK_OFFSET_DATA.size
 
@@ -332,14 +344,12 @@ def encode_read_data_header(
     """
     if not structured:
         return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
-    if not 0 < length <= _MAX_DATA_CHUNK:
-        raise LocalProtocolError(f"OFFSET_DATA chunk of {length} bytes")
     return _CHUNK_OFFSET_DATA.pack(
         STRUCTURED_REPLY_MAGIC,
         _DONE if done else 0,
         _OFFSET_DATA,
         cookie,
-        length + 8,
+        _data_chunk_size(length),
         offset,
     )
 
