@@ -68,7 +68,7 @@ def nbdkit(image: Path):
     )
     try:
         wait_port(port, proc)
-        yield f"nbd://127.0.0.1:{port}/"
+        yield f"nbd://127.0.0.1:{port}/", proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
@@ -104,10 +104,77 @@ def nbdworker(image: Path, workdir: Path):
     )
     try:
         wait_port(port, proc)
-        yield f"nbd://127.0.0.1:{port}/"
+        yield f"nbd://127.0.0.1:{port}/", proc.pid
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime so far of process `pid` (all its threads) and its live children: the
+    worker's serving processes are children of its supervisor."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    total = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        children = []
+    return total + sum(cpu_seconds(child) for child in children)
+
+
+def idle_seconds() -> float:
+    """CPU time the whole machine has spent idle (idle + iowait, all CPUs) since boot."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return (int(fields[4]) + int(fields[5])) / CLOCK_TICKS
+
+
+class CopyCost:
+    """Per server and benchmark, for the runs that move the whole image: the server's CPU
+    seconds per GiB and the machine's idle CPU seconds during the run. With the client on the
+    same machine, idle CPUs while a copy runs show a server that leaves its share unused
+    (bench/README.md, multi-connection writes)."""
+
+    def __init__(self, size: int) -> None:
+        self.gib = size / (1 << 30)
+        self.cpu: dict[str, dict[str, list[float]]] = {}
+        self.idle: dict[str, dict[str, list[float]]] = {}
+
+    def measure(self, name: str, server: str, pid: int, run, uri: str) -> tuple[float, str]:
+        """run(uri) -> figure; returns it and a note for the progress line."""
+        cpu, idle = cpu_seconds(pid), idle_seconds()
+        value = run(uri)
+        per_gib = (cpu_seconds(pid) - cpu) / self.gib
+        idle = idle_seconds() - idle
+        # A write's dirty pages go to disk now, not during the next server's turn.
+        subprocess.run(["sync"], check=True)
+        self.cpu.setdefault(name, {}).setdefault(server, []).append(per_gib)
+        self.idle.setdefault(name, {}).setdefault(server, []).append(idle)
+        return value, f", server CPU {per_gib:.2f} s/GiB, idle CPUs {idle:.2f} s"
+
+    def print_table(self) -> None:
+        if not self.cpu:
+            return
+        print()
+        print(
+            f"{'server CPU per GiB / idle CPU s, median':47} {'nbdkit':>12} {'nbdworker':>12}"
+            f" {'cpu ratio':>9}"
+        )
+        for name, per_server in self.cpu.items():
+            kit, worker = (statistics.median(per_server[s]) for s in ("nbdkit", "nbdworker"))
+            idle = self.idle[name]
+            kit_idle, worker_idle = (statistics.median(idle[s]) for s in ("nbdkit", "nbdworker"))
+            label = name.removesuffix(" (MB/s)")
+            print(
+                f"{label:47} {kit:5.2f} / {kit_idle:4.2f} {worker:5.2f} / {worker_idle:4.2f}"
+                f" {kit / worker:8.2f}x"
+            )
+        print("(cpu ratio: nbdkit's CPU per GiB over nbdworker's, >1 is better)")
 
 
 def timed(cmd: list[str]) -> float:
@@ -123,9 +190,8 @@ def seq_read(uri: str, size: int, conns: int | None) -> float:
 
 def seq_write(uri: str, src: Path, size: int, conns: int | None) -> float:
     extra = [f"--connections={conns}"] if conns else []
-    elapsed = timed(["nbdcopy", *extra, str(src), uri])
-    subprocess.run(["sync"], check=True)
-    return size / elapsed / 1e6
+    # Not synced here: CopyCost.measure syncs after its counters stop.
+    return size / timed(["nbdcopy", *extra, str(src), uri]) / 1e6
 
 
 def fio_iops(uri: str, rw: str, depth: int, runtime: int) -> float:
@@ -223,19 +289,32 @@ def main() -> int:
             left -= len(chunk)
     shutil.copyfile(src, image)
 
-    tests: list[tuple[str, str, object]] = []
+    # (name, "up" or "down", moves the whole image, run(uri) -> figure)
+    tests: list[tuple[str, str, bool, object]] = []
     if "seq" in only:
         tests += [
-            ("seq read, nbdcopy default (MB/s)", "up", lambda u: seq_read(u, args.size, None)),
-            ("seq read, nbdcopy --connections=1 (MB/s)", "up", lambda u: seq_read(u, args.size, 1)),
+            (
+                "seq read, nbdcopy default (MB/s)",
+                "up",
+                True,
+                lambda u: seq_read(u, args.size, None),
+            ),
+            (
+                "seq read, nbdcopy --connections=1 (MB/s)",
+                "up",
+                True,
+                lambda u: seq_read(u, args.size, 1),
+            ),
             (
                 "seq write, nbdcopy default (MB/s)",
                 "up",
+                True,
                 lambda u: seq_write(u, src, args.size, None),
             ),
             (
                 "seq write, nbdcopy --connections=1 (MB/s)",
                 "up",
+                True,
                 lambda u: seq_write(u, src, args.size, 1),
             ),
         ]
@@ -246,15 +325,22 @@ def main() -> int:
                     (
                         f"4k {rw} iodepth={depth} (IOPS)",
                         "up",
+                        False,
                         lambda u, rw=rw, d=depth: fio_iops(u, rw, d, args.runtime),
                     )
                 )
     if "connect" in only:
         tests.append(
-            ("connect-to-ready, median (ms)", "down", lambda u: connect_latency(u, args.connects))
+            (
+                "connect-to-ready, median (ms)",
+                "down",
+                False,
+                lambda u: connect_latency(u, args.connects),
+            )
         )
 
     runs: dict[str, dict[str, list[float]]] = {}
+    cost = CopyCost(args.size)
     # Both servers run side by side on the same image and take turns test by test (the order
     # swapped every round), so a burst of load on a shared machine lands on both, not on one
     # server's whole series.
@@ -264,19 +350,23 @@ def main() -> int:
             ("nbdworker", stack.enter_context(nbdworker(image, work))),
         ]
         for round_no in range(args.rounds):
-            for name, _better, fn in tests:
-                for server_name, uri in servers if round_no % 2 == 0 else servers[::-1]:
-                    value = fn(uri)  # type: ignore[operator]
+            for name, _better, whole, fn in tests:
+                for server_name, (uri, pid) in servers if round_no % 2 == 0 else servers[::-1]:
+                    if whole:
+                        value, note = cost.measure(name, server_name, pid, fn, uri)
+                    else:
+                        value, note = fn(uri), ""  # type: ignore[operator]
                     runs.setdefault(name, {}).setdefault(server_name, []).append(value)
-                    print(f"  {server_name:9} {name}: {value:.2f}", flush=True)
+                    print(f"  {server_name:9} {name}: {value:.2f}{note}", flush=True)
 
     print()
     print_comparison(
         "benchmark",
-        [(name, better == "up") for name, better, _fn in tests],
+        [(name, better == "up") for name, better, _whole, _fn in tests],
         runs,
         "(ratio: nbdworker relative to nbdkit, >1 is better; for latency, nbdkit/nbdworker)",
     )
+    cost.print_table()
     shutil.rmtree(work, ignore_errors=True)
     if "tls" in only:
         # The same comparison over TLS, against nbdkit --tls=require (bench/tls.py).

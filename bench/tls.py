@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,23 +80,6 @@ def build_shim(workdir: Path) -> Path:
 
 def client_uri(port: int, export: str, pki: PKI) -> str:
     return f"nbds://127.0.0.1:{port}/{export}?tls-certificates={pki.client_dir('alice')}"
-
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime so far of process `pid` (all its threads) and its live children: the
-    worker's serving processes are children of its supervisor."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    total = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(c) for c in f.read().split()]
-    except OSError:
-        children = []
-    return total + sum(cpu_seconds(child) for child in children)
 
 
 @contextlib.contextmanager
@@ -234,7 +216,7 @@ def run_tls_bench(
 
         tests = benchmarks(size, src, runtime, set(only.split(",")))
         runs: dict[str, dict[str, list[float]]] = {}
-        cpu: dict[str, dict[str, list[float]]] = {}  # seconds per GiB, every run
+        cost = base.CopyCost(size)
         with contextlib.ExitStack() as stack:
             servers = {
                 "nbdkit": stack.enter_context(nbdkit_tls(image, pki)),
@@ -242,19 +224,15 @@ def run_tls_bench(
             }
             order = list(servers.items())
             for round_no in range(rounds):
-                for name, per_byte, fn in tests:
+                for name, whole, fn in tests:
                     # Taking turns, the order swapped every round (as in bench/run.py).
                     for server_name, (uri, pid) in order if round_no % 2 == 0 else order[::-1]:
-                        before = cpu_seconds(pid)
-                        value = fn(uri)
-                        spent = cpu_seconds(pid) - before
+                        if whole:
+                            value, note = cost.measure(name, server_name, pid, fn, uri)
+                        else:
+                            value, note = fn(uri), ""
                         runs.setdefault(name, {}).setdefault(server_name, []).append(value)
-                        line = f"  {server_name:9} {name}: {value:.2f}"
-                        if per_byte:
-                            per_gib = spent / (size / (1 << 30))
-                            cpu.setdefault(name, {}).setdefault(server_name, []).append(per_gib)
-                            line += f", server CPU {per_gib:.2f} s/GiB"
-                        print(line, flush=True)
+                        print(f"  {server_name:9} {name}: {value:.2f}{note}", flush=True)
     finally:
         if saved_preload is None:
             base.ENV.pop("LD_PRELOAD", None)
@@ -269,19 +247,7 @@ def run_tls_bench(
         runs,
         "(ratio: nbdworker relative to nbdkit --tls=require, >1 is better)",
     )
-    if cpu:
-        print()
-        print(
-            f"{'server CPU per GiB, median (s)':47} {'nbdkit':>10} {'nbdworker':>10} {'ratio':>7}"
-        )
-        for name, per_server in cpu.items():
-            kit, worker = (
-                statistics.median(per_server["nbdkit"]),
-                statistics.median(per_server["nbdworker"]),
-            )
-            label = name.removesuffix(" (MB/s)")
-            print(f"{label:47} {kit:10.2f} {worker:10.2f} {kit / worker:6.2f}x")
-        print("(ratio: nbdkit's CPU per GiB over nbdworker's, >1 is better)")
+    cost.print_table()
     return runs
 
 
