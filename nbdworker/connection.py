@@ -777,23 +777,13 @@ class NBDConnection(asyncio.BufferedProtocol):
     # -- transmission: execution ----------------------------------------------------------------
 
     def _dispatch(self, req, data: memoryview) -> None:
+        """Every command but READ and plain WRITE (_dispatch_requests runs those itself)."""
         cmd = req.command
         backend = self.backend
-        if cmd == _CMD_READ:
-            self._read(req)
-        elif cmd == _CMD_WRITE:
-            fua = bool(req.flags & _FUA)
-            if not fua:
-                try:
-                    backend.pwrite(data, req.offset)
-                except OSError as exc:
-                    self._reply_oserror(req, exc)
-                    return
-                self._send(encode_simple_reply(req.cookie))
-            else:
-                # The payload lives in the receive buffer, which is reused as soon as we return:
-                # the thread gets a copy.
-                self._in_thread(req, backend.pwrite, bytes(data), req.offset, True)
+        if cmd == _CMD_WRITE:  # with FUA
+            # The payload lives in the receive buffer, which is reused as soon as we return:
+            # the thread gets a copy.
+            self._in_thread(req, backend.pwrite, bytes(data), req.offset, True)
         elif cmd == _CMD_DISC:
             log.debug("%s: NBD_CMD_DISC", self.peer)
             self.disconnecting = True
