@@ -44,6 +44,9 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 ACCEPT_DEFER = 0.005
 # Connections accepted per readiness callback before the loop serves others again.
 ACCEPT_BATCH = 16
+# The serving-thread pool's own cap, far above any connection limit: threads are made only
+# when no idle one is left, so there are as many as the most connections served at once.
+SERVING_THREADS_MAX = 1 << 16
 
 
 @dataclass(eq=False, slots=True)
@@ -179,6 +182,11 @@ class NBDServer:
         # cache and plain writes run inline (see connection.py for the measurements).
         self.tls_contexts = TLSContextCache()
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="nbdio")
+        # One thread per plain connection in transmission (NBDConnection._serve), reused
+        # across connections; admit() bounds how many there are, not this pool.
+        self.serving_threads = ThreadPoolExecutor(
+            max_workers=SERVING_THREADS_MAX, thread_name_prefix="nbdconn"
+        )
         self._servers: list[asyncio.AbstractServer] = []
         self._stopping = False
         self._stop_event: asyncio.Event | None = None
@@ -451,6 +459,7 @@ class NBDServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         self.executor.shutdown(wait=not self._forced, cancel_futures=self._forced)
+        self.serving_threads.shutdown(wait=False)
         log.info("stopped")
 
     # -- what the status publisher and the metrics ask (nbdworker/status.py, metrics.py) ------

@@ -1,5 +1,5 @@
-"""The reply path of a plain (non-TLS) connection in transmission: our own output queue on the
-socket, so large reads can always go out with `os.sendfile`.
+"""The reply queue of a plain (non-TLS) connection in transmission, sent by the connection's
+serving thread, so large reads can always go out with `os.sendfile`.
 
 Why not the transport: bytes written with `os.sendfile` must not overtake bytes the transport
 still holds, so sendfile was only possible while the transport's buffer was empty. With a
@@ -8,20 +8,17 @@ went through `pread` + `writev` (two copies through Python) instead. Here every 
 or large, waits in one queue in order: bytes go out with `writev` (a whole batch of replies in
 one call) and file ranges with `sendfile`, straight from the page cache.
 
-The queue writes on a duplicate of the socket's descriptor: the event loop refuses a writer
-callback on a descriptor its transport owns, and the duplicate lets us wait for writability
-without taking reading away from the transport. The duplicate keeps the socket open, so the
-owner must `close()` this writer before the transport closes the socket (or the FIN would wait
-for the duplicate).
+The serving thread receives and sends on a duplicate of the socket's descriptor while the
+event loop's transport, paused, keeps the original (it takes the connection back to close it).
+The duplicate keeps the socket open, so the owner must `close()` this writer before the
+transport closes the socket (or the FIN would wait for the duplicate).
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 from collections import deque
-from collections.abc import Callable
 
 __all__ = ["FileRange", "SocketWriter"]
 
@@ -45,38 +42,27 @@ class FileRange:
 
 
 class SocketWriter:
-    """An ordered queue of replies (bytes-like objects and `FileRange`s) written to a
-    non-blocking socket as it accepts them.
+    """An ordered queue of replies (bytes-like objects and `FileRange`s) for one socket.
 
-    `write` and `write_file` only queue; `flush` sends what the socket takes now and, if it is
-    full, waits for writability on the event loop and goes on by itself. `on_drained` runs when
-    the queue empties after having waited; `on_error(exc)` when the socket or a file fails (the
-    queue is dropped then: the reply stream cannot continue after a partial reply).
+    `write` and `write_file` only queue; `send_queued` sends what the socket takes now. The
+    serving thread that owns the writer waits for writability itself (nbdworker/connection.py).
+    After an error the queue is useless (the reply stream cannot continue after a partial
+    reply): the owner drops the connection.
     """
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        sock_fd: int,
-        on_drained: Callable[[], None],
-        on_error: Callable[[OSError], None],
-        family: int | None = None,
-    ) -> None:
-        self._loop = loop
-        # A socket object only for sendmsg's flags; it owns the duplicate descriptor. Given the
-        # family, Python skips the three syscalls that would detect it (a share of connect time).
+    def __init__(self, sock_fd: int, family: int | None = None) -> None:
+        # A socket object for recv_into and sendmsg's flags; it owns the duplicate descriptor.
+        # Given the family, Python skips the three syscalls that would detect it (a share of
+        # connect time).
         dup = os.dup(sock_fd)
         if family is None:
-            self._sock = socket.socket(fileno=dup)
+            self.sock = socket.socket(fileno=dup)
         else:
-            self._sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=dup)
-        self._fd = self._sock.fileno()
+            self.sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=dup)
+        self._fd = self.sock.fileno()
         self._queue: deque = deque()
         self.pending = 0  # bytes queued, file ranges included
-        self._waiting = False
         self._closed = False
-        self._on_drained = on_drained
-        self._on_error = on_error
 
     @property
     def closed(self) -> bool:
@@ -94,45 +80,18 @@ class SocketWriter:
         self._queue.append(FileRange(fd, offset, length))
         self.pending += length
 
-    def flush(self) -> None:
-        """Send what the socket takes now; the rest when it becomes writable."""
-        if self._waiting or self._closed or not self._queue:
-            return
-        try:
-            blocked = self._send_some()
-        except OSError as exc:
-            self._fail(exc)
-            return
-        if blocked:
-            self._waiting = True
-            self._loop.add_writer(self._fd, self._writable)
-
     def close(self) -> None:
         """Drop whatever is queued and release the duplicate descriptor."""
         if self._closed:
             return
         self._closed = True
-        if self._waiting:
-            self._waiting = False
-            self._loop.remove_writer(self._fd)
         self._queue.clear()
         self.pending = 0
-        self._sock.close()
+        self.sock.close()
 
-    def _writable(self) -> None:
-        self._loop.remove_writer(self._fd)
-        self._waiting = False
-        self.flush()
-        if not self._waiting and not self._closed:
-            self._on_drained()
-
-    def _fail(self, exc: OSError) -> None:
-        self.close()
-        self._on_error(exc)
-
-    def _send_some(self) -> bool:
+    def send_queued(self) -> bool:
         """Write from the head of the queue until it is empty (False) or the socket is full
-        (True)."""
+        (True); raises OSError."""
         queue = self._queue
         fd = self._fd
         while queue:
@@ -165,7 +124,7 @@ class SocketWriter:
             try:
                 # MSG_MORE before a sendfile: the reply header leaves in the same segment as
                 # the data rather than as a tiny packet of its own.
-                n = self._sock.sendmsg(iov, (), _MSG_MORE) if more else os.writev(fd, iov)
+                n = self.sock.sendmsg(iov, (), _MSG_MORE) if more else os.writev(fd, iov)
             except BlockingIOError:
                 return True
             self.pending -= n
