@@ -224,6 +224,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.file_fd: int | None = None  # the export's image, for sendfile replies
         # A plain connection in transmission is served by a thread (_serve); the event loop
         # only asks it to stop (stop_thread, shutting_down) and wakes it through wake_fd.
+        self.hand_off = False  # a plain connection not yet handed to its serving thread
         self.threaded = False
         self.stop_thread = False
         self.wake_fd = -1
@@ -626,28 +627,27 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.rview = memoryview(self.rbuf)
             self.rbuf[: len(trailing)] = trailing
             self.end = len(trailing)
-        if self.tls_active:
-            if trailing:
-                self._process()
-            return
-        # A plain connection is served by a thread of its own (_serve) once the GO reply is
-        # out: from here on the event loop reads nothing more from it.
-        self.file_fd = getattr(self.backend, "fd", None)
-        self.transport.pause_reading()
-        self.reading_paused = True
-        self.loop.call_soon(self._start_serving)
+        if not self.tls_active:
+            self.file_fd = getattr(self.backend, "fd", None)
+            self.hand_off = True
+        if trailing:
+            self._process()
 
     # -- transmission: parsing ------------------------------------------------------------------
 
     def _process(self) -> None:
-        """On the event loop (TLS connections): dispatch every complete request in the buffer,
-        unless paused."""
+        """On the event loop (TLS connections, and a plain connection's first requests):
+        dispatch every complete request in the buffer, unless paused."""
         self.batch = 0
         if not self._dispatch_requests():
             return
         self._update_reading()
         self._maybe_close()
-        if self.batch == 1 and self.start == self.end and not self.inflight and not self.tls_later:
+        if self.hand_off:
+            self._hand_off()
+        elif (
+            self.batch == 1 and self.start == self.end and not self.inflight and not self.tls_later
+        ):
             # One request in this pass: a client that waits for each reply (queue depth 1).
             # Clients that pipeline keep the process busy anyway, and a spin would only take
             # CPU from them.
@@ -856,6 +856,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._answer_job(req, fut, result, cost)
         if self.reading_paused or self.shutting_down or self.eof:
             self._process()
+        elif self.hand_off:
+            self._hand_off()
         elif not self.inflight:
             self._request_spin()
         self._maybe_close()
@@ -956,23 +958,46 @@ class NBDConnection(asyncio.BufferedProtocol):
         if writer.pending > WRITE_HIGH_WATER:
             self.writing_paused = True
 
+    def _hand_off(self) -> None:
+        """After a pass on the loop, hand a plain connection to a serving thread of its own.
+
+        Its first requests are served on the loop (the replies through the transport), so a
+        client that only connects and disconnects (nbdinfo --size, libnbd's connect latency)
+        never costs the thread wake-ups: 0.17 against 0.22 ms per libnbd connect here.
+        """
+        if not self._may_hand_off():
+            return
+        if not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        self._start_serving()
+
+    def _may_hand_off(self) -> bool:
+        # Pool jobs started on the loop answer on the loop: none may be left for the thread to
+        # race with. A connection that is ending ends on the loop.
+        return (
+            self.hand_off
+            and self.start_timer is None
+            and self.phase == _PHASE_TRANSMISSION
+            and not (self.inflight or self.disconnecting or self.eof or self.shutting_down)
+        )
+
     def _start_serving(self) -> None:
-        """Hand a plain connection in transmission to a serving thread of its own."""
         self.start_timer = None
-        if self.threaded or self.phase != _PHASE_TRANSMISSION:
+        if not self._may_hand_off():
+            self._update_reading()
             return
         transport = self.transport
         if transport.get_write_buffer_size():
-            # The GO reply is still in the transport: nothing may overtake it.
+            # Replies are still in the transport: nothing may overtake them.
             self.start_timer = self.loop.call_later(0.001, self._start_serving)
             return
         sock_fd = self.spin_fd if self.spin_fd >= 0 else self._socket_fd()
         if sock_fd < 0:
-            # No socket to hand over (a stand-in transport): served on the event loop, the
-            # replies through the transport.
-            self.reading_paused = False
-            transport.resume_reading()
-            self._process()
+            # No socket to hand over (a stand-in transport): served on the loop, the replies
+            # through the transport.
+            self.hand_off = False
+            self._update_reading()
             return
         if self.peer_ip is None:
             family = socket.AF_UNIX
@@ -980,10 +1005,11 @@ class NBDConnection(asyncio.BufferedProtocol):
             family = socket.AF_INET6 if ":" in self.peer_ip else socket.AF_INET
         self.writer = SocketWriter(sock_fd, family)
         if self.spin_fd >= 0:
-            # The thread waits on the socket itself (and spins itself, see _wait).
+            # The thread waits on the socket itself (and spins itself, see _serve_requests).
             self.server.spinner.forget(self.spin_fd)
             self.spin_fd = -1
         self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.hand_off = False
         self.threaded = True
         self.server.serving_threads.submit(self._serve)
 
@@ -1253,7 +1279,7 @@ class NBDConnection(asyncio.BufferedProtocol):
     # -- flow control and closing ---------------------------------------------------------------
 
     def _update_reading(self) -> None:
-        if self.transport is None or self.phase != _PHASE_TRANSMISSION:
+        if self.transport is None or self.phase != _PHASE_TRANSMISSION or self.threaded:
             return
         want_pause = (
             self.inflight >= self.max_inflight
@@ -1270,8 +1296,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     def _maybe_close(self) -> None:
-        if self.phase != _PHASE_TRANSMISSION or self.inflight or self.tls_later:
-            return
+        if self.phase != _PHASE_TRANSMISSION or self.inflight or self.tls_later or self.threaded:
+            return  # a serving thread decides for itself (_serve_requests)
         if self.disconnecting or (self.eof and not self.writing_paused):
             # After EOF, whatever is left unparsed can never complete.
             self._close()

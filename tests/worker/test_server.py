@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import threading
 
 import pytest
 
@@ -535,6 +536,30 @@ def test_listen_from_environment(worker_factory):
 
 
 # -- configuration reload (in process) ----------------------------------------------------------
+
+
+def test_serving_threads_are_reused_and_release_their_descriptors(tmp_path):
+    # Each plain connection in transmission has a serving thread, an eventfd and a duplicate
+    # of its socket: none of them may outlive the connection.
+    def serving_threads() -> int:
+        return sum(t.name.startswith("nbdconn") and t.is_alive() for t in threading.enumerate())
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with serving(config(mem("a")), tmp_path) as srv:
+        check_fresh_client("127.0.0.1", srv.port, "a")
+        before = open_fds()
+        for i in range(20):
+            with RawClient.open("127.0.0.1", srv.port, "a") as c:
+                assert c.write(i * 512, bytes([i]) * 512) == 0
+                c.disconnect()
+                assert c.closed_by_server()
+        poll(lambda: open_fds() <= before, "the connections' descriptors to be closed")
+        # Reused, not one per connection (a second one may start while the last ends).
+        assert 1 <= serving_threads() <= 2
+        with RawClient.open("127.0.0.1", srv.port, "a") as c:
+            assert c.read(19 * 512, 512).data == bytes([19]) * 512
 
 
 def test_apply_config_new_connections_see_it_existing_keep_theirs(tmp_path):
