@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import threading
@@ -291,6 +292,9 @@ def test_graceful_shutdown_finishes_inflight_read(worker_factory):
                 encode_request(Command.READ, cookie=i, offset=0, length=32 * MiB) for i in range(4)
             )
         )
+        # The signal only once the first reply has begun to arrive: a read the server has not
+        # started yet may rightly be answered ESHUTDOWN.
+        assert select.select([c.sock], [], [], 10)[0], "no reply began"
         w.signal(signal.SIGTERM)
         w.wait_for_log(r"waiting for 1 connection")
         # Replies may come in any order (a read can finish in the thread pool), but the one
@@ -314,6 +318,7 @@ def test_shutdown_answers_every_queued_request(worker_factory):
     w = worker_factory(config(mem("a", size=64 * MiB)))
     first = RawClient.open(w.host, w.port, "a")
     first.send(encode_request(Command.READ, cookie=1, offset=0, length=32 * MiB) * 2)
+    assert select.select([first.sock], [], [], 10)[0], "no reply began"  # the first is started
     w.signal(signal.SIGTERM)
     w.wait_for_log("waiting for 1 connection")
     errors = []
@@ -370,6 +375,7 @@ def test_shutdown_with_unread_requests_in_the_socket_never_resets_the_connection
                 for i in range(count)
             )
         )
+        assert select.select([c.sock], [], [], 10)[0], "no reply began"  # one is started
         w.signal(signal.SIGTERM)
         w.wait_for_log("waiting for 1 connection")
         answered = refused = 0
