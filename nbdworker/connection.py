@@ -1012,7 +1012,11 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.hand_off = False
         self.threaded = True
-        self.server.serving_threads.submit(self._serve)
+        try:
+            self.server.serving_threads.submit(self._serve)
+        except RuntimeError:  # the pool is shut down: the server is stopping
+            self.writer.close()
+            self._thread_finished("abort")
 
     def _socket_fd(self) -> int:
         sock = self.transport.get_extra_info("socket") if self.transport is not None else None

@@ -137,7 +137,9 @@ def connection_totals(server: NBDServer) -> dict[str, Any]:
         for i, n in enumerate(conn.counts):
             if n:
                 total[i] += n
-        for errno, n in conn.errors.items():
+        # Copied in one step (list() holds the GIL throughout): the connection's serving
+        # thread may add an errno meanwhile.
+        for errno, n in list(conn.errors.items()):
             errors[export, errno] = errors.get((export, errno), 0) + n
     return {
         "handshaking": handshaking,
