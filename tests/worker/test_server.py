@@ -3,6 +3,7 @@ durability, listeners, storage roots and the command line."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -163,6 +164,29 @@ def test_disc_answers_outstanding_requests_then_closes(worker_factory):
         assert c.closed_by_server()
     with RawClient.open(w.host, w.port, "a") as c:
         assert c.read(31 * len(payload), len(payload)).data == payload
+
+
+def test_finished_client_that_never_reads_its_reply_is_dropped_and_blocks_nobody(worker_factory):
+    # DISC behind a read whose reply the client never takes: the worker waits (at most 5 s)
+    # for the reply to go out, then drops the connection rather than hold it and the reply.
+    w = worker_factory(config(mem("a", size=64 * MiB)))
+    length = 12 * MiB  # more than the socket buffers take, less than the reply backlog cap
+    with RawClient.open(w.host, w.port, "a") as c:
+        # A first request, so the connection is on its serving thread (the first pass is the
+        # event loop's, which lingers and drops the same way).
+        assert c.read(0, 512).error == 0
+        c.send(
+            encode_request(Command.READ, cookie=1, offset=0, length=length)
+            + encode_request(Command.DISC, cookie=2)
+        )
+        check_fresh_client(w.host, w.port, "a")
+        w.wait_for_log("does not read its replies: dropping", timeout=20)
+        got = 0
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := c.sock.recv(MiB):
+                got += len(chunk)
+        assert got < 16 + length  # the reply was cut, the connection closed
+    check_fresh_client(w.host, w.port, "a")
 
 
 def test_large_writes_and_reads_round_trip(worker_factory, tmp_path):
