@@ -189,6 +189,37 @@ def test_finished_client_that_never_reads_its_reply_is_dropped_and_blocks_nobody
     check_fresh_client(w.host, w.port, "a")
 
 
+def test_every_command_on_the_serving_thread(worker_factory, tmp_path):
+    # After its first request a plain connection is served by its own thread; the commands
+    # that run in the thread pool (FUA, FLUSH, TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS, sparse
+    # reads) come back to that thread to be answered.
+    image = make_image(tmp_path / "images" / "disk.img", 16 * MiB)
+    w = worker_factory(config({"name": "d", "path": str(image)}))
+    data = os.urandom(MiB)
+    with RawClient.open(w.host, w.port, "d", structured=True, meta=True) as c:
+        assert c.read(0, 512).error == 0  # the event loop's pass; the thread takes over
+        assert c.write(MiB, data, flags=CommandFlag.FUA) == 0
+        assert c.write(4 * MiB, data) == 0
+        assert c.command(Command.FLUSH) == 0
+        assert c.command(Command.TRIM, 4 * MiB, MiB) == 0
+        assert c.command(Command.WRITE_ZEROES, MiB, 64 * 1024) == 0
+        assert c.command(Command.CACHE, 0, 2 * MiB) == 0
+        error, extents = c.block_status(0, 8 * MiB)
+        assert error == 0 and sum(length for length, _ in extents) <= 8 * MiB
+        assert extents[0][1] & 2  # the image starts with a hole
+        sparse = c.read(0, 2 * MiB)  # hole, then zeroes, then data: several chunks
+        assert sparse.error == 0
+        assert sparse.data == bytes(MiB + 64 * 1024) + data[64 * 1024 :]
+        assert len(sparse.chunks) > 1
+        assert c.read(4 * MiB, MiB).data == bytes(MiB)
+        assert c.read(16 * MiB, 512).error == Errno.EINVAL  # errors are answered there too
+        c.disconnect()
+        assert c.closed_by_server()
+    with open(image, "rb") as f:
+        f.seek(MiB + 64 * 1024)
+        assert f.read(MiB - 64 * 1024) == data[64 * 1024 :]
+
+
 def test_large_writes_and_reads_round_trip(worker_factory, tmp_path):
     image = make_image(tmp_path / "images" / "disk.img", 64 * MiB)
     w = worker_factory(config({"name": "d", "path": str(image)}))
@@ -429,12 +460,16 @@ def test_second_signal_forces_exit(worker_factory):
 
 
 # "fua-streamed": a FUA write larger than the receive buffer, written in pieces as it arrives.
+# A connection's first requests are served on the event loop, the rest by its serving thread.
+@pytest.mark.parametrize("served_by", ["loop", "thread"])
 @pytest.mark.parametrize("mode", ["fua", "fua-streamed", "flush"])
-def test_acknowledged_data_survives_sigkill(worker_factory, tmp_path, mode):
+def test_acknowledged_data_survives_sigkill(worker_factory, tmp_path, mode, served_by):
     image = make_image(tmp_path / "images" / "disk.img", 16 * MiB)
     w = worker_factory(config({"name": "d", "path": str(image)}))
     data = os.urandom(8 * MiB if mode == "fua-streamed" else MiB)
     with RawClient.open(w.host, w.port, "d") as c:
+        if served_by == "thread":
+            assert c.read(0, 512).error == 0
         if mode.startswith("fua"):
             assert c.write(5 * MiB, data, flags=CommandFlag.FUA) == 0
         else:
