@@ -838,14 +838,13 @@ class NBDConnection(asyncio.BufferedProtocol):
         cost = req.length if req.command == _CMD_READ or req.command == _CMD_WRITE else 0
         if self.threaded:
             job = self.server.executor.submit(func, *args)
-            self.inflight += 1
-            self.inflight_bytes += cost
-            job.add_done_callback(lambda f: self._job_finished(req, f, result, cost))
-            return
+            done = self._job_finished  # the serving thread answers it
+        else:
+            job = self.loop.run_in_executor(self.server.executor, func, *args)
+            done = self._thread_done
         self.inflight += 1
         self.inflight_bytes += cost
-        fut = self.loop.run_in_executor(self.server.executor, func, *args)
-        fut.add_done_callback(lambda f: self._thread_done(req, f, result, cost))
+        job.add_done_callback(lambda f: done(req, f, result, cost))
 
     def _job_finished(self, req, job, result, cost: int) -> None:
         # In the pool thread: the serving thread answers it (_answer_job).
