@@ -28,8 +28,8 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from nbdworker.config import WorkerConfig
-from nbdworker.snapshot import (
+from nbdworker.contract.config import WorkerConfig
+from nbdworker.contract.snapshot import (
     CHANNEL,
     KICK_CHANNEL,
     SnapshotError,

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from nbdworker.config import WorkerConfig
 from nbdworker.configsource import ConfigSource
-from nbdworker.snapshot import CHANNEL, config_key, sign_snapshot
+from nbdworker.contract.config import WorkerConfig
+from nbdworker.contract.snapshot import CHANNEL, config_key, sign_snapshot
 from tests.support.redisserver import PrivateRedis, private_redis
 from tests.support.worker import run_worker_main
 
