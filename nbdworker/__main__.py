@@ -22,9 +22,10 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from nbdworker.config import ConfigError, WorkerConfig, WorkerSettings
+from nbdworker.contract.config import ConfigError, WorkerConfig
+from nbdworker.contract.snapshot import SecretError, load_secret
 from nbdworker.logformat import configure_logging, log_format_from_env
-from nbdworker.snapshot import SecretError, load_secret
+from nbdworker.settings import WorkerSettings
 from nbdworker.supervisor import SERVING_ENV
 
 log = logging.getLogger("nbdworker")

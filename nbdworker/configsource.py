@@ -37,8 +37,8 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from nbdworker.config import WorkerConfig
-from nbdworker.snapshot import (
+from nbdworker.contract.config import WorkerConfig
+from nbdworker.contract.snapshot import (
     CHANNEL,
     KICK_CHANNEL,
     MAX_SNAPSHOT_BYTES,

@@ -27,8 +27,8 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from nbdworker.config import parse_listen
 from nbdworker.protocol import Command, Errno
+from nbdworker.settings import parse_listen
 
 if TYPE_CHECKING:
     from nbdworker.configsource import FollowerHealth

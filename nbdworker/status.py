@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from nbdworker.contract.snapshot import heartbeat_key, kicks_key, sessions_key
 from nbdworker.metrics import BYTES
 from nbdworker.protocol import Command
-from nbdworker.snapshot import heartbeat_key, kicks_key, sessions_key
 
 if TYPE_CHECKING:
     from nbdworker.metrics import WorkerStats

@@ -15,9 +15,9 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from nbdworker.config import WorkerConfig
 from nbdworker.configsource import ConfigSource
-from nbdworker.snapshot import (
+from nbdworker.contract.config import WorkerConfig
+from nbdworker.contract.snapshot import (
     CHANNEL,
     KICK_CHANNEL,
     MAX_SNAPSHOT_BYTES,

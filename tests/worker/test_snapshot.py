@@ -1,4 +1,4 @@
-"""nbdworker/snapshot.py: signing, verification and the refusals, table by table."""
+"""nbdworker/contract/snapshot.py: signing, verification and the refusals, table by table."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nbdworker.config import WorkerConfig
-from nbdworker.snapshot import (
+from nbdworker.contract.config import WorkerConfig
+from nbdworker.contract.snapshot import (
     FORMAT,
     SecretError,
     SnapshotError,

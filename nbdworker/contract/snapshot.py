@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from nbdworker.config import ConfigError, WorkerConfig
+from nbdworker.contract.config import ConfigError, WorkerConfig
 
 __all__ = [
     "ALGORITHM",
