@@ -51,7 +51,7 @@ from typing import Protocol
 
 from nbdworker.auth import ExportAuthorizer
 from nbdworker.backends import STATE_HOLE, STATE_ZERO, Backend
-from nbdworker.config import ExportConfig, WorkerSettings
+from nbdworker.contract.config import ExportConfig
 from nbdworker.exports import ExportEntry, ServerState
 from nbdworker.protocol import (
     NEED_DATA,
@@ -83,6 +83,7 @@ from nbdworker.protocol import (
 )
 from nbdworker.reload import ending_reason
 from nbdworker.session import BYTES, HandshakeFailure, SessionRecord, format_peer
+from nbdworker.settings import WorkerSettings
 from nbdworker.sockwriter import SocketWriter
 from nbdworker.spin import IdleSpinner
 from nbdworker.tls import check_peer

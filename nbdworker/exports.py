@@ -10,7 +10,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from nbdworker.backends import Backend
-from nbdworker.config import ExportConfig, WorkerConfig
+from nbdworker.contract.config import ExportConfig, WorkerConfig
 from nbdworker.protocol import ExportView, TLSMode
 
 __all__ = ["ExportEntry", "ServerState"]
