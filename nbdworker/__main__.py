@@ -231,6 +231,7 @@ async def run(
         source.apply = apply
         source.on_kick = status.wake
         source.on_rejected = server.stats.snapshot_rejected
+        server.stats.follower = source.health
         tasks = [asyncio.create_task(source.run()), asyncio.create_task(status.run())]
     log.info("ready (node %s, config generation %d)", settings.node, config.generation)
     try:

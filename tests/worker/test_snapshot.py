@@ -180,6 +180,16 @@ NOTICES = [
     (":5", None),
     ("n1:x", None),
     ("garbage", None),
+    # Hostile publishers: a Unicode digit passes str.isdigit() but not int(); bytes that are
+    # not UTF-8; a sign, spaces and an absurdly long number.
+    ("n1:\u00b2", None),
+    ("n1:\u0663", None),
+    (b"n1:\xff\xfe", None),
+    (b"\xff:5", None),
+    ("n1:-5", None),
+    ("n1:+5", None),
+    ("n1: 5", None),
+    ("n1:" + "9" * 100, None),
 ]
 
 
