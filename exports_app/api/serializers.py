@@ -11,10 +11,10 @@ from exports_app.choices import CertificateKind, ExportState, KeyAlgorithm
 from exports_app.constants import MAX_VALIDITY_DAYS
 from exports_app.models import Certificate, CertificateAuthority, Export, TLSPolicy, WorkerNode
 from exports_app.models.exports import name_digest
-from exports_app.services import ca, export_usage, workerstatus
+from exports_app.services import ca, exports, workerstatus
 from exports_app.validators import parse_object_id, parse_size, validate_no_control_characters
 
-from .base import ValidatedModelSerializer
+from .base import ValidatedModelSerializer, django_errors_to_drf
 from .fields import AsciiIntegerField, AsciiPrimaryKeyRelatedField, StrictModelSerializer
 
 __all__ = [
@@ -318,24 +318,25 @@ class ExportSerializer(ValidatedModelSerializer):
             if "clone_from" in attrs:
                 self._clone_source(attrs)
         else:
+            try:
+                exports.check_changeable(instance)
+            except DjangoValidationError as exc:
+                raise django_errors_to_drf(exc) from None
             errors = {}
             if "clone_from" in attrs:
                 errors["clone_from"] = ["Only when creating an export."]
-            if instance.state == ExportState.DELETING:
-                raise serializers.ValidationError(
-                    {"non_field_errors": ["The export is being deleted."]}
-                )
             if "node" in attrs and attrs["node"] != instance.node:
                 errors["node"] = ["An export cannot move to another node."]
             if "image_path" in attrs and attrs["image_path"] != instance.image_path:
                 errors["image_path"] = ["The image path cannot change after creation."]
-            new_size = attrs.get("size", instance.size)
-            if new_size < instance.size and not attrs.get("force"):
-                errors["size"] = ["Shrinking destroys data past the new end; send force=true."]
-            elif new_size < instance.size and export_usage.live_session_count(instance):
-                errors["force"] = ["Live sessions use the export; a shrink needs none."]
             if errors:
                 raise serializers.ValidationError(errors)
+            try:
+                exports.check_resize(
+                    instance, attrs.get("size", instance.size), attrs.get("force", False)
+                )
+            except DjangoValidationError as exc:
+                raise django_errors_to_drf(exc) from None
         return super().validate(attrs)
 
     def after_clean(self, instance: Export, attrs: dict) -> None:
@@ -346,12 +347,18 @@ class ExportSerializer(ValidatedModelSerializer):
 
     def create(self, validated_data: dict) -> Export:
         validated_data.pop("force", None)
-        validated_data.pop("clone_from", None)
-        return super().create(validated_data)
+        clone_from = validated_data.pop("clone_from", None)
+        export = Export(**validated_data)
+        exports.create_export(export, clone_from=clone_from)
+        return export
 
     def update(self, instance: Export, validated_data: dict) -> Export:
-        validated_data.pop("force", None)
-        return super().update(instance, validated_data)
+        force = validated_data.pop("force", False)
+        old_size = instance.size
+        for field, value in validated_data.items():
+            setattr(instance, field, value)
+        exports.save_export(instance, old_size, force=force)
+        return instance
 
 
 # -- certificates ------------------------------------------------------------------------------
