@@ -190,7 +190,8 @@ def resolve_image_path(storage_root: str, relative_path: str) -> str:
 def normalize_client_rules(value: object) -> list[dict[str, str]]:
     """Allowed TLS client identities, each exactly one of fingerprint_sha256, common_name, san.
 
-    Same shape as nbdworker.config.ClientMatch; fingerprints are stored lower-case, no colons.
+    Same shape as nbdworker.contract.config.ClientMatch; fingerprints are stored lower-case, no
+    colons.
     """
     if not isinstance(value, list):
         raise ValidationError("Must be a list of objects like {'common_name': 'alice'}.")
