@@ -105,7 +105,7 @@ def test_list_api_tokens_shows_keys_not_tokens(superuser):
     assert token not in out.getvalue()
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_migration_moves_plaintext_authtoken_tokens_to_digests(django_user_model):
     """A database from before knox: its rest_framework.authtoken tokens keep working, stored
     only as digests, and the plain-text table is gone."""
