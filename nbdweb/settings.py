@@ -193,8 +193,15 @@ NBDWEB_CA_DEFAULT_VALIDITY_DAYS = int(os.environ.get("NBDWEB_CA_DEFAULT_VALIDITY
 
 # --- jobs and logging (issue 7) ---------------------------------------------------------------
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # Web, Celery and the tests' Celery worker subprocess share the file: wait for its lock.
-    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("timeout", 20)
+    # gunicorn's workers, Celery and the tests' Celery worker subprocess write the one file at
+    # once. WAL lets readers run beside the writer; IMMEDIATE takes the write lock when a
+    # transaction begins, so a transaction that read first never fails to upgrade its lock
+    # ("database is locked" at once, whatever the timeout); `timeout` is the busy timeout in
+    # seconds for which a writer waits for the lock.
+    sqlite_options = DATABASES["default"].setdefault("OPTIONS", {})
+    sqlite_options.setdefault("timeout", 20)
+    sqlite_options.setdefault("transaction_mode", "IMMEDIATE")
+    sqlite_options.setdefault("init_command", "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL")
     # The test database must be a file, not :memory:, for the e2e tests' Celery worker
     # subprocess to see it; one per test process so parallel runs never share it.
     DATABASES["default"].setdefault("TEST", {}).setdefault(
