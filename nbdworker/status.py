@@ -4,7 +4,8 @@ sessions the web side asked it to end.
 Every `interval` seconds, in one MULTI:
 
 * ``nbdweb:worker:<node>`` = JSON {version, node, generation, started, uptime, pid, host,
-  sessions, time}, expiring after `ttl`: the web side calls the node offline once it is gone;
+  sessions, time, storage}, expiring after `ttl`: the web side calls the node offline once it is
+  gone; `storage` is a list of {root, total, used, free} (bytes, from statvfs) per storage root;
 * ``nbdweb:sessions:<node>`` = hash session id → JSON {id, node, client, export, tls,
   client_identity, reads, bytes_read, writes, bytes_written, requests, connected_since},
   rewritten whole, expiring after `ttl`.
@@ -47,7 +48,7 @@ class StatusSource(Protocol):
     async def end_sessions(self, ids: set[str]) -> None: ...
 
 
-__all__ = ["StatusPublisher", "session_info", "worker_version"]
+__all__ = ["StatusPublisher", "session_info", "storage_usage", "worker_version"]
 
 log = logging.getLogger("nbdworker.status")
 
@@ -68,6 +69,22 @@ def worker_version() -> str:
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def storage_usage(root: str) -> dict[str, Any]:
+    """{root, total, used, free} in bytes (free: what an unprivileged writer may still use);
+    a root that cannot be read reports its error instead."""
+    try:
+        st = os.statvfs(root)
+    except OSError as exc:
+        return {"root": root, "error": exc.strerror or str(exc)}
+    total = st.f_blocks * st.f_frsize
+    return {
+        "root": root,
+        "total": total,
+        "used": total - st.f_bfree * st.f_frsize,
+        "free": st.f_bavail * st.f_frsize,
+    }
 
 
 def session_info(conn: Any, node: str) -> dict[str, Any]:
@@ -104,12 +121,14 @@ class StatusPublisher:
         node: str,
         interval: float = HEARTBEAT_INTERVAL,
         ttl: float = HEARTBEAT_TTL,
+        storage_roots: tuple[str, ...] = (),
     ) -> None:
         self.client = client
         self.source = source
         self.node = node
         self.interval = interval
         self.ttl = ttl
+        self.storage_roots = storage_roots
         self._wake = asyncio.Event()
         self._failing = False
 
@@ -148,6 +167,7 @@ class StatusPublisher:
             "host": socket.gethostname(),
             "sessions": len(sessions),
             "time": _iso(now),
+            "storage": [storage_usage(root) for root in self.storage_roots],
         }
         ttl_ms = int(self.ttl * 1000)
         async with self.client.pipeline(transaction=True) as pipe:
