@@ -1,4 +1,8 @@
-"""Named limits. The NBD ones restate the protocol (see /work/shared/nbd-protocol.md)."""
+"""Named limits. The NBD ones are the worker's own (nbdworker.contract.config), so that the web
+side never accepts an export the worker's parser would refuse."""
+
+from nbdworker.contract.config import MAX_DESCRIPTION_BYTES, MAX_NAME_BYTES, MAX_PAYLOAD
+from nbdworker.contract.config import MAX_MIN_BLOCK as MAX_MIN_BLOCK_SIZE
 
 __all__ = [
     "DEFAULT_MAX_BLOCK_SIZE",
@@ -14,18 +18,12 @@ __all__ = [
     "SECTOR_SIZE",
 ]
 
-# NBD strings (export names, descriptions) MUST be at most 4096 bytes of UTF-8.
-MAX_NAME_BYTES = 4096
-MAX_DESCRIPTION_BYTES = 4096
-
 # Every export size is a multiple of a sector: the Linux kernel client and qemu assume it.
 SECTOR_SIZE = 512
 # Images are files: off_t is signed 64-bit. The largest multiple of 512 below 2**63.
 MAX_EXPORT_SIZE = 2**63 - SECTOR_SIZE
 
-# Block size constraints advertised with NBD_INFO_BLOCK_SIZE.
-MAX_PAYLOAD = 32 * 1024 * 1024
-MAX_MIN_BLOCK_SIZE = 65536
+# Block size defaults advertised with NBD_INFO_BLOCK_SIZE.
 DEFAULT_MIN_BLOCK_SIZE = 1
 DEFAULT_PREFERRED_BLOCK_SIZE = 4096
 DEFAULT_MAX_BLOCK_SIZE = MAX_PAYLOAD

@@ -22,9 +22,10 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from nbdworker.config import ConfigError, WorkerConfig, WorkerSettings
+from nbdworker.contract.config import ConfigError, WorkerConfig
+from nbdworker.contract.snapshot import SecretError, load_secret
 from nbdworker.logformat import configure_logging, log_format_from_env
-from nbdworker.snapshot import SecretError, load_secret
+from nbdworker.settings import WorkerSettings
 from nbdworker.supervisor import SERVING_ENV
 
 log = logging.getLogger("nbdworker")
@@ -232,6 +233,7 @@ async def run(
         source.apply = apply
         source.on_kick = status.wake
         source.on_rejected = server.stats.snapshot_rejected
+        server.stats.follower = source.health
         tasks = [asyncio.create_task(source.run()), asyncio.create_task(status.run())]
     log.info("ready (node %s, config generation %d)", settings.node, config.generation)
     try:

@@ -20,7 +20,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from nbdworker.config import ClientMatch, ExportConfig
+from nbdworker.contract.config import ClientMatch, ExportConfig
 from nbdworker.protocol import ExportView
 
 __all__ = [

@@ -12,7 +12,14 @@ and publishes ``<node>:<generation>`` on ``nbdweb:config-changed``. The worker:
   meanwhile;
 * applies a snapshot only if its signature verifies, it parses and validates, it names this
   node, and its generation is above the one applied. Anything else is logged and counted
-  (``nbdworker_config_rejected_total``) and the current config stays.
+  (``nbdworker_config_rejected_total``) and the current config stays. A value longer than
+  ``MAX_SNAPSHOT_BYTES`` is refused from its length (``STRLEN``) before any of it is read.
+
+Anyone who can publish on Redis can send anything on the two channels: every message is parsed
+defensively (ASCII digits only, bytes that are not UTF-8 refused), and a malformed one is
+logged, counted (``nbdworker_pubsub_messages_rejected_total``) and ignored. The follower itself
+is supervised: whatever escapes it is logged and counted, and it starts again after the backoff.
+Its health (`FollowerHealth`) is in the heartbeat and the metrics.
 """
 
 from __future__ import annotations
@@ -22,23 +29,27 @@ import contextlib
 import logging
 import os
 import random
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
-from nbdworker.config import WorkerConfig
-from nbdworker.snapshot import (
+from nbdworker.contract.config import WorkerConfig
+from nbdworker.contract.snapshot import (
     CHANNEL,
     KICK_CHANNEL,
+    MAX_SNAPSHOT_BYTES,
     SnapshotError,
     config_key,
+    parse_kick,
     parse_notice,
     verify_snapshot,
 )
 
-__all__ = ["ConfigSource", "default_state_dir"]
+__all__ = ["ConfigSource", "FollowerHealth", "default_state_dir"]
 
 log = logging.getLogger("nbdworker.configsource")
 
@@ -47,6 +58,8 @@ BACKOFF_MAX = 30.0
 # At start, how long Redis may take to answer before the cached snapshot is used.
 STARTUP_TIMEOUT = 3.0
 PING_INTERVAL = 5.0
+# Malformed messages logged per minute at most (all are counted): a flood must not flood the log.
+MAX_BAD_MESSAGE_LOGS = 20
 
 
 def default_state_dir(environ: dict[str, str] | None = None) -> Path:
@@ -65,6 +78,35 @@ def _rejection_kind(exc: SnapshotError) -> str:
         if needle in text:
             return kind
     return "malformed"
+
+
+@dataclass(slots=True)
+class FollowerHealth:
+    """How the config follower is doing; read by the heartbeat and the metrics."""
+
+    # starting, following (subscribed), reconnecting (Redis lost), restarting (it failed)
+    state: str = "starting"
+    restarts: int = 0
+    last_error: str | None = None
+    messages_rejected: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def up(self) -> bool:
+        return self.state == "following"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "state": self.state,
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+            "messages_rejected": sum(self.messages_rejected.values()),
+        }
+
+
+def _channel_name(channel: object) -> str | None:
+    if isinstance(channel, bytes):
+        channel = channel.decode("utf-8", "replace")
+    return channel if channel in (CHANNEL, KICK_CHANNEL) else None
 
 
 class ConfigSource:
@@ -88,7 +130,9 @@ class ConfigSource:
         self.on_rejected = on_rejected
         self.generation = 0
         self.connected = asyncio.Event()
+        self.health = FollowerHealth()
         self._lock = asyncio.Lock()
+        self._log_window = (0.0, 0)  # (start of the minute, lines logged in it)
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -97,13 +141,11 @@ class ConfigSource:
         from_redis = None
         try:
             async with asyncio.timeout(STARTUP_TIMEOUT):
-                data = await self.client.get(config_key(self.node))
+                data = await self._read_snapshot()
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("Redis unreachable at start (%s): using the cached config", exc)
         else:
-            if data is None:
-                log.info("no config published for node %r yet", self.node)
-            else:
+            if data is not None:
                 from_redis = self._verify(data, "Redis")
         # The cache counts even when Redis answers: an older snapshot put back into Redis must
         # not roll a restarted worker back.
@@ -124,13 +166,47 @@ class ConfigSource:
 
     def _load_cache(self) -> WorkerConfig | None:
         try:
-            data = self.cache_path.read_bytes()
+            with open(self.cache_path, "rb") as f:
+                # One byte over the bound is enough to know it is too big.
+                data = f.read(MAX_SNAPSHOT_BYTES + 1)
         except FileNotFoundError:
             return None
         except OSError as exc:
             log.error("cannot read the cached config %s: %s", self.cache_path, exc)
             return None
         return self._verify(data, f"cache {self.cache_path}")
+
+    async def _read_snapshot(self) -> bytes | None:
+        """The node's snapshot from Redis, or None (none published, or refused and counted).
+
+        The length is asked first, and the read itself is bounded too (the value may change
+        between the two): an oversized value is never read whole.
+        """
+        key = config_key(self.node)
+        try:
+            length = await self.client.strlen(key)
+            if length > MAX_SNAPSHOT_BYTES:
+                log.error(
+                    "config from Redis rejected: snapshot of %d bytes is over %d",
+                    length,
+                    MAX_SNAPSHOT_BYTES,
+                )
+                self.on_rejected("too_large")
+                return None
+            data = await self.client.getrange(key, 0, MAX_SNAPSHOT_BYTES)
+        except ResponseError as exc:  # e.g. WRONGTYPE: someone stored a list there
+            log.error("config from Redis rejected: %s", exc)
+            self.on_rejected("malformed")
+            return None
+        if not data:
+            # GETRANGE answers "" for a missing key; an empty snapshot is none either.
+            log.info("no config published for node %r", self.node)
+            return None
+        if len(data) > MAX_SNAPSHOT_BYTES:
+            log.error("config from Redis rejected: snapshot over %d bytes", MAX_SNAPSHOT_BYTES)
+            self.on_rejected("too_large")
+            return None
+        return data
 
     def _save_cache(self, data: bytes | str) -> None:
         raw = data.encode() if isinstance(data, str) else data
@@ -164,9 +240,8 @@ class ConfigSource:
     async def fetch(self) -> bool:
         """Fetch, verify and apply the node's snapshot; True if a new generation was applied."""
         async with self._lock:
-            data = await self.client.get(config_key(self.node))
+            data = await self._read_snapshot()
             if data is None:
-                log.info("no config published for node %r", self.node)
                 return False
             # The same generation again (a repeated notice, a reconnect) is no news.
             current = self.generation
@@ -196,7 +271,8 @@ class ConfigSource:
     # -- follow ---------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Follow the channel forever, reconnecting with backoff."""
+        """Follow the channel forever: reconnect with backoff when Redis goes away, and start
+        again (counted in `health`) when anything else escapes."""
         delay = BACKOFF_MIN
         while True:
             try:
@@ -207,7 +283,14 @@ class ConfigSource:
                     delay = BACKOFF_MIN
                 else:
                     log.debug("Redis still unreachable: %s", exc)
-                self.connected.clear()
+                self.health.state = "reconnecting"
+            except Exception as exc:
+                # A bug must not end config following (revocations included) for good.
+                log.exception("the config follower failed; starting it again")
+                self.health.state = "restarting"
+                self.health.restarts += 1
+                self.health.last_error = f"{type(exc).__name__}: {exc}"[:200]
+            self.connected.clear()
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, BACKOFF_MAX)
 
@@ -219,6 +302,7 @@ class ConfigSource:
             await self.fetch()
             self.on_kick()
             self.connected.set()
+            self.health.state = "following"
             log.info(
                 "following %s for node %r (generation %d)", CHANNEL, self.node, self.generation
             )
@@ -228,25 +312,43 @@ class ConfigSource:
                     # A quiet channel: make sure the connection is still alive.
                     await pubsub.ping()
                     continue
-                if message["type"] != "message":
+                if message.get("type") != "message":
                     continue
-                self._handle(message)
-                if message["channel"] in (CHANNEL, CHANNEL.encode()):
-                    notice = parse_notice(message["data"])
-                    if (
-                        notice is not None
-                        and notice[0] == self.node
-                        and notice[1] > self.generation
-                    ):
-                        await self.fetch()
+                if self._handle(message):
+                    await self.fetch()
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
 
-    def _handle(self, message: dict) -> None:
-        channel = message["channel"]
-        data = message["data"]
-        if channel in (KICK_CHANNEL, KICK_CHANNEL.encode()):
-            node = data.decode() if isinstance(data, bytes) else data
-            if node == self.node:
+    def _handle(self, message: dict) -> bool:
+        """Act on one message; True when it announces a newer config for this node."""
+        channel = _channel_name(message.get("channel"))
+        data = message.get("data")
+        if channel == KICK_CHANNEL:
+            node = parse_kick(data)
+            if node is None:
+                self._bad_message(KICK_CHANNEL, data)
+            elif node == self.node:
                 self.on_kick()
+            return False
+        if channel == CHANNEL:
+            notice = parse_notice(data)
+            if notice is None:
+                self._bad_message(CHANNEL, data)
+                return False
+            return notice[0] == self.node and notice[1] > self.generation
+        return False
+
+    def _bad_message(self, channel: str, data: object) -> None:
+        rejected = self.health.messages_rejected
+        rejected[channel] = rejected.get(channel, 0) + 1
+        now = time.monotonic()
+        start, logged = self._log_window
+        if now - start >= 60.0:
+            start, logged = now, 0
+        if logged < MAX_BAD_MESSAGE_LOGS:
+            shown = repr(data)
+            if len(shown) > 80:
+                shown = f"{shown[:80]}... ({len(data) if hasattr(data, '__len__') else '?'} long)"
+            log.warning("ignored a malformed message on %s: %s", channel, shown)
+        self._log_window = (start, logged + 1)

@@ -85,7 +85,7 @@ from nbdworker.spin import IdleSpinner
 from nbdworker.tls import check_peer
 
 if TYPE_CHECKING:
-    from nbdworker.config import ExportConfig
+    from nbdworker.contract.config import ExportConfig
     from nbdworker.server import ExportEntry, NBDServer, ServerState
 
 __all__ = ["NBDConnection"]

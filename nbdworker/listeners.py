@@ -14,7 +14,7 @@ import socket
 import stat
 from dataclasses import dataclass
 
-from nbdworker.config import ListenAddress
+from nbdworker.settings import ListenAddress
 
 __all__ = ["Listener", "bind_listeners", "close_listeners"]
 

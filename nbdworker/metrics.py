@@ -27,10 +27,11 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from nbdworker.config import parse_listen
 from nbdworker.protocol import Command, Errno
+from nbdworker.settings import parse_listen
 
 if TYPE_CHECKING:
+    from nbdworker.configsource import FollowerHealth
     from nbdworker.server import NBDServer
 
 __all__ = [
@@ -95,6 +96,8 @@ class WorkerStats:
         self.errors: dict[tuple[str, int], int] = {}
         self.handshake_failures: dict[str, int] = {}
         self.config_rejected: dict[str, int] = {}
+        # The config follower's health (nbdworker/configsource.py); None with --config.
+        self.follower: FollowerHealth | None = None
 
     def export_opened(self, export: str) -> None:
         self.connections_opened[export] = self.connections_opened.get(export, 0) + 1
@@ -239,7 +242,31 @@ def _families(totals: dict[str, Any], stats: WorkerStats) -> list[Any]:
         "Seconds since the worker started.",
         value=time.time() - stats.started,
     )
-    return [connections, opened, requests, nbytes, errs, failures, rejected, generation, uptime]
+    families = [connections, opened, requests, nbytes, errs, failures, rejected, generation, uptime]
+    if stats.follower is not None:
+        families += _follower_families(stats.follower)
+    return families
+
+
+def _follower_families(health: FollowerHealth) -> list[Any]:
+    up = GaugeMetricFamily(
+        "nbdworker_config_follower_up",
+        "1 while the config follower is subscribed to Redis, else 0.",
+        value=1 if health.up else 0,
+    )
+    restarts = CounterMetricFamily(
+        "nbdworker_config_follower_restarts",
+        "Times the config follower failed unexpectedly and was started again.",
+        value=health.restarts,
+    )
+    bad = CounterMetricFamily(
+        "nbdworker_pubsub_messages_rejected",
+        "Malformed pub/sub messages ignored, by channel.",
+        labels=["channel"],
+    )
+    for channel, n in sorted(health.messages_rejected.items()):
+        bad.add_metric([channel], n)
+    return [up, restarts, bad]
 
 
 class MetricsSource(Protocol):

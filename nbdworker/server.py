@@ -24,11 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from nbdworker.backends import Backend, FileBackend, MemoryBackend
-from nbdworker.config import ExportConfig, WorkerConfig, WorkerSettings, tls_refusal
+from nbdworker.contract.config import ExportConfig, WorkerConfig, tls_refusal
 from nbdworker.listeners import Listener, bind_listeners, close_listeners
 from nbdworker.metrics import WorkerStats, connection_totals
 from nbdworker.protocol import ExportView, TLSMode, TransmissionFlag
 from nbdworker.reload import ending_reason
+from nbdworker.settings import WorkerSettings
 from nbdworker.slots import ConnectionSlots
 from nbdworker.spin import IdleSpinner
 from nbdworker.tls import TLSContextCache, TLSSetupError

@@ -4,8 +4,9 @@ sessions the web side asked it to end.
 Every `interval` seconds, in one MULTI:
 
 * ``nbdweb:worker:<node>`` = JSON {version, node, generation, started, uptime, pid, host,
-  sessions, time, storage}, expiring after `ttl`: the web side calls the node offline once it is
-  gone; `storage` is a list of {root, total, used, free} (bytes, from statvfs) per storage root;
+  sessions, time, storage, config_follower: {state, restarts, last_error, messages_rejected}},
+  expiring after `ttl`: the web side calls the node offline once it is gone; `storage` is a
+  list of {root, total, used, free} (bytes, from statvfs) per storage root;
 * ``nbdweb:sessions:<node>`` = hash session id → JSON {id, node, client, export, tls,
   client_identity, reads, bytes_read, writes, bytes_written, requests, connected_since},
   rewritten whole, expiring after `ttl`.
@@ -30,9 +31,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from nbdworker.contract.snapshot import heartbeat_key, kicks_key, sessions_key
 from nbdworker.metrics import BYTES
 from nbdworker.protocol import Command
-from nbdworker.snapshot import heartbeat_key, kicks_key, sessions_key
 
 if TYPE_CHECKING:
     from nbdworker.metrics import WorkerStats
@@ -169,6 +170,8 @@ class StatusPublisher:
             "time": _iso(now),
             "storage": [storage_usage(root) for root in self.storage_roots],
         }
+        if stats.follower is not None:
+            heartbeat["config_follower"] = stats.follower.to_dict()
         ttl_ms = int(self.ttl * 1000)
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.set(heartbeat_key(self.node), json.dumps(heartbeat), px=ttl_ms)

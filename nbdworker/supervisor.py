@@ -37,9 +37,10 @@ import sys
 import tempfile
 from typing import Any
 
-from nbdworker.config import ConfigError, WorkerConfig, WorkerSettings
+from nbdworker.contract.config import ConfigError, WorkerConfig
 from nbdworker.listeners import Listener, bind_listeners, close_listeners
 from nbdworker.metrics import WorkerStats, merge_totals
+from nbdworker.settings import WorkerSettings
 from nbdworker.slots import ConnectionSlots
 
 __all__ = ["SERVING_ENV", "Supervisor", "default_workers", "serve_as_child"]

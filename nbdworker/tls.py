@@ -26,10 +26,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 
 from nbdworker.auth import ClientIdentity
-from nbdworker.config import TLSConfig
+from nbdworker.contract.config import TLSConfig
+from nbdworker.contract.x509 import verify_issued_by
 
 __all__ = [
     "CLIENT_VERIFICATION_MODES",
@@ -41,7 +41,6 @@ __all__ = [
     "check_peer",
     "is_revoked",
     "issuer_withdrawn",
-    "verify_issued_by",
 ]
 
 log = logging.getLogger("nbdworker.tls")
@@ -191,16 +190,6 @@ def _trusted_cas(ca_pem: str) -> tuple[x509.Certificate, ...]:
         return tuple(x509.load_pem_x509_certificates(ca_pem.encode()))
     except ValueError:
         return ()
-
-
-def verify_issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
-    """Whether `issuer` signed `certificate` (names and signature; not validity dates). Also the
-    web side's check (exports_app/services/ca.py)."""
-    try:
-        certificate.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def issuer_withdrawn(identity: ClientIdentity | None, old: TLSConfig, new: TLSConfig) -> bool:

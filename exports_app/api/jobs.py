@@ -12,10 +12,11 @@ from rest_framework.response import Response
 from rest_framework.viewsets import ReadOnlyModelViewSet
 
 from exports_app.choices import JobKind, JobState
-from exports_app.filtersets import _by_id_or_name
+from exports_app.filtersets import NBDWebFilterSet, _by_id_or_name
 from exports_app.models import Job
 from exports_app.services import provisioning
 
+from .fields import AsciiIntegerFilter, StrictModelSerializer
 from .serializers import ExportSerializer, SizeField
 
 __all__ = [
@@ -41,8 +42,8 @@ def parse_bool_param(request, name: str) -> bool:
     raise ValidationError({name: ["Must be true or false."]})
 
 
-class JobFilterSet(django_filters.FilterSet):
-    export = django_filters.NumberFilter(field_name="export_id", help_text="Export ID.")
+class JobFilterSet(NBDWebFilterSet):
+    export = AsciiIntegerFilter(field_name="export_id", help_text="Export ID.")
     export_name = django_filters.CharFilter()
     node = django_filters.CharFilter(method="filter_node", help_text="Node ID or name.")
     state = django_filters.MultipleChoiceFilter(choices=JobState.choices)
@@ -56,7 +57,7 @@ class JobFilterSet(django_filters.FilterSet):
         return _by_id_or_name(queryset, "node", value)
 
 
-class JobSerializer(serializers.ModelSerializer):
+class JobSerializer(StrictModelSerializer):
     url = serializers.HyperlinkedIdentityField(view_name="job-detail")
     export_url = serializers.HyperlinkedRelatedField(
         source="export", view_name="export-detail", read_only=True

@@ -12,9 +12,10 @@ from exports_app.constants import MAX_VALIDITY_DAYS
 from exports_app.models import Certificate, CertificateAuthority, Export, TLSPolicy, WorkerNode
 from exports_app.models.exports import name_digest
 from exports_app.services import ca, export_usage, workerstatus
-from exports_app.validators import parse_size, validate_no_control_characters
+from exports_app.validators import parse_object_id, parse_size, validate_no_control_characters
 
 from .base import ValidatedModelSerializer
+from .fields import AsciiIntegerField, AsciiPrimaryKeyRelatedField, StrictModelSerializer
 
 __all__ = [
     "CertificateAuthoritySerializer",
@@ -182,7 +183,7 @@ class TLSPolicySerializer(ValidatedModelSerializer):
 
 class ExportSerializer(ValidatedModelSerializer):
     url = serializers.HyperlinkedIdentityField(view_name="export-detail")
-    node = serializers.PrimaryKeyRelatedField(
+    node = AsciiPrimaryKeyRelatedField(
         queryset=WorkerNode.objects.all(),
         required=False,
         help_text="Defaults to the node named by NBDWORKER_NODE.",
@@ -286,8 +287,8 @@ class ExportSerializer(ValidatedModelSerializer):
             raise PermissionDenied("Cloning an export needs the permission to view exports.")
         value, node = attrs["clone_from"], attrs["node"]
         exports = Export.objects.select_related("node")
-        is_id = value.isascii() and value.isdigit() and len(value) <= 18
-        source = exports.filter(pk=int(value)).first() if is_id else None
+        object_id = parse_object_id(value)
+        source = exports.filter(pk=object_id).first() if object_id is not None else None
         if source is None:
             source = exports.filter(node=node, name_digest=name_digest(value)).first()
         if source is None:
@@ -367,7 +368,7 @@ class RenameOnlyUpdateMixin:
         return instance
 
 
-class CertificateAuthoritySerializer(RenameOnlyUpdateMixin, serializers.ModelSerializer):
+class CertificateAuthoritySerializer(RenameOnlyUpdateMixin, StrictModelSerializer):
     """POST with `common_name` creates an internal CA; with `certificate_pem` (and optionally
     `private_key_pem`) imports an external one. Only name and description change afterwards."""
 
@@ -382,7 +383,7 @@ class CertificateAuthoritySerializer(RenameOnlyUpdateMixin, serializers.ModelSer
     key_algorithm = serializers.ChoiceField(
         choices=KeyAlgorithm.choices, required=False, default=KeyAlgorithm.EC_P256
     )
-    validity_days = serializers.IntegerField(
+    validity_days = AsciiIntegerField(
         write_only=True, required=False, min_value=1, max_value=MAX_VALIDITY_DAYS
     )
     certificate_pem = serializers.CharField(
@@ -489,7 +490,7 @@ class CertificateAuthoritySerializer(RenameOnlyUpdateMixin, serializers.ModelSer
         )
 
 
-class CertificateSerializer(RenameOnlyUpdateMixin, serializers.ModelSerializer):
+class CertificateSerializer(RenameOnlyUpdateMixin, StrictModelSerializer):
     """POST with `authority` issues a certificate from that CA; with `certificate_pem` imports
     one (a server certificate needs `private_key_pem`). Only name and description change
     afterwards; revoke with POST …/revoke/."""
@@ -502,7 +503,7 @@ class CertificateSerializer(RenameOnlyUpdateMixin, serializers.ModelSerializer):
         help_text="Defaults to <kind>-<common name>-<serial>.",
     )
     kind = serializers.ChoiceField(choices=CertificateKind.choices, default=CertificateKind.CLIENT)
-    authority = serializers.PrimaryKeyRelatedField(
+    authority = AsciiPrimaryKeyRelatedField(
         queryset=CertificateAuthority.objects.all(), required=False, allow_null=True
     )
     common_name = serializers.CharField(
@@ -514,7 +515,7 @@ class CertificateSerializer(RenameOnlyUpdateMixin, serializers.ModelSerializer):
     ip_addresses = serializers.ListField(
         child=serializers.CharField(max_length=64), required=False, max_length=100
     )
-    validity_days = serializers.IntegerField(
+    validity_days = AsciiIntegerField(
         write_only=True, required=False, min_value=1, max_value=MAX_VALIDITY_DAYS
     )
     key_algorithm = serializers.ChoiceField(

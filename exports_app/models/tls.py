@@ -7,7 +7,7 @@ from simple_history.models import HistoricalRecords
 from exports_app.choices import CertificateKind, ClientVerification, TLSMode, TLSVersion
 from exports_app.models.certificates import Certificate
 from exports_app.models.exports import Export
-from nbdworker.config import TLS_REQUIRED_MODES
+from nbdworker.contract.config import TLS_REQUIRED_MODES
 
 __all__ = ["OPTIONALTLS_WARNING", "TLSPolicy"]
 
@@ -77,7 +77,7 @@ class TLSPolicy(models.Model):
         Only SELECTIVETLS and FORCEDTLS can. NOTLS has no TLS, and OPTIONALTLS never refuses a
         plaintext client (NBD_REP_ERR_TLS_REQD is not part of it), so the worker refuses to
         serve such an export under either and the web side refuses to create one. The list of
-        modes is the worker's own (`nbdworker.config.TLS_REQUIRED_MODES`).
+        modes is the worker's own (`nbdworker.contract.config.TLS_REQUIRED_MODES`).
         """
         return self.mode in TLS_REQUIRED_MODES
 

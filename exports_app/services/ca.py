@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from exports_app.choices import CertificateKind, KeyAlgorithm
 from exports_app.models import Certificate, CertificateAuthority
-from nbdworker.tls import verify_issued_by
+from nbdworker.contract.x509 import verify_issued_by
 
 __all__ = [
     "CertificateError",
@@ -32,7 +32,6 @@ __all__ = [
     "load_certificate_pem",
     "load_private_key_pem",
     "revoke_certificate",
-    "verify_issued_by",
 ]
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -111,7 +110,8 @@ def fingerprint_sha256(certificate: x509.Certificate) -> str:
 
 
 def format_serial(serial: int) -> str:
-    """Lower-case hex without leading zeros: the form nbdworker.config uses for revocations."""
+    """Lower-case hex without leading zeros: the form nbdworker.contract.config uses for
+    revocations."""
     return format(serial, "x")
 
 

@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from exports_app.models import Export
 from exports_app.services.publishing import redis_client
-from nbdworker.snapshot import heartbeat_key, sessions_key
+from nbdworker.contract.snapshot import heartbeat_key, sessions_key
 
 __all__ = ["live_session_count"]
 

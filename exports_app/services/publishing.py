@@ -17,7 +17,7 @@ Publishing one node (`publish_nodes`):
    before;
 2. build the node's full `WorkerConfig` from the database (ready, enabled exports; the TLS
    policy with the decrypted server key, trusted CAs and revoked serials), validate it with the
-   worker's own parser, sign it (`nbdworker.snapshot`);
+   worker's own parser, sign it (`nbdworker.contract.snapshot`);
 3. store it at ``nbdweb:config:<node>`` only if its generation is above the stored one (two web
    processes racing cannot put an older snapshot back), then PUBLISH
    ``nbdweb:config-changed <node>:<generation>``.
@@ -45,8 +45,8 @@ from django.db import connections, transaction
 
 from exports_app.choices import ExportState, TLSMode
 from exports_app.models import Export, WorkerNode
-from nbdworker.config import ConfigError, WorkerConfig, tls_refusal
-from nbdworker.snapshot import (
+from nbdworker.contract.config import ConfigError, WorkerConfig, tls_refusal
+from nbdworker.contract.snapshot import (
     CHANNEL,
     config_key,
     generation_key,

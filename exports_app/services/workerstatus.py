@@ -18,7 +18,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from exports_app.services.publishing import redis_client
-from nbdworker.snapshot import (
+from nbdworker.contract.snapshot import (
     KICK_CHANNEL,
     heartbeat_key,
     kicks_key,

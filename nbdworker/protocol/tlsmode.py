@@ -11,8 +11,8 @@ answered here in one place so that the handshake never tests the mode itself:
 
 OPTIONALTLS is SELECTIVETLS without TLS-only exports: ``tls_required`` is ignored in that mode,
 as in NOTLS. No such export gets this far: the server refuses to open an export with
-``tls_required`` under either mode (``nbdworker.config.tls_refusal``) rather than serve it in
-plaintext, and the web side refuses to create one.
+``tls_required`` under either mode (``nbdworker.contract.config.tls_refusal``) rather than serve
+it in plaintext, and the web side refuses to create one.
 """
 
 from __future__ import annotations

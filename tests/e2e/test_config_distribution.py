@@ -23,9 +23,9 @@ from django.conf import settings
 from rest_framework.test import APIClient
 
 from exports_app.models import Export, TLSPolicy, WorkerNode
-from nbdworker.config import WorkerConfig
+from nbdworker.contract.config import WorkerConfig
+from nbdworker.contract.snapshot import CHANNEL, config_key, sign_snapshot
 from nbdworker.protocol import Command, Errno
-from nbdworker.snapshot import CHANNEL, config_key, sign_snapshot
 from tests.support.polling import poll as wait_for
 from tests.support.rawclient import RawClient
 from tests.support.redisserver import PrivateRedis, private_redis

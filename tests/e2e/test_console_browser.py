@@ -198,15 +198,16 @@ def log_in(browser, base_url: str, user: User) -> None:
     poll(lambda: browser.find_elements(By.ID, "console"), "the dashboard after logging in")
 
 
-def session_text(browser, export: str) -> str | None:
-    """The text of the export's session row, or None; read in one step (the section is
-    swapped every few seconds, which makes element handles go stale)."""
+def text_of(browser, css: str) -> str | None:
+    """The text of the element, or None; read in one step (the live sections are swapped every
+    few seconds, which makes element handles go stale)."""
     return browser.execute_script(
-        "const row = document.querySelector("
-        '`[data-testid="live-sessions"] tr[data-export="${arguments[0]}"]`);'
-        "return row ? row.innerText : null;",
-        export,
+        "const el = document.querySelector(arguments[0]); return el ? el.innerText : null;", css
     )
+
+
+def session_text(browser, export: str) -> str | None:
+    return text_of(browser, f'[data-testid="live-sessions"] tr[data-export="{export}"]')
 
 
 def click(browser, css: str) -> None:
@@ -247,8 +248,8 @@ def test_dashboard_shows_a_real_client_session_live_and_drops_it_after_disconnec
     assert "127.0.0.1:" in row
     assert "plain" in row  # no TLS on this node
     # The node's card says it is online, with its storage root's capacity.
-    card = browser.find_element(By.CSS_SELECTOR, f'.node-card[data-node="{stack.node.name}"]')
-    assert "online" in card.text and "free" in card.text
+    card = text_of(browser, f'.node-card[data-node="{stack.node.name}"]')
+    assert "online" in card and "free" in card
     poll(
         lambda: "/s" in (session_text(browser, "disk-a") or ""),
         "a throughput figure",

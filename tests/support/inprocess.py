@@ -8,8 +8,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from nbdworker.config import WorkerConfig, WorkerSettings
+from nbdworker.contract.config import WorkerConfig
 from nbdworker.server import NBDServer
+from nbdworker.settings import WorkerSettings
 
 __all__ = ["ServerThread", "serving"]
 

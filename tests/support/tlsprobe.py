@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from nbdworker.config import WorkerConfig, WorkerSettings, parse_listen
+from nbdworker.contract.config import WorkerConfig
 from nbdworker.protocol import ChunkType, ClientFlag, Option, Reply
 from nbdworker.protocol.client import (
     GREETING_SIZE,
@@ -32,6 +32,7 @@ from nbdworker.protocol.client import (
 )
 from nbdworker.protocol.constants import SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC
 from nbdworker.server import NBDServer
+from nbdworker.settings import WorkerSettings, parse_listen
 from tests.support.pki import PKI, tls_config_dict
 from tests.support.worker import RunningWorker
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nbdworker.config import WorkerConfig
+from nbdworker.contract.config import WorkerConfig
 
 __all__ = [
     "RunningWorker",

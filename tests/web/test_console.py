@@ -16,7 +16,7 @@ from django.utils import timezone
 from exports_app.choices import CertificateKind, ExportState, JobKind, JobState
 from exports_app.models import Certificate, Export, Job, WorkerNode
 from exports_app.services import ca
-from nbdworker.snapshot import heartbeat_key, kicks_key, published_key, sessions_key
+from nbdworker.contract.snapshot import heartbeat_key, kicks_key, published_key, sessions_key
 from tests.support.redisserver import PrivateRedis, private_redis
 
 DASHBOARD = "/admin/"

@@ -16,8 +16,8 @@ from django.db import transaction
 from exports_app.choices import ClientVerification, ExportState, TLSMode
 from exports_app.models import Export, TLSPolicy, WorkerNode
 from exports_app.services import ca, publishing
-from nbdworker.config import WorkerConfig
-from nbdworker.snapshot import (
+from nbdworker.contract.config import WorkerConfig
+from nbdworker.contract.snapshot import (
     CHANNEL,
     config_key,
     generation_key,

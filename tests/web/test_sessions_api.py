@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from exports_app.models import WorkerNode
-from nbdworker.snapshot import (
+from nbdworker.contract.snapshot import (
     KICK_CHANNEL,
     heartbeat_key,
     kicks_key,

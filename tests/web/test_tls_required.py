@@ -1,10 +1,10 @@
 """`tls_required` is accepted only where the worker enforces it: SELECTIVETLS and FORCEDTLS.
 
 NOTLS has no TLS and OPTIONALTLS never refuses a plaintext client, so the worker refuses to
-serve a `tls_required` export under either (nbdworker.config.tls_refusal). Every way of reaching
-that combination is refused here with the fix named: an export created or changed through the API
-or the admin, a policy switched to such a mode (API, admin form, admin action), and a node given
-such a policy (API, admin).
+serve a `tls_required` export under either (nbdworker.contract.config.tls_refusal). Every way of
+reaching that combination is refused here with the fix named: an export created or changed through
+the API or the admin, a policy switched to such a mode (API, admin form, admin action), and a node
+given such a policy (API, admin).
 """
 
 import pytest

@@ -15,7 +15,7 @@ from nbdworker.auth import (
     client_matches,
     peer_ip,
 )
-from nbdworker.config import ClientMatch, ExportConfig
+from nbdworker.contract.config import ClientMatch, ExportConfig
 from nbdworker.protocol import ExportView, TransmissionFlag
 from tests.support import pki as pkimod
 from tests.support.pki import PKI, make_pki

@@ -1,24 +1,18 @@
-"""nbdworker.config: the versioned, validated configuration contract and worker settings."""
+"""nbdworker.contract.config: the versioned, validated configuration contract."""
 
 from __future__ import annotations
 
-import ast
 import json
-import os
-from pathlib import Path
 
 import pytest
 
-import nbdworker.config as config_module
-from nbdworker.config import (
+from nbdworker.contract.config import (
     SCHEMA_VERSION,
     ConfigError,
     ExportConfig,
     Limits,
     TLSConfig,
     WorkerConfig,
-    WorkerSettings,
-    parse_listen,
     tls_refusal,
 )
 
@@ -284,83 +278,3 @@ def test_export_allows_address():
     assert not e.allows_address(None)
     open_export = ExportConfig.from_dict({"name": "b", "backend": "memory", "size": 512}, "e")
     assert open_export.allows_address(None)
-
-
-def test_config_module_imports_only_the_standard_library():
-    tree = ast.parse(Path(config_module.__file__).read_text())
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    import sys
-
-    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
-
-
-# -- listen addresses and settings --------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("127.0.0.1:10809", ("tcp", "127.0.0.1", 10809, "")),
-        ("[::1]:10809", ("tcp", "::1", 10809, "")),
-        ("[::]:0", ("tcp", "::", 0, "")),
-        (":10809", ("tcp", "0.0.0.0", 10809, "")),
-        ("localhost:1", ("tcp", "localhost", 1, "")),
-        ("unix:/run/nbd.sock", ("unix", "", 0, "/run/nbd.sock")),
-    ],
-)
-def test_parse_listen(text, expected):
-    a = parse_listen(text)
-    assert (a.kind, a.host, a.port, a.path) == expected
-
-
-@pytest.mark.parametrize(
-    "text", ["nonsense", "1.2.3.4:x", "1.2.3.4:70000", "unix:", "[::1]10809", "::1:5"]
-)
-def test_parse_listen_rejects(text):
-    with pytest.raises(ConfigError):
-        parse_listen(text)
-
-
-def test_settings_defaults(tmp_path):
-    s = WorkerSettings.from_sources(environ={"NBDWEB_DATA_DIR": str(tmp_path)})
-    assert s.storage_roots == (os.path.realpath(tmp_path / "images"),)
-    assert [str(a) for a in s.listen] == ["127.0.0.1:10809"]
-    assert s.node == "default"
-
-
-def test_settings_from_environment(tmp_path):
-    env = {
-        "NBDWORKER_STORAGE_ROOTS": f"{tmp_path}/a:{tmp_path}/b",
-        "NBD_LISTEN": "127.0.0.1:1, [::1]:2,unix:/tmp/x.sock",
-        "NBDWORKER_NODE": "node-7",
-    }
-    s = WorkerSettings.from_sources(environ=env)
-    assert s.storage_roots == (f"{tmp_path}/a", f"{tmp_path}/b")
-    assert [str(a) for a in s.listen] == ["127.0.0.1:1", "[::1]:2", "unix:/tmp/x.sock"]
-    assert s.node == "node-7"
-
-
-def test_command_line_beats_environment(tmp_path):
-    env = {"NBDWORKER_STORAGE_ROOTS": "/elsewhere", "NBD_LISTEN": "127.0.0.1:1"}
-    s = WorkerSettings.from_sources([str(tmp_path)], ["127.0.0.1:2"], environ=env)
-    assert s.storage_roots == (str(tmp_path),)
-    assert [str(a) for a in s.listen] == ["127.0.0.1:2"]
-
-
-def test_path_allowed_resolves_symlinks(tmp_path):
-    root = tmp_path / "root"
-    root.mkdir()
-    (root / "ok.img").write_bytes(b"")
-    (tmp_path / "secret").write_bytes(b"")
-    (root / "link").symlink_to(tmp_path / "secret")
-    (tmp_path / "root-sibling").mkdir()
-    s = WorkerSettings.from_sources([str(root)], environ={})
-    assert s.path_allowed(str(root / "ok.img"))
-    assert not s.path_allowed(str(root / "link"))
-    assert not s.path_allowed(str(root / ".." / "secret"))
-    assert not s.path_allowed(str(tmp_path / "root-sibling" / "x"))

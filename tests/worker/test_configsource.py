@@ -12,13 +12,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 
-from nbdworker.config import WorkerConfig
 from nbdworker.configsource import ConfigSource
-from nbdworker.snapshot import CHANNEL, config_key, sign_snapshot
+from nbdworker.contract.config import WorkerConfig
+from nbdworker.contract.snapshot import (
+    CHANNEL,
+    KICK_CHANNEL,
+    MAX_SNAPSHOT_BYTES,
+    config_key,
+    heartbeat_key,
+    sign_snapshot,
+)
+from tests.support.metrics import scrape, value
+from tests.support.polling import poll
 from tests.support.redisserver import PrivateRedis, private_redis
-from tests.support.worker import run_worker_main
+from tests.support.worker import run_worker_main, start_worker
 
 SECRET = "configsource-test-secret"
 WAIT = 10.0
@@ -239,3 +249,150 @@ def test_worker_without_config_or_secret_refuses_to_start(tmp_path) -> None:
     assert result.returncode == 2
     assert "NBDWEB_CONFIG_SECRET is unset" in result.stderr
     assert str(tmp_path / "config_secret") in result.stderr
+
+
+# -- hostile publishers ------------------------------------------------------------------------
+
+
+def follower_env(server: PrivateRedis, node: str, tmp_path: Path) -> dict[str, str]:
+    return {
+        "REDIS_URL": server.url,
+        "NBDWEB_CONFIG_SECRET": SECRET,
+        "NBDWORKER_NODE": node,
+        "NBDWEB_DATA_DIR": str(tmp_path / "data"),
+    }
+
+
+# Each of these ended the follower task for good before (a Unicode digit passes
+# str.isdigit() but int() refuses it; int() refuses more than 4300 digits; bytes that are not
+# UTF-8 made the kick handler's decode raise).
+BAD_MESSAGES = [
+    (CHANNEL, "{node}:\u00b2"),
+    (CHANNEL, "{node}:\u0663\u0663"),
+    (CHANNEL, "{node}:" + "9" * 5000),
+    (CHANNEL, b"\xff\xfe:\x80"),
+    (CHANNEL, b"{node}:\xff"),
+    (KICK_CHANNEL, b"\xff\xfe\x80"),
+    (KICK_CHANNEL, b""),
+]
+
+
+def test_malformed_notices_are_counted_and_later_configs_still_apply(
+    shared_redis, node, tmp_path
+) -> None:
+    """Hostile messages on both channels, then a real change: it is applied, every bad message
+    was logged and counted, and the heartbeat says the follower is following."""
+    r = shared_redis.client()
+    raw = redis.Redis(port=shared_redis.port)
+    r.set(config_key(node), snapshot(node, 1, "a"))
+    worker = start_worker(
+        None,
+        workdir=tmp_path / "worker",
+        storage_root=tmp_path,
+        env=follower_env(shared_redis, node, tmp_path),
+        args=["--metrics-listen", "127.0.0.1:0"],
+    )
+    try:
+        worker.wait_for_log(r"following nbdweb:config-changed")
+        for channel, message in BAD_MESSAGES:
+            if isinstance(message, str):
+                message = message.format(node=node)
+            else:
+                message = message.replace(b"{node}", node.encode())
+            raw.publish(channel, message)
+        r.set(config_key(node), snapshot(node, 2, "a", "b"))
+        r.publish(CHANNEL, f"{node}:2")
+        poll(
+            lambda: value(scrape(worker), "nbdworker_config_generation") == 2,
+            "generation 2 applied after the bad messages",
+        )
+        samples = scrape(worker)
+        rejected = {
+            ch: value(samples, "nbdworker_pubsub_messages_rejected_total", channel=ch)
+            for ch in (CHANNEL, KICK_CHANNEL)
+        }
+        assert rejected == {CHANNEL: 5, KICK_CHANNEL: 2}, rejected
+        assert value(samples, "nbdworker_config_follower_up") == 1
+        assert value(samples, "nbdworker_config_follower_restarts_total") == 0
+        assert worker.log.count("ignored a malformed message on nbdweb:") == 7, worker.log
+        beat = poll(
+            lambda: json.loads(r.get(heartbeat_key(node)) or "{}").get("config_follower"),
+            "the follower's health in the heartbeat",
+        )
+        assert beat["state"] == "following"
+        assert beat["messages_rejected"] == 7
+    finally:
+        worker.stop()
+
+
+def test_a_follower_that_fails_unexpectedly_is_restarted_and_counted(
+    shared_redis, node, tmp_path
+) -> None:
+    """Whatever escapes the follower (here: a kick callback that raises once), it is restarted,
+    counted, and goes on applying configs."""
+    r = shared_redis.client()
+    r.set(config_key(node), snapshot(node, 1, "a"))
+    rec = Recorder()
+    kicks = []
+
+    def on_kick() -> None:
+        kicks.append(1)
+        if len(kicks) == 2:  # the first is the one after subscribing
+            raise RuntimeError("a bug in the kick handler")
+
+    async def main() -> None:
+        source = make_source(shared_redis.url, node, tmp_path / "state", rec)
+        source.on_kick = on_kick
+        await source.initial()
+        task = asyncio.create_task(source.run())
+        try:
+            await asyncio.wait_for(source.connected.wait(), WAIT)
+            r.publish(KICK_CHANNEL, node)
+            await until(lambda: source.health.restarts == 1, "the restart")
+            assert "RuntimeError" in (source.health.last_error or "")
+            await asyncio.wait_for(source.connected.wait(), WAIT)
+            r.set(config_key(node), snapshot(node, 2, "a", "b"))
+            r.publish(CHANNEL, f"{node}:2")
+            await until(lambda: rec.applied, "generation 2 after the restart")
+            assert source.health.state == "following"
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await source.client.aclose()
+
+    asyncio.run(main())
+
+
+def test_an_oversized_snapshot_is_refused_before_it_is_read(shared_redis, node, tmp_path) -> None:
+    """A value above MAX_SNAPSHOT_BYTES is refused from its length alone (STRLEN), counted."""
+    r = shared_redis.client()
+    r.set(config_key(node), snapshot(node, 1, "a"))
+    rec = Recorder()
+
+    async def main() -> None:
+        source = make_source(shared_redis.url, node, tmp_path / "state", rec)
+        await source.initial()
+        reads = []
+        real_getrange = source.client.getrange
+        real_get = source.client.get
+
+        async def counting_get(*args):
+            reads.append(args)
+            return await real_get(*args)
+
+        async def counting_getrange(*args):
+            reads.append(args)
+            return await real_getrange(*args)
+
+        source.client.get = counting_get
+        source.client.getrange = counting_getrange
+        try:
+            # A sparse value of just over the bound: SETRANGE past the end pads with zeroes.
+            await source.client.setrange(config_key(node), MAX_SNAPSHOT_BYTES, b"x")
+            assert await source.fetch() is False
+            assert rec.rejected == ["too_large"]
+            assert reads == []
+        finally:
+            await source.client.aclose()
+
+    asyncio.run(main())

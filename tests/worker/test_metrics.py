@@ -4,31 +4,14 @@ from __future__ import annotations
 
 import socket
 import time
-import urllib.request
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from nbdworker.protocol import Errno, Option, Reply
 from nbdworker.protocol.client import encode_info_request
+from tests.support.metrics import scrape, value
 from tests.support.rawclient import RawClient
 from tests.support.worker import RunningWorker
 
 MiB = 1 << 20
-
-
-def scrape(worker: RunningWorker) -> dict[tuple[str, tuple], float]:
-    address = worker.wait_for_log(r"metrics on (http://\S+/metrics)").group(1)
-    with urllib.request.urlopen(address, timeout=10) as response:
-        text = response.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
-    return samples
-
-
-def value(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def poll_metric(worker: RunningWorker, name: str, want: float, **labels: str) -> dict:

@@ -1,4 +1,4 @@
-"""nbdworker/snapshot.py: signing, verification and the refusals, table by table."""
+"""nbdworker/contract/snapshot.py: signing, verification and the refusals, table by table."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nbdworker.config import WorkerConfig
-from nbdworker.snapshot import (
+from nbdworker.contract.config import WorkerConfig
+from nbdworker.contract.snapshot import (
     FORMAT,
     SecretError,
     SnapshotError,
@@ -180,6 +180,16 @@ NOTICES = [
     (":5", None),
     ("n1:x", None),
     ("garbage", None),
+    # Hostile publishers: a Unicode digit passes str.isdigit() but not int(); bytes that are
+    # not UTF-8; a sign, spaces and an absurdly long number.
+    ("n1:\u00b2", None),
+    ("n1:\u0663", None),
+    (b"n1:\xff\xfe", None),
+    (b"\xff:5", None),
+    ("n1:-5", None),
+    ("n1:+5", None),
+    ("n1: 5", None),
+    ("n1:" + "9" * 100, None),
 ]
 
 

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from nbdworker.config import ConfigError, WorkerSettings
+from nbdworker.contract.config import ConfigError
+from nbdworker.settings import WorkerSettings
 from nbdworker.spin import BACKOFF_SECONDS, MAX_EMPTY_SPINS, IdleSpinner
 from tests.support.rawclient import RawClient
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import redis.asyncio as aioredis
 
-from nbdworker.snapshot import heartbeat_key
+from nbdworker.contract.snapshot import heartbeat_key
 from nbdworker.status import StatusPublisher, storage_usage
 from tests.support.redisserver import PrivateRedis, private_redis
 
@@ -38,7 +38,7 @@ def test_a_root_that_cannot_be_read_reports_its_error(tmp_path) -> None:
 
 
 class Source:
-    stats = SimpleNamespace(generation=7, started=time.time() - 10)
+    stats = SimpleNamespace(generation=7, started=time.time() - 10, follower=None)
 
     async def session_report(self, node: str) -> dict:
         return {}

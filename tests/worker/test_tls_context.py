@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 from nbdworker import tls as worker_tls
 from nbdworker.auth import ClientIdentity
-from nbdworker.config import TLSConfig
+from nbdworker.contract.config import TLSConfig
 from nbdworker.tls import (
     TLSContextCache,
     TLSSetupError,

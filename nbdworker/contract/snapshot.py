@@ -25,13 +25,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from nbdworker.config import ConfigError, WorkerConfig
+from nbdworker.contract.config import ConfigError, WorkerConfig
 
 __all__ = [
     "ALGORITHM",
     "CHANNEL",
     "FORMAT",
     "KICK_CHANNEL",
+    "MAX_SNAPSHOT_BYTES",
     "SecretError",
     "SnapshotError",
     "canonical_json",
@@ -41,6 +42,7 @@ __all__ = [
     "key_id",
     "kicks_key",
     "load_secret",
+    "parse_kick",
     "parse_notice",
     "published_key",
     "sessions_key",
@@ -181,13 +183,47 @@ def verify_snapshot(
     return config
 
 
+# A generation is a 64-bit count of milliseconds at most: 20 digits. A longer "number" in a
+# notice is noise (and int() of thousands of digits is refused or slow).
+MAX_GENERATION_DIGITS = 20
+_ASCII_DIGITS = frozenset("0123456789")
+
+
+def _notice_text(message: str | bytes) -> str | None:
+    if isinstance(message, bytes):
+        try:
+            return message.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return message if isinstance(message, str) else None
+
+
 def parse_notice(message: str | bytes) -> tuple[str, int] | None:
-    """``<node>:<generation>`` → (node, generation); None when it is not one."""
-    text = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
+    """``<node>:<generation>`` → (node, generation); None when it is not one.
+
+    Anyone who can publish on Redis can send anything here: bytes that are not UTF-8, Unicode
+    digits (``"²".isdigit()`` is true, ``int("²")`` raises), signs, spaces, endless numbers.
+    Only ASCII digits make a generation.
+    """
+    text = _notice_text(message)
+    if text is None:
+        return None
     node, sep, generation = text.rpartition(":")
-    if not sep or not node or not generation.isdigit():
+    if (
+        not sep
+        or not node
+        or not generation
+        or len(generation) > MAX_GENERATION_DIGITS
+        or not _ASCII_DIGITS.issuperset(generation)
+    ):
         return None
     return node, int(generation)
+
+
+def parse_kick(message: str | bytes) -> str | None:
+    """A kick notice is the node's name; None when it is not text (the caller counts it)."""
+    text = _notice_text(message)
+    return text or None
 
 
 def load_secret(environ: Mapping[str, str] | None = None) -> str:
