@@ -27,7 +27,8 @@ from exports_app.models import (
     WorkerNode,
 )
 from exports_app.models.tls import OPTIONALTLS_WARNING
-from exports_app.services import bundles, ca, provisioning
+from exports_app.services import bundles, ca, exports, provisioning
+from exports_app.services.certificates import NewAuthority, NewCertificate
 from exports_app.validators import parse_size, validate_no_control_characters
 
 __all__ = [
@@ -176,8 +177,7 @@ class ExportForm(forms.ModelForm):
     size = SizeFormField(help_text='Bytes, or with a binary unit: "10G", "512M", "1T".')
     force = forms.BooleanField(
         required=False,
-        label="Allow shrinking",
-        help_text="A smaller size destroys the data past the new end.",
+        help_text="Allow shrinking: a smaller size destroys the data past the new end.",
     )
 
     class Meta:
@@ -187,22 +187,23 @@ class ExportForm(forms.ModelForm):
 
     def clean(self) -> dict:
         cleaned = super().clean()
+        if self.instance.pk is None:
+            return cleaned
         # construct_instance() has not run yet: self.instance still holds the stored size.
         new_size = cleaned.get("size")
-        if (
-            self.instance.pk
-            and new_size
-            and new_size < self.instance.size
-            and not cleaned.get("force")
-        ):
-            self.add_error("size", "Shrinking destroys data; tick 'Allow shrinking'.")
+        try:
+            exports.check_changeable(self.instance)
+            if new_size is not None:
+                exports.check_resize(self.instance, new_size, cleaned.get("force", False))
+        except ValidationError as exc:
+            self.add_error(None, exc)
         return cleaned
 
 
 class ResizeExportForm(forms.Form):
     size = SizeFormField(label="New size")
     force = forms.BooleanField(
-        required=False, help_text="Allow shrinking (destroys data past the new end)."
+        required=False, help_text="Allow shrinking (destroys the data past the new end)."
     )
 
 
@@ -253,15 +254,12 @@ class ExportAdmin(SimpleHistoryAdmin):
         return export.last_error[:80]
 
     def save_model(self, request, obj: Export, form, change: bool) -> None:
-        with transaction.atomic():
-            old_size = form.initial.get("size") if change else None
-            super().save_model(request, obj, form, change)
-            if not change:
-                provisioning.request_create(obj)
-            elif old_size is not None and obj.size != old_size:
-                provisioning.request_resize(
-                    obj, old_size, force=form.cleaned_data.get("force", False)
-                )
+        if change:
+            exports.save_export(
+                obj, form.initial["size"], force=form.cleaned_data.get("force", False)
+            )
+        else:
+            exports.create_export(obj)
 
     def delete_model(self, request, obj: Export) -> None:
         with transaction.atomic():
@@ -292,27 +290,17 @@ class ExportAdmin(SimpleHistoryAdmin):
 
     @admin.action(description="Resize selected exports", permissions=["change"])
     def resize_exports(self, request, queryset):
-        def apply(form, exports):
+        def apply(form, selected):
             new_size, force = form.cleaned_data["size"], form.cleaned_data["force"]
-            for export in exports:
-                old_size = export.size
-                if new_size < old_size and not force:
+            for export in selected:
+                # The API's POST …/resize/ calls the same function: the same refusals.
+                try:
+                    exports.resize_export(export, new_size, force)
+                except ValidationError as exc:
                     self.message_user(
-                        request,
-                        f"{export}: shrinking needs 'force' (it destroys data).",
-                        messages.ERROR,
+                        request, f"{export}: {' '.join(exc.messages)}", messages.ERROR
                     )
                     continue
-                export.size = new_size
-                try:
-                    export.full_clean()
-                except ValidationError as exc:
-                    problems = "; ".join(m for ms in exc.message_dict.values() for m in ms)
-                    self.message_user(request, f"{export}: {problems}", messages.ERROR)
-                    continue
-                with transaction.atomic():
-                    export.save(update_fields=["size", "last_updated"])
-                    provisioning.request_resize(export, old_size, force=force)
                 self.message_user(
                     request,
                     f"{export}: resize to {human_size(new_size)} requested.",
@@ -448,16 +436,11 @@ class CertificateAuthorityAddForm(forms.ModelForm):
 
     def clean(self) -> dict:
         cleaned = super().clean()
-        has_cn, has_pem = bool(cleaned.get("common_name")), bool(cleaned.get("certificate_pem"))
-        if has_cn == has_pem:
-            raise ValidationError("Give a common name to create a CA, or a certificate to import.")
-        if has_pem:
-            try:
-                ca.check_authority_import(
-                    cleaned["certificate_pem"], cleaned.get("private_key_pem")
-                )
-            except ca.CertificateError as exc:
-                self.add_error(exc.field, str(exc))
+        # The API's POST checks with the same function.
+        try:
+            NewAuthority.from_input(cleaned).check()
+        except ValidationError as exc:
+            self.add_error(None, exc)
         return cleaned
 
 
@@ -534,23 +517,7 @@ class CertificateAuthorityAdmin(AddFormAdminMixin, SimpleHistoryAdmin):
         if change:
             super().save_model(request, obj, form, change)
             return
-        data = form.cleaned_data
-        with transaction.atomic():
-            if data.get("certificate_pem"):
-                created = ca.import_authority(
-                    data["name"],
-                    data["certificate_pem"],
-                    data.get("private_key_pem") or None,
-                    description=data.get("description", ""),
-                )
-            else:
-                created = ca.create_authority(
-                    data["name"],
-                    data["common_name"],
-                    data["key_algorithm"],
-                    data.get("validity_days"),
-                    description=data.get("description", ""),
-                )
+        created = NewAuthority.from_input(form.cleaned_data).create()
         obj.pk = created.pk
         obj.refresh_from_db()
 
@@ -617,31 +584,20 @@ class CertificateAddForm(forms.ModelForm):
 
     def clean(self) -> dict:
         cleaned = super().clean()
-        if cleaned.get("certificate_pem"):
-            if not cleaned.get("name"):
-                self.add_error("name", "Name the imported certificate.")
-            try:
-                ca.check_certificate_import(
-                    cleaned["certificate_pem"], cleaned.get("private_key_pem"), cleaned["kind"]
-                )
-            except ca.CertificateError as exc:
-                self.add_error(exc.field, str(exc))
-            return cleaned
-        authority = cleaned.get("authority")
-        if authority is None:
-            self.add_error("authority", "Choose a CA to issue from, or paste a certificate.")
-        elif not authority.can_issue:
-            self.add_error("authority", "This CA has no private key or has expired.")
-        if not cleaned.get("common_name"):
-            self.add_error("common_name", "Required to issue a certificate.")
+        # The API's POST checks with the same function.
         try:
-            cleaned["dns_list"], cleaned["ip_list"] = ca.normalize_sans(
-                self._split(cleaned.get("dns_names", "")),
-                self._split(cleaned.get("ip_addresses", "")),
-            )
-        except ca.CertificateError as exc:
-            self.add_error(None, str(exc))
+            self.new_certificate().check()
+        except ValidationError as exc:
+            self.add_error(None, exc)
         return cleaned
+
+    def new_certificate(self) -> NewCertificate:
+        data = {
+            **self.cleaned_data,
+            "dns_names": self._split(self.cleaned_data.get("dns_names", "")),
+            "ip_addresses": self._split(self.cleaned_data.get("ip_addresses", "")),
+        }
+        return NewCertificate.from_input(data)
 
 
 class RevokedFilter(admin.SimpleListFilter):
@@ -739,27 +695,7 @@ class CertificateAdmin(AddFormAdminMixin, SimpleHistoryAdmin):
         if change:
             super().save_model(request, obj, form, change)
             return
-        data = form.cleaned_data
-        with transaction.atomic():
-            if data.get("certificate_pem"):
-                created = ca.import_certificate(
-                    data["name"],
-                    data["certificate_pem"],
-                    data.get("private_key_pem") or None,
-                    data["kind"],
-                    description=data.get("description", ""),
-                )
-            else:
-                created = ca.issue_certificate(
-                    data["authority"],
-                    data["kind"],
-                    data["common_name"],
-                    name=data.get("name", ""),
-                    dns_names=data.get("dns_list"),
-                    ip_addresses=data.get("ip_list"),
-                    validity_days=data.get("validity_days"),
-                    description=data.get("description", ""),
-                )
+        created = form.new_certificate().create()
         obj.pk = created.pk
         obj.refresh_from_db()
 

@@ -2,12 +2,13 @@
 
 import os
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from nbdweb.datadir import data_dir, secret_from_env_or_file
+from nbdweb.datadir import data_dir, private_file, secret_from_env_or_file
 
 
 def env_bool(name: str, default: bool = False) -> bool:
@@ -36,7 +37,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
+    "knox",
     "django_filters",
     "drf_spectacular",
     "simple_history",
@@ -85,6 +86,11 @@ DATABASES = {
     )
 }
 
+_database = DATABASES["default"]
+if _database["ENGINE"].endswith("sqlite3") and _database["NAME"] not in ("", ":memory:"):
+    # Password hashes and token digests: created 0600 before SQLite makes it 0644.
+    private_file(Path(_database["NAME"]))
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -132,7 +138,7 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "knox.auth.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["exports_app.api.permissions.ModelPermissions"],
@@ -149,6 +155,16 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
+}
+
+# API tokens (django-rest-knox): only a SHA-512 digest is stored, so a copy of the database hands
+# out no working token; each token expires and can be revoked on its own (docs/security.md).
+REST_KNOX = {
+    "TOKEN_TTL": timedelta(days=int(os.environ.get("NBDWEB_API_TOKEN_TTL_DAYS", "90"))),
+    "AUTH_HEADER_PREFIX": "Token",
+    # Makes a leaked token recognisable to secret scanners.
+    "TOKEN_PREFIX": "nbdweb_",
+    "AUTO_REFRESH": False,
 }
 
 SPECTACULAR_SETTINGS = {
@@ -180,8 +196,15 @@ NBDWEB_CA_DEFAULT_VALIDITY_DAYS = int(os.environ.get("NBDWEB_CA_DEFAULT_VALIDITY
 
 # --- jobs and logging (issue 7) ---------------------------------------------------------------
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # Web, Celery and the tests' Celery worker subprocess share the file: wait for its lock.
-    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("timeout", 20)
+    # gunicorn's workers, Celery and the tests' Celery worker subprocess write the one file at
+    # once. WAL lets readers run beside the writer; IMMEDIATE takes the write lock when a
+    # transaction begins, so a transaction that read first never fails to upgrade its lock
+    # ("database is locked" at once, whatever the timeout); `timeout` is the busy timeout in
+    # seconds for which a writer waits for the lock.
+    sqlite_options = DATABASES["default"].setdefault("OPTIONS", {})
+    sqlite_options.setdefault("timeout", 20)
+    sqlite_options.setdefault("transaction_mode", "IMMEDIATE")
+    sqlite_options.setdefault("init_command", "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL")
     # The test database must be a file, not :memory:, for the e2e tests' Celery worker
     # subprocess to see it; one per test process so parallel runs never share it.
     DATABASES["default"].setdefault("TEST", {}).setdefault(

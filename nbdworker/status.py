@@ -8,8 +8,8 @@ Every `interval` seconds, in one MULTI:
   expiring after `ttl`: the web side calls the node offline once it is gone; `storage` is a
   list of {root, total, used, free} (bytes, from statvfs) per storage root;
 * ``nbdweb:sessions:<node>`` = hash session id → JSON {id, node, client, export, tls,
-  client_identity, reads, bytes_read, writes, bytes_written, requests, connected_since},
-  rewritten whole, expiring after `ttl`.
+  client_identity, reads, bytes_read, writes, bytes_written, requests, connected_since}
+  (`SessionRecord.public_view`, nbdworker/session.py), rewritten whole, expiring after `ttl`.
 
 Kicks: the web side adds session ids to the set ``nbdweb:kicks:<node>`` and publishes the node's
 name on ``nbdweb:session-kick``. The worker drains the set on each notice and on every beat (a
@@ -26,17 +26,13 @@ import os
 import socket
 import time
 from importlib import metadata
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from nbdworker.contract.snapshot import heartbeat_key, kicks_key, sessions_key
-from nbdworker.metrics import BYTES
-from nbdworker.protocol import Command
-
-if TYPE_CHECKING:
-    from nbdworker.metrics import WorkerStats
+from nbdworker.metrics import WorkerStats
 
 
 class StatusSource(Protocol):
@@ -49,7 +45,7 @@ class StatusSource(Protocol):
     async def end_sessions(self, ids: set[str]) -> None: ...
 
 
-__all__ = ["StatusPublisher", "session_info", "storage_usage", "worker_version"]
+__all__ = ["StatusPublisher", "StatusSource", "storage_usage", "worker_version"]
 
 log = logging.getLogger("nbdworker.status")
 
@@ -58,7 +54,6 @@ HEARTBEAT_INTERVAL = 2.0
 HEARTBEAT_TTL = 3 * HEARTBEAT_INTERVAL
 # The most kicks handled per drain (the rest wait for the next one).
 MAX_KICKS = 1000
-_READ, _WRITE = int(Command.READ), int(Command.WRITE)
 
 
 def worker_version() -> str:
@@ -85,32 +80,6 @@ def storage_usage(root: str) -> dict[str, Any]:
         "total": total,
         "used": total - st.f_bfree * st.f_frsize,
         "free": st.f_bavail * st.f_frsize,
-    }
-
-
-def session_info(conn: Any, node: str) -> dict[str, Any]:
-    """The public view of one connection in transmission."""
-    counts = conn.counts
-    identity = conn.authorizer.identity if conn.authorizer is not None else None
-    return {
-        "id": conn.session_id,
-        "node": node,
-        "client": conn.peer,
-        "export": conn.entry.config.name,
-        "tls": bool(conn.tls_active),
-        "client_identity": None
-        if identity is None
-        else {
-            "common_names": list(identity.common_names),
-            "serial": identity.serial,
-            "fingerprint_sha256": identity.fingerprint_sha256,
-        },
-        "reads": counts[_READ],
-        "bytes_read": counts[BYTES + _READ],
-        "writes": counts[_WRITE],
-        "bytes_written": counts[BYTES + _WRITE],
-        "requests": sum(counts[:BYTES]),
-        "connected_since": _iso(conn.connected_at),
     }
 
 

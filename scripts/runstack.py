@@ -46,6 +46,16 @@ SECRETS = {
     "NBDWEB_KEY_ENCRYPTION_KEY": "key_encryption_key",
 }
 
+# Each process gets only the secrets it uses (docs/security.md). Celery publishes the config
+# after a job (signs it, decrypts the server key into it) but signs no cookie; nbdworker only
+# verifies and decrypts its snapshot. The one-off steps (migrate, ensure_admin) run as web.
+PROCESS_SECRETS: dict[str, tuple[str, ...]] = {
+    "web": ("SECRET_KEY", "NBDWEB_CONFIG_SECRET", "NBDWEB_KEY_ENCRYPTION_KEY"),
+    "celery": ("NBDWEB_CONFIG_SECRET", "NBDWEB_KEY_ENCRYPTION_KEY"),
+    "nbdworker": ("NBDWEB_CONFIG_SECRET",),
+    "redis": (),
+}
+
 
 def say(message: str) -> None:
     print(f"[runstack] {message}", flush=True)
@@ -90,9 +100,20 @@ def wait_until(predicate, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def process_env(env: dict[str, str], secrets: dict[str, str], name: str) -> dict[str, str]:
+    """`env` plus the secrets process `name` uses; `NBDWEB_SECRET_FILES=0` keeps it from
+    reading the others out of the data dir."""
+    return {
+        **env,
+        "NBDWEB_SECRET_FILES": "0",
+        **{variable: secrets[variable] for variable in PROCESS_SECRETS[name]},
+    }
+
+
 class Stack:
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], secrets: dict[str, str]) -> None:
         self.env = env
+        self.secrets = secrets
         self.children: dict[str, subprocess.Popen] = {}
         self.selector = selectors.DefaultSelector()
         self.stopping = False
@@ -101,7 +122,7 @@ class Stack:
         proc = subprocess.Popen(
             argv,
             cwd=ROOT,
-            env=self.env,
+            env=process_env(self.env, self.secrets, name),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -143,8 +164,9 @@ class Stack:
             self.pump(0.05)
 
 
-def prepare_environment() -> dict[str, str]:
-    env = dict(os.environ)
+def prepare_environment() -> tuple[dict[str, str], dict[str, str]]:
+    """The environment every process shares (no secrets in it), and the secrets."""
+    env = {name: value for name, value in os.environ.items() if name not in SECRETS}
     data = data_dir()
     env["NBDWEB_DATA_DIR"] = str(data)
     env.setdefault("NBDWEB_STORAGE_ROOT", str(data / "images"))
@@ -154,9 +176,11 @@ def prepare_environment() -> dict[str, str]:
     env.setdefault("NBD_LISTEN", "127.0.0.1:10809")
     env.setdefault("REDIS_URL", "redis://127.0.0.1:6379/0")
     env["PYTHONUNBUFFERED"] = "1"
-    for variable, filename in SECRETS.items():
-        env[variable] = secret_from_env_or_file(variable, filename)
-    return env
+    secrets = {
+        variable: secret_from_env_or_file(variable, filename)
+        for variable, filename in SECRETS.items()
+    }
+    return env, secrets
 
 
 def ensure_redis(env: dict[str, str], stack: Stack) -> None:
@@ -173,7 +197,7 @@ def ensure_redis(env: dict[str, str], stack: Stack) -> None:
         )
     port = free_port()
     redis_dir = Path(env["NBDWEB_DATA_DIR"]) / "redis"
-    redis_dir.mkdir(exist_ok=True)
+    redis_dir.mkdir(mode=0o700, exist_ok=True)
     say(f"redis does not answer at {url}: starting a private redis-server on port {port}")
     stack.spawn(
         "redis",
@@ -191,12 +215,13 @@ def manage(env: dict[str, str], *args: str) -> None:
     subprocess.run([PYTHON, "manage.py", *args], cwd=ROOT, env=env, check=True)
 
 
-def prepare(env: dict[str, str]) -> None:
+def prepare(env: dict[str, str], secrets: dict[str, str]) -> None:
     """One-off steps before the processes start (also docker compose's `init` service)."""
-    manage(env, "migrate", "--noinput")
-    manage(env, "collectstatic", "--noinput", "-v0")
+    web_env = process_env(env, secrets, "web")
+    manage(web_env, "migrate", "--noinput")
+    manage(web_env, "collectstatic", "--noinput", "-v0")
     if env.get("DJANGO_SUPERUSER_USERNAME") and env.get("DJANGO_SUPERUSER_PASSWORD"):
-        manage(env, "ensure_admin")
+        manage(web_env, "ensure_admin")
     else:
         say(
             "no admin user configured: set DJANGO_SUPERUSER_USERNAME and "
@@ -205,11 +230,13 @@ def prepare(env: dict[str, str]) -> None:
 
 
 def main() -> int:
-    env = prepare_environment()
+    # Everything the stack creates (images, Redis's files, logs) is for this user only.
+    os.umask(0o077)
+    env, secrets = prepare_environment()
     if sys.argv[1:] == ["--prepare-only"]:
-        prepare(env)
+        prepare(env, secrets)
         return 0
-    stack = Stack(env)
+    stack = Stack(env, secrets)
 
     def on_signal(signum: int, _frame) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -219,7 +246,7 @@ def main() -> int:
     status = 0
     try:
         ensure_redis(env, stack)
-        prepare(env)
+        prepare(env, secrets)
         for name, argv in COMMANDS.items():
             stack.spawn(name, argv)
         say(

@@ -11,10 +11,11 @@ from exports_app.choices import CertificateKind, ExportState, KeyAlgorithm
 from exports_app.constants import MAX_VALIDITY_DAYS
 from exports_app.models import Certificate, CertificateAuthority, Export, TLSPolicy, WorkerNode
 from exports_app.models.exports import name_digest
-from exports_app.services import ca, export_usage, workerstatus
+from exports_app.services import exports, workerstatus
+from exports_app.services.certificates import NewAuthority, NewCertificate
 from exports_app.validators import parse_object_id, parse_size, validate_no_control_characters
 
-from .base import ValidatedModelSerializer
+from .base import ValidatedModelSerializer, django_errors_to_drf
 from .fields import AsciiIntegerField, AsciiPrimaryKeyRelatedField, StrictModelSerializer
 
 __all__ = [
@@ -318,24 +319,25 @@ class ExportSerializer(ValidatedModelSerializer):
             if "clone_from" in attrs:
                 self._clone_source(attrs)
         else:
+            try:
+                exports.check_changeable(instance)
+            except DjangoValidationError as exc:
+                raise django_errors_to_drf(exc) from None
             errors = {}
             if "clone_from" in attrs:
                 errors["clone_from"] = ["Only when creating an export."]
-            if instance.state == ExportState.DELETING:
-                raise serializers.ValidationError(
-                    {"non_field_errors": ["The export is being deleted."]}
-                )
             if "node" in attrs and attrs["node"] != instance.node:
                 errors["node"] = ["An export cannot move to another node."]
             if "image_path" in attrs and attrs["image_path"] != instance.image_path:
                 errors["image_path"] = ["The image path cannot change after creation."]
-            new_size = attrs.get("size", instance.size)
-            if new_size < instance.size and not attrs.get("force"):
-                errors["size"] = ["Shrinking destroys data past the new end; send force=true."]
-            elif new_size < instance.size and export_usage.live_session_count(instance):
-                errors["force"] = ["Live sessions use the export; a shrink needs none."]
             if errors:
                 raise serializers.ValidationError(errors)
+            try:
+                exports.check_resize(
+                    instance, attrs.get("size", instance.size), attrs.get("force", False)
+                )
+            except DjangoValidationError as exc:
+                raise django_errors_to_drf(exc) from None
         return super().validate(attrs)
 
     def after_clean(self, instance: Export, attrs: dict) -> None:
@@ -346,12 +348,18 @@ class ExportSerializer(ValidatedModelSerializer):
 
     def create(self, validated_data: dict) -> Export:
         validated_data.pop("force", None)
-        validated_data.pop("clone_from", None)
-        return super().create(validated_data)
+        clone_from = validated_data.pop("clone_from", None)
+        export = Export(**validated_data)
+        exports.create_export(export, clone_from=clone_from)
+        return export
 
     def update(self, instance: Export, validated_data: dict) -> Export:
-        validated_data.pop("force", None)
-        return super().update(instance, validated_data)
+        force = validated_data.pop("force", False)
+        old_size = instance.size
+        for field, value in validated_data.items():
+            setattr(instance, field, value)
+        exports.save_export(instance, old_size, force=force)
+        return instance
 
 
 # -- certificates ------------------------------------------------------------------------------
@@ -445,49 +453,18 @@ class CertificateAuthoritySerializer(RenameOnlyUpdateMixin, StrictModelSerialize
                     {k: ["Cannot change after creation."] for k in fixed}
                 )
             return attrs
-        has_cn, has_pem = bool(attrs.get("common_name")), bool(attrs.get("certificate_pem"))
-        if has_cn == has_pem:
-            raise serializers.ValidationError(
-                {
-                    "non_field_errors": [
-                        "Give common_name to create a CA, or certificate_pem to import one."
-                    ]
-                }
-            )
-        if has_pem:
-            try:
-                certificate, _ = ca.check_authority_import(
-                    attrs["certificate_pem"], attrs.get("private_key_pem")
-                )
-            except ca.CertificateError as exc:
-                raise serializers.ValidationError({exc.field: [str(exc)]}) from None
-            if CertificateAuthority.objects.filter(
-                fingerprint_sha256=ca.fingerprint_sha256(certificate)
-            ).exists():
-                raise serializers.ValidationError(
-                    {"certificate_pem": ["This CA is already imported."]}
-                )
-        elif attrs.get("private_key_pem"):
-            raise serializers.ValidationError(
-                {"private_key_pem": ["Only an imported CA takes a private key."]}
-            )
+        # The admin's add form checks with the same function.
+        try:
+            NewAuthority.from_input(attrs).check()
+        except DjangoValidationError as exc:
+            raise django_errors_to_drf(exc) from None
         return attrs
 
     def create(self, validated_data: dict) -> CertificateAuthority:
-        if validated_data.get("certificate_pem"):
-            return ca.import_authority(
-                name=validated_data["name"],
-                certificate_pem=validated_data["certificate_pem"],
-                private_key_pem=validated_data.get("private_key_pem"),
-                description=validated_data.get("description", ""),
-            )
-        return ca.create_authority(
-            name=validated_data["name"],
-            common_name=validated_data["common_name"],
-            key_algorithm=validated_data.get("key_algorithm", KeyAlgorithm.EC_P256),
-            validity_days=validated_data.get("validity_days"),
-            description=validated_data.get("description", ""),
-        )
+        try:
+            return NewAuthority.from_input(validated_data).create()
+        except DjangoValidationError as exc:
+            raise django_errors_to_drf(exc) from None
 
 
 class CertificateSerializer(RenameOnlyUpdateMixin, StrictModelSerializer):
@@ -600,74 +577,18 @@ class CertificateSerializer(RenameOnlyUpdateMixin, StrictModelSerializer):
                     {k: ["Cannot change after creation; issue a new certificate."] for k in fixed}
                 )
             return attrs
-        kind = attrs["kind"]
-        if attrs.get("certificate_pem"):
-            for field in ("authority", "common_name", "dns_names", "ip_addresses", "validity_days"):
-                if attrs.get(field):
-                    raise serializers.ValidationError(
-                        {field: ["Not used when importing a certificate."]}
-                    )
-            if not attrs.get("name"):
-                raise serializers.ValidationError({"name": ["Name the imported certificate."]})
-            try:
-                certificate, _ = ca.check_certificate_import(
-                    attrs["certificate_pem"], attrs.get("private_key_pem"), kind
-                )
-            except ca.CertificateError as exc:
-                raise serializers.ValidationError({exc.field: [str(exc)]}) from None
-            if Certificate.objects.filter(
-                fingerprint_sha256=ca.fingerprint_sha256(certificate)
-            ).exists():
-                raise serializers.ValidationError(
-                    {"certificate_pem": ["This certificate is already imported."]}
-                )
-            return attrs
-        if attrs.get("private_key_pem"):
-            raise serializers.ValidationError(
-                {"private_key_pem": ["Only an imported certificate takes a private key."]}
-            )
-        errors = {}
-        authority = attrs.get("authority")
-        if authority is None:
-            errors["authority"] = ["Give the issuing CA, or certificate_pem to import."]
-        elif not authority.has_private_key:
-            errors["authority"] = [
-                f"The CA {authority.name!r} has no private key; it cannot issue."
-            ]
-        elif authority.is_expired:
-            errors["authority"] = [f"The CA {authority.name!r} has expired."]
-        if not attrs.get("common_name"):
-            errors["common_name"] = ["This field is required to issue a certificate."]
-        if errors:
-            raise serializers.ValidationError(errors)
+        # The admin's add form checks with the same function.
         try:
-            attrs["dns_names"], attrs["ip_addresses"] = ca.normalize_sans(
-                attrs.get("dns_names", []), attrs.get("ip_addresses", [])
-            )
-        except ca.CertificateError as exc:
-            raise serializers.ValidationError({exc.field: [str(exc)]}) from None
+            NewCertificate.from_input(attrs).check()
+        except DjangoValidationError as exc:
+            raise django_errors_to_drf(exc) from None
         return attrs
 
     def create(self, validated_data: dict) -> Certificate:
-        if validated_data.get("certificate_pem"):
-            return ca.import_certificate(
-                name=validated_data["name"],
-                certificate_pem=validated_data["certificate_pem"],
-                private_key_pem=validated_data.get("private_key_pem"),
-                kind=validated_data["kind"],
-                description=validated_data.get("description", ""),
-            )
-        return ca.issue_certificate(
-            authority=validated_data["authority"],
-            kind=validated_data["kind"],
-            common_name=validated_data["common_name"],
-            name=validated_data.get("name", ""),
-            dns_names=validated_data.get("dns_names"),
-            ip_addresses=validated_data.get("ip_addresses"),
-            validity_days=validated_data.get("validity_days"),
-            key_algorithm=validated_data.get("key_algorithm", KeyAlgorithm.EC_P256),
-            description=validated_data.get("description", ""),
-        )
+        try:
+            return NewCertificate.from_input(validated_data).create()
+        except DjangoValidationError as exc:
+            raise django_errors_to_drf(exc) from None
 
 
 class CertificateRevokeSerializer(serializers.Serializer):

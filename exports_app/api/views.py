@@ -60,21 +60,6 @@ class ExportViewSet(ExportJobActions, BaseModelViewSet):
     serializer_class = serializers.ExportSerializer
     filterset_class = filtersets.ExportFilterSet
 
-    def create_object(self, serializer: serializers.ExportSerializer) -> None:
-        source = serializer.validated_data.get("clone_from")
-        export = serializer.save()
-        if source is None:
-            provisioning.request_create(export)
-        else:
-            provisioning.request_clone(export, source)
-
-    def update_object(self, serializer: serializers.ExportSerializer) -> None:
-        old_size = serializer.instance.size
-        force = serializer.validated_data.get("force", False)
-        export = serializer.save()
-        if export.size != old_size:
-            provisioning.request_resize(export, old_size, force=force)
-
     @extend_schema(
         parameters=[
             OpenApiParameter(
