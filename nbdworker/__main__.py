@@ -226,7 +226,9 @@ async def run(
         await server.shutdown()
         return 1
     if source is not None and client is not None:
-        status = StatusPublisher(client, server, settings.node)
+        status = StatusPublisher(
+            client, server, settings.node, storage_roots=settings.storage_roots
+        )
 
         def apply(new: WorkerConfig) -> None:
             server.apply_config(new)
