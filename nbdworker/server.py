@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from nbdworker.backends import Backend, FileBackend, MemoryBackend
 from nbdworker.contract.config import ExportConfig, WorkerConfig, tls_refusal
+from nbdworker.imagefile import ImageRefused, RefusalReason, open_image
 from nbdworker.listeners import Listener, bind_listeners, close_listeners
 from nbdworker.metrics import WorkerStats, connection_totals
 from nbdworker.protocol import ExportView, TLSMode, TransmissionFlag
@@ -97,25 +98,28 @@ class ServerState:
 
 
 def _open_backend(
-    cfg: ExportConfig, settings: WorkerSettings, shared_memory: str | None = None
+    cfg: ExportConfig,
+    settings: WorkerSettings,
+    shared_memory: str | None = None,
+    refused: Callable[[str], None] = lambda reason: None,
 ) -> Backend | None:
+    """The export's backend, or None when it is refused (logged, and `refused(reason)`)."""
     if cfg.backend == "memory":
         if shared_memory is not None:
             return _shared_memory_backend(cfg, shared_memory)
         return MemoryBackend(cfg.size or 0, read_only=cfg.read_only)
     assert cfg.path is not None
-    if not settings.path_allowed(cfg.path):
-        log.error(
-            "export %r refused: %s is not under a storage root (%s)",
-            cfg.name,
-            os.path.realpath(cfg.path),
-            ", ".join(settings.storage_roots),
-        )
+    try:
+        fd = open_image(cfg.path, settings.root_spellings, writable=not cfg.read_only)
+    except ImageRefused as exc:
+        log.error("export %r refused: %s", cfg.name, exc)
+        refused(exc.reason)
         return None
     try:
-        return FileBackend(os.path.realpath(cfg.path), read_only=cfg.read_only)
+        return FileBackend(cfg.path, read_only=cfg.read_only, fd=fd)
     except OSError as exc:
         log.error("export %r refused: cannot open %s: %s", cfg.name, cfg.path, exc)
+        refused(RefusalReason.OPEN_FAILED)
         return None
 
 
@@ -211,12 +215,15 @@ class NBDServer:
                 # Absent from LIST, INFO/GO answered UNKNOWN, live sessions ended: never served
                 # in plaintext while the admin believes it is TLS-only.
                 log.error("export %r refused: %s", cfg.name, refusal)
+                self.stats.export_refused("tls_mode")
                 continue
             prev = old.get(cfg.name)
             if prev is not None and prev.config == cfg and not _image_resized(prev):
                 exports[cfg.name] = prev
                 continue
-            backend = _open_backend(cfg, self.settings, self.shared_memory)
+            backend = _open_backend(
+                cfg, self.settings, self.shared_memory, self.stats.export_refused
+            )
             if backend is None:
                 continue
             view = ExportView(

@@ -71,12 +71,16 @@ MAX_BUSY_POLL_US = 1000
 
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
+    # Real paths (symlinks resolved once, at start: the operator's roots are trusted).
     storage_roots: tuple[str, ...]
     listen: tuple[ListenAddress, ...]
     node: str = "default"
     # How long a serving process polls its connections before its event loop sleeps
     # (nbdworker/spin.py); 0 turns it off.
     busy_poll_us: int = DEFAULT_BUSY_POLL_US
+    # The roots as the operator spelled them (absolute), in the order of storage_roots: an
+    # export's path may name its root either way.
+    storage_roots_given: tuple[str, ...] = ()
 
     @classmethod
     def from_sources(
@@ -115,12 +119,11 @@ class WorkerSettings:
             listen=tuple(parse_listen(x) for x in listen),
             node=env.get("NBDWORKER_NODE") or "default",
             busy_poll_us=busy_poll_us,
+            storage_roots_given=tuple(os.path.abspath(r) for r in storage_roots),
         )
 
-    def path_allowed(self, path: str) -> bool:
-        """True if `path`, after resolving symlinks, lies under one of the storage roots."""
-        real = os.path.realpath(path)
-        for root in self.storage_roots:
-            if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
-                return True
-        return False
+    @property
+    def root_spellings(self) -> tuple[tuple[str, str], ...]:
+        """(as given, real path) of each storage root, for nbdworker/imagefile.py."""
+        given = self.storage_roots_given or self.storage_roots
+        return tuple(zip(given, self.storage_roots, strict=True))
