@@ -27,7 +27,7 @@ from exports_app.models import (
     WorkerNode,
 )
 from exports_app.models.tls import OPTIONALTLS_WARNING
-from exports_app.services import bundles, ca, provisioning
+from exports_app.services import bundles, ca, exports, provisioning
 from exports_app.validators import parse_size, validate_no_control_characters
 
 __all__ = [
@@ -176,8 +176,7 @@ class ExportForm(forms.ModelForm):
     size = SizeFormField(help_text='Bytes, or with a binary unit: "10G", "512M", "1T".')
     force = forms.BooleanField(
         required=False,
-        label="Allow shrinking",
-        help_text="A smaller size destroys the data past the new end.",
+        help_text="Allow shrinking: a smaller size destroys the data past the new end.",
     )
 
     class Meta:
@@ -187,22 +186,23 @@ class ExportForm(forms.ModelForm):
 
     def clean(self) -> dict:
         cleaned = super().clean()
+        if self.instance.pk is None:
+            return cleaned
         # construct_instance() has not run yet: self.instance still holds the stored size.
         new_size = cleaned.get("size")
-        if (
-            self.instance.pk
-            and new_size
-            and new_size < self.instance.size
-            and not cleaned.get("force")
-        ):
-            self.add_error("size", "Shrinking destroys data; tick 'Allow shrinking'.")
+        try:
+            exports.check_changeable(self.instance)
+            if new_size is not None:
+                exports.check_resize(self.instance, new_size, cleaned.get("force", False))
+        except ValidationError as exc:
+            self.add_error(None, exc)
         return cleaned
 
 
 class ResizeExportForm(forms.Form):
     size = SizeFormField(label="New size")
     force = forms.BooleanField(
-        required=False, help_text="Allow shrinking (destroys data past the new end)."
+        required=False, help_text="Allow shrinking (destroys the data past the new end)."
     )
 
 
@@ -253,15 +253,12 @@ class ExportAdmin(SimpleHistoryAdmin):
         return export.last_error[:80]
 
     def save_model(self, request, obj: Export, form, change: bool) -> None:
-        with transaction.atomic():
-            old_size = form.initial.get("size") if change else None
-            super().save_model(request, obj, form, change)
-            if not change:
-                provisioning.request_create(obj)
-            elif old_size is not None and obj.size != old_size:
-                provisioning.request_resize(
-                    obj, old_size, force=form.cleaned_data.get("force", False)
-                )
+        if change:
+            exports.save_export(
+                obj, form.initial["size"], force=form.cleaned_data.get("force", False)
+            )
+        else:
+            exports.create_export(obj)
 
     def delete_model(self, request, obj: Export) -> None:
         with transaction.atomic():
@@ -292,27 +289,17 @@ class ExportAdmin(SimpleHistoryAdmin):
 
     @admin.action(description="Resize selected exports", permissions=["change"])
     def resize_exports(self, request, queryset):
-        def apply(form, exports):
+        def apply(form, selected):
             new_size, force = form.cleaned_data["size"], form.cleaned_data["force"]
-            for export in exports:
-                old_size = export.size
-                if new_size < old_size and not force:
+            for export in selected:
+                # The API's POST …/resize/ calls the same function: the same refusals.
+                try:
+                    exports.resize_export(export, new_size, force)
+                except ValidationError as exc:
                     self.message_user(
-                        request,
-                        f"{export}: shrinking needs 'force' (it destroys data).",
-                        messages.ERROR,
+                        request, f"{export}: {' '.join(exc.messages)}", messages.ERROR
                     )
                     continue
-                export.size = new_size
-                try:
-                    export.full_clean()
-                except ValidationError as exc:
-                    problems = "; ".join(m for ms in exc.message_dict.values() for m in ms)
-                    self.message_user(request, f"{export}: {problems}", messages.ERROR)
-                    continue
-                with transaction.atomic():
-                    export.save(update_fields=["size", "last_updated"])
-                    provisioning.request_resize(export, old_size, force=force)
                 self.message_user(
                     request,
                     f"{export}: resize to {human_size(new_size)} requested.",

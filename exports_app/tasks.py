@@ -26,7 +26,7 @@ from django.utils import timezone
 
 from exports_app.choices import ExportState, JobKind, JobState
 from exports_app.models import Export, Job
-from exports_app.services import export_usage, images
+from exports_app.services import exports, images
 from exports_app.services.publishing import schedule_publish
 from exports_app.validators import resolve_image_path
 
@@ -108,14 +108,11 @@ def _clone(job: Job, export: Export, progress: ProgressRecorder) -> dict:
 
 def _resize(job: Job, export: Export, progress: ProgressRecorder) -> dict:
     size, old_size = job.params["size"], job.params["old_size"]
-    if size < old_size:
-        if not job.params.get("force"):
-            raise JobFailed("Shrinking destroys data past the new end; it needs force.")
-        sessions = export_usage.live_session_count(export)
-        if sessions:
-            raise JobFailed(f"{sessions} live session(s) use the export; a shrink needs none.")
-        if sessions is None:
-            log.warning("shrinking %r without knowing its live sessions", export.name)
+    # Asked again now: a client may have connected since the resize was requested.
+    try:
+        exports.check_resize(export, size, job.params.get("force", False), old_size=old_size)
+    except ValidationError as exc:
+        raise JobFailed(" ".join(exc.messages)) from None
     images.resize(_image_path(export), size)
     return {"last_error": ""}
 

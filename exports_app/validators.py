@@ -23,7 +23,9 @@ from exports_app.constants import (
 __all__ = [
     "normalize_client_rules",
     "normalize_networks",
+    "parse_ascii_int",
     "parse_listen_address",
+    "parse_object_id",
     "parse_size",
     "resolve_image_path",
     "validate_description",
@@ -34,11 +36,35 @@ __all__ = [
     "validate_storage_root",
 ]
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTPE]?)(?:i?B)?\s*$", re.IGNORECASE)
+# [0-9], not \d: \d also matches Arabic-Indic, Devanagari, full-width... digits, which int() reads.
+_SIZE_RE = re.compile(r"^\s*([0-9]+)\s*([KMGTPE]?)(?:i?B)?\s*$", re.IGNORECASE)
+_ASCII_INT_RE = re.compile(r"-?[0-9]{1,30}")
+# The database's largest integer (bigint): an ID beyond it matches nothing and must not reach SQL.
+MAX_OBJECT_ID = (1 << 63) - 1
 _SIZE_UNITS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
 _NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
 CLIENT_RULE_KINDS = ("fingerprint_sha256", "common_name", "san")
+
+
+def parse_ascii_int(text: str) -> int | None:
+    """The integer written in `text` with ASCII digits (and an optional '-'), else None.
+
+    The one place where the web side reads a number from text: int() alone also accepts
+    non-ASCII digits ("١٢" is 12), underscores and surrounding whitespace, and str.isdigit() is
+    true for "²", which int() then refuses.
+    """
+    if not isinstance(text, str) or not _ASCII_INT_RE.fullmatch(text):
+        return None
+    return int(text)
+
+
+def parse_object_id(text: str) -> int | None:
+    """A database ID written as ASCII digits, within the database's integer range, else None."""
+    value = parse_ascii_int(text)
+    if value is None or not 0 <= value <= MAX_OBJECT_ID:
+        return None
+    return value
 
 
 def _has_control_characters(value: str) -> bool:
@@ -130,9 +156,9 @@ def validate_node_name(value: str) -> None:
 def parse_listen_address(value: str) -> tuple[str, int]:
     """`host:port` or `[v6]:port` → (host, port). Raises ValidationError."""
     host, sep, port_text = value.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
+    port = parse_ascii_int(port_text)
+    if not sep or not host or port is None or port_text.startswith("-"):
         raise ValidationError("Use host:port, e.g. 127.0.0.1:10809 or [::1]:10809.")
-    port = int(port_text)
     if not 1 <= port <= 65535:
         raise ValidationError("The port must be between 1 and 65535.")
     if host.startswith("["):

@@ -15,6 +15,8 @@ from rest_framework.response import Response
 from rest_framework.routers import APIRootView, DefaultRouter
 from rest_framework.viewsets import ModelViewSet
 
+from .fields import StrictModelSerializer
+
 __all__ = [
     "BaseModelViewSet",
     "Conflict",
@@ -41,7 +43,7 @@ def django_errors_to_drf(exc: DjangoValidationError) -> DRFValidationError:
     return DRFValidationError({"non_field_errors": exc.messages})
 
 
-class ValidatedModelSerializer(serializers.ModelSerializer):
+class ValidatedModelSerializer(StrictModelSerializer):
     """Runs the model's full_clean() on the would-be instance, so the API and the admin share
     one set of rules (NetBox does the same)."""
 

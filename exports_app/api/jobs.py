@@ -2,6 +2,7 @@
 request jobs (POST /api/v1/exports/{id}/resize/ and /verify/)."""
 
 import django_filters
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import transaction
 from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiResponse, extend_schema
@@ -12,10 +13,12 @@ from rest_framework.response import Response
 from rest_framework.viewsets import ReadOnlyModelViewSet
 
 from exports_app.choices import JobKind, JobState
-from exports_app.filtersets import _by_id_or_name
+from exports_app.filtersets import NBDWebFilterSet, _by_id_or_name
 from exports_app.models import Job
-from exports_app.services import provisioning
+from exports_app.services import exports, provisioning
 
+from .base import django_errors_to_drf
+from .fields import AsciiIntegerFilter, StrictModelSerializer
 from .serializers import ExportSerializer, SizeField
 
 __all__ = [
@@ -41,8 +44,8 @@ def parse_bool_param(request, name: str) -> bool:
     raise ValidationError({name: ["Must be true or false."]})
 
 
-class JobFilterSet(django_filters.FilterSet):
-    export = django_filters.NumberFilter(field_name="export_id", help_text="Export ID.")
+class JobFilterSet(NBDWebFilterSet):
+    export = AsciiIntegerFilter(field_name="export_id", help_text="Export ID.")
     export_name = django_filters.CharFilter()
     node = django_filters.CharFilter(method="filter_node", help_text="Node ID or name.")
     state = django_filters.MultipleChoiceFilter(choices=JobState.choices)
@@ -56,7 +59,7 @@ class JobFilterSet(django_filters.FilterSet):
         return _by_id_or_name(queryset, "node", value)
 
 
-class JobSerializer(serializers.ModelSerializer):
+class JobSerializer(StrictModelSerializer):
     url = serializers.HyperlinkedIdentityField(view_name="job-detail")
     export_url = serializers.HyperlinkedRelatedField(
         source="export", view_name="export-detail", read_only=True
@@ -131,12 +134,11 @@ class ExportJobActions:
         export = self.get_object()
         body = ExportResizeSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        if body.validated_data["size"] == export.size:
-            raise ValidationError({"size": ["The export already has this size."]})
-        # The same path as PATCH {"size": ...}: one set of rules for a size change.
-        serializer = self.get_serializer(export, data=body.validated_data, partial=True)
-        serializer.is_valid(raise_exception=True)
-        self.perform_update(serializer)
+        # The admin's resize action calls the same function: one set of rules for a resize.
+        try:
+            exports.resize_export(export, body.validated_data["size"], body.validated_data["force"])
+        except DjangoValidationError as exc:
+            raise django_errors_to_drf(exc) from None
         return self._accepted(export.pk)
 
     @extend_schema(

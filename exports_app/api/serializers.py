@@ -11,10 +11,11 @@ from exports_app.choices import CertificateKind, ExportState, KeyAlgorithm
 from exports_app.constants import MAX_VALIDITY_DAYS
 from exports_app.models import Certificate, CertificateAuthority, Export, TLSPolicy, WorkerNode
 from exports_app.models.exports import name_digest
-from exports_app.services import ca, export_usage, workerstatus
-from exports_app.validators import parse_size, validate_no_control_characters
+from exports_app.services import ca, exports, workerstatus
+from exports_app.validators import parse_object_id, parse_size, validate_no_control_characters
 
-from .base import ValidatedModelSerializer
+from .base import ValidatedModelSerializer, django_errors_to_drf
+from .fields import AsciiIntegerField, AsciiPrimaryKeyRelatedField, StrictModelSerializer
 
 __all__ = [
     "CertificateAuthoritySerializer",
@@ -182,7 +183,7 @@ class TLSPolicySerializer(ValidatedModelSerializer):
 
 class ExportSerializer(ValidatedModelSerializer):
     url = serializers.HyperlinkedIdentityField(view_name="export-detail")
-    node = serializers.PrimaryKeyRelatedField(
+    node = AsciiPrimaryKeyRelatedField(
         queryset=WorkerNode.objects.all(),
         required=False,
         help_text="Defaults to the node named by NBDWORKER_NODE.",
@@ -286,8 +287,8 @@ class ExportSerializer(ValidatedModelSerializer):
             raise PermissionDenied("Cloning an export needs the permission to view exports.")
         value, node = attrs["clone_from"], attrs["node"]
         exports = Export.objects.select_related("node")
-        is_id = value.isascii() and value.isdigit() and len(value) <= 18
-        source = exports.filter(pk=int(value)).first() if is_id else None
+        object_id = parse_object_id(value)
+        source = exports.filter(pk=object_id).first() if object_id is not None else None
         if source is None:
             source = exports.filter(node=node, name_digest=name_digest(value)).first()
         if source is None:
@@ -317,24 +318,25 @@ class ExportSerializer(ValidatedModelSerializer):
             if "clone_from" in attrs:
                 self._clone_source(attrs)
         else:
+            try:
+                exports.check_changeable(instance)
+            except DjangoValidationError as exc:
+                raise django_errors_to_drf(exc) from None
             errors = {}
             if "clone_from" in attrs:
                 errors["clone_from"] = ["Only when creating an export."]
-            if instance.state == ExportState.DELETING:
-                raise serializers.ValidationError(
-                    {"non_field_errors": ["The export is being deleted."]}
-                )
             if "node" in attrs and attrs["node"] != instance.node:
                 errors["node"] = ["An export cannot move to another node."]
             if "image_path" in attrs and attrs["image_path"] != instance.image_path:
                 errors["image_path"] = ["The image path cannot change after creation."]
-            new_size = attrs.get("size", instance.size)
-            if new_size < instance.size and not attrs.get("force"):
-                errors["size"] = ["Shrinking destroys data past the new end; send force=true."]
-            elif new_size < instance.size and export_usage.live_session_count(instance):
-                errors["force"] = ["Live sessions use the export; a shrink needs none."]
             if errors:
                 raise serializers.ValidationError(errors)
+            try:
+                exports.check_resize(
+                    instance, attrs.get("size", instance.size), attrs.get("force", False)
+                )
+            except DjangoValidationError as exc:
+                raise django_errors_to_drf(exc) from None
         return super().validate(attrs)
 
     def after_clean(self, instance: Export, attrs: dict) -> None:
@@ -345,12 +347,18 @@ class ExportSerializer(ValidatedModelSerializer):
 
     def create(self, validated_data: dict) -> Export:
         validated_data.pop("force", None)
-        validated_data.pop("clone_from", None)
-        return super().create(validated_data)
+        clone_from = validated_data.pop("clone_from", None)
+        export = Export(**validated_data)
+        exports.create_export(export, clone_from=clone_from)
+        return export
 
     def update(self, instance: Export, validated_data: dict) -> Export:
-        validated_data.pop("force", None)
-        return super().update(instance, validated_data)
+        force = validated_data.pop("force", False)
+        old_size = instance.size
+        for field, value in validated_data.items():
+            setattr(instance, field, value)
+        exports.save_export(instance, old_size, force=force)
+        return instance
 
 
 # -- certificates ------------------------------------------------------------------------------
@@ -367,7 +375,7 @@ class RenameOnlyUpdateMixin:
         return instance
 
 
-class CertificateAuthoritySerializer(RenameOnlyUpdateMixin, serializers.ModelSerializer):
+class CertificateAuthoritySerializer(RenameOnlyUpdateMixin, StrictModelSerializer):
     """POST with `common_name` creates an internal CA; with `certificate_pem` (and optionally
     `private_key_pem`) imports an external one. Only name and description change afterwards."""
 
@@ -382,7 +390,7 @@ class CertificateAuthoritySerializer(RenameOnlyUpdateMixin, serializers.ModelSer
     key_algorithm = serializers.ChoiceField(
         choices=KeyAlgorithm.choices, required=False, default=KeyAlgorithm.EC_P256
     )
-    validity_days = serializers.IntegerField(
+    validity_days = AsciiIntegerField(
         write_only=True, required=False, min_value=1, max_value=MAX_VALIDITY_DAYS
     )
     certificate_pem = serializers.CharField(
@@ -489,7 +497,7 @@ class CertificateAuthoritySerializer(RenameOnlyUpdateMixin, serializers.ModelSer
         )
 
 
-class CertificateSerializer(RenameOnlyUpdateMixin, serializers.ModelSerializer):
+class CertificateSerializer(RenameOnlyUpdateMixin, StrictModelSerializer):
     """POST with `authority` issues a certificate from that CA; with `certificate_pem` imports
     one (a server certificate needs `private_key_pem`). Only name and description change
     afterwards; revoke with POST …/revoke/."""
@@ -502,7 +510,7 @@ class CertificateSerializer(RenameOnlyUpdateMixin, serializers.ModelSerializer):
         help_text="Defaults to <kind>-<common name>-<serial>.",
     )
     kind = serializers.ChoiceField(choices=CertificateKind.choices, default=CertificateKind.CLIENT)
-    authority = serializers.PrimaryKeyRelatedField(
+    authority = AsciiPrimaryKeyRelatedField(
         queryset=CertificateAuthority.objects.all(), required=False, allow_null=True
     )
     common_name = serializers.CharField(
@@ -514,7 +522,7 @@ class CertificateSerializer(RenameOnlyUpdateMixin, serializers.ModelSerializer):
     ip_addresses = serializers.ListField(
         child=serializers.CharField(max_length=64), required=False, max_length=100
     )
-    validity_days = serializers.IntegerField(
+    validity_days = AsciiIntegerField(
         write_only=True, required=False, min_value=1, max_value=MAX_VALIDITY_DAYS
     )
     key_algorithm = serializers.ChoiceField(

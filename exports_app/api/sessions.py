@@ -17,8 +17,14 @@ from rest_framework.viewsets import ViewSet
 
 from exports_app.models import WorkerNode
 from exports_app.services import workerstatus
+from exports_app.validators import parse_object_id
 
 __all__ = ["SessionPermissions", "SessionSerializer", "SessionViewSet"]
+
+
+def _by_id_or_name(nodes, value: str):
+    object_id = parse_object_id(value)
+    return nodes.filter(pk=object_id) if object_id is not None else nodes.filter(name=value)
 
 
 class StatusUnavailable(APIException):
@@ -74,7 +80,7 @@ class SessionViewSet(ViewSet):
     def _node_names(self, node: str | None = None) -> list[str]:
         nodes = WorkerNode.objects.order_by("name")
         if node:
-            nodes = nodes.filter(pk=int(node)) if node.isdigit() else nodes.filter(name=node)
+            nodes = _by_id_or_name(nodes, node)
         return list(nodes.values_list("name", flat=True))
 
     @extend_schema(

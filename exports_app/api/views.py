@@ -20,6 +20,7 @@ from exports_app.models import (
     WorkerNode,
 )
 from exports_app.services import bundles, ca, provisioning
+from exports_app.validators import parse_object_id
 
 from . import serializers
 from .base import BaseModelViewSet
@@ -58,21 +59,6 @@ class ExportViewSet(ExportJobActions, BaseModelViewSet):
     )
     serializer_class = serializers.ExportSerializer
     filterset_class = filtersets.ExportFilterSet
-
-    def create_object(self, serializer: serializers.ExportSerializer) -> None:
-        source = serializer.validated_data.get("clone_from")
-        export = serializer.save()
-        if source is None:
-            provisioning.request_create(export)
-        else:
-            provisioning.request_clone(export, source)
-
-    def update_object(self, serializer: serializers.ExportSerializer) -> None:
-        old_size = serializer.instance.size
-        force = serializer.validated_data.get("force", False)
-        export = serializer.save()
-        if export.size != old_size:
-            provisioning.request_resize(export, old_size, force=force)
 
     @extend_schema(
         parameters=[
@@ -158,9 +144,10 @@ class CertificateViewSet(BaseModelViewSet):
         value = request.query_params.get(name)
         if value in (None, ""):
             return None
-        if not value.isdigit():
-            raise ValidationError({name: ["Must be an ID."]})
-        found = model.objects.filter(pk=int(value)).first()
+        object_id = parse_object_id(value)
+        if object_id is None:
+            raise ValidationError({name: ["Must be an ID (ASCII digits)."]})
+        found = model.objects.filter(pk=object_id).first()
         if found is None:
             raise ValidationError({name: [f"No {model._meta.verbose_name} with ID {value}."]})
         return found

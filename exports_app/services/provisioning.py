@@ -5,8 +5,8 @@ Celery queue of the export's node, `node.<name>`, once the surrounding transacti
 worker never sees a job whose rows a rollback would take back. The job then moves the export's
 state (provisioning → ready, or failed with `last_error`) and publishes the node's config.
 
-Contract for callers (the API and the admin call these inside their transaction, right after
-saving the export):
+Contract for callers (`exports_app.services.exports`, which the API and the admin call, uses
+these inside its transaction, right after saving the export):
 - `request_create(export)`: the export was just created in state PROVISIONING.
 - `request_clone(export, source)`: likewise, its image is to be a copy of `source`'s.
 - `request_resize(export, old_size, force=False)`: `export.size` already holds the new size.
@@ -93,9 +93,8 @@ def request_clone(export: Export, source: Export) -> Job:
 
 
 def request_resize(export: Export, old_size: int, force: bool = False) -> Job:
-    """Resize the image to `export.size`; a shrink needs `force`."""
-    if export.size < old_size and not force:
-        raise JobRefused("Shrinking destroys data past the new end; it needs force.")
+    """Resize the image to `export.size`. Whether it may (a shrink needs `force` and no live
+    session) is `exports_app.services.exports.check_resize`, asked by the callers and the job."""
     return _enqueue(
         export, JobKind.RESIZE, {"size": export.size, "old_size": old_size, "force": force}
     )

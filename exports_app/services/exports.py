@@ -1,0 +1,97 @@
+"""Changes to an export, each rule written once for the API and the admin.
+
+The checks raise Django's `ValidationError` keyed by field: the API turns it into a 400 with
+field errors (`exports_app.api.base.django_errors_to_drf`), the admin into form errors or an
+action's message. The save functions save the export and request its job in one transaction,
+so the job's message is sent only once both are committed (`exports_app.services.provisioning`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
+from django.db import transaction
+
+from exports_app.choices import ExportState
+from exports_app.models import Export, Job
+from exports_app.services import export_usage, provisioning
+
+__all__ = [
+    "check_changeable",
+    "check_resize",
+    "create_export",
+    "resize_export",
+    "save_export",
+]
+
+log = logging.getLogger(__name__)
+
+
+def check_changeable(export: Export) -> None:
+    """An export being deleted takes no more changes: its delete job owns it now."""
+    if export.state == ExportState.DELETING:
+        raise ValidationError({NON_FIELD_ERRORS: ["The export is being deleted."]})
+
+
+def check_resize(
+    export: Export, new_size: int, force: bool, *, old_size: int | None = None
+) -> None:
+    """Whether `export` may go from `old_size` (default: its stored size) to `new_size`.
+
+    A shrink destroys the data past the new end, so it needs `force`, and it is refused while
+    clients use the export (they would read past the end). Checked when the resize is asked for
+    and again when its job runs, since a client may connect in between. When the node's worker
+    sends no heartbeat its sessions are unknown, and a forced shrink goes ahead with a warning.
+    """
+    if new_size >= (export.size if old_size is None else old_size):
+        return
+    if not force:
+        raise ValidationError(
+            {"size": ["Shrinking destroys the data past the new end; it needs force."]}
+        )
+    sessions = export_usage.live_session_count(export)
+    if sessions:
+        raise ValidationError(
+            {"size": [f"{sessions} live session(s) use the export; a shrink needs none."]}
+        )
+    if sessions is None:
+        log.warning("shrinking %r without knowing its live sessions", export.name)
+
+
+def create_export(export: Export, clone_from: Export | None = None) -> Job:
+    """Save a new (validated) export and request the job that makes its image: an empty one,
+    or a copy of `clone_from`'s."""
+    with transaction.atomic():
+        export.save()
+        if clone_from is None:
+            return provisioning.request_create(export)
+        return provisioning.request_clone(export, clone_from)
+
+
+def save_export(export: Export, old_size: int, force: bool = False) -> Job | None:
+    """Save a changed (validated) export; a new size requests the resize job."""
+    with transaction.atomic():
+        export.save()
+        if export.size == old_size:
+            return None
+        return provisioning.request_resize(export, old_size, force=force)
+
+
+def resize_export(export: Export, new_size: int, force: bool = False) -> Job:
+    """Check, save and request the resize of `export` to `new_size` bytes. On a refusal the
+    export is left as it was."""
+    check_changeable(export)
+    if new_size == export.size:
+        raise ValidationError({"size": ["The export already has this size."]})
+    check_resize(export, new_size, force)
+    old_size = export.size
+    export.size = new_size
+    try:
+        export.full_clean()
+    except ValidationError:
+        export.size = old_size
+        raise
+    with transaction.atomic():
+        export.save(update_fields=["size", "last_updated"])
+        return provisioning.request_resize(export, old_size, force=force)
