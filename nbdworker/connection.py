@@ -195,6 +195,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.peer_ip: str | None = None
+        # The address this connection is counted under while it negotiates (handshake cap).
+        self.negotiating_from: str | None = None
         self.phase = _PHASE_HANDSHAKE
         self.hs: Handshake | None = None
         self.deadline: asyncio.TimerHandle | None = None
@@ -277,6 +279,20 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.phase = _PHASE_CLOSED
             transport.abort()
             return
+        if self.peer_ip is not None:
+            if not self.server.handshake_started(self.peer_ip):
+                log.warning(
+                    "%s: refused: %d connections from %s are still negotiating "
+                    "(--max-handshakes-per-address)",
+                    self.peer,
+                    self.server.settings.handshakes_per_address,
+                    self.peer_ip,
+                )
+                self.hs_failure = HandshakeFailure.HANDSHAKE_CAP
+                self.phase = _PHASE_CLOSED
+                transport.abort()
+                return
+            self.negotiating_from = self.peer_ip
         self.authorizer = ExportAuthorizer(self._export_config, peer)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)  # type: ignore[attr-defined]
         limits = self.state.config.limits
@@ -369,6 +385,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if exc is not None:
             log.debug("%s: connection lost: %s", self.peer, exc)
         self.phase = _PHASE_CLOSED
+        self._negotiation_over()
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
@@ -582,6 +599,11 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self.tls_eof and self.phase == _PHASE_HANDSHAKE:
             self._handshake_data(b"")
 
+    def _negotiation_over(self) -> None:
+        if self.negotiating_from is not None:
+            self.server.handshake_ended(self.negotiating_from)
+            self.negotiating_from = None
+
     # -- transmission setup ---------------------------------------------------------------------
 
     def _enter_transmission(self, ready: Ready, trailing: bytes) -> None:
@@ -592,6 +614,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
+        self._negotiation_over()
         self.phase = _PHASE_TRANSMISSION
         self.entry = entry
         self.backend = entry.backend

@@ -181,6 +181,8 @@ class NBDServer:
         self._listeners: list[Listener] = []  # served here, owned or inherited
         self._adopting: set[asyncio.Task] = set()  # accepted sockets being wrapped
         self._preadmitted = 0  # accepted and counted, connection_made still to come
+        # Connections still negotiating, per client address (settings.handshakes_per_address).
+        self._handshaking: dict[str, int] = {}
         self.spinner = IdleSpinner(settings.busy_poll_us)
         self._spin_pending = False
         # Thread pool for I/O that may block (flush, fallocate, cold reads); reads from the page
@@ -399,6 +401,23 @@ class NBDServer:
             return False
         self.connections.add(conn)
         return True
+
+    def handshake_started(self, address: str) -> bool:
+        """Count a connection from `address` into the handshake, unless that address already
+        has as many negotiating as the cap allows (one peer must not take every slot)."""
+        cap = self.settings.handshakes_per_address
+        n = self._handshaking.get(address, 0)
+        if cap and n >= cap:
+            return False
+        self._handshaking[address] = n + 1
+        return True
+
+    def handshake_ended(self, address: str) -> None:
+        n = self._handshaking.get(address, 0) - 1
+        if n > 0:
+            self._handshaking[address] = n
+        else:
+            self._handshaking.pop(address, None)
 
     def export_slot_free(self, entry: ExportEntry) -> bool:
         # Checked at INFO/GO and counted at the start of transmission: between the two, a
