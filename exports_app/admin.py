@@ -28,6 +28,7 @@ from exports_app.models import (
 )
 from exports_app.models.tls import OPTIONALTLS_WARNING
 from exports_app.services import bundles, ca, exports, provisioning
+from exports_app.services.certificates import NewAuthority, NewCertificate
 from exports_app.validators import parse_size, validate_no_control_characters
 
 __all__ = [
@@ -435,16 +436,11 @@ class CertificateAuthorityAddForm(forms.ModelForm):
 
     def clean(self) -> dict:
         cleaned = super().clean()
-        has_cn, has_pem = bool(cleaned.get("common_name")), bool(cleaned.get("certificate_pem"))
-        if has_cn == has_pem:
-            raise ValidationError("Give a common name to create a CA, or a certificate to import.")
-        if has_pem:
-            try:
-                ca.check_authority_import(
-                    cleaned["certificate_pem"], cleaned.get("private_key_pem")
-                )
-            except ca.CertificateError as exc:
-                self.add_error(exc.field, str(exc))
+        # The API's POST checks with the same function.
+        try:
+            NewAuthority.from_input(cleaned).check()
+        except ValidationError as exc:
+            self.add_error(None, exc)
         return cleaned
 
 
@@ -521,23 +517,7 @@ class CertificateAuthorityAdmin(AddFormAdminMixin, SimpleHistoryAdmin):
         if change:
             super().save_model(request, obj, form, change)
             return
-        data = form.cleaned_data
-        with transaction.atomic():
-            if data.get("certificate_pem"):
-                created = ca.import_authority(
-                    data["name"],
-                    data["certificate_pem"],
-                    data.get("private_key_pem") or None,
-                    description=data.get("description", ""),
-                )
-            else:
-                created = ca.create_authority(
-                    data["name"],
-                    data["common_name"],
-                    data["key_algorithm"],
-                    data.get("validity_days"),
-                    description=data.get("description", ""),
-                )
+        created = NewAuthority.from_input(form.cleaned_data).create()
         obj.pk = created.pk
         obj.refresh_from_db()
 
@@ -604,31 +584,20 @@ class CertificateAddForm(forms.ModelForm):
 
     def clean(self) -> dict:
         cleaned = super().clean()
-        if cleaned.get("certificate_pem"):
-            if not cleaned.get("name"):
-                self.add_error("name", "Name the imported certificate.")
-            try:
-                ca.check_certificate_import(
-                    cleaned["certificate_pem"], cleaned.get("private_key_pem"), cleaned["kind"]
-                )
-            except ca.CertificateError as exc:
-                self.add_error(exc.field, str(exc))
-            return cleaned
-        authority = cleaned.get("authority")
-        if authority is None:
-            self.add_error("authority", "Choose a CA to issue from, or paste a certificate.")
-        elif not authority.can_issue:
-            self.add_error("authority", "This CA has no private key or has expired.")
-        if not cleaned.get("common_name"):
-            self.add_error("common_name", "Required to issue a certificate.")
+        # The API's POST checks with the same function.
         try:
-            cleaned["dns_list"], cleaned["ip_list"] = ca.normalize_sans(
-                self._split(cleaned.get("dns_names", "")),
-                self._split(cleaned.get("ip_addresses", "")),
-            )
-        except ca.CertificateError as exc:
-            self.add_error(None, str(exc))
+            self.new_certificate().check()
+        except ValidationError as exc:
+            self.add_error(None, exc)
         return cleaned
+
+    def new_certificate(self) -> NewCertificate:
+        data = {
+            **self.cleaned_data,
+            "dns_names": self._split(self.cleaned_data.get("dns_names", "")),
+            "ip_addresses": self._split(self.cleaned_data.get("ip_addresses", "")),
+        }
+        return NewCertificate.from_input(data)
 
 
 class RevokedFilter(admin.SimpleListFilter):
@@ -726,27 +695,7 @@ class CertificateAdmin(AddFormAdminMixin, SimpleHistoryAdmin):
         if change:
             super().save_model(request, obj, form, change)
             return
-        data = form.cleaned_data
-        with transaction.atomic():
-            if data.get("certificate_pem"):
-                created = ca.import_certificate(
-                    data["name"],
-                    data["certificate_pem"],
-                    data.get("private_key_pem") or None,
-                    data["kind"],
-                    description=data.get("description", ""),
-                )
-            else:
-                created = ca.issue_certificate(
-                    data["authority"],
-                    data["kind"],
-                    data["common_name"],
-                    name=data.get("name", ""),
-                    dns_names=data.get("dns_list"),
-                    ip_addresses=data.get("ip_list"),
-                    validity_days=data.get("validity_days"),
-                    description=data.get("description", ""),
-                )
+        created = form.new_certificate().create()
         obj.pk = created.pk
         obj.refresh_from_db()
 

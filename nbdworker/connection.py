@@ -46,11 +46,13 @@ import termios
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from concurrent.futures import Executor
+from typing import Protocol
 
 from nbdworker.auth import ExportAuthorizer
-from nbdworker.backends import Backend
-from nbdworker.metrics import BYTES, HandshakeFailure, new_counts, new_session_id
+from nbdworker.backends import STATE_HOLE, STATE_ZERO, Backend
+from nbdworker.contract.config import ExportConfig
+from nbdworker.exports import ExportEntry, ServerState
 from nbdworker.protocol import (
     NEED_DATA,
     REQUEST_HEADER,
@@ -80,15 +82,13 @@ from nbdworker.protocol import (
     read_data_header_size,
 )
 from nbdworker.reload import ending_reason
+from nbdworker.session import BYTES, HandshakeFailure, SessionRecord, format_peer
+from nbdworker.settings import WorkerSettings
 from nbdworker.sockwriter import SocketWriter
 from nbdworker.spin import IdleSpinner
 from nbdworker.tls import check_peer
 
-if TYPE_CHECKING:
-    from nbdworker.contract.config import ExportConfig
-    from nbdworker.server import ExportEntry, NBDServer, ServerState
-
-__all__ = ["NBDConnection"]
+__all__ = ["ConnectionHost", "NBDConnection"]
 
 log = logging.getLogger("nbdworker.connection")
 
@@ -187,14 +187,45 @@ def _unread(fd: int) -> int:
         return 0
 
 
+class ConnectionHost(Protocol):
+    """What a connection needs of the server that accepted it (nbdworker/server.py)."""
+
+    settings: WorkerSettings
+    spinner: IdleSpinner
+    executor: Executor  # blocking backend calls: flush, fallocate, cold reads
+    serving_threads: Executor  # one serving thread per plain connection in transmission
+
+    @property
+    def state(self) -> ServerState:
+        """The current configuration generation."""
+        ...
+
+    def admit(self, conn: NBDConnection) -> bool: ...
+
+    def handshake_started(self, address: str) -> bool: ...
+
+    def handshake_ended(self, address: str) -> None: ...
+
+    def export_slot_free(self, entry: ExportEntry) -> bool: ...
+
+    def export_opened(self, name: str) -> None: ...
+
+    def export_closed(self, name: str) -> None: ...
+
+    def connection_closed(self, conn: NBDConnection) -> None: ...
+
+    def request_spin(self) -> None: ...
+
+
 class NBDConnection(asyncio.BufferedProtocol):
-    def __init__(self, server: NBDServer) -> None:
+    def __init__(self, server: ConnectionHost) -> None:
         self.server = server
         self.state: ServerState = server.state
+        # What the server, the metrics and the status publisher may read (nbdworker/session.py).
+        self.record = SessionRecord(None, self.state)
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
-        self.peer_ip: str | None = None
         # The address this connection is counted under while it negotiates (handshake cap).
         self.negotiating_from: str | None = None
         self.phase = _PHASE_HANDSHAKE
@@ -255,12 +286,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.disconnecting = False  # DISC received: finish in-flight work, then close
         self.shutting_down = False
         self.counted_export: str | None = None
-        # Read by nbdworker/metrics.py at scrape time and nbdworker/status.py per heartbeat.
-        self.session_id = new_session_id()
-        self.connected_at = time.time()
-        self.counts = new_counts()  # [command] requests, [BYTES + command] bytes
-        self.errors: dict[int, int] = {}  # NBD errno -> error replies
-        self.hs_failure: str | None = None  # why the handshake failed, for the metrics
+        self.counts = self.record.counts  # [command] requests, [BYTES + command] bytes
+        self.errors = self.record.errors  # NBD errno -> error replies
 
     # -- asyncio protocol callbacks -------------------------------------------------------------
 
@@ -269,30 +296,28 @@ class NBDConnection(asyncio.BufferedProtocol):
         # No TCP_NODELAY here: asyncio and uvloop set it on every TCP transport they create,
         # and fetching the socket object first costs a visible share of connect latency.
         peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple):
-            self.peer_ip = peer[0]
-            self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
-        else:
-            self.peer = "unix"
+        self.record.peername = peer
+        self.peer = self.record.peer = format_peer(peer)
         if not self.server.admit(self):
             log.warning("%s: refused: connection limit reached or shutting down", self.peer)
             self.phase = _PHASE_CLOSED
             transport.abort()
             return
-        if self.peer_ip is not None:
-            if not self.server.handshake_started(self.peer_ip):
+        address = peer[0] if isinstance(peer, tuple) else None
+        if address is not None:
+            if not self.server.handshake_started(address):
                 log.warning(
                     "%s: refused: %d connections from %s are still negotiating "
                     "(--max-handshakes-per-address)",
                     self.peer,
                     self.server.settings.handshakes_per_address,
-                    self.peer_ip,
+                    address,
                 )
-                self.hs_failure = HandshakeFailure.HANDSHAKE_CAP
+                self.record.handshake_failure = HandshakeFailure.HANDSHAKE_CAP
                 self.phase = _PHASE_CLOSED
                 transport.abort()
                 return
-            self.negotiating_from = self.peer_ip
+            self.negotiating_from = address
         self.authorizer = ExportAuthorizer(self._export_config, peer)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)  # type: ignore[attr-defined]
         limits = self.state.config.limits
@@ -428,7 +453,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         elif self.phase == _PHASE_TLS:
             self.abort()
         elif self.phase == _PHASE_TRANSMISSION:
-            self.shutting_down = True
+            self.shutting_down = self.record.ending = True
             if self.threaded:
                 self._wake()
                 return
@@ -474,7 +499,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.deadline = None
         if self.phase == _PHASE_HANDSHAKE or self.phase == _PHASE_TLS:
             log.info("%s: handshake deadline passed: dropping", self.peer)
-            self.hs_failure = HandshakeFailure.TIMEOUT
+            self.record.handshake_failure = HandshakeFailure.TIMEOUT
             self.abort()
 
     def _handshake_data(self, data: bytes) -> None:
@@ -489,9 +514,9 @@ class NBDConnection(asyncio.BufferedProtocol):
                 if isinstance(event, OptionHandled):
                     log.debug("%s: %s -> %s %s", self.peer, event.option, event.reply, event.detail)
                     if event.reply == Reply.ERR_TLS_REQD:
-                        self.hs_failure = HandshakeFailure.TLS_REQUIRED
+                        self.record.handshake_failure = HandshakeFailure.TLS_REQUIRED
                     elif event.reply == Reply.ERR_POLICY:
-                        self.hs_failure = HandshakeFailure.NOT_AUTHORIZED
+                        self.record.handshake_failure = HandshakeFailure.NOT_AUTHORIZED
                         if event.option in _EXPORT_OPTIONS and self.authorizer is not None:
                             # Each export refusal the client receives (LIST filtering is none).
                             log.warning("%s: %s", self.authorizer.describe(), event.detail)
@@ -563,7 +588,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                 logging.WARNING if isinstance(exc, ssl.SSLCertVerificationError) else logging.INFO
             )
             log.log(level, "%s: TLS handshake failed: %s", self.peer, exc or type(exc).__name__)
-            self.hs_failure = (
+            self.record.handshake_failure = (
                 HandshakeFailure.BAD_CERTIFICATE
                 if isinstance(exc, ssl.SSLCertVerificationError)
                 else HandshakeFailure.TIMEOUT
@@ -584,12 +609,14 @@ class NBDConnection(asyncio.BufferedProtocol):
             log.warning(
                 "%s [%s]: refused after the TLS handshake: %s", self.peer, who, peer.refusal
             )
-            self.hs_failure = HandshakeFailure.BAD_CERTIFICATE
+            self.record.handshake_failure = HandshakeFailure.BAD_CERTIFICATE
             self.abort()
             return
         log.info("%s: TLS up (%s, %s) [%s]", self.peer, peer.version, peer.cipher, who)
         if self.authorizer is not None:
             self.authorizer.identity = peer.identity
+        self.record.identity = peer.identity
+        self.record.tls_version = peer.version or "TLS"
         self.phase = _PHASE_HANDSHAKE
         self.tls_active = True
         self.hs.tls_started()
@@ -616,14 +643,14 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.deadline = None
         self._negotiation_over()
         self.phase = _PHASE_TRANSMISSION
-        self.entry = entry
+        self.entry = self.record.entry = entry
         self.backend = entry.backend
         self.server.export_opened(entry.config.name)
         self.counted_export = entry.config.name
         if self.state is not self.server.state:
             # The config changed while this client negotiated: it may not keep what the new
             # one withdraws. Ended as a reload ends the others, once the export is set up.
-            reason = ending_reason(self, self.server.state)
+            reason = ending_reason(self.record, self.server.state)
             if reason is not None:
                 log.info(
                     "%s: export %r: %s: ending the connection", self.peer, entry.config.name, reason
@@ -651,7 +678,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.rbuf[: len(trailing)] = trailing
             self.end = len(trailing)
         if not self.tls_active:
-            self.file_fd = getattr(self.backend, "fd", None)
+            self.file_fd = self.backend.sendfile_fd
             self.hand_off = True
         if trailing:
             self._process()
@@ -920,7 +947,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                 extents = backend.extents(req.offset, length)
             except OSError:
                 extents = None
-            if extents and (len(extents) > 1 or extents[0][1] & 1):
+            if extents and (len(extents) > 1 or extents[0][1] & STATE_HOLE):
                 self._in_thread(req, self._sparse_read, req, extents, result=self._send_reply)
                 return
         if self.tls_active:
@@ -1022,10 +1049,11 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.hand_off = False
             self._update_reading()
             return
-        if self.peer_ip is None:
+        peername = self.record.peername
+        if not isinstance(peername, tuple):
             family = socket.AF_UNIX
         else:
-            family = socket.AF_INET6 if ":" in self.peer_ip else socket.AF_INET
+            family = socket.AF_INET6 if ":" in peername[0] else socket.AF_INET
         self.writer = SocketWriter(sock_fd, family)
         if self.spin_fd >= 0:
             # The thread waits on the socket itself (and spins itself, see _serve_requests).
@@ -1072,7 +1100,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             if pos >= end:
                 break
             n = min(length, end - pos)
-            hole = bool(flags & 2)
+            hole = bool(flags & STATE_ZERO)
             if pieces and pieces[-1][2] == hole:
                 last = pieces.pop()
                 pieces.append((last[0], last[1] + n, hole))

@@ -1,6 +1,7 @@
 """Prometheus metrics of the worker, counted cheaply.
 
-Connections count their requests in plain ints (`ConnectionCounters`): per request that is two
+Connections count their requests in plain ints (`SessionRecord.counts`, nbdworker/session.py):
+per request that is two
 list increments, nothing else. Nothing is pushed to prometheus-client on the request path;
 the collector reads the live connections and the totals of the ended ones when Prometheus
 scrapes. The scrape runs in prometheus-client's HTTP thread, so it asks the event loop for a
@@ -16,11 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
 import logging
-import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import start_http_server
@@ -28,60 +27,26 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from nbdworker.protocol import Command, Errno
+from nbdworker.session import BYTES, SessionRecord, new_counts
 from nbdworker.settings import parse_listen
 
 if TYPE_CHECKING:
     from nbdworker.configsource import FollowerHealth
-    from nbdworker.server import NBDServer
 
 __all__ = [
-    "BYTES",
-    "COUNTS_SIZE",
-    "HandshakeFailure",
     "ServerCollector",
     "WorkerStats",
     "connection_totals",
     "merge_totals",
-    "new_counts",
-    "new_session_id",
     "start_metrics_server",
 ]
 
 log = logging.getLogger("nbdworker.metrics")
 
-# counts[command] = requests, counts[BYTES + command] = bytes (the request's length field).
-BYTES = 16
-COUNTS_SIZE = 2 * BYTES
 _COMMAND_NAMES = {int(c): c.name.lower() for c in Command}
 _ERRNO_NAMES = {int(e): e.name for e in Errno}
 # What a scrape may wait for the event loop before it gives up (a stuck loop is itself news).
 SCRAPE_TIMEOUT = 5.0
-
-
-class HandshakeFailure:
-    """Reasons for `WorkerStats.handshake_failed` (the metric's `reason` label)."""
-
-    TLS_REQUIRED = "tls_required"
-    NOT_AUTHORIZED = "not_authorized"
-    BAD_CERTIFICATE = "bad_certificate"
-    TLS_ERROR = "tls_error"
-    TIMEOUT = "timeout"
-    # Closed at once: too many connections from its address were still negotiating.
-    HANDSHAKE_CAP = "handshake_cap"
-
-
-def new_counts() -> list[int]:
-    return [0] * COUNTS_SIZE
-
-
-# One random draw per process and a counter per session (a draw per session was a getrandom
-# syscall on every connect): 16 hex digits, unique across the node's processes and restarts.
-_SESSION_PREFIX = secrets.token_hex(4)
-_session_numbers = itertools.count(1)
-
-
-def new_session_id() -> str:
-    return f"{_SESSION_PREFIX}{next(_session_numbers) & 0xFFFFFFFF:08x}"
 
 
 class WorkerStats:
@@ -128,28 +93,26 @@ class WorkerStats:
         self.config_rejected[reason] = self.config_rejected.get(reason, 0) + 1
 
 
-def connection_totals(server: NBDServer) -> dict[str, Any]:
+def connection_totals(stats: WorkerStats, sessions: Iterable[SessionRecord]) -> dict[str, Any]:
     """The counters of one serving process, live connections included, as plain JSON data
     (a supervisor sums those of its serving processes with `merge_totals`)."""
-    stats: WorkerStats = server.stats
     counts = {export: list(c) for export, c in stats.retired_counts.items()}
     errors = dict(stats.errors)
     live: dict[str, int] = {}
     handshaking = 0
-    for conn in server.connections:
-        entry = conn.entry
-        if entry is None:
+    for record in sessions:
+        export = record.export
+        if export is None:
             handshaking += 1
             continue
-        export = entry.config.name
         live[export] = live.get(export, 0) + 1
         total = counts.setdefault(export, new_counts())
-        for i, n in enumerate(conn.counts):
+        for i, n in enumerate(record.counts):
             if n:
                 total[i] += n
         # Copied in one step (list() holds the GIL throughout): the connection's serving
         # thread may add an errno meanwhile.
-        for errno, n in list(conn.errors.items()):
+        for errno, n in list(record.errors.items()):
             errors[export, errno] = errors.get((export, errno), 0) + n
     return {
         "handshaking": handshaking,

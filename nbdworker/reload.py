@@ -15,27 +15,18 @@ changes (the chain it presented is not kept); revoke it to end such a client at 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from nbdworker.auth import authorize_export
+from nbdworker.exports import ServerState
 from nbdworker.protocol.tlsmode import export_needs_tls
+from nbdworker.session import SessionRecord
 from nbdworker.tls import is_revoked, issuer_withdrawn
-
-if TYPE_CHECKING:
-    from nbdworker.connection import NBDConnection
-    from nbdworker.server import ServerState
 
 __all__ = ["ending_reason"]
 
 
-def _tls_version(conn: NBDConnection) -> str | None:
-    sslobj = conn.transport.get_extra_info("ssl_object") if conn.transport is not None else None
-    return sslobj.version() if sslobj is not None else None
-
-
-def ending_reason(conn: NBDConnection, state: ServerState) -> str | None:
-    """Why `conn` (in transmission) may not go on under `state`; None if it may."""
-    entry = conn.entry
+def ending_reason(session: SessionRecord, state: ServerState) -> str | None:
+    """Why `session` (in transmission) may not go on under `state`; None if it may."""
+    entry = session.entry
     if entry is None:
         return None
     old = entry.config
@@ -43,23 +34,22 @@ def ending_reason(conn: NBDConnection, state: ServerState) -> str | None:
     if new_entry is None:
         return "export removed, disabled or refused"
     new = new_entry.config
+    tls = session.tls
     # The handshake's own rule, so a live session ends exactly when a new one would be refused.
-    if export_needs_tls(state.tls_mode, new.tls_required, conn.tls_active):
+    if export_needs_tls(state.tls_mode, new.tls_required, tls):
         return "TLS is now required"
-    authorizer = conn.authorizer
-    address = authorizer.address if authorizer is not None else None
-    identity = authorizer.identity if authorizer is not None else None
-    refusal = authorize_export(new, address, identity)
+    identity = session.identity
+    refusal = authorize_export(new, session.address, identity)
     if refusal is not None:
         return f"no longer authorized: {refusal}"
-    tls = state.config.tls
-    if is_revoked(identity, tls):
+    policy = state.config.tls
+    if is_revoked(identity, policy):
         return f"client certificate serial {identity.serial} revoked"  # type: ignore[union-attr]
-    if conn.tls_active and issuer_withdrawn(identity, conn.state.config.tls, tls):
+    if tls and issuer_withdrawn(identity, session.state.config.tls, policy):
         return "the CA that issued its client certificate is no longer trusted"
-    if conn.tls_active and identity is None and tls.client_verification == "required":
+    if tls and identity is None and policy.client_verification == "required":
         return "a client certificate is now required"
-    if conn.tls_active and tls.min_version == "1.3" and _tls_version(conn) == "TLSv1.2":
+    if tls and policy.min_version == "1.3" and session.tls_version == "TLSv1.2":
         return "TLS 1.3 is now required"
     if new.read_only and not old.read_only:
         return "export became read-only"

@@ -18,13 +18,13 @@ import logging
 import os
 import signal
 import socket
-import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 from nbdworker.backends import Backend, FileBackend, MemoryBackend
+from nbdworker.connection import NBDConnection
 from nbdworker.contract.config import ExportConfig, WorkerConfig, tls_refusal
+from nbdworker.exports import ExportEntry, ServerState
 from nbdworker.imagefile import ImageRefused, RefusalReason, open_image
 from nbdworker.listeners import Listener, bind_listeners, close_listeners
 from nbdworker.metrics import WorkerStats, connection_totals
@@ -51,13 +51,6 @@ ACCEPT_BATCH = 16
 SERVING_THREADS_MAX = 1 << 16
 
 
-@dataclass(eq=False, slots=True)
-class ExportEntry:
-    config: ExportConfig
-    backend: Backend
-    view: ExportView
-
-
 def export_flags(cfg: ExportConfig, backend: Backend) -> TransmissionFlag:
     flags = TransmissionFlag.HAS_FLAGS
     read_only = cfg.read_only or backend.read_only
@@ -79,22 +72,6 @@ def export_flags(cfg: ExportConfig, backend: Backend) -> TransmissionFlag:
     if cfg.multi_conn and backend.can_multi_conn:
         flags |= TransmissionFlag.CAN_MULTI_CONN
     return flags
-
-
-@dataclass(frozen=True, slots=True)
-class ServerState:
-    """One configuration generation, with its exports opened."""
-
-    config: WorkerConfig
-    exports: dict[str, ExportEntry] = field(default_factory=dict)
-    tls_mode: TLSMode = TLSMode.NOTLS
-    # The server context of this generation's TLS policy (None: NOTLS, or the policy is unusable).
-    tls_context: ssl.SSLContext | None = None
-
-    def lookup(self, name: str) -> ExportEntry | None:
-        if name == "" and self.config.default_export is not None:
-            name = self.config.default_export
-        return self.exports.get(name)
 
 
 def _open_backend(
@@ -145,18 +122,6 @@ def _shared_memory_backend(cfg: ExportConfig, prefix: str) -> Backend | None:
         return None
 
 
-def _image_resized(entry: ExportEntry) -> bool:
-    """Whether a file export's image changed size since it was opened (a resize job): it is
-    then reopened, so new connections see the new size while live ones keep theirs."""
-    backend = entry.backend
-    if not isinstance(backend, FileBackend) or backend.is_block:
-        return False
-    try:
-        return os.fstat(backend.fd).st_size != entry.view.size
-    except OSError:
-        return True
-
-
 class NBDServer:
     def __init__(
         self,
@@ -169,7 +134,7 @@ class NBDServer:
         self.settings = settings
         self.shutdown_timeout = shutdown_timeout
         self.state = ServerState(WorkerConfig())
-        self.connections: set = set()
+        self.connections: set[NBDConnection] = set()
         # Connection counts, global and per export name, across config generations (an
         # export's max_connections is a property of the export, not of one snapshot) and
         # across serving processes when there are several (nbdworker/slots.py).
@@ -220,7 +185,7 @@ class NBDServer:
                 self.stats.export_refused("tls_mode")
                 continue
             prev = old.get(cfg.name)
-            if prev is not None and prev.config == cfg and not _image_resized(prev):
+            if prev is not None and prev.config == cfg and not prev.backend.size_changed():
                 exports[cfg.name] = prev
                 continue
             backend = _open_backend(
@@ -267,14 +232,15 @@ class NBDServer:
         """End, gracefully, the connections the current config withdraws (nbdworker/reload.py);
         connections still negotiating are checked when they open their export."""
         for conn in list(self.connections):
-            if conn.entry is None or conn.shutting_down:
+            record = conn.record
+            if record.entry is None or record.ending:
                 continue
-            reason = ending_reason(conn, self.state)
+            reason = ending_reason(record, self.state)
             if reason is not None:
                 log.info(
                     "%s: export %r: %s: ending the connection gracefully",
-                    conn.peer,
-                    conn.entry.config.name,
+                    record.peer,
+                    record.export,
                     reason,
                 )
                 conn.shutdown()
@@ -282,8 +248,6 @@ class NBDServer:
     # -- listeners ------------------------------------------------------------------------------
 
     def _factory(self) -> Callable[[], asyncio.BaseProtocol]:
-        from nbdworker.connection import NBDConnection
-
         return lambda: NBDConnection(self)
 
     async def start(self, listeners: list[Listener] | None = None) -> list[str]:
@@ -387,7 +351,7 @@ class NBDServer:
 
     # -- connection bookkeeping -----------------------------------------------------------------
 
-    def admit(self, conn) -> bool:
+    def admit(self, conn: NBDConnection) -> bool:
         """Count a new connection in, unless the worker is full or stopping."""
         if self._preadmitted:
             # Counted when it was accepted (_acceptable).
@@ -432,12 +396,13 @@ class NBDServer:
     def export_closed(self, name: str) -> None:
         self.slots.close_export(name)
 
-    def connection_closed(self, conn) -> None:
+    def connection_closed(self, conn: NBDConnection) -> None:
         if conn in self.connections:
-            if conn.entry is not None:
-                self.stats.retire(conn.entry.config.name, conn.counts, conn.errors)
-            elif conn.hs_failure is not None:
-                self.stats.handshake_failed(conn.hs_failure)
+            record = conn.record
+            if record.export is not None:
+                self.stats.retire(record.export, record.counts, record.errors)
+            elif record.handshake_failure is not None:
+                self.stats.handshake_failed(record.handshake_failure)
             self.connections.discard(conn)
             self.slots.close_connection()
         if self._stopping and not self.connections and self._stop_event is not None:
@@ -493,28 +458,27 @@ class NBDServer:
 
     async def session_report(self, node: str) -> dict[str, dict]:
         """session id -> public view of each connection in transmission."""
-        from nbdworker.status import session_info  # status.py pulls in redis
-
         return {
-            conn.session_id: session_info(conn, node)
+            conn.record.id: conn.record.public_view(node)
             for conn in list(self.connections)
-            if conn.entry is not None
+            if conn.record.entry is not None
         }
 
     async def end_sessions(self, ids: set[str]) -> None:
         """End, gracefully, the sessions an administrator kicked."""
         for conn in list(self.connections):
-            if conn.session_id in ids and conn.entry is not None:
+            record = conn.record
+            if record.id in ids and record.entry is not None:
                 log.info(
                     "%s: session %s on export %r ended by an administrator",
-                    conn.peer,
-                    conn.session_id,
-                    conn.entry.config.name,
+                    record.peer,
+                    record.id,
+                    record.export,
                 )
                 conn.shutdown()
 
     async def metric_totals(self) -> dict:
-        return connection_totals(self)
+        return connection_totals(self.stats, [conn.record for conn in self.connections])
 
     def force_close(self) -> None:
         self._forced = True

@@ -4,11 +4,12 @@ sessions the web side asked it to end.
 Every `interval` seconds, in one MULTI:
 
 * ``nbdweb:worker:<node>`` = JSON {version, node, generation, started, uptime, pid, host,
-  sessions, time, config_follower: {state, restarts, last_error, messages_rejected}},
-  expiring after `ttl`: the web side calls the node offline once it is gone;
+  sessions, time, storage, config_follower: {state, restarts, last_error, messages_rejected}},
+  expiring after `ttl`: the web side calls the node offline once it is gone; `storage` is a
+  list of {root, total, used, free} (bytes, from statvfs) per storage root;
 * ``nbdweb:sessions:<node>`` = hash session id → JSON {id, node, client, export, tls,
-  client_identity, reads, bytes_read, writes, bytes_written, requests, connected_since},
-  rewritten whole, expiring after `ttl`.
+  client_identity, reads, bytes_read, writes, bytes_written, requests, connected_since}
+  (`SessionRecord.public_view`, nbdworker/session.py), rewritten whole, expiring after `ttl`.
 
 Kicks: the web side adds session ids to the set ``nbdweb:kicks:<node>`` and publishes the node's
 name on ``nbdweb:session-kick``. The worker drains the set on each notice and on every beat (a
@@ -25,17 +26,13 @@ import os
 import socket
 import time
 from importlib import metadata
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from nbdworker.contract.snapshot import heartbeat_key, kicks_key, sessions_key
-from nbdworker.metrics import BYTES
-from nbdworker.protocol import Command
-
-if TYPE_CHECKING:
-    from nbdworker.metrics import WorkerStats
+from nbdworker.metrics import WorkerStats
 
 
 class StatusSource(Protocol):
@@ -48,7 +45,7 @@ class StatusSource(Protocol):
     async def end_sessions(self, ids: set[str]) -> None: ...
 
 
-__all__ = ["StatusPublisher", "session_info", "worker_version"]
+__all__ = ["StatusPublisher", "StatusSource", "storage_usage", "worker_version"]
 
 log = logging.getLogger("nbdworker.status")
 
@@ -57,7 +54,6 @@ HEARTBEAT_INTERVAL = 2.0
 HEARTBEAT_TTL = 3 * HEARTBEAT_INTERVAL
 # The most kicks handled per drain (the rest wait for the next one).
 MAX_KICKS = 1000
-_READ, _WRITE = int(Command.READ), int(Command.WRITE)
 
 
 def worker_version() -> str:
@@ -71,29 +67,19 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def session_info(conn: Any, node: str) -> dict[str, Any]:
-    """The public view of one connection in transmission."""
-    counts = conn.counts
-    identity = conn.authorizer.identity if conn.authorizer is not None else None
+def storage_usage(root: str) -> dict[str, Any]:
+    """{root, total, used, free} in bytes (free: what an unprivileged writer may still use);
+    a root that cannot be read reports its error instead."""
+    try:
+        st = os.statvfs(root)
+    except OSError as exc:
+        return {"root": root, "error": exc.strerror or str(exc)}
+    total = st.f_blocks * st.f_frsize
     return {
-        "id": conn.session_id,
-        "node": node,
-        "client": conn.peer,
-        "export": conn.entry.config.name,
-        "tls": bool(conn.tls_active),
-        "client_identity": None
-        if identity is None
-        else {
-            "common_names": list(identity.common_names),
-            "serial": identity.serial,
-            "fingerprint_sha256": identity.fingerprint_sha256,
-        },
-        "reads": counts[_READ],
-        "bytes_read": counts[BYTES + _READ],
-        "writes": counts[_WRITE],
-        "bytes_written": counts[BYTES + _WRITE],
-        "requests": sum(counts[:BYTES]),
-        "connected_since": _iso(conn.connected_at),
+        "root": root,
+        "total": total,
+        "used": total - st.f_bfree * st.f_frsize,
+        "free": st.f_bavail * st.f_frsize,
     }
 
 
@@ -105,12 +91,14 @@ class StatusPublisher:
         node: str,
         interval: float = HEARTBEAT_INTERVAL,
         ttl: float = HEARTBEAT_TTL,
+        storage_roots: tuple[str, ...] = (),
     ) -> None:
         self.client = client
         self.source = source
         self.node = node
         self.interval = interval
         self.ttl = ttl
+        self.storage_roots = storage_roots
         self._wake = asyncio.Event()
         self._failing = False
 
@@ -149,6 +137,7 @@ class StatusPublisher:
             "host": socket.gethostname(),
             "sessions": len(sessions),
             "time": _iso(now),
+            "storage": [storage_usage(root) for root in self.storage_roots],
         }
         if stats.follower is not None:
             heartbeat["config_follower"] = stats.follower.to_dict()

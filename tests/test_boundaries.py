@@ -221,3 +221,110 @@ def test_the_log_format_shared_with_the_web_side_is_standard_library_only() -> N
         if name not in sys.stdlib_module_names and name != "__future__"
     }
     assert not third_party, f"nbdworker/logformat.py imports {sorted(third_party)}"
+
+
+# -- nbdworker's own layers ----------------------------------------------------------------------
+# Every import statement counts, wherever it is: at the top, inside a function, or under
+# TYPE_CHECKING (a cycle hidden there is still a cycle in the design). A module may import its
+# own layer and the layers above it in this list, never one below; within a layer the imports
+# must not form a cycle. A new module needs a place here.
+NBDWORKER_LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("wire protocol (sans-IO)", ("nbdworker.protocol",)),
+    (
+        "contract shared with the web side",
+        ("nbdworker.contract", "nbdworker.logformat"),
+    ),
+    ("storage", ("nbdworker.backends", "nbdworker.imagefile")),
+    (
+        "the parts the server is made of",
+        (
+            "nbdworker.settings",
+            "nbdworker.configsource",
+            "nbdworker.auth",
+            "nbdworker.tls",
+            "nbdworker.exports",
+            "nbdworker.session",
+            "nbdworker.metrics",
+            "nbdworker.reload",
+            "nbdworker.listeners",
+            "nbdworker.slots",
+            "nbdworker.spin",
+            "nbdworker.sockwriter",
+        ),
+    ),
+    ("one connection", ("nbdworker.connection",)),
+    ("the server and its status", ("nbdworker.server", "nbdworker.status")),
+    ("serving processes", ("nbdworker.supervisor",)),
+    ("command line", ("nbdworker.__main__",)),
+]
+
+
+def nbdworker_import_graph() -> dict[str, set[str]]:
+    """module -> the nbdworker modules it imports, from every import statement in the file."""
+    paths = {module_name(ROOT, path): path for path in python_files("nbdworker")}
+
+    def resolve(name: str) -> str | None:
+        while name and name not in paths:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for module, path in paths.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    source = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    source = node.module or ""
+                # `from pkg import sub` imports the submodule pkg.sub when there is one.
+                names = [source] + [f"{source}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] == "nbdworker":
+                    target = resolve(name)
+                    if target is not None and target != module:
+                        targets.add(target)
+        graph[module] = targets
+    return graph
+
+
+def layer_of(module: str) -> int:
+    for index, (_title, prefixes) in enumerate(NBDWORKER_LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return index
+    raise AssertionError(f"{module} has no layer in NBDWORKER_LAYERS (tests/test_boundaries.py)")
+
+
+def test_nbdworker_imports_have_no_cycle() -> None:
+    graph = nbdworker_import_graph()
+    finished: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        for target in sorted(graph[module]):
+            assert target not in path, "import cycle: " + " -> ".join(
+                [*path[path.index(target) :], target]
+            )
+            if target not in finished:
+                visit(target, [*path, target])
+        finished.add(module)
+
+    for module in sorted(graph):
+        if module not in finished:
+            visit(module, [module])
+
+
+def test_nbdworker_imports_only_downward() -> None:
+    upward = [
+        f"{module} ({NBDWORKER_LAYERS[layer_of(module)][0]}) imports {target} "
+        f"({NBDWORKER_LAYERS[layer_of(target)][0]})"
+        for module, targets in sorted(nbdworker_import_graph().items())
+        for target in sorted(targets)
+        if layer_of(target) > layer_of(module)
+    ]
+    assert not upward, "upward imports:\n" + "\n".join(upward)

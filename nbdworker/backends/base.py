@@ -34,6 +34,9 @@ class Backend:
     # True when every connection sees one coherent store (no per-connection cache), so
     # CAN_MULTI_CONN may be advertised.
     can_multi_conn: bool = False
+    # A descriptor whose bytes at an offset are the export's at that offset, so replies can
+    # be sent from it with `os.sendfile`; None when there is none (a RAM disk).
+    sendfile_fd: int | None = None
 
     def pread(self, buf: memoryview, offset: int) -> None:
         """Fill `buf` from `offset`; a short read past the end is an error."""
@@ -86,6 +89,11 @@ class Backend:
         past `length` only if that is free. The default says "allocated, contents unknown".
         """
         return [(length, 0)]
+
+    def size_changed(self) -> bool:
+        """Whether the storage no longer has the size it was opened with (a resize job): the
+        server then opens it again for new connections, live ones keep theirs."""
+        return False
 
     def close(self) -> None:
         return None

@@ -142,6 +142,10 @@ class FileBackend(Backend):
         except OSError:
             return False
 
+    @property
+    def sendfile_fd(self) -> int:
+        return self.fd
+
     # -- writes -------------------------------------------------------------------------------
 
     def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
@@ -243,6 +247,15 @@ class FileBackend(Backend):
             self._seek_ok = False
             return [(end - offset, 0)]
         return result
+
+    def size_changed(self) -> bool:
+        # A block device's size is the device's; a file's is whatever a resize job made it.
+        if self.is_block:
+            return False
+        try:
+            return os.fstat(self.fd).st_size != self.size
+        except OSError:
+            return True
 
     def close(self) -> None:
         with self._lock:

@@ -9,7 +9,20 @@ from __future__ import annotations
 from enum import IntEnum, IntFlag
 
 __all__ = [
+    "CMD_BLOCK_STATUS",
+    "CMD_CACHE",
+    "CMD_DISC",
+    "CMD_FLUSH",
+    "CMD_READ",
+    "CMD_TRIM",
+    "CMD_WRITE",
+    "CMD_WRITE_ZEROES",
     "EXPORT_NAME_PADDING",
+    "FLAG_DF",
+    "FLAG_FAST_ZERO",
+    "FLAG_FUA",
+    "FLAG_NO_HOLE",
+    "FLAG_REQ_ONE",
     "IHAVEOPT",
     "MAX_OPTIONS",
     "MAX_OPTION_LENGTH",
@@ -212,3 +225,21 @@ class StateFlag(IntFlag):
 
     HOLE = 0x1
     ZERO = 0x2
+
+
+# --- plain ints for per-request code ----------------------------------------------------------
+# Comparisons and masks with IntEnum/IntFlag members cost a Python call per operation; the
+# transmission path (here and nbdworker/connection/) uses these instead.
+CMD_READ = int(Command.READ)
+CMD_WRITE = int(Command.WRITE)
+CMD_DISC = int(Command.DISC)
+CMD_FLUSH = int(Command.FLUSH)
+CMD_TRIM = int(Command.TRIM)
+CMD_CACHE = int(Command.CACHE)
+CMD_WRITE_ZEROES = int(Command.WRITE_ZEROES)
+CMD_BLOCK_STATUS = int(Command.BLOCK_STATUS)
+FLAG_FUA = int(CommandFlag.FUA)
+FLAG_NO_HOLE = int(CommandFlag.NO_HOLE)
+FLAG_DF = int(CommandFlag.DF)
+FLAG_REQ_ONE = int(CommandFlag.REQ_ONE)
+FLAG_FAST_ZERO = int(CommandFlag.FAST_ZERO)
