@@ -197,10 +197,14 @@ async def run(
         import redis.asyncio as aioredis
 
         from nbdworker.configsource import ConfigSource, default_state_dir
+        from nbdworker.contract.redisconn import tls_options
         from nbdworker.status import StatusPublisher
 
         client = aioredis.Redis.from_url(
-            args.redis_url, socket_connect_timeout=2.0, socket_timeout=10.0
+            args.redis_url,
+            socket_connect_timeout=2.0,
+            socket_timeout=10.0,
+            **tls_options(args.redis_url),
         )
         state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
         assert secret is not None
@@ -222,7 +226,9 @@ async def run(
         await server.shutdown()
         return 1
     if source is not None and client is not None:
-        status = StatusPublisher(client, server, settings.node)
+        status = StatusPublisher(
+            client, server, settings.node, storage_roots=settings.storage_roots
+        )
 
         def apply(new: WorkerConfig) -> None:
             server.apply_config(new)
