@@ -9,6 +9,8 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from nbdweb.datadir import data_dir, private_file, secret_from_env_or_file
+from nbdworker.contract.redisconn import tls_options as redis_tls_options
+from nbdworker.contract.redisconn import uses_tls as uses_redis_tls
 
 
 def env_bool(name: str, default: bool = False) -> bool:
@@ -131,6 +133,9 @@ NBDWEB_KEY_ENCRYPTION_KEY = secret_from_env_or_file(
 
 CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = REDIS_URL
+# rediss://: Celery verifies the server like every other Redis client (REDIS_TLS_* files).
+if uses_redis_tls(REDIS_URL):
+    CELERY_BROKER_USE_SSL = CELERY_REDIS_BACKEND_USE_SSL = redis_tls_options(REDIS_URL)
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = f"node.{NBDWORKER_NODE}"

@@ -197,10 +197,14 @@ async def run(
         import redis.asyncio as aioredis
 
         from nbdworker.configsource import ConfigSource, default_state_dir
+        from nbdworker.contract.redisconn import tls_options
         from nbdworker.status import StatusPublisher
 
         client = aioredis.Redis.from_url(
-            args.redis_url, socket_connect_timeout=2.0, socket_timeout=10.0
+            args.redis_url,
+            socket_connect_timeout=2.0,
+            socket_timeout=10.0,
+            **tls_options(args.redis_url),
         )
         state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
         assert secret is not None

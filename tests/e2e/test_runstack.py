@@ -221,7 +221,8 @@ def test_make_run_gives_each_process_only_the_secrets_it_uses(stack: Stack, tmp_
     """The web gets all three secrets, Celery the config secret and the key-encryption key,
     nbdworker the config secret alone, Redis none; none may read the others from the data dir
     (NBDWEB_SECRET_FILES=0). An export made through the API with a `create_api_token` token
-    still becomes ready (Celery's job published the config) and nbdworker serves it."""
+    still becomes ready (Celery's job published the config) and nbdworker serves it. The
+    private Redis refuses clients without its password."""
     nbdinfo = require_tool("nbdinfo")
     api = f"http://{stack.http}/api/v1/"
     stack.wait_for(lambda: http_status(api) is not None, "the web server answering")
@@ -247,7 +248,19 @@ def test_make_run_gives_each_process_only_the_secrets_it_uses(stack: Stack, tmp_
             assert environ.get("NBDWEB_SECRET_FILES") == "0", (role, pid)
     assert set(seen) == set(expected), seen
 
+    # The private Redis wants the password generated into the data dir (0600).
     data = tmp_path / "data"
+    password = (data / "redis_password").read_text().strip()
+    assert (data / "redis_password").stat().st_mode & 0o077 == 0
+    web_pid = next(pid for pid in descendants(stack.proc.pid) if _role(pid) == "web")
+    redis_url = _environ(web_pid)["REDIS_URL"]
+    assert password in redis_url
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"*2\r\n$3\r\nGET\r\n$1\r\nx\r\n")
+        assert sock.recv(64).startswith(b"-NOAUTH")
+    assert not any(password in line for line in stack.lines), "the Redis password was logged"
+
     manage_env = {
         key: value
         for key, value in os.environ.items()
