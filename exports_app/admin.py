@@ -276,6 +276,7 @@ class ExportAdmin(ExportPageAdminMixin, SimpleHistoryAdmin):
         return export.last_error[:80]
 
     def save_model(self, request, obj: Export, form, change: bool) -> None:
+        obj._history_user = request.user  # what SimpleHistoryAdmin.save_model would set
         if change:
             exports.save_export(
                 obj, form.initial["size"], force=form.cleaned_data.get("force", False)
