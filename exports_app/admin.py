@@ -17,6 +17,13 @@ from simple_history.admin import SimpleHistoryAdmin
 
 from exports_app.admin_status import NodeStatusAdminMixin
 from exports_app.choices import CertificateKind, KeyAlgorithm, TLSMode
+from exports_app.console.admin import ExportPageAdminMixin, JobListAdminMixin
+from exports_app.console.forms import (
+    ClientRulesField,
+    EscapedHelpTextMixin,
+    NetworksField,
+    WideNumberInput,
+)
 from exports_app.constants import MAX_VALIDITY_DAYS
 from exports_app.models import (
     Certificate,
@@ -28,6 +35,7 @@ from exports_app.models import (
 )
 from exports_app.models.tls import OPTIONALTLS_WARNING
 from exports_app.services import bundles, ca, exports, provisioning
+from exports_app.services.certificates import NewAuthority, NewCertificate
 from exports_app.validators import parse_size, validate_no_control_characters
 
 __all__ = [
@@ -172,17 +180,32 @@ class SizeFormField(forms.CharField):
         return parse_size(value.strip())
 
 
-class ExportForm(forms.ModelForm):
+class ExportForm(EscapedHelpTextMixin, forms.ModelForm):
     size = SizeFormField(help_text='Bytes, or with a binary unit: "10G", "512M", "1T".')
     force = forms.BooleanField(
         required=False,
-        help_text="Allow shrinking: a smaller size destroys the data past the new end.",
+        label="Allow shrinking",
+        help_text="A smaller size destroys the data past the new end.",
+    )
+    allowed_clients = ClientRulesField(
+        required=False,
+        help_text="TLS client certificates allowed to connect; no row allows any client the "
+        "node's TLS policy accepts.",
+    )
+    allowed_networks = NetworksField(
+        help_text="One network per line (CIDR, e.g. 10.0.0.0/8); none allows any address."
     )
 
     class Meta:
         model = Export
         fields = "__all__"
-        widgets = {"name": forms.TextInput(attrs={"size": 60})}
+        widgets = {
+            "name": forms.TextInput(attrs={"size": 60}),
+            "min_block_size": WideNumberInput(),
+            "preferred_block_size": WideNumberInput(),
+            "max_block_size": WideNumberInput(),
+            "max_connections": WideNumberInput(),
+        }
 
     def clean(self) -> dict:
         cleaned = super().clean()
@@ -207,13 +230,13 @@ class ResizeExportForm(forms.Form):
 
 
 @admin.register(Export)
-class ExportAdmin(SimpleHistoryAdmin):
+class ExportAdmin(ExportPageAdminMixin, SimpleHistoryAdmin):
     form = ExportForm
     list_display = [
         "__str__",
         "node",
         "display_size",
-        "state",
+        "state_badge",
         "enabled",
         "read_only",
         "tls_required",
@@ -253,6 +276,7 @@ class ExportAdmin(SimpleHistoryAdmin):
         return export.last_error[:80]
 
     def save_model(self, request, obj: Export, form, change: bool) -> None:
+        obj._history_user = request.user  # what SimpleHistoryAdmin.save_model would set
         if change:
             exports.save_export(
                 obj, form.initial["size"], force=form.cleaned_data.get("force", False)
@@ -337,7 +361,7 @@ class ExportAdmin(SimpleHistoryAdmin):
 
 
 @admin.register(Job)
-class JobAdmin(admin.ModelAdmin):
+class JobAdmin(JobListAdminMixin, admin.ModelAdmin):
     """Jobs are made by the export actions and the API; here they are watched and retried."""
 
     list_display = [
@@ -345,8 +369,8 @@ class JobAdmin(admin.ModelAdmin):
         "kind",
         "export_link",
         "node",
-        "state",
-        "progress_percent",
+        "state_badge",
+        "progress_bar",
         "short_error",
         "requested_by",
         "created",
@@ -387,10 +411,6 @@ class JobAdmin(admin.ModelAdmin):
             return job.export_name[:80]
         url = reverse("admin:exports_app_export_change", args=[job.export_id])
         return format_html('<a href="{}">{}</a>', url, job.export_name[:80])
-
-    @admin.display(description="progress", ordering="progress")
-    def progress_percent(self, job: Job) -> str:
-        return f"{job.progress}%"
 
     @admin.display(description="error")
     def short_error(self, job: Job) -> str:
@@ -435,16 +455,11 @@ class CertificateAuthorityAddForm(forms.ModelForm):
 
     def clean(self) -> dict:
         cleaned = super().clean()
-        has_cn, has_pem = bool(cleaned.get("common_name")), bool(cleaned.get("certificate_pem"))
-        if has_cn == has_pem:
-            raise ValidationError("Give a common name to create a CA, or a certificate to import.")
-        if has_pem:
-            try:
-                ca.check_authority_import(
-                    cleaned["certificate_pem"], cleaned.get("private_key_pem")
-                )
-            except ca.CertificateError as exc:
-                self.add_error(exc.field, str(exc))
+        # The API's POST checks with the same function.
+        try:
+            NewAuthority.from_input(cleaned).check()
+        except ValidationError as exc:
+            self.add_error(None, exc)
         return cleaned
 
 
@@ -521,23 +536,7 @@ class CertificateAuthorityAdmin(AddFormAdminMixin, SimpleHistoryAdmin):
         if change:
             super().save_model(request, obj, form, change)
             return
-        data = form.cleaned_data
-        with transaction.atomic():
-            if data.get("certificate_pem"):
-                created = ca.import_authority(
-                    data["name"],
-                    data["certificate_pem"],
-                    data.get("private_key_pem") or None,
-                    description=data.get("description", ""),
-                )
-            else:
-                created = ca.create_authority(
-                    data["name"],
-                    data["common_name"],
-                    data["key_algorithm"],
-                    data.get("validity_days"),
-                    description=data.get("description", ""),
-                )
+        created = NewAuthority.from_input(form.cleaned_data).create()
         obj.pk = created.pk
         obj.refresh_from_db()
 
@@ -573,7 +572,7 @@ class CertificateAuthorityAdmin(AddFormAdminMixin, SimpleHistoryAdmin):
         )
 
 
-class CertificateAddForm(forms.ModelForm):
+class CertificateAddForm(EscapedHelpTextMixin, forms.ModelForm):
     """Issue from a CA, or import a PEM certificate (a server certificate needs its key)."""
 
     name = forms.CharField(
@@ -604,31 +603,20 @@ class CertificateAddForm(forms.ModelForm):
 
     def clean(self) -> dict:
         cleaned = super().clean()
-        if cleaned.get("certificate_pem"):
-            if not cleaned.get("name"):
-                self.add_error("name", "Name the imported certificate.")
-            try:
-                ca.check_certificate_import(
-                    cleaned["certificate_pem"], cleaned.get("private_key_pem"), cleaned["kind"]
-                )
-            except ca.CertificateError as exc:
-                self.add_error(exc.field, str(exc))
-            return cleaned
-        authority = cleaned.get("authority")
-        if authority is None:
-            self.add_error("authority", "Choose a CA to issue from, or paste a certificate.")
-        elif not authority.can_issue:
-            self.add_error("authority", "This CA has no private key or has expired.")
-        if not cleaned.get("common_name"):
-            self.add_error("common_name", "Required to issue a certificate.")
+        # The API's POST checks with the same function.
         try:
-            cleaned["dns_list"], cleaned["ip_list"] = ca.normalize_sans(
-                self._split(cleaned.get("dns_names", "")),
-                self._split(cleaned.get("ip_addresses", "")),
-            )
-        except ca.CertificateError as exc:
-            self.add_error(None, str(exc))
+            self.new_certificate().check()
+        except ValidationError as exc:
+            self.add_error(None, exc)
         return cleaned
+
+    def new_certificate(self) -> NewCertificate:
+        data = {
+            **self.cleaned_data,
+            "dns_names": self._split(self.cleaned_data.get("dns_names", "")),
+            "ip_addresses": self._split(self.cleaned_data.get("ip_addresses", "")),
+        }
+        return NewCertificate.from_input(data)
 
 
 class RevokedFilter(admin.SimpleListFilter):
@@ -726,27 +714,7 @@ class CertificateAdmin(AddFormAdminMixin, SimpleHistoryAdmin):
         if change:
             super().save_model(request, obj, form, change)
             return
-        data = form.cleaned_data
-        with transaction.atomic():
-            if data.get("certificate_pem"):
-                created = ca.import_certificate(
-                    data["name"],
-                    data["certificate_pem"],
-                    data.get("private_key_pem") or None,
-                    data["kind"],
-                    description=data.get("description", ""),
-                )
-            else:
-                created = ca.issue_certificate(
-                    data["authority"],
-                    data["kind"],
-                    data["common_name"],
-                    name=data.get("name", ""),
-                    dns_names=data.get("dns_list"),
-                    ip_addresses=data.get("ip_list"),
-                    validity_days=data.get("validity_days"),
-                    description=data.get("description", ""),
-                )
+        created = form.new_certificate().create()
         obj.pk = created.pk
         obj.refresh_from_db()
 

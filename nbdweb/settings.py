@@ -2,12 +2,15 @@
 
 import os
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from nbdweb.datadir import data_dir, secret_from_env_or_file
+from nbdweb.datadir import data_dir, private_file, secret_from_env_or_file
+from nbdworker.contract.redisconn import tls_options as redis_tls_options
+from nbdworker.contract.redisconn import uses_tls as uses_redis_tls
 
 
 def env_bool(name: str, default: bool = False) -> bool:
@@ -30,18 +33,20 @@ ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", "")
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
+    "knox",
     "django_filters",
     "drf_spectacular",
     "simple_history",
+    "django_htmx",
     "exports_app",
+    # The admin with the console's site (last: exports_app's admin templates come first).
+    "exports_app.console.apps.ConsoleAdminConfig",
 ]
 
 MIDDLEWARE = [
@@ -52,6 +57,7 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "simple_history.middleware.HistoryRequestMiddleware",
 ]
@@ -81,6 +87,11 @@ DATABASES = {
         conn_max_age=int(os.environ.get("DATABASE_CONN_MAX_AGE", "60")),
     )
 }
+
+_database = DATABASES["default"]
+if _database["ENGINE"].endswith("sqlite3") and _database["NAME"] not in ("", ":memory:"):
+    # Password hashes and token digests: created 0600 before SQLite makes it 0644.
+    private_file(Path(_database["NAME"]))
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -122,6 +133,9 @@ NBDWEB_KEY_ENCRYPTION_KEY = secret_from_env_or_file(
 
 CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = REDIS_URL
+# rediss://: Celery verifies the server like every other Redis client (REDIS_TLS_* files).
+if uses_redis_tls(REDIS_URL):
+    CELERY_BROKER_USE_SSL = CELERY_REDIS_BACKEND_USE_SSL = redis_tls_options(REDIS_URL)
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = f"node.{NBDWORKER_NODE}"
@@ -129,7 +143,7 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "knox.auth.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["exports_app.api.permissions.ModelPermissions"],
@@ -146,6 +160,16 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
+}
+
+# API tokens (django-rest-knox): only a SHA-512 digest is stored, so a copy of the database hands
+# out no working token; each token expires and can be revoked on its own (docs/security.md).
+REST_KNOX = {
+    "TOKEN_TTL": timedelta(days=int(os.environ.get("NBDWEB_API_TOKEN_TTL_DAYS", "90"))),
+    "AUTH_HEADER_PREFIX": "Token",
+    # Makes a leaked token recognisable to secret scanners.
+    "TOKEN_PREFIX": "nbdweb_",
+    "AUTO_REFRESH": False,
 }
 
 SPECTACULAR_SETTINGS = {

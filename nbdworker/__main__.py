@@ -70,6 +70,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "':'-separated; default $NBDWEB_DATA_DIR/images)",
     )
     parser.add_argument(
+        "--max-handshakes-per-address",
+        type=int,
+        default=None,
+        metavar="N",
+        help="connections of one client address still negotiating, per serving process; more "
+        "are closed at once (env NBDWORKER_MAX_HANDSHAKES_PER_ADDRESS; default 16; 0: no cap)",
+    )
+    parser.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,
@@ -197,10 +205,14 @@ async def run(
         import redis.asyncio as aioredis
 
         from nbdworker.configsource import ConfigSource, default_state_dir
+        from nbdworker.contract.redisconn import tls_options
         from nbdworker.status import StatusPublisher
 
         client = aioredis.Redis.from_url(
-            args.redis_url, socket_connect_timeout=2.0, socket_timeout=10.0
+            args.redis_url,
+            socket_connect_timeout=2.0,
+            socket_timeout=10.0,
+            **tls_options(args.redis_url),
         )
         state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
         assert secret is not None
@@ -222,7 +234,9 @@ async def run(
         await server.shutdown()
         return 1
     if source is not None and client is not None:
-        status = StatusPublisher(client, server, settings.node)
+        status = StatusPublisher(
+            client, server, settings.node, storage_roots=settings.storage_roots
+        )
 
         def apply(new: WorkerConfig) -> None:
             server.apply_config(new)
@@ -258,7 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_format, args.log_level, with_pid=several)
     secret = None
     try:
-        settings = WorkerSettings.from_sources(args.storage_root, args.listen)
+        settings = WorkerSettings.from_sources(
+            args.storage_root,
+            args.listen,
+            handshakes_per_address=args.max_handshakes_per_address,
+        )
         if serving is not None:
             from nbdworker.supervisor import serve_as_child
 

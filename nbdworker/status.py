@@ -4,8 +4,9 @@ sessions the web side asked it to end.
 Every `interval` seconds, in one MULTI:
 
 * ``nbdweb:worker:<node>`` = JSON {version, node, generation, started, uptime, pid, host,
-  sessions, time, config_follower: {state, restarts, last_error, messages_rejected}},
-  expiring after `ttl`: the web side calls the node offline once it is gone;
+  sessions, time, storage, config_follower: {state, restarts, last_error, messages_rejected}},
+  expiring after `ttl`: the web side calls the node offline once it is gone; `storage` is a
+  list of {root, total, used, free} (bytes, from statvfs) per storage root;
 * ``nbdweb:sessions:<node>`` = hash session id → JSON {id, node, client, export, tls,
   client_identity, reads, bytes_read, writes, bytes_written, requests, connected_since}
   (`SessionRecord.public_view`, nbdworker/session.py), rewritten whole, expiring after `ttl`.
@@ -25,7 +26,7 @@ import os
 import socket
 import time
 from importlib import metadata
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -44,7 +45,7 @@ class StatusSource(Protocol):
     async def end_sessions(self, ids: set[str]) -> None: ...
 
 
-__all__ = ["StatusPublisher", "StatusSource", "worker_version"]
+__all__ = ["StatusPublisher", "StatusSource", "storage_usage", "worker_version"]
 
 log = logging.getLogger("nbdworker.status")
 
@@ -66,6 +67,22 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
+def storage_usage(root: str) -> dict[str, Any]:
+    """{root, total, used, free} in bytes (free: what an unprivileged writer may still use);
+    a root that cannot be read reports its error instead."""
+    try:
+        st = os.statvfs(root)
+    except OSError as exc:
+        return {"root": root, "error": exc.strerror or str(exc)}
+    total = st.f_blocks * st.f_frsize
+    return {
+        "root": root,
+        "total": total,
+        "used": total - st.f_bfree * st.f_frsize,
+        "free": st.f_bavail * st.f_frsize,
+    }
+
+
 class StatusPublisher:
     def __init__(
         self,
@@ -74,12 +91,14 @@ class StatusPublisher:
         node: str,
         interval: float = HEARTBEAT_INTERVAL,
         ttl: float = HEARTBEAT_TTL,
+        storage_roots: tuple[str, ...] = (),
     ) -> None:
         self.client = client
         self.source = source
         self.node = node
         self.interval = interval
         self.ttl = ttl
+        self.storage_roots = storage_roots
         self._wake = asyncio.Event()
         self._failing = False
 
@@ -118,6 +137,7 @@ class StatusPublisher:
             "host": socket.gethostname(),
             "sessions": len(sessions),
             "time": _iso(now),
+            "storage": [storage_usage(root) for root in self.storage_roots],
         }
         if stats.follower is not None:
             heartbeat["config_follower"] = stats.follower.to_dict()

@@ -18,11 +18,12 @@ import selectors
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -46,6 +47,16 @@ SECRETS = {
     "NBDWEB_KEY_ENCRYPTION_KEY": "key_encryption_key",
 }
 
+# Each process gets only the secrets it uses (docs/security.md). Celery publishes the config
+# after a job (signs it, decrypts the server key into it) but signs no cookie; nbdworker only
+# verifies and decrypts its snapshot. The one-off steps (migrate, ensure_admin) run as web.
+PROCESS_SECRETS: dict[str, tuple[str, ...]] = {
+    "web": ("SECRET_KEY", "NBDWEB_CONFIG_SECRET", "NBDWEB_KEY_ENCRYPTION_KEY"),
+    "celery": ("NBDWEB_CONFIG_SECRET", "NBDWEB_KEY_ENCRYPTION_KEY"),
+    "nbdworker": ("NBDWEB_CONFIG_SECRET",),
+    "redis": (),
+}
+
 
 def say(message: str) -> None:
     print(f"[runstack] {message}", flush=True)
@@ -57,22 +68,48 @@ def die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def redacted(url: str) -> str:
+    """`url` without its password, for the log."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (
+        f":{parts.port}" if parts.port else ""
+    )
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _redis_command(*words: str) -> bytes:
+    encoded = [word.encode() for word in words]
+    return f"*{len(encoded)}\r\n".encode() + b"".join(
+        b"$%d\r\n%s\r\n" % (len(word), word) for word in encoded
+    )
+
+
 def redis_answers(url: str, timeout: float = 1.0) -> bool:
+    """PING answered, after AUTH with the URL's user and password, over TLS for rediss://
+    (verified with REDIS_TLS_CA_FILE, client certificate from REDIS_TLS_CERT/KEY_FILE)."""
     parts = urlsplit(url)
     try:
-        with socket.create_connection(
+        sock = socket.create_connection(
             (parts.hostname or "127.0.0.1", parts.port or 6379), timeout=timeout
-        ) as sock:
-            if parts.password:
-                user = parts.username or "default"
-                sock.sendall(
-                    f"*3\r\n$4\r\nAUTH\r\n${len(user)}\r\n{user}\r\n"
-                    f"${len(parts.password)}\r\n{parts.password}\r\n".encode()
+        )
+        if parts.scheme == "rediss":
+            context = ssl.create_default_context(cafile=os.environ.get("REDIS_TLS_CA_FILE") or None)
+            if os.environ.get("REDIS_TLS_CERT_FILE"):
+                context.load_cert_chain(
+                    os.environ["REDIS_TLS_CERT_FILE"], os.environ.get("REDIS_TLS_KEY_FILE") or None
                 )
-                sock.recv(64)
-            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            sock = context.wrap_socket(sock, server_hostname=parts.hostname)
+        with sock:
+            if parts.password:
+                user = unquote(parts.username or "") or "default"
+                sock.sendall(_redis_command("AUTH", user, unquote(parts.password)))
+                if not sock.recv(64).startswith(b"+OK"):
+                    return False
+            sock.sendall(_redis_command("PING"))
             return sock.recv(64).startswith(b"+PONG")
-    except OSError:
+    except (OSError, ssl.SSLError):
         return False
 
 
@@ -90,23 +127,37 @@ def wait_until(predicate, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def process_env(env: dict[str, str], secrets: dict[str, str], name: str) -> dict[str, str]:
+    """`env` plus the secrets process `name` uses; `NBDWEB_SECRET_FILES=0` keeps it from
+    reading the others out of the data dir."""
+    return {
+        **env,
+        "NBDWEB_SECRET_FILES": "0",
+        **{variable: secrets[variable] for variable in PROCESS_SECRETS[name]},
+    }
+
+
 class Stack:
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], secrets: dict[str, str]) -> None:
         self.env = env
+        self.secrets = secrets
         self.children: dict[str, subprocess.Popen] = {}
         self.selector = selectors.DefaultSelector()
         self.stopping = False
 
-    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def spawn(self, name: str, argv: list[str], stdin_text: str | None = None) -> subprocess.Popen:
         proc = subprocess.Popen(
             argv,
             cwd=ROOT,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
+            env=process_env(self.env, self.secrets, name),
+            stdin=subprocess.DEVNULL if stdin_text is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             preexec_fn=die_with_parent,
         )
+        if stdin_text is not None:
+            proc.stdin.write(stdin_text.encode())
+            proc.stdin.close()
         self.children[name] = proc
         self.selector.register(proc.stdout, selectors.EVENT_READ, name)
         say(f"started {name} (pid {proc.pid})")
@@ -143,8 +194,9 @@ class Stack:
             self.pump(0.05)
 
 
-def prepare_environment() -> dict[str, str]:
-    env = dict(os.environ)
+def prepare_environment() -> tuple[dict[str, str], dict[str, str]]:
+    """The environment every process shares (no secrets in it), and the secrets."""
+    env = {name: value for name, value in os.environ.items() if name not in SECRETS}
     data = data_dir()
     env["NBDWEB_DATA_DIR"] = str(data)
     env.setdefault("NBDWEB_STORAGE_ROOT", str(data / "images"))
@@ -154,35 +206,46 @@ def prepare_environment() -> dict[str, str]:
     env.setdefault("NBD_LISTEN", "127.0.0.1:10809")
     env.setdefault("REDIS_URL", "redis://127.0.0.1:6379/0")
     env["PYTHONUNBUFFERED"] = "1"
-    for variable, filename in SECRETS.items():
-        env[variable] = secret_from_env_or_file(variable, filename)
-    return env
+    secrets = {
+        variable: secret_from_env_or_file(variable, filename)
+        for variable, filename in SECRETS.items()
+    }
+    return env, secrets
 
 
 def ensure_redis(env: dict[str, str], stack: Stack) -> None:
     url = env["REDIS_URL"]
     if redis_answers(url):
-        say(f"redis answers at {url}")
+        say(f"redis answers at {redacted(url)}")
         return
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit(
-            f"[runstack] Redis does not answer at {url} and no redis-server is installed.\n"
-            "  Install one (Debian: apt-get install redis-server) or point REDIS_URL at a "
-            "running Redis."
+            f"[runstack] Redis does not answer at {redacted(url)} and no redis-server is "
+            "installed.\n  Install one (Debian: apt-get install redis-server) or point "
+            "REDIS_URL at a running Redis."
         )
     port = free_port()
     redis_dir = Path(env["NBDWEB_DATA_DIR"]) / "redis"
-    redis_dir.mkdir(exist_ok=True)
-    say(f"redis does not answer at {url}: starting a private redis-server on port {port}")
+    redis_dir.mkdir(mode=0o700, exist_ok=True)
+    # A password, so that other local users cannot read or write the config snapshots. Given
+    # on stdin (`redis-server -`): a command line is readable by every local user.
+    password = secret_from_env_or_file("NBDWEB_REDIS_PASSWORD", "redis_password")
+    say(
+        f"redis does not answer at {redacted(url)}: starting a private redis-server on port "
+        f"{port} (password in {env['NBDWEB_DATA_DIR']}/redis_password)"
+    )
     stack.spawn(
         "redis",
-        [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(redis_dir),
-         "--save", "", "--appendonly", "no"],
-    )  # fmt: skip
+        [binary, "-"],
+        stdin_text=(
+            f'bind 127.0.0.1\nport {port}\ndir {redis_dir}\nsave ""\nappendonly no\n'
+            f"requirepass {password}\n"
+        ),
+    )
     parts = urlsplit(url)
     env["REDIS_URL"] = urlunsplit(
-        (parts.scheme or "redis", f"127.0.0.1:{port}", parts.path or "/0", "", "")
+        ("redis", f":{quote(password, safe='')}@127.0.0.1:{port}", parts.path or "/0", "", "")
     )
     wait_until(lambda: redis_answers(env["REDIS_URL"]), 15, "private redis-server answering")
 
@@ -191,12 +254,13 @@ def manage(env: dict[str, str], *args: str) -> None:
     subprocess.run([PYTHON, "manage.py", *args], cwd=ROOT, env=env, check=True)
 
 
-def prepare(env: dict[str, str]) -> None:
+def prepare(env: dict[str, str], secrets: dict[str, str]) -> None:
     """One-off steps before the processes start (also docker compose's `init` service)."""
-    manage(env, "migrate", "--noinput")
-    manage(env, "collectstatic", "--noinput", "-v0")
+    web_env = process_env(env, secrets, "web")
+    manage(web_env, "migrate", "--noinput")
+    manage(web_env, "collectstatic", "--noinput", "-v0")
     if env.get("DJANGO_SUPERUSER_USERNAME") and env.get("DJANGO_SUPERUSER_PASSWORD"):
-        manage(env, "ensure_admin")
+        manage(web_env, "ensure_admin")
     else:
         say(
             "no admin user configured: set DJANGO_SUPERUSER_USERNAME and "
@@ -205,11 +269,13 @@ def prepare(env: dict[str, str]) -> None:
 
 
 def main() -> int:
-    env = prepare_environment()
+    # Everything the stack creates (images, Redis's files, logs) is for this user only.
+    os.umask(0o077)
+    env, secrets = prepare_environment()
     if sys.argv[1:] == ["--prepare-only"]:
-        prepare(env)
+        prepare(env, secrets)
         return 0
-    stack = Stack(env)
+    stack = Stack(env, secrets)
 
     def on_signal(signum: int, _frame) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -219,7 +285,7 @@ def main() -> int:
     status = 0
     try:
         ensure_redis(env, stack)
-        prepare(env)
+        prepare(env, secrets)
         for name, argv in COMMANDS.items():
             stack.spawn(name, argv)
         say(

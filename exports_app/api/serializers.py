@@ -11,7 +11,8 @@ from exports_app.choices import CertificateKind, ExportState, KeyAlgorithm
 from exports_app.constants import MAX_VALIDITY_DAYS
 from exports_app.models import Certificate, CertificateAuthority, Export, TLSPolicy, WorkerNode
 from exports_app.models.exports import name_digest
-from exports_app.services import ca, exports, workerstatus
+from exports_app.services import exports, workerstatus
+from exports_app.services.certificates import NewAuthority, NewCertificate
 from exports_app.validators import parse_object_id, parse_size, validate_no_control_characters
 
 from .base import ValidatedModelSerializer, django_errors_to_drf
@@ -452,49 +453,18 @@ class CertificateAuthoritySerializer(RenameOnlyUpdateMixin, StrictModelSerialize
                     {k: ["Cannot change after creation."] for k in fixed}
                 )
             return attrs
-        has_cn, has_pem = bool(attrs.get("common_name")), bool(attrs.get("certificate_pem"))
-        if has_cn == has_pem:
-            raise serializers.ValidationError(
-                {
-                    "non_field_errors": [
-                        "Give common_name to create a CA, or certificate_pem to import one."
-                    ]
-                }
-            )
-        if has_pem:
-            try:
-                certificate, _ = ca.check_authority_import(
-                    attrs["certificate_pem"], attrs.get("private_key_pem")
-                )
-            except ca.CertificateError as exc:
-                raise serializers.ValidationError({exc.field: [str(exc)]}) from None
-            if CertificateAuthority.objects.filter(
-                fingerprint_sha256=ca.fingerprint_sha256(certificate)
-            ).exists():
-                raise serializers.ValidationError(
-                    {"certificate_pem": ["This CA is already imported."]}
-                )
-        elif attrs.get("private_key_pem"):
-            raise serializers.ValidationError(
-                {"private_key_pem": ["Only an imported CA takes a private key."]}
-            )
+        # The admin's add form checks with the same function.
+        try:
+            NewAuthority.from_input(attrs).check()
+        except DjangoValidationError as exc:
+            raise django_errors_to_drf(exc) from None
         return attrs
 
     def create(self, validated_data: dict) -> CertificateAuthority:
-        if validated_data.get("certificate_pem"):
-            return ca.import_authority(
-                name=validated_data["name"],
-                certificate_pem=validated_data["certificate_pem"],
-                private_key_pem=validated_data.get("private_key_pem"),
-                description=validated_data.get("description", ""),
-            )
-        return ca.create_authority(
-            name=validated_data["name"],
-            common_name=validated_data["common_name"],
-            key_algorithm=validated_data.get("key_algorithm", KeyAlgorithm.EC_P256),
-            validity_days=validated_data.get("validity_days"),
-            description=validated_data.get("description", ""),
-        )
+        try:
+            return NewAuthority.from_input(validated_data).create()
+        except DjangoValidationError as exc:
+            raise django_errors_to_drf(exc) from None
 
 
 class CertificateSerializer(RenameOnlyUpdateMixin, StrictModelSerializer):
@@ -607,74 +577,18 @@ class CertificateSerializer(RenameOnlyUpdateMixin, StrictModelSerializer):
                     {k: ["Cannot change after creation; issue a new certificate."] for k in fixed}
                 )
             return attrs
-        kind = attrs["kind"]
-        if attrs.get("certificate_pem"):
-            for field in ("authority", "common_name", "dns_names", "ip_addresses", "validity_days"):
-                if attrs.get(field):
-                    raise serializers.ValidationError(
-                        {field: ["Not used when importing a certificate."]}
-                    )
-            if not attrs.get("name"):
-                raise serializers.ValidationError({"name": ["Name the imported certificate."]})
-            try:
-                certificate, _ = ca.check_certificate_import(
-                    attrs["certificate_pem"], attrs.get("private_key_pem"), kind
-                )
-            except ca.CertificateError as exc:
-                raise serializers.ValidationError({exc.field: [str(exc)]}) from None
-            if Certificate.objects.filter(
-                fingerprint_sha256=ca.fingerprint_sha256(certificate)
-            ).exists():
-                raise serializers.ValidationError(
-                    {"certificate_pem": ["This certificate is already imported."]}
-                )
-            return attrs
-        if attrs.get("private_key_pem"):
-            raise serializers.ValidationError(
-                {"private_key_pem": ["Only an imported certificate takes a private key."]}
-            )
-        errors = {}
-        authority = attrs.get("authority")
-        if authority is None:
-            errors["authority"] = ["Give the issuing CA, or certificate_pem to import."]
-        elif not authority.has_private_key:
-            errors["authority"] = [
-                f"The CA {authority.name!r} has no private key; it cannot issue."
-            ]
-        elif authority.is_expired:
-            errors["authority"] = [f"The CA {authority.name!r} has expired."]
-        if not attrs.get("common_name"):
-            errors["common_name"] = ["This field is required to issue a certificate."]
-        if errors:
-            raise serializers.ValidationError(errors)
+        # The admin's add form checks with the same function.
         try:
-            attrs["dns_names"], attrs["ip_addresses"] = ca.normalize_sans(
-                attrs.get("dns_names", []), attrs.get("ip_addresses", [])
-            )
-        except ca.CertificateError as exc:
-            raise serializers.ValidationError({exc.field: [str(exc)]}) from None
+            NewCertificate.from_input(attrs).check()
+        except DjangoValidationError as exc:
+            raise django_errors_to_drf(exc) from None
         return attrs
 
     def create(self, validated_data: dict) -> Certificate:
-        if validated_data.get("certificate_pem"):
-            return ca.import_certificate(
-                name=validated_data["name"],
-                certificate_pem=validated_data["certificate_pem"],
-                private_key_pem=validated_data.get("private_key_pem"),
-                kind=validated_data["kind"],
-                description=validated_data.get("description", ""),
-            )
-        return ca.issue_certificate(
-            authority=validated_data["authority"],
-            kind=validated_data["kind"],
-            common_name=validated_data["common_name"],
-            name=validated_data.get("name", ""),
-            dns_names=validated_data.get("dns_names"),
-            ip_addresses=validated_data.get("ip_addresses"),
-            validity_days=validated_data.get("validity_days"),
-            key_algorithm=validated_data.get("key_algorithm", KeyAlgorithm.EC_P256),
-            description=validated_data.get("description", ""),
-        )
+        try:
+            return NewCertificate.from_input(validated_data).create()
+        except DjangoValidationError as exc:
+            raise django_errors_to_drf(exc) from None
 
 
 class CertificateRevokeSerializer(serializers.Serializer):

@@ -46,6 +46,7 @@ from django.db import connections, transaction
 from exports_app.choices import ExportState, TLSMode
 from exports_app.models import Export, WorkerNode
 from nbdworker.contract.config import ConfigError, WorkerConfig, tls_refusal
+from nbdworker.contract.redisconn import tls_options
 from nbdworker.contract.snapshot import (
     CHANNEL,
     config_key,
@@ -80,6 +81,7 @@ def _client(url: str) -> redis.Redis:
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
         socket_timeout=REDIS_TIMEOUT,
         decode_responses=True,
+        **tls_options(url),
     )
 
 

@@ -27,7 +27,7 @@ from nbdworker.connection.starttls import TLSUpgrade
 from nbdworker.connection.transmission import LoopTransmission, socket_fd, unread_on
 from nbdworker.protocol import Ready
 from nbdworker.reload import ending_reason
-from nbdworker.session import SessionRecord, format_peer
+from nbdworker.session import HandshakeFailure, SessionRecord, format_peer
 
 __all__ = ["NBDConnection"]
 
@@ -58,6 +58,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.phase = _PHASE_HANDSHAKE
+        # The address this connection is counted under while it negotiates (handshake cap).
+        self.negotiating_from: str | None = None
         self.negotiation: Negotiation | None = None
         self.tls: TLSUpgrade | None = None
         self.tls_active = False
@@ -81,6 +83,21 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.phase = _PHASE_CLOSED
             transport.abort()
             return
+        address = peer[0] if isinstance(peer, tuple) else None
+        if address is not None:
+            if not self.host.handshake_started(address):
+                log.warning(
+                    "%s: refused: %d connections from %s are still negotiating "
+                    "(--max-handshakes-per-address)",
+                    self.peer,
+                    self.host.settings.handshakes_per_address,
+                    address,
+                )
+                self.record.handshake_failure = HandshakeFailure.HANDSHAKE_CAP
+                self.phase = _PHASE_CLOSED
+                transport.abort()
+                return
+            self.negotiating_from = address
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)  # type: ignore[attr-defined]
         self.negotiation = Negotiation(self, self.host, self.state, self.record, self.loop)
         log.debug("%s: connected", self.peer)
@@ -137,6 +154,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if exc is not None:
             log.debug("%s: connection lost: %s", self.peer, exc)
         self.phase = _PHASE_CLOSED
+        self._negotiation_over()
         if self.negotiation is not None:
             self.negotiation.end()
         if self.linger is not None:
@@ -250,6 +268,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self.negotiation is not None:
             self.negotiation.end()
             self.negotiation = None
+        self._negotiation_over()
         self.phase = _PHASE_TRANSMISSION
         name = entry.config.name
         self.record.entry = entry
@@ -275,6 +294,11 @@ class NBDConnection(asyncio.BufferedProtocol):
         if trailing:
             transmission.pump.preload(trailing)
             transmission.process()
+
+    def _negotiation_over(self) -> None:
+        if self.negotiating_from is not None:
+            self.host.handshake_ended(self.negotiating_from)
+            self.negotiating_from = None
 
     def in_transmission(self) -> bool:
         return self.phase == _PHASE_TRANSMISSION

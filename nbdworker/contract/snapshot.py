@@ -1,18 +1,23 @@
 """Signed config snapshots: the one format web and worker exchange through Redis.
 
 The web side signs (`sign_snapshot`) and the worker verifies (`verify_snapshot`) with this same
-code, so the two can never disagree on the canonical form. Standard library only: `exports_app`
-imports it, and the worker must not depend on anything the web side brings.
+code, so the two can never disagree on the canonical form. Standard library and
+``cryptography`` only: `exports_app` imports it, and the worker must not depend on anything the
+web side brings.
 
 Envelope (the value stored at ``nbdweb:config:<node>``), JSON::
 
     {"format": "nbdweb-config-v1", "alg": "HMAC-SHA256", "kid": "k1-<8 hex>",
-     "payload": "<canonical JSON of WorkerConfig.to_dict()>", "sig": "<64 hex>"}
+     "payload": "<canonical JSON of WorkerConfig.to_dict(), key sealed>", "sig": "<64 hex>"}
 
 ``sig`` is HMAC-SHA256, keyed with ``NBDWEB_CONFIG_SECRET``, over
 ``format "\\n" kid "\\n" payload``. The payload travels as a string so the verifier checks the
 exact bytes that were signed and only then parses them. ``kid`` names the secret (a digest of
 it, not the secret): a worker with another secret says so in its log instead of "forged".
+
+The payload's ``tls.key_pem`` is sealed (AES-GCM, for this node alone:
+`nbdworker.contract.sealed`) before signing and opened after verifying, so the server's private
+key is never in Redis, nor in the worker's cached copy, in the clear.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from nbdworker.contract.config import ConfigError, WorkerConfig
+from nbdworker.contract.config import WorkerConfig
+from nbdworker.contract.sealed import SealError, is_sealed, open_sealed, seal
 
 __all__ = [
     "ALGORITHM",
@@ -124,7 +130,11 @@ def sign_snapshot(config: WorkerConfig, secret: str | bytes) -> str:
     """The envelope (JSON text) carrying `config`, signed with `secret`."""
     raw = _secret_bytes(secret)
     kid = key_id(raw)
-    payload = canonical_json(config.to_dict())
+    document = config.to_dict()
+    tls = document.get("tls")
+    if isinstance(tls, dict) and tls.get("key_pem"):
+        tls["key_pem"] = seal(tls["key_pem"], raw, config.node)
+    payload = canonical_json(document)
     return canonical_json(
         {
             "format": FORMAT,
@@ -170,17 +180,41 @@ def verify_snapshot(
     if not hmac.compare_digest(sig, _mac(raw_secret, kid, payload)):
         raise SnapshotError("bad signature")
     try:
-        config = WorkerConfig.from_dict(json.loads(payload))
-    except ValueError as exc:  # JSONDecodeError and ConfigError are both ValueErrors
-        kind = "invalid config" if isinstance(exc, ConfigError) else "payload is not JSON"
-        raise SnapshotError(f"{kind}: {exc}") from None
-    if node is not None and config.node != node:
-        raise SnapshotError(f"snapshot is for node {config.node!r}, this is node {node!r}")
+        document = json.loads(payload)
+    except ValueError as exc:
+        raise SnapshotError(f"payload is not JSON: {exc}") from None
+    if isinstance(document, dict):
+        if node is not None and document.get("node") != node:
+            raise SnapshotError(
+                f"snapshot is for node {document.get('node')!r}, this is node {node!r}"
+            )
+        _open_private_key(document, raw_secret, node)
+    try:
+        config = WorkerConfig.from_dict(document)
+    except ValueError as exc:  # ConfigError is one
+        raise SnapshotError(f"invalid config: {exc}") from None
     if after_generation is not None and config.generation <= after_generation:
         raise SnapshotError(
             f"generation {config.generation} is not newer than {after_generation} (applied)"
         )
     return config
+
+
+def _open_private_key(document: dict[str, Any], secret: bytes, node: str | None) -> None:
+    """Replace a sealed ``tls.key_pem`` by the key, opened for this node (`node`, else the
+    node the signed payload names). A key in the clear (published before keys were sealed)
+    passes as it is."""
+    tls = document.get("tls")
+    key = tls.get("key_pem") if isinstance(tls, dict) else None
+    if not isinstance(key, str) or not is_sealed(key):
+        return
+    for_node = node if node is not None else document.get("node")
+    if not isinstance(for_node, str):
+        raise SnapshotError("invalid config: node must be a string")
+    try:
+        tls["key_pem"] = open_sealed(key, secret, for_node)
+    except SealError as exc:
+        raise SnapshotError(f"tls.key_pem: {exc}") from None
 
 
 # A generation is a 64-bit count of milliseconds at most: 20 digits. A longer "number" in a

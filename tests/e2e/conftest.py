@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 from django.contrib.auth.models import User
-from rest_framework.authtoken.models import Token
+from knox.models import AuthToken
 from rest_framework.test import APIClient
 
 from nbdweb.celery import app as celery_app
@@ -17,7 +17,8 @@ from tests.support.celery import celery_node_name, celery_worker  # noqa: F401
 def api() -> APIClient:
     user = User.objects.create_superuser(f"admin-{uuid.uuid4().hex[:8]}", password="pw-e2e")
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    _, token = AuthToken.objects.create(user=user)
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
     return client
 
 

@@ -197,3 +197,99 @@ def test_make_run_without_redis_and_without_redis_server_says_how_to_install(
     )
     assert result.returncode != 0
     assert "apt-get install redis-server" in result.stdout + result.stderr
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+
+def _role(pid: int) -> str | None:
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    for role, marker in (
+        ("web", "gunicorn"),
+        ("celery", "celery"),
+        ("nbdworker", "nbdworker"),
+        ("redis", "redis-server"),
+    ):
+        if marker in cmdline:
+            return role
+    return None
+
+
+def test_make_run_gives_each_process_only_the_secrets_it_uses(stack: Stack, tmp_path: Path):
+    """The web gets all three secrets, Celery the config secret and the key-encryption key,
+    nbdworker the config secret alone, Redis none; none may read the others from the data dir
+    (NBDWEB_SECRET_FILES=0). An export made through the API with a `create_api_token` token
+    still becomes ready (Celery's job published the config) and nbdworker serves it. The
+    private Redis refuses clients without its password."""
+    nbdinfo = require_tool("nbdinfo")
+    api = f"http://{stack.http}/api/v1/"
+    stack.wait_for(lambda: http_status(api) is not None, "the web server answering")
+    expected = {
+        "web": {"SECRET_KEY", "NBDWEB_CONFIG_SECRET", "NBDWEB_KEY_ENCRYPTION_KEY"},
+        "celery": {"NBDWEB_CONFIG_SECRET", "NBDWEB_KEY_ENCRYPTION_KEY"},
+        "nbdworker": {"NBDWEB_CONFIG_SECRET"},
+        "redis": set(),
+    }
+    secrets = set().union(*expected.values())
+    seen: dict[str, int] = {}
+    for pid in descendants(stack.proc.pid):
+        try:
+            role, environ = _role(pid), _environ(pid)
+        except OSError:
+            continue  # gone meanwhile (a short-lived helper)
+        if role is None:
+            continue
+        seen[role] = seen.get(role, 0) + 1
+        given = {name for name in secrets if environ.get(name)}
+        assert given == expected[role], (role, pid, given)
+        if role != "redis":
+            assert environ.get("NBDWEB_SECRET_FILES") == "0", (role, pid)
+    assert set(seen) == set(expected), seen
+
+    # The private Redis wants the password generated into the data dir (0600).
+    data = tmp_path / "data"
+    password = (data / "redis_password").read_text().strip()
+    assert (data / "redis_password").stat().st_mode & 0o077 == 0
+    web_pid = next(pid for pid in descendants(stack.proc.pid) if _role(pid) == "web")
+    redis_url = _environ(web_pid)["REDIS_URL"]
+    assert password in redis_url
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"*2\r\n$3\r\nGET\r\n$1\r\nx\r\n")
+        assert sock.recv(64).startswith(b"-NOAUTH")
+    assert not any(password in line for line in stack.lines), "the Redis password was logged"
+
+    manage_env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"DATABASE_URL", "DJANGO_SETTINGS_MODULE"} and not key.startswith("NBDW")
+    }
+    manage_env["NBDWEB_DATA_DIR"] = str(data)
+    result = subprocess.run(
+        [sys.executable, "manage.py", "create_api_token", "admin"],
+        cwd=ROOT,
+        env=manage_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.splitlines()[-1]
+    request = urllib.request.Request(
+        f"{api}exports/",
+        data=b'{"name": "disk1", "size": "1M"}',
+        headers={"Authorization": f"Token {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 201
+    host, port = stack.nbd.rsplit(":", 1)
+
+    def served() -> bool:
+        result = subprocess.run(
+            [nbdinfo, "--size", f"nbd://{host}:{port}/disk1"], capture_output=True, timeout=20
+        )
+        return result.returncode == 0 and result.stdout.strip() == b"1048576"
+
+    stack.wait_for(served, "disk1 created by Celery and served by nbdworker")

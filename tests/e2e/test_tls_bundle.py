@@ -17,6 +17,7 @@ import pytest
 from rest_framework.test import APIClient
 
 from exports_app.models import Export, TLSPolicy, WorkerNode
+from nbdworker.contract.snapshot import config_key
 from tests.support.redisserver import PrivateRedis, private_redis
 from tests.support.tools import client_env, require_tool
 from tests.support.worker import RunningWorker, start_worker
@@ -164,6 +165,31 @@ def test_client_bundle_from_the_api_connects_qemu_img_and_nbdinfo(api, tls_stack
     )
     assert info.returncode == 0, info.stderr
     assert "4 MiB" in info.stdout
+
+
+def test_server_key_sealed_in_redis_and_cache_and_the_worker_still_serves_tls(
+    api, tls_stack, tmp_path, redis_server
+):
+    """Neither the Redis value nor the worker's cached copy holds the PEM private key; the
+    worker opened it (it holds the config secret) and serves TLS with it."""
+    worker, export, client_cert = tls_stack
+    bundle = unpack_bundle(api, client_cert["id"], export, tmp_path / "bundle")
+    size = run(
+        [
+            require_tool("nbdinfo"),
+            "--size",
+            f"nbds://127.0.0.1:{worker.port}/secure?tls-certificates={bundle}",
+        ]
+    )
+    assert size.returncode == 0, size.stderr
+    assert int(size.stdout) == 4 * MiB
+    node = export.node.name
+    raw = redis_server.client().get(config_key(node))
+    assert "PRIVATE KEY" not in raw
+    assert "nbdweb-sealed-v1:" in raw
+    cached = tmp_path / "data" / "nbdworker" / f"config-{node}.json"
+    assert cached.exists()
+    assert "PRIVATE KEY" not in cached.read_text()
 
 
 def test_forcedtls_refuses_plaintext_and_revoked_client_certificates(api, tls_stack, tmp_path):

@@ -117,6 +117,16 @@ def test_tls_policy_brings_certificate_decrypted_key_cas_and_revocations(
     assert published(r, node).tls.revoked_serials == (client_certificate.serial,)
 
 
+def test_the_redis_value_holds_no_pem_private_key(r, tls_node, server_certificate) -> None:
+    """The server key travels sealed for the node's worker (nbdworker/contract/sealed.py):
+    whoever reads Redis gets no private key; the worker, holding the config secret, does."""
+    node = tls_node(TLSMode.FORCEDTLS)
+    raw = r.get(config_key(node.name))
+    assert "PRIVATE KEY" not in raw
+    assert "nbdweb-sealed-v1:" in raw
+    assert published(r, node).tls.key_pem == server_certificate.private_key_pem()
+
+
 def test_a_tls_required_export_left_under_optionaltls_is_published_and_flagged(
     r, tls_node, caplog
 ) -> None:
