@@ -202,6 +202,10 @@ class ConnectionHost(Protocol):
 
     def admit(self, conn: NBDConnection) -> bool: ...
 
+    def handshake_started(self, address: str) -> bool: ...
+
+    def handshake_ended(self, address: str) -> None: ...
+
     def export_slot_free(self, entry: ExportEntry) -> bool: ...
 
     def export_opened(self, name: str) -> None: ...
@@ -222,6 +226,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        # The address this connection is counted under while it negotiates (handshake cap).
+        self.negotiating_from: str | None = None
         self.phase = _PHASE_HANDSHAKE
         self.hs: Handshake | None = None
         self.deadline: asyncio.TimerHandle | None = None
@@ -297,6 +303,21 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.phase = _PHASE_CLOSED
             transport.abort()
             return
+        address = peer[0] if isinstance(peer, tuple) else None
+        if address is not None:
+            if not self.server.handshake_started(address):
+                log.warning(
+                    "%s: refused: %d connections from %s are still negotiating "
+                    "(--max-handshakes-per-address)",
+                    self.peer,
+                    self.server.settings.handshakes_per_address,
+                    address,
+                )
+                self.record.handshake_failure = HandshakeFailure.HANDSHAKE_CAP
+                self.phase = _PHASE_CLOSED
+                transport.abort()
+                return
+            self.negotiating_from = address
         self.authorizer = ExportAuthorizer(self._export_config, peer)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)  # type: ignore[attr-defined]
         limits = self.state.config.limits
@@ -389,6 +410,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if exc is not None:
             log.debug("%s: connection lost: %s", self.peer, exc)
         self.phase = _PHASE_CLOSED
+        self._negotiation_over()
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
@@ -604,6 +626,11 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self.tls_eof and self.phase == _PHASE_HANDSHAKE:
             self._handshake_data(b"")
 
+    def _negotiation_over(self) -> None:
+        if self.negotiating_from is not None:
+            self.server.handshake_ended(self.negotiating_from)
+            self.negotiating_from = None
+
     # -- transmission setup ---------------------------------------------------------------------
 
     def _enter_transmission(self, ready: Ready, trailing: bytes) -> None:
@@ -614,6 +641,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
+        self._negotiation_over()
         self.phase = _PHASE_TRANSMISSION
         self.entry = self.record.entry = entry
         self.backend = entry.backend

@@ -25,6 +25,7 @@ from nbdworker.backends import Backend, FileBackend, MemoryBackend
 from nbdworker.connection import NBDConnection
 from nbdworker.contract.config import ExportConfig, WorkerConfig, tls_refusal
 from nbdworker.exports import ExportEntry, ServerState
+from nbdworker.imagefile import ImageRefused, RefusalReason, open_image
 from nbdworker.listeners import Listener, bind_listeners, close_listeners
 from nbdworker.metrics import WorkerStats, connection_totals
 from nbdworker.protocol import ExportView, TLSMode, TransmissionFlag
@@ -74,25 +75,28 @@ def export_flags(cfg: ExportConfig, backend: Backend) -> TransmissionFlag:
 
 
 def _open_backend(
-    cfg: ExportConfig, settings: WorkerSettings, shared_memory: str | None = None
+    cfg: ExportConfig,
+    settings: WorkerSettings,
+    shared_memory: str | None = None,
+    refused: Callable[[str], None] = lambda reason: None,
 ) -> Backend | None:
+    """The export's backend, or None when it is refused (logged, and `refused(reason)`)."""
     if cfg.backend == "memory":
         if shared_memory is not None:
             return _shared_memory_backend(cfg, shared_memory)
         return MemoryBackend(cfg.size or 0, read_only=cfg.read_only)
     assert cfg.path is not None
-    if not settings.path_allowed(cfg.path):
-        log.error(
-            "export %r refused: %s is not under a storage root (%s)",
-            cfg.name,
-            os.path.realpath(cfg.path),
-            ", ".join(settings.storage_roots),
-        )
+    try:
+        fd = open_image(cfg.path, settings.root_spellings, writable=not cfg.read_only)
+    except ImageRefused as exc:
+        log.error("export %r refused: %s", cfg.name, exc)
+        refused(exc.reason)
         return None
     try:
-        return FileBackend(os.path.realpath(cfg.path), read_only=cfg.read_only)
+        return FileBackend(cfg.path, read_only=cfg.read_only, fd=fd)
     except OSError as exc:
         log.error("export %r refused: cannot open %s: %s", cfg.name, cfg.path, exc)
+        refused(RefusalReason.OPEN_FAILED)
         return None
 
 
@@ -142,6 +146,8 @@ class NBDServer:
         self._listeners: list[Listener] = []  # served here, owned or inherited
         self._adopting: set[asyncio.Task] = set()  # accepted sockets being wrapped
         self._preadmitted = 0  # accepted and counted, connection_made still to come
+        # Connections still negotiating, per client address (settings.handshakes_per_address).
+        self._handshaking: dict[str, int] = {}
         self.spinner = IdleSpinner(settings.busy_poll_us)
         self._spin_pending = False
         # Thread pool for I/O that may block (flush, fallocate, cold reads); reads from the page
@@ -176,12 +182,15 @@ class NBDServer:
                 # Absent from LIST, INFO/GO answered UNKNOWN, live sessions ended: never served
                 # in plaintext while the admin believes it is TLS-only.
                 log.error("export %r refused: %s", cfg.name, refusal)
+                self.stats.export_refused("tls_mode")
                 continue
             prev = old.get(cfg.name)
             if prev is not None and prev.config == cfg and not prev.backend.size_changed():
                 exports[cfg.name] = prev
                 continue
-            backend = _open_backend(cfg, self.settings, self.shared_memory)
+            backend = _open_backend(
+                cfg, self.settings, self.shared_memory, self.stats.export_refused
+            )
             if backend is None:
                 continue
             view = ExportView(
@@ -356,6 +365,23 @@ class NBDServer:
             return False
         self.connections.add(conn)
         return True
+
+    def handshake_started(self, address: str) -> bool:
+        """Count a connection from `address` into the handshake, unless that address already
+        has as many negotiating as the cap allows (one peer must not take every slot)."""
+        cap = self.settings.handshakes_per_address
+        n = self._handshaking.get(address, 0)
+        if cap and n >= cap:
+            return False
+        self._handshaking[address] = n + 1
+        return True
+
+    def handshake_ended(self, address: str) -> None:
+        n = self._handshaking.get(address, 0) - 1
+        if n > 0:
+            self._handshaking[address] = n
+        else:
+            self._handshaking.pop(address, None)
 
     def export_slot_free(self, entry: ExportEntry) -> bool:
         # Checked at INFO/GO and counted at the start of transmission: between the two, a

@@ -234,7 +234,7 @@ NBDWORKER_LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "contract shared with the web side",
         ("nbdworker.contract", "nbdworker.logformat"),
     ),
-    ("storage", ("nbdworker.backends",)),
+    ("storage", ("nbdworker.backends", "nbdworker.imagefile")),
     (
         "the parts the server is made of",
         (

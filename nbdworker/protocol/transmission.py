@@ -244,6 +244,10 @@ class Session:
             return Verdict(Errno.ESHUTDOWN, payload, False, "server shutting down")
         if command > _LAST_COMMAND:
             return Verdict(Errno.EINVAL, payload, False, "unknown command")
+        # Before "not advertised": a read-only export advertises no TRIM or WRITE_ZEROES, and a
+        # write of any kind there SHOULD be EPERM (the spec; nbdkit does the same).
+        if self._eperm[command]:
+            return Verdict(Errno.EPERM, payload, False, "export is read-only")
         allowed = self._allowed[command]
         if allowed is None:
             return Verdict(Errno.EINVAL, payload, False, self._refusal[command])
@@ -251,8 +255,6 @@ class Session:
             return Verdict(Errno.EINVAL, payload, False, self._flag_message(req, allowed))
         if command == _FLUSH:
             return OK  # offset and length are reserved: ignored
-        if self._eperm[command]:
-            return Verdict(Errno.EPERM, payload, False, "export is read-only")
         offset = req.offset
         size = self.size
         # Subtraction form, the spec's own: it cannot wrap (not that Python ints would).

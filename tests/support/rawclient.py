@@ -48,8 +48,13 @@ class ReadResult:
 
 
 class RawClient:
-    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(
+        self, host: str, port: int, timeout: float = 10.0, source: str | None = None
+    ) -> None:
+        """`source`: connect from this local address (e.g. 127.0.0.2, another loopback peer)."""
+        self.sock = socket.create_connection(
+            (host, port), timeout=timeout, source_address=(source, 0) if source else None
+        )
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.structured = False
         self.size = 0
@@ -162,8 +167,10 @@ class RawClient:
         return reply
 
     @classmethod
-    def open(cls, host: str, port: int, name: str = "", **kw: bool) -> RawClient:
-        client = cls(host, port)
+    def open(
+        cls, host: str, port: int, name: str = "", source: str | None = None, **kw: bool
+    ) -> RawClient:
+        client = cls(host, port, source=source)
         client.greet()
         client.go(name, **kw)
         return client
