@@ -20,11 +20,19 @@ from django.template.response import TemplateResponse
 from django.views.decorators.http import require_POST
 
 from exports_app.admin_status import END_SESSIONS, VIEW_SESSIONS
-from exports_app.console import overview
-from exports_app.models import Certificate, WorkerNode
+from exports_app.console import export_page, overview
+from exports_app.models import Certificate, Export, WorkerNode
 from exports_app.services import ca, renewal, workerstatus
 
-__all__ = ["ROUTES", "dashboard_context", "end_session", "renew_certificate", "section_view"]
+__all__ = [
+    "ROUTES",
+    "dashboard_context",
+    "end_session",
+    "export_live_view",
+    "export_panel_context",
+    "renew_certificate",
+    "section_view",
+]
 
 # How often the live sections reload themselves.
 REFRESH_SECONDS = 2
@@ -106,6 +114,42 @@ def section_view(request: HttpRequest, name: str) -> HttpResponse:
     return _render_section(request, name)
 
 
+def _export_live_context(request: HttpRequest, export: Export) -> dict[str, Any]:
+    sessions, unavailable = export_page.export_sessions(export)
+    can_view_jobs = request.user.has_perm("exports_app.view_job")
+    return {
+        "export": export,
+        "sessions": sessions,
+        "unavailable": unavailable,
+        "can_end": request.user.has_perm(END_SESSIONS),
+        "can_view_jobs": can_view_jobs,
+        "jobs": export_page.export_jobs(export) if can_view_jobs else [],
+        "refresh_seconds": REFRESH_SECONDS,
+    }
+
+
+def export_panel_context(request: HttpRequest, export: Export) -> dict[str, Any]:
+    """The panel above the export's change form (ExportAdmin.change_view)."""
+    return {
+        **export_page.panel_context(request, export),
+        **_export_live_context(request, export),
+    }
+
+
+def _render_export_live(request: HttpRequest, export: Export, **extra: Any) -> TemplateResponse:
+    return TemplateResponse(
+        request,
+        "admin/console/_export_live.html",
+        {**_export_live_context(request, export), **extra},
+    )
+
+
+def export_live_view(request: HttpRequest, pk: int) -> HttpResponse:
+    if not request.user.has_perm(VIEW_SESSIONS):
+        raise PermissionDenied
+    return _render_export_live(request, get_object_or_404(Export, pk=pk))
+
+
 @require_POST
 def end_session(request: HttpRequest, node: str, session_id: str) -> HttpResponse:
     """Ask the session's worker to end it (like DELETE /api/v1/sessions/<id>/)."""
@@ -124,6 +168,10 @@ def end_session(request: HttpRequest, node: str, session_id: str) -> HttpRespons
             )
     except workerstatus.StatusUnavailable:
         notice = "Redis is unreachable: nothing was done."
+    export_pk = request.POST.get("export", "")
+    if export_pk.isdigit():  # asked from the export's page: answer with its live part
+        export = get_object_or_404(Export, pk=int(export_pk))
+        return _render_export_live(request, export, notice=notice)
     return _render_section(request, "sessions", notice=notice)
 
 
@@ -152,4 +200,5 @@ ROUTES = [
     ("section/<slug:name>/", section_view, "console_section"),
     ("sessions/<str:node>/<str:session_id>/end/", end_session, "console_end_session"),
     ("certificates/<int:pk>/renew/", renew_certificate, "console_renew_certificate"),
+    ("exports/<int:pk>/live/", export_live_view, "console_export_live"),
 ]
