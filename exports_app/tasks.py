@@ -33,6 +33,7 @@ from django.utils import timezone
 from exports_app.choices import ExportState, JobKind, JobState
 from exports_app.models import Export, Job
 from exports_app.services import exports, images
+from exports_app.services.audit import job_actor
 from exports_app.services.publishing import schedule_publish
 from exports_app.validators import resolve_image_path
 
@@ -185,6 +186,7 @@ def fail_job(job_id: int, error: str) -> None:
         else:
             export.state = ExportState.FAILED
             fields.append("state")
+        export._change_reason = job_actor(job)  # the audit trail's actor
         export.save(update_fields=fields)
         schedule_publish(export.node)
 
@@ -195,6 +197,7 @@ def _succeed(job: Job, changes: dict | None) -> None:
         export = Export.objects.select_for_update().filter(pk=job.export_id).first()
         if export is None:
             return
+        export._change_reason = job_actor(job)  # the audit trail's actor
         if job.kind == JobKind.DELETE:
             export.delete()
         else:

@@ -116,7 +116,7 @@ class SessionViewSet(ViewSet):
             session = workerstatus.find_session(str(pk), self._node_names())
             if session is None:
                 raise NotFound("No live session with this ID.")
-            workerstatus.kick_session(session["node"], session["id"])
+            workerstatus.end_session(session, request.user)
         except workerstatus.StatusUnavailable:
             raise StatusUnavailable() from None
         return Response(status=status.HTTP_202_ACCEPTED)
