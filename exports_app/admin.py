@@ -17,6 +17,13 @@ from simple_history.admin import SimpleHistoryAdmin
 
 from exports_app.admin_status import NodeStatusAdminMixin
 from exports_app.choices import CertificateKind, KeyAlgorithm, TLSMode
+from exports_app.console.admin import ExportPageAdminMixin, JobListAdminMixin
+from exports_app.console.forms import (
+    ClientRulesField,
+    EscapedHelpTextMixin,
+    NetworksField,
+    WideNumberInput,
+)
 from exports_app.constants import MAX_VALIDITY_DAYS
 from exports_app.models import (
     Certificate,
@@ -175,17 +182,32 @@ class SizeFormField(forms.CharField):
         return parse_size(value.strip())
 
 
-class ExportForm(forms.ModelForm):
+class ExportForm(EscapedHelpTextMixin, forms.ModelForm):
     size = SizeFormField(help_text='Bytes, or with a binary unit: "10G", "512M", "1T".')
     force = forms.BooleanField(
         required=False,
-        help_text="Allow shrinking: a smaller size destroys the data past the new end.",
+        label="Allow shrinking",
+        help_text="A smaller size destroys the data past the new end.",
+    )
+    allowed_clients = ClientRulesField(
+        required=False,
+        help_text="TLS client certificates allowed to connect; no row allows any client the "
+        "node's TLS policy accepts.",
+    )
+    allowed_networks = NetworksField(
+        help_text="One network per line (CIDR, e.g. 10.0.0.0/8); none allows any address."
     )
 
     class Meta:
         model = Export
         fields = "__all__"
-        widgets = {"name": forms.TextInput(attrs={"size": 60})}
+        widgets = {
+            "name": forms.TextInput(attrs={"size": 60}),
+            "min_block_size": WideNumberInput(),
+            "preferred_block_size": WideNumberInput(),
+            "max_block_size": WideNumberInput(),
+            "max_connections": WideNumberInput(),
+        }
 
     def clean(self) -> dict:
         cleaned = super().clean()
@@ -210,13 +232,13 @@ class ResizeExportForm(forms.Form):
 
 
 @admin.register(Export)
-class ExportAdmin(SimpleHistoryAdmin):
+class ExportAdmin(ExportPageAdminMixin, SimpleHistoryAdmin):
     form = ExportForm
     list_display = [
         "__str__",
         "node",
         "display_size",
-        "state",
+        "state_badge",
         "enabled",
         "read_only",
         "tls_required",
@@ -341,7 +363,7 @@ class ExportAdmin(SimpleHistoryAdmin):
 
 
 @admin.register(Job)
-class JobAdmin(admin.ModelAdmin):
+class JobAdmin(JobListAdminMixin, admin.ModelAdmin):
     """Jobs are made by the export actions and the API; here they are watched and retried."""
 
     list_display = [
@@ -349,8 +371,8 @@ class JobAdmin(admin.ModelAdmin):
         "kind",
         "export_link",
         "node",
-        "state",
-        "progress_percent",
+        "state_badge",
+        "progress_bar",
         "short_error",
         "requested_by",
         "created",
@@ -391,10 +413,6 @@ class JobAdmin(admin.ModelAdmin):
             return job.export_name[:80]
         url = reverse("admin:exports_app_export_change", args=[job.export_id])
         return format_html('<a href="{}">{}</a>', url, job.export_name[:80])
-
-    @admin.display(description="progress", ordering="progress")
-    def progress_percent(self, job: Job) -> str:
-        return f"{job.progress}%"
 
     @admin.display(description="error")
     def short_error(self, job: Job) -> str:
@@ -556,7 +574,7 @@ class CertificateAuthorityAdmin(AddFormAdminMixin, SimpleHistoryAdmin):
         )
 
 
-class CertificateAddForm(forms.ModelForm):
+class CertificateAddForm(EscapedHelpTextMixin, forms.ModelForm):
     """Issue from a CA, or import a PEM certificate (a server certificate needs its key)."""
 
     name = forms.CharField(

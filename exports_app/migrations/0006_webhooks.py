@@ -9,7 +9,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('exports_app', '0004_hash_api_tokens'),
+        ('exports_app', '0005_job_worker'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
