@@ -50,17 +50,17 @@ class EventsUnavailable(APIException):
 
 
 class EventObjectSerializer(serializers.Serializer):
-    type = serializers.CharField()
+    type = serializers.CharField(help_text="export, job, certificate, workernode or session.")
     id = serializers.JSONField(help_text="The object's ID (a string for a session).")
     name = serializers.CharField(allow_null=True)
 
 
 class EventSerializer(serializers.Serializer):
     id = serializers.CharField(help_text="Stream ID: events are ordered by it.")
-    kind = serializers.ChoiceField(choices=list(events.EVENT_KINDS))
-    time = serializers.DateTimeField()
-    object = EventObjectSerializer()
-    data = serializers.DictField()
+    kind = serializers.ChoiceField(choices=list(events.EVENT_KINDS), help_text="What happened.")
+    time = serializers.DateTimeField(help_text="When it happened.")
+    object = EventObjectSerializer(help_text="What it happened to.")
+    data = serializers.DictField(help_text="Details; the keys depend on the kind.")
 
 
 def _start_id(value: str | None, name: str) -> str | None:

@@ -56,6 +56,9 @@ class WebhookSerializer(ValidatedModelSerializer):
             "last_updated",
         ]
         read_only_fields = ["owner", "created", "last_updated"]
+        extra_kwargs = {
+            "enabled": {"help_text": "Deliver events to it; off keeps it without deliveries."},
+        }
 
     def validate(self, attrs: dict) -> dict:
         secret = attrs.pop("secret", None)
@@ -103,6 +106,16 @@ class WebhookDeliverySerializer(StrictModelSerializer):
             "finished",
         ]
         read_only_fields = fields
+        extra_kwargs = {
+            "event_id": {"help_text": "The event's ID in /api/v1/events/."},
+            "event_kind": {"help_text": "The event's kind."},
+            "state": {"help_text": "pending until an attempt succeeds or the last one failed."},
+            "attempts": {"help_text": "Attempts made so far."},
+            "error": {"help_text": "Why the last attempt failed; empty after a success."},
+            "attempt_log": {"help_text": "Every attempt: time, HTTP status, error."},
+            "payload": {"help_text": "The event as it is sent (the POST body)."},
+            "finished": {"help_text": "When it succeeded or was given up."},
+        }
 
 
 class WebhookViewSet(BaseModelViewSet):
