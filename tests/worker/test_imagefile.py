@@ -287,3 +287,23 @@ def test_configs_applied_while_a_directory_flips_never_serve_the_outside_file(tm
             assert flipper.flips > 0
     assert served["outside"] == 0, served
     assert served["inside"] > 0, served
+
+
+def test_a_symlink_in_place_of_a_memory_exports_shared_file_is_refused(tmp_path) -> None:
+    """Memory exports of several serving processes share a file in /dev/shm, a directory anyone
+    can write to: a symlink planted at its name must not be followed (nor the file it names
+    truncated)."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    prefix = str(shm / "nbdworker-1")
+    cfg = ExportConfig(name="ram", backend="memory", size=1 << 20)
+    backend = _open_backend(cfg, settings_for(tmp_path), shared_memory=prefix)
+    assert backend is not None
+    backend.close()
+    (path,) = shm.iterdir()
+    path.unlink()
+    victim = tmp_path / "victim"
+    victim.write_bytes(OUTSIDE)
+    path.symlink_to(victim)
+    assert _open_backend(cfg, settings_for(tmp_path), shared_memory=prefix) is None
+    assert victim.read_bytes() == OUTSIDE
