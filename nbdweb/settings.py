@@ -42,6 +42,8 @@ INSTALLED_APPS = [
     "knox",
     "django_filters",
     "drf_spectacular",
+    # Swagger UI and ReDoc as the app's own static files: no third-party URL at runtime.
+    "drf_spectacular_sidecar",
     "simple_history",
     "django_htmx",
     "exports_app",
@@ -60,6 +62,7 @@ MIDDLEWARE = [
     "django_htmx.middleware.HtmxMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "simple_history.middleware.HistoryRequestMiddleware",
+    "nbdweb.middleware.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "nbdweb.urls"
@@ -85,6 +88,9 @@ DATABASES = {
     "default": dj_database_url.parse(
         os.environ.get("DATABASE_URL") or f"sqlite:///{DATA_DIR / 'db.sqlite3'}",
         conn_max_age=int(os.environ.get("DATABASE_CONN_MAX_AGE", "60")),
+        # A kept connection is checked before a request uses it: after a database restart the
+        # next request reconnects instead of failing on the dead connection.
+        conn_health_checks=True,
     )
 }
 
@@ -147,18 +153,16 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["exports_app.api.permissions.ModelPermissions"],
-    "DEFAULT_PARSER_CLASSES": [
-        "exports_app.api.parsers.NBDWebJSONParser",
-        "rest_framework.parsers.FormParser",
-        "rest_framework.parsers.MultiPartParser",
-    ],
+    # Every request body is JSON (no file uploads, no forms): the schema offers JSON only, so
+    # generated clients have one way to send each body.
+    "DEFAULT_PARSER_CLASSES": ["exports_app.api.parsers.NBDWebJSONParser"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
     "DEFAULT_FILTER_BACKENDS": [
         "django_filters.rest_framework.DjangoFilterBackend",
         "rest_framework.filters.OrderingFilter",
     ],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "exports_app.api.schema.NBDWebAutoSchema",
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
 }
 
@@ -174,9 +178,48 @@ REST_KNOX = {
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "nbdweb API",
-    "DESCRIPTION": "Manage NBD exports, TLS policies and certificates.",
+    "DESCRIPTION": (
+        "Manage NBD exports, TLS policies and certificates. Authenticate with "
+        "`Authorization: Token <token>`. Every error (4xx) has one shape, `Error` "
+        "(field errors, if any, under `errors`). Objects carry an `ETag`; send it back in "
+        "`If-Match` to change or delete only what you read. POSTs that create objects or start "
+        "jobs take an `Idempotency-Key` header, so a retry creates nothing twice."
+    ),
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Operations are tagged and named by resource (`exports_create`), not by `v1`.
+    "SCHEMA_PATH_PREFIX": r"/api/v1",
+    # A generated client gets a model for what it sends (no read-only fields) apart from the
+    # one for what it reads.
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "ExportStateEnum": "exports_app.choices.ExportState",
+        "JobStateEnum": "exports_app.choices.JobState",
+        "JobKindEnum": "exports_app.choices.JobKind",
+        "CertificateKindEnum": "exports_app.choices.CertificateKind",
+        "KeyAlgorithmEnum": "exports_app.choices.KeyAlgorithm",
+        "TLSModeEnum": "exports_app.choices.TLSMode",
+        "ClientVerificationEnum": "exports_app.choices.ClientVerification",
+        "TLSVersionEnum": "exports_app.choices.TLSVersion",
+    },
+    "TAGS": [
+        {"name": "exports", "description": "NBD exports: a named disk image served by a node."},
+        {"name": "jobs", "description": "Disk work on an export's image, run by its node."},
+        {"name": "sessions", "description": "Live NBD client sessions, as the workers report."},
+        {"name": "nodes", "description": "Worker nodes: one nbdworker and its storage root."},
+        {"name": "tls-policies", "description": "How a node serves TLS and whom it trusts."},
+        {"name": "authorities", "description": "Certificate authorities, internal or imported."},
+        {"name": "certificates", "description": "Server and client certificates."},
+    ],
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "exports_app.api.schema.describe_fields",
+    ],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    # No badge fetched from the public validator service.
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO")

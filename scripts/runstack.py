@@ -229,7 +229,8 @@ def ensure_redis(env: dict[str, str], stack: Stack) -> None:
     redis_dir = Path(env["NBDWEB_DATA_DIR"]) / "redis"
     redis_dir.mkdir(mode=0o700, exist_ok=True)
     # A password, so that other local users cannot read or write the config snapshots. Given
-    # on stdin (`redis-server -`): a command line is readable by every local user.
+    # on stdin (`redis-server -`): a command line is readable by every local user. Append-only
+    # file: queued jobs survive a Redis restart.
     password = secret_from_env_or_file("NBDWEB_REDIS_PASSWORD", "redis_password")
     say(
         f"redis does not answer at {redacted(url)}: starting a private redis-server on port "
@@ -239,7 +240,7 @@ def ensure_redis(env: dict[str, str], stack: Stack) -> None:
         "redis",
         [binary, "-"],
         stdin_text=(
-            f'bind 127.0.0.1\nport {port}\ndir {redis_dir}\nsave ""\nappendonly no\n'
+            f'bind 127.0.0.1\nport {port}\ndir {redis_dir}\nsave ""\nappendonly yes\n'
             f"requirepass {password}\n"
         ),
     )
