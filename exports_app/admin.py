@@ -17,6 +17,13 @@ from simple_history.admin import SimpleHistoryAdmin
 
 from exports_app.admin_status import NodeStatusAdminMixin
 from exports_app.choices import CertificateKind, KeyAlgorithm, TLSMode
+from exports_app.console.admin import ExportPageAdminMixin, JobListAdminMixin
+from exports_app.console.forms import (
+    ClientRulesField,
+    EscapedHelpTextMixin,
+    NetworksField,
+    WideNumberInput,
+)
 from exports_app.constants import MAX_VALIDITY_DAYS
 from exports_app.models import (
     Certificate,
@@ -24,6 +31,8 @@ from exports_app.models import (
     Export,
     Job,
     TLSPolicy,
+    WebhookDelivery,
+    WebhookSubscription,
     WorkerNode,
 )
 from exports_app.models.tls import OPTIONALTLS_WARNING
@@ -173,17 +182,32 @@ class SizeFormField(forms.CharField):
         return parse_size(value.strip())
 
 
-class ExportForm(forms.ModelForm):
+class ExportForm(EscapedHelpTextMixin, forms.ModelForm):
     size = SizeFormField(help_text='Bytes, or with a binary unit: "10G", "512M", "1T".')
     force = forms.BooleanField(
         required=False,
-        help_text="Allow shrinking: a smaller size destroys the data past the new end.",
+        label="Allow shrinking",
+        help_text="A smaller size destroys the data past the new end.",
+    )
+    allowed_clients = ClientRulesField(
+        required=False,
+        help_text="TLS client certificates allowed to connect; no row allows any client the "
+        "node's TLS policy accepts.",
+    )
+    allowed_networks = NetworksField(
+        help_text="One network per line (CIDR, e.g. 10.0.0.0/8); none allows any address."
     )
 
     class Meta:
         model = Export
         fields = "__all__"
-        widgets = {"name": forms.TextInput(attrs={"size": 60})}
+        widgets = {
+            "name": forms.TextInput(attrs={"size": 60}),
+            "min_block_size": WideNumberInput(),
+            "preferred_block_size": WideNumberInput(),
+            "max_block_size": WideNumberInput(),
+            "max_connections": WideNumberInput(),
+        }
 
     def clean(self) -> dict:
         cleaned = super().clean()
@@ -224,13 +248,13 @@ class ResizeExportForm(forms.Form):
 
 
 @admin.register(Export)
-class ExportAdmin(SimpleHistoryAdmin):
+class ExportAdmin(ExportPageAdminMixin, SimpleHistoryAdmin):
     form = ExportForm
     list_display = [
         "__str__",
         "node",
         "display_size",
-        "state",
+        "state_badge",
         "enabled",
         "read_only",
         "tls_required",
@@ -307,6 +331,7 @@ class ExportAdmin(SimpleHistoryAdmin):
         return export.last_error[:80]
 
     def save_model(self, request, obj: Export, form, change: bool) -> None:
+        obj._history_user = request.user  # what SimpleHistoryAdmin.save_model would set
         if change:
             exports.save_export(
                 obj, form.initial["size"], force=form.cleaned_data.get("force", False)
@@ -391,7 +416,7 @@ class ExportAdmin(SimpleHistoryAdmin):
 
 
 @admin.register(Job)
-class JobAdmin(admin.ModelAdmin):
+class JobAdmin(JobListAdminMixin, admin.ModelAdmin):
     """Jobs are made by the export actions and the API; here they are watched and retried."""
 
     list_display = [
@@ -399,8 +424,8 @@ class JobAdmin(admin.ModelAdmin):
         "kind",
         "export_link",
         "node",
-        "state",
-        "progress_percent",
+        "state_badge",
+        "progress_bar",
         "short_error",
         "requested_by",
         "created",
@@ -441,10 +466,6 @@ class JobAdmin(admin.ModelAdmin):
             return job.export_name[:80]
         url = reverse("admin:exports_app_export_change", args=[job.export_id])
         return format_html('<a href="{}">{}</a>', url, job.export_name[:80])
-
-    @admin.display(description="progress", ordering="progress")
-    def progress_percent(self, job: Job) -> str:
-        return f"{job.progress}%"
 
     @admin.display(description="error")
     def short_error(self, job: Job) -> str:
@@ -606,7 +627,7 @@ class CertificateAuthorityAdmin(AddFormAdminMixin, SimpleHistoryAdmin):
         )
 
 
-class CertificateAddForm(forms.ModelForm):
+class CertificateAddForm(EscapedHelpTextMixin, forms.ModelForm):
     """Issue from a CA, or import a PEM certificate (a server certificate needs its key)."""
 
     name = forms.CharField(
@@ -791,3 +812,106 @@ class CertificateAdmin(AddFormAdminMixin, SimpleHistoryAdmin):
         filename = bundles.bundle_filename(certificate)
         response["Content-Disposition"] = f'attachment; filename="{filename}"'
         return response
+
+
+# -- webhooks (issue 17) -----------------------------------------------------------------------
+
+
+class WebhookSubscriptionForm(forms.ModelForm):
+    secret = forms.CharField(
+        required=False,
+        min_length=16,
+        max_length=200,
+        widget=forms.PasswordInput(render_value=False),
+        validators=[validate_no_control_characters],
+        help_text="Signs each delivery (X-Nbdweb-Signature). Needed for a new webhook; "
+        "left empty on a change, the secret stays.",
+    )
+
+    class Meta:
+        model = WebhookSubscription
+        fields = ["name", "target_url", "event_types", "enabled"]
+
+    def clean_secret(self) -> str:
+        secret = self.cleaned_data.get("secret", "")
+        if not secret and self.instance.pk is None:
+            raise ValidationError("A new webhook needs a secret.")
+        if secret and not (secret.isascii() and secret.isprintable() and " " not in secret):
+            raise ValidationError("Printable ASCII without spaces.")
+        return secret
+
+    def save(self, commit: bool = True) -> WebhookSubscription:
+        subscription = super().save(commit=False)
+        if self.cleaned_data.get("secret"):
+            subscription.set_secret(self.cleaned_data["secret"])
+        if commit:
+            subscription.save()
+        return subscription
+
+
+@admin.register(WebhookSubscription)
+class WebhookSubscriptionAdmin(SimpleHistoryAdmin):
+    """The same subscriptions as /api/v1/webhooks/; URL rules in the model's clean()."""
+
+    form = WebhookSubscriptionForm
+    list_display = ["name", "target_url", "event_types", "enabled", "owner", "last_updated"]
+    list_filter = ["enabled"]
+    search_fields = ["name", "target_url"]
+    readonly_fields = ["owner", "delivery_log"]
+
+    @admin.display(description="deliveries")
+    def delivery_log(self, subscription: WebhookSubscription) -> str:
+        if subscription.pk is None:
+            return "-"
+        url = reverse("admin:exports_app_webhookdelivery_changelist")
+        return format_html(
+            '<a href="{}?subscription__id__exact={}">the delivery log</a>', url, subscription.pk
+        )
+
+    def save_model(self, request, obj: WebhookSubscription, form, change: bool) -> None:
+        if obj.owner_id is None:
+            obj.owner = request.user
+        super().save_model(request, obj, form, change)
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(admin.ModelAdmin):
+    """The delivery log: every event sent to a webhook, its attempts and response codes."""
+
+    list_display = [
+        "id",
+        "subscription",
+        "event_kind",
+        "state",
+        "attempts",
+        "response_code",
+        "short_error",
+        "created",
+        "finished",
+    ]
+    list_filter = ["state", "event_kind", "subscription"]
+    search_fields = ["event_id", "error"]
+    list_select_related = ["subscription"]
+    readonly_fields = [
+        "subscription",
+        "event_id",
+        "event_kind",
+        "state",
+        "attempts",
+        "response_code",
+        "error",
+        "attempt_log",
+        "payload",
+        "created",
+        "finished",
+    ]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.display(description="error")
+    def short_error(self, delivery: WebhookDelivery) -> str:
+        return delivery.error[:80]

@@ -37,13 +37,23 @@ class NodeStatusAdminMixin:
 
     @admin.display(description="worker")
     def worker_status(self, node: WorkerNode) -> str:
-        status = workerstatus.node_statuses([node.name])[node.name]
-        if status["status"] != "online":
-            return status["status"]
-        state = "current" if status["current"] else "behind"
-        return (
-            f"online, generation {status['generation_applied']} ({state}; latest "
-            f"{status['generation_published'] or '-'})"
+        from exports_app.console.overview import node_cards
+        from exports_app.templatetags.console import ago, badge
+
+        card = node_cards([node])[0]
+        if card.status != "online":
+            seen = f" (last seen {ago(card.last_seen)})" if card.last_seen else ""
+            return format_html("{}{}", badge(card.status), seen)
+        if card.config_state == "behind":
+            config = format_html(
+                "{}: the latest change ({}) is not applied yet",
+                badge("behind", "config behind"),
+                ago(card.behind_since),
+            )
+        else:
+            config = badge(card.config_state, f"config {card.config_state}")
+        return format_html(
+            '{} {} <span class="help">{}</span>', badge("online"), config, card.version
         )
 
     @admin.display(description="sessions")
@@ -68,7 +78,7 @@ class NodeStatusAdminMixin:
                 if found is None:
                     messages.error(request, f"Session {session_id} is not live any more.")
                 else:
-                    workerstatus.kick_session(found["node"], found["id"])
+                    workerstatus.end_session(found, request.user)
                     messages.success(
                         request,
                         f"Session {session_id} on {found['export']!r} asked to end; the worker "

@@ -6,6 +6,11 @@
     queued ──> running ──> succeeded   (export ready / resized / verified / deleted; published)
                       └──> failed      (error on the job and on the export; nothing half-made)
 
+A worker killed as a whole (SIGKILL, OOM, power loss) cannot hand its job back, and the Redis
+broker would redeliver the message only after the visibility timeout (hours): when that worker
+(the same Celery node name) starts again, it re-queues the jobs it had left `running`
+(`requeue_interrupted_jobs`). A pool process killed alone is covered by reject_on_worker_lost.
+
 Jobs of one export run one at a time, in the order they were requested: a job whose export has
 an earlier unfinished job waits for it (re-queued with a short countdown). Every job is safe to
 run again (tasks are acked late, so a worker that dies mid-job has it redelivered): the disk
@@ -26,16 +31,29 @@ import time
 from collections.abc import Callable, Iterator
 
 from celery import shared_task
+from celery.signals import worker_ready
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
 from exports_app.choices import ExportState, JobKind, JobState
-from exports_app.models import Export, Job
-from exports_app.services import exports, images, storage
+from exports_app.models import Export, Job, WebhookDelivery
+from exports_app.models.webhooks import DeliveryState
+from exports_app.services import events, exports, images, observer, storage, webhooks
+from exports_app.services.audit import job_actor
 from exports_app.services.publishing import schedule_publish
 
-__all__ = ["PROGRESS_MIN_INTERVAL", "WAIT_FOR_EARLIER_JOB", "fail_job", "run_job"]
+__all__ = [
+    "PROGRESS_MIN_INTERVAL",
+    "WAIT_FOR_EARLIER_JOB",
+    "check_certificate_expiry",
+    "deliver_webhook",
+    "fail_job",
+    "observe_workers",
+    "requeue_interrupted_jobs",
+    "run_job",
+]
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +255,13 @@ def _finish_job(job_id: int, state: str, error: str = "") -> None:
     if state == JobState.SUCCEEDED:
         fields["progress"] = 100
     Job.objects.filter(pk=job_id).update(**fields)
+    job = Job.objects.filter(pk=job_id).values("kind", "export_id", "export_name").first()
+    if job is not None:
+        events.emit(
+            "job.succeeded" if state == JobState.SUCCEEDED else "job.failed",
+            {"type": "job", "id": job_id, "name": f"{job['kind']} {job['export_name']}"},
+            {"kind": job["kind"], "export": job["export_id"], "state": state, "error": error},
+        )
 
 
 def fail_job(job_id: int, error: str) -> None:
@@ -263,6 +288,7 @@ def fail_job(job_id: int, error: str) -> None:
         else:
             export.state = ExportState.FAILED
             fields.append("state")
+        export._change_reason = job_actor(job)  # the audit trail's actor
         export.save(update_fields=fields)
         schedule_publish(export.node)
 
@@ -273,6 +299,7 @@ def _succeed(job: Job, changes: dict | None) -> None:
         export = Export.objects.select_for_update().filter(pk=job.export_id).first()
         if export is None:
             return
+        export._change_reason = job_actor(job)  # the audit trail's actor
         if job.kind == JobKind.DELETE:
             export.delete()
         else:
@@ -316,7 +343,10 @@ def run_job(self, job_id: int) -> str:
         _finish_job(job.pk, JobState.FAILED, "The export is being deleted.")
         return JobState.FAILED
     Job.objects.filter(pk=job.pk).update(
-        state=JobState.RUNNING, started=timezone.now(), celery_task_id=self.request.id or ""
+        state=JobState.RUNNING,
+        started=timezone.now(),
+        celery_task_id=self.request.id or "",
+        worker=self.request.hostname or "",
     )
     log.info("job %s: %s %r on node %s", job.pk, job.kind, job.export_name, job.node.name)
     try:
@@ -333,3 +363,64 @@ def run_job(self, job_id: int) -> str:
     _succeed(job, changes)
     log.info("job %s succeeded", job.pk)
     return JobState.SUCCEEDED
+
+
+def requeue_interrupted_jobs(worker: str) -> list[int]:
+    """Queue again the jobs that Celery worker `worker` had running when it died.
+
+    Called when that worker starts, before it takes any job: nothing of its own can be running
+    yet, so each of those jobs was interrupted. The job keeps its task id; a stale copy of its
+    message that the broker redelivers later finds the job finished and does nothing.
+    """
+    requeued = []
+    for job in Job.objects.select_related("node").filter(state=JobState.RUNNING, worker=worker):
+        if not Job.objects.filter(pk=job.pk, state=JobState.RUNNING, worker=worker).update(
+            state=JobState.QUEUED, worker=""
+        ):
+            continue
+        log.warning("job %s was interrupted on %s (the worker died): queued again", job.pk, worker)
+        run_job.apply_async(args=[job.pk], queue=job.node.celery_queue, task_id=job.celery_task_id)
+        requeued.append(job.pk)
+    return requeued
+
+
+@worker_ready.connect
+def _on_worker_ready(sender, **kwargs) -> None:
+    requeue_interrupted_jobs(sender.hostname)
+
+
+# -- events (exports_app.services.events) -------------------------------------------------------
+
+
+@shared_task(bind=True, name="exports_app.deliver_webhook", max_retries=None, acks_late=True)
+def deliver_webhook(self, delivery_id: int) -> str:
+    """One attempt at a webhook delivery; a failed one is retried with backoff until
+    settings.NBDWEB_WEBHOOK_MAX_ATTEMPTS."""
+    delivery = WebhookDelivery.objects.select_related("subscription").filter(pk=delivery_id).first()
+    if delivery is None or delivery.state != DeliveryState.PENDING:
+        return "gone" if delivery is None else delivery.state
+    if not delivery.subscription.enabled:
+        webhooks.finish(delivery, DeliveryState.FAILED)
+        return DeliveryState.FAILED
+    result = webhooks.attempt_delivery(delivery)
+    if result.ok:
+        webhooks.finish(delivery, DeliveryState.SUCCEEDED)
+        return DeliveryState.SUCCEEDED
+    if delivery.attempts >= settings.NBDWEB_WEBHOOK_MAX_ATTEMPTS:
+        webhooks.finish(delivery, DeliveryState.FAILED)
+        return DeliveryState.FAILED
+    raise self.retry(
+        countdown=webhooks.retry_delay(delivery.attempts), queue=settings.NBDWEB_EVENTS_QUEUE
+    )
+
+
+@shared_task(name="exports_app.observe_workers", ignore_result=True)
+def observe_workers() -> None:
+    """Node online/offline and session opened/ended events (Celery beat, every few seconds)."""
+    observer.observe_workers()
+
+
+@shared_task(name="exports_app.check_certificate_expiry", ignore_result=True)
+def check_certificate_expiry() -> None:
+    """`certificate.expiring` events (Celery beat, hourly)."""
+    observer.check_expiry()

@@ -70,6 +70,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "':'-separated; default $NBDWEB_DATA_DIR/images)",
     )
     parser.add_argument(
+        "--max-handshakes-per-address",
+        type=int,
+        default=None,
+        metavar="N",
+        help="connections of one client address still negotiating, per serving process; more "
+        "are closed at once (env NBDWORKER_MAX_HANDSHAKES_PER_ADDRESS; default 16; 0: no cap)",
+    )
+    parser.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,
@@ -264,7 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_format, args.log_level, with_pid=several)
     secret = None
     try:
-        settings = WorkerSettings.from_sources(args.storage_root, args.listen)
+        settings = WorkerSettings.from_sources(
+            args.storage_root,
+            args.listen,
+            handshakes_per_address=args.max_handshakes_per_address,
+        )
         if serving is not None:
             from nbdworker.supervisor import serve_as_child
 

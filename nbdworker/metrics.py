@@ -63,6 +63,8 @@ class WorkerStats:
         self.errors: dict[tuple[str, int], int] = {}
         self.handshake_failures: dict[str, int] = {}
         self.config_rejected: dict[str, int] = {}
+        # Exports this process would not serve, by reason (nbdworker/imagefile.py).
+        self.exports_refused: dict[str, int] = {}
         # The config follower's health (nbdworker/configsource.py); None with --config.
         self.follower: FollowerHealth | None = None
 
@@ -83,6 +85,9 @@ class WorkerStats:
 
     def handshake_failed(self, reason: str) -> None:
         self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + 1
+
+    def export_refused(self, reason: str) -> None:
+        self.exports_refused[reason] = self.exports_refused.get(reason, 0) + 1
 
     def snapshot_rejected(self, reason: str) -> None:
         self.config_rejected[reason] = self.config_rejected.get(reason, 0) + 1
@@ -116,6 +121,7 @@ def connection_totals(stats: WorkerStats, sessions: Iterable[SessionRecord]) -> 
         "errors": [[export, errno, n] for (export, errno), n in errors.items()],
         "opened": dict(stats.connections_opened),
         "handshake_failures": dict(stats.handshake_failures),
+        "exports_refused": dict(stats.exports_refused),
     }
 
 
@@ -127,11 +133,12 @@ def merge_totals(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "errors": [],
         "opened": {},
         "handshake_failures": {},
+        "exports_refused": {},
     }
     errors: dict[tuple[str, int], int] = {}
     for part in parts:
         merged["handshaking"] += part["handshaking"]
-        for key in ("live", "opened", "handshake_failures"):
+        for key in ("live", "opened", "handshake_failures", "exports_refused"):
             target = merged[key]
             for name, n in part[key].items():
                 target[name] = target.get(name, 0) + n
@@ -192,6 +199,14 @@ def _families(totals: dict[str, Any], stats: WorkerStats) -> list[Any]:
     )
     for reason, n in sorted(totals["handshake_failures"].items()):
         failures.add_metric([reason], n)
+    refused = CounterMetricFamily(
+        "nbdworker_exports_refused",
+        "Exports a serving process would not serve when a config was applied, by reason "
+        "(symlink, not_regular, outside_roots, ...).",
+        labels=["reason"],
+    )
+    for reason, n in sorted(totals["exports_refused"].items()):
+        refused.add_metric([reason], n)
     rejected = CounterMetricFamily(
         "nbdworker_config_rejected",
         "Config snapshots refused (forged, malformed, older, other node).",
@@ -207,7 +222,18 @@ def _families(totals: dict[str, Any], stats: WorkerStats) -> list[Any]:
         "Seconds since the worker started.",
         value=time.time() - stats.started,
     )
-    families = [connections, opened, requests, nbytes, errs, failures, rejected, generation, uptime]
+    families = [
+        connections,
+        opened,
+        requests,
+        nbytes,
+        errs,
+        failures,
+        refused,
+        rejected,
+        generation,
+        uptime,
+    ]
     if stats.follower is not None:
         families += _follower_families(stats.follower)
     return families

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import signal
 import socket
+import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,6 +27,7 @@ from nbdworker.backends import Backend, FileBackend, MemoryBackend
 from nbdworker.connection import NBDConnection
 from nbdworker.contract.config import ExportConfig, WorkerConfig, tls_refusal
 from nbdworker.exports import ExportEntry, ServerState
+from nbdworker.imagefile import ImageRefused, RefusalReason, open_image
 from nbdworker.listeners import Listener, bind_listeners, close_listeners
 from nbdworker.metrics import WorkerStats, connection_totals
 from nbdworker.protocol import ExportView, TLSMode, TransmissionFlag
@@ -74,25 +77,28 @@ def export_flags(cfg: ExportConfig, backend: Backend) -> TransmissionFlag:
 
 
 def _open_backend(
-    cfg: ExportConfig, settings: WorkerSettings, shared_memory: str | None = None
+    cfg: ExportConfig,
+    settings: WorkerSettings,
+    shared_memory: str | None = None,
+    refused: Callable[[str], None] = lambda reason: None,
 ) -> Backend | None:
+    """The export's backend, or None when it is refused (logged, and `refused(reason)`)."""
     if cfg.backend == "memory":
         if shared_memory is not None:
             return _shared_memory_backend(cfg, shared_memory)
         return MemoryBackend(cfg.size or 0, read_only=cfg.read_only)
     assert cfg.path is not None
-    if not settings.path_allowed(cfg.path):
-        log.error(
-            "export %r refused: %s is not under a storage root (%s)",
-            cfg.name,
-            os.path.realpath(cfg.path),
-            ", ".join(settings.storage_roots),
-        )
+    try:
+        fd = open_image(cfg.path, settings.root_spellings, writable=not cfg.read_only)
+    except ImageRefused as exc:
+        log.error("export %r refused: %s", cfg.name, exc)
+        refused(exc.reason)
         return None
     try:
-        return FileBackend(os.path.realpath(cfg.path), read_only=cfg.read_only)
+        return FileBackend(cfg.path, read_only=cfg.read_only, fd=fd)
     except OSError as exc:
         log.error("export %r refused: cannot open %s: %s", cfg.name, cfg.path, exc)
+        refused(RefusalReason.OPEN_FAILED)
         return None
 
 
@@ -106,13 +112,22 @@ def _shared_memory_backend(cfg: ExportConfig, prefix: str) -> Backend | None:
     path = f"{prefix}-{ident}"
     size = cfg.size or 0
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        # /dev/shm is writable by anyone: a symlink or a FIFO planted at the name must not be
+        # followed or opened, nor someone else's file used.
+        fd = os.open(
+            path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600
+        )
         try:
-            if os.fstat(fd).st_size != size:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+                raise OSError(errno.EPERM, f"{path} is not a file of ours")
+            os.set_blocking(fd, True)
+            if st.st_size != size:
                 os.ftruncate(fd, size)
-        finally:
+        except BaseException:
             os.close(fd)
-        return FileBackend(path, read_only=cfg.read_only)
+            raise
+        return FileBackend(path, read_only=cfg.read_only, fd=fd)
     except OSError as exc:
         log.error("export %r refused: cannot create its shared memory: %s", cfg.name, exc)
         return None
@@ -142,13 +157,15 @@ class NBDServer:
         self._listeners: list[Listener] = []  # served here, owned or inherited
         self._adopting: set[asyncio.Task] = set()  # accepted sockets being wrapped
         self._preadmitted = 0  # accepted and counted, connection_made still to come
+        # Connections still negotiating, per client address (settings.handshakes_per_address).
+        self._handshaking: dict[str, int] = {}
         self.spinner = IdleSpinner(settings.busy_poll_us)
         self._spin_pending = False
         # Thread pool for I/O that may block (flush, fallocate, cold reads); reads from the page
-        # cache and plain writes run inline (see connection.py for the measurements).
+        # cache and plain writes run inline (nbdworker/connection/commands.py, bench/README.md).
         self.tls_contexts = TLSContextCache()
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="nbdio")
-        # One thread per plain connection in transmission (NBDConnection._serve), reused
+        # One thread per plain connection in transmission (connection/serving.py), reused
         # across connections; admit() bounds how many there are, not this pool.
         self.serving_threads = ThreadPoolExecutor(
             max_workers=SERVING_THREADS_MAX, thread_name_prefix="nbdconn"
@@ -176,12 +193,15 @@ class NBDServer:
                 # Absent from LIST, INFO/GO answered UNKNOWN, live sessions ended: never served
                 # in plaintext while the admin believes it is TLS-only.
                 log.error("export %r refused: %s", cfg.name, refusal)
+                self.stats.export_refused("tls_mode")
                 continue
             prev = old.get(cfg.name)
             if prev is not None and prev.config == cfg and not prev.backend.size_changed():
                 exports[cfg.name] = prev
                 continue
-            backend = _open_backend(cfg, self.settings, self.shared_memory)
+            backend = _open_backend(
+                cfg, self.settings, self.shared_memory, self.stats.export_refused
+            )
             if backend is None:
                 continue
             view = ExportView(
@@ -356,6 +376,23 @@ class NBDServer:
             return False
         self.connections.add(conn)
         return True
+
+    def handshake_started(self, address: str) -> bool:
+        """Count a connection from `address` into the handshake, unless that address already
+        has as many negotiating as the cap allows (one peer must not take every slot)."""
+        cap = self.settings.handshakes_per_address
+        n = self._handshaking.get(address, 0)
+        if cap and n >= cap:
+            return False
+        self._handshaking[address] = n + 1
+        return True
+
+    def handshake_ended(self, address: str) -> None:
+        n = self._handshaking.get(address, 0) - 1
+        if n > 0:
+            self._handshaking[address] = n
+        else:
+            self._handshaking.pop(address, None)
 
     def export_slot_free(self, entry: ExportEntry) -> bool:
         # Checked at INFO/GO and counted at the start of transmission: between the two, a

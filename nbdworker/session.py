@@ -41,6 +41,8 @@ class HandshakeFailure:
     BAD_CERTIFICATE = "bad_certificate"
     TLS_ERROR = "tls_error"
     TIMEOUT = "timeout"
+    # Closed at once: too many connections from its address were still negotiating.
+    HANDSHAKE_CAP = "handshake_cap"
 
 
 def new_counts() -> list[int]:

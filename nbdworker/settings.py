@@ -15,8 +15,10 @@ from nbdworker.contract.config import ConfigError
 
 __all__ = [
     "DEFAULT_BUSY_POLL_US",
+    "DEFAULT_HANDSHAKES_PER_ADDRESS",
     "DEFAULT_LISTEN",
     "MAX_BUSY_POLL_US",
+    "MAX_HANDSHAKES_PER_ADDRESS",
     "ListenAddress",
     "WorkerSettings",
     "parse_listen",
@@ -67,16 +69,27 @@ def parse_listen(text: str) -> ListenAddress:
 
 DEFAULT_BUSY_POLL_US = 50
 MAX_BUSY_POLL_US = 1000
+# Connections of one client address still negotiating, per serving process: far above what a
+# client opens at once (nbdcopy: 4), far below the connection limit (1024), so idle handshakes
+# from one peer cannot take every slot. 0 turns the cap off.
+DEFAULT_HANDSHAKES_PER_ADDRESS = 16
+MAX_HANDSHAKES_PER_ADDRESS = 65535
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
+    # Real paths (symlinks resolved once, at start: the operator's roots are trusted).
     storage_roots: tuple[str, ...]
     listen: tuple[ListenAddress, ...]
     node: str = "default"
     # How long a serving process polls its connections before its event loop sleeps
     # (nbdworker/spin.py); 0 turns it off.
     busy_poll_us: int = DEFAULT_BUSY_POLL_US
+    # The roots as the operator spelled them (absolute), in the order of storage_roots: an
+    # export's path may name its root either way.
+    storage_roots_given: tuple[str, ...] = ()
+    # Connections of one client address still negotiating, per serving process (0: no cap).
+    handshakes_per_address: int = DEFAULT_HANDSHAKES_PER_ADDRESS
 
     @classmethod
     def from_sources(
@@ -84,6 +97,7 @@ class WorkerSettings:
         storage_roots: Sequence[str] | None = None,
         listen: Sequence[str] | None = None,
         environ: Mapping[str, str] | None = None,
+        handshakes_per_address: int | None = None,
     ) -> WorkerSettings:
         """Command-line values win over the environment, which wins over the defaults."""
         env = os.environ if environ is None else environ
@@ -110,17 +124,35 @@ class WorkerSettings:
             raise ConfigError(
                 f"NBDWORKER_BUSY_POLL_US={busy_poll_us}: between 0 and {MAX_BUSY_POLL_US}"
             )
+        if handshakes_per_address is None:
+            handshakes_per_address = _handshakes_from_env(env)
+        if not 0 <= handshakes_per_address <= MAX_HANDSHAKES_PER_ADDRESS:
+            raise ConfigError(
+                f"max handshakes per address {handshakes_per_address}: between 0 (no cap) and "
+                f"{MAX_HANDSHAKES_PER_ADDRESS}"
+            )
         return cls(
             storage_roots=roots,
             listen=tuple(parse_listen(x) for x in listen),
             node=env.get("NBDWORKER_NODE") or "default",
             busy_poll_us=busy_poll_us,
+            storage_roots_given=tuple(os.path.abspath(r) for r in storage_roots),
+            handshakes_per_address=handshakes_per_address,
         )
 
-    def path_allowed(self, path: str) -> bool:
-        """True if `path`, after resolving symlinks, lies under one of the storage roots."""
-        real = os.path.realpath(path)
-        for root in self.storage_roots:
-            if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
-                return True
-        return False
+    @property
+    def root_spellings(self) -> tuple[tuple[str, str], ...]:
+        """(as given, real path) of each storage root, for nbdworker/imagefile.py."""
+        given = self.storage_roots_given or self.storage_roots
+        return tuple(zip(given, self.storage_roots, strict=True))
+
+
+def _handshakes_from_env(env: Mapping[str, str]) -> int:
+    raw = env.get("NBDWORKER_MAX_HANDSHAKES_PER_ADDRESS", "").strip()
+    if not raw:
+        return DEFAULT_HANDSHAKES_PER_ADDRESS
+    if not (raw.isascii() and raw.isdigit()):
+        raise ConfigError(
+            f"NBDWORKER_MAX_HANDSHAKES_PER_ADDRESS={raw!r}: expected a number (0: no cap)"
+        )
+    return int(raw)

@@ -30,6 +30,9 @@ class Job(models.Model):
     error = models.TextField(blank=True, editable=False)
     params = models.JSONField(default=dict, blank=True, editable=False)
     celery_task_id = models.CharField(max_length=64, blank=True, editable=False)
+    # The Celery worker (its node name, e.g. celery@host) running the job: when that worker
+    # starts again after dying mid-job, it re-queues its jobs left `running` (tasks.py).
+    worker = models.CharField(max_length=255, blank=True, editable=False)
     requested_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         on_delete=models.SET_NULL,

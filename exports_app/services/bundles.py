@@ -11,7 +11,7 @@ from urllib.parse import quote
 from exports_app.choices import CertificateKind
 from exports_app.models import Certificate, Export, WorkerNode
 
-__all__ = ["BundleError", "build_client_bundle", "bundle_filename"]
+__all__ = ["BundleError", "build_client_bundle", "bundle_filename", "client_commands"]
 
 
 class BundleError(ValueError):
@@ -137,3 +137,40 @@ def build_client_bundle(
             info.mtime = int(time.time())
             archive.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
+
+
+def client_commands(export: Export, tls_dir: str = "$PWD/nbd-tls") -> list[tuple[str, str]]:
+    """(tool, command line) pairs that reach `export`; with TLS, the credentials are a client
+    bundle unpacked into `tls_dir` (the README's layout)."""
+    host, port = export.node.client_address
+    uri_host = f"[{host}]" if ":" in host else host
+    quoted_name = quote(export.name, safe="")
+    if not export.needs_tls:
+        uri = f"nbd://{uri_host}:{port}/{quoted_name}"
+        return [
+            ("qemu-img", f"qemu-img info {shlex.quote(uri)}"),
+            ("nbdinfo", f"nbdinfo {shlex.quote(uri)}"),
+            (
+                "nbd-client",
+                f"nbd-client -N {shlex.quote(export.name)} {host} {port} /dev/nbd0",
+            ),
+        ]
+    image_opts = f"driver=nbd,host={host},port={port},export={export.name.replace(',', ',,')}"
+    return [
+        (
+            "qemu-img",
+            f"qemu-img info --object tls-creds-x509,id=tls0,endpoint=client,dir={tls_dir} "
+            f"--image-opts {shlex.quote(image_opts + ',tls-creds=tls0')}",
+        ),
+        (
+            "nbdinfo",
+            "nbdinfo "
+            + shlex.quote(f"nbds://{uri_host}:{port}/{quoted_name}?tls-certificates={tls_dir}"),
+        ),
+        (
+            "nbd-client",
+            f"nbd-client -N {shlex.quote(export.name)} {host} {port} /dev/nbd0 -x "
+            f"-F {tls_dir}/client-cert.pem -K {tls_dir}/client-key.pem "
+            f"-A {tls_dir}/ca-cert.pem -H {host}",
+        ),
+    ]

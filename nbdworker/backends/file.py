@@ -66,11 +66,15 @@ class FileBackend(Backend):
     # them flushes the file: connections are coherent.
     can_multi_conn = True
 
-    def __init__(self, path: str, read_only: bool = False) -> None:
+    def __init__(self, path: str, read_only: bool = False, fd: int | None = None) -> None:
+        """Open `path`, or take `fd`, already opened there (an export's image is opened by
+        nbdworker/imagefile.py, which proves where it lies); the backend owns it either way."""
         self.path = path
         self.read_only = read_only
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-        self.fd = os.open(path, flags)
+        if fd is None:
+            flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+            fd = os.open(path, flags)
+        self.fd = fd
         try:
             st = os.fstat(self.fd)
             self.is_block = stat.S_ISBLK(st.st_mode)

@@ -360,6 +360,8 @@ def test_redis_restart_the_worker_serves_throughout_and_reconverges(make_stack, 
         fill(steady)
         worker = stack.start_worker()
         reader = Reader(worker.uri("steady"), steady.size // BLOCK, stack.tmp)
+        # Subscribed first: Redis stopped before that is "still unreachable", not "lost".
+        worker.wait_for_log(r"following nbdweb:config-changed")
 
         redis_server.stop()
         worker.wait_for_log(r"Redis connection lost")

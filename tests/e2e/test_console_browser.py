@@ -22,10 +22,11 @@ from django.contrib.auth.models import User
 from django.db import transaction
 from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select
 
-from exports_app.choices import ExportState
-from exports_app.models import Export, TLSPolicy, WorkerNode
-from exports_app.services import provisioning
+from exports_app.choices import CertificateKind, ExportState
+from exports_app.models import Export, Job, TLSPolicy, WorkerNode
+from exports_app.services import ca, provisioning
 from tests.support.browser import WINDOW, chromium_browser, requested_urls
 from tests.support.celery import RunningCelery
 from tests.support.polling import poll
@@ -306,16 +307,24 @@ CONSOLE_PAGES = [
     "/admin/exports_app/job/",
     "/admin/exports_app/workernode/",
     "/admin/exports_app/certificate/",
+    "/admin/exports_app/certificateauthority/",
     "/admin/exports_app/tlspolicy/",
 ]
 
 
-def test_console_pages_load_nothing_from_third_parties(browser, stack, admin_user) -> None:
-    stack.create_export("disk-c")
+def test_console_pages_fit_1400px_and_load_nothing_from_third_parties(
+    browser, stack, admin_user, screenshots
+) -> None:
+    export = stack.create_export("disk-c-" + "long-name-" * 12)
+    job = export.jobs.get()
+    Job.objects.filter(pk=job.pk).update(error="qemu-img: " + "a long error message " * 20)
+    authority = ca.create_authority("console-ca", "nbdweb console CA")
+    ca.issue_certificate(authority, CertificateKind.CLIENT, "alice", name="alice-laptop")
     log_in(browser, stack.base_url, admin_user)
     own = urlsplit(stack.base_url).netloc
     requested_urls(browser)
-    for page in CONSOLE_PAGES:
+    pages = [*CONSOLE_PAGES, f"/admin/exports_app/export/{export.pk}/change/"]
+    for page in pages:
         browser.get(stack.base_url + page)
         poll(
             lambda: browser.execute_script("return document.readyState") == "complete",
@@ -323,7 +332,39 @@ def test_console_pages_load_nothing_from_third_parties(browser, stack, admin_use
         )
         # htmx served by the app itself, and loaded.
         assert browser.execute_script("return typeof htmx") == "object", page
+        sideways = browser.execute_script(
+            "return Math.max(...[document.documentElement, ...document.querySelectorAll("
+            "'.results, .console-card')].map(e => e.scrollWidth - e.clientWidth));"
+        )
+        assert sideways <= 0, f"{page} scrolls sideways by {sideways} px at {WINDOW[0]} px"
         urls = requested_urls(browser)
         foreign = [u for u in urls if urlsplit(u).scheme in ("http", "https", "ws", "wss")]
         foreign = [u for u in foreign if urlsplit(u).netloc != own]
         assert foreign == [], (page, foreign)
+    screenshots(browser, "export-page")
+    browser.get(stack.base_url + "/admin/exports_app/job/")
+    screenshots(browser, "job-list")
+
+
+def test_revoking_a_certificate_shows_in_the_change_log(
+    browser, stack, admin_user, screenshots
+) -> None:
+    authority = ca.create_authority("revoke-ca", "nbdweb revoke CA")
+    certificate = ca.issue_certificate(authority, CertificateKind.CLIENT, "bob", name="bob-laptop")
+    log_in(browser, stack.base_url, admin_user)
+    browser.get(f"{stack.base_url}/admin/exports_app/certificate/")
+    browser.find_element(
+        By.CSS_SELECTOR, f'input[name="_selected_action"][value="{certificate.pk}"]'
+    ).click()
+    Select(browser.find_element(By.NAME, "action")).select_by_value("revoke_certificates")
+    browser.find_element(By.CSS_SELECTOR, "button[name=index]").click()
+    poll(lambda: "Revoked 1 certificate" in browser.page_source, "the revocation message")
+    certificate.refresh_from_db()
+    assert certificate.is_revoked
+
+    browser.get(f"{stack.base_url}/admin/console/changes/?model=certificate&q=bob")
+    entry = text_of(browser, '[data-testid="changelog"] tbody tr')
+    assert "bob-laptop" in entry
+    assert admin_user.username in entry
+    assert "revoked at" in entry and f"revoked by {admin_user.username} in the admin" in entry
+    screenshots(browser, "change-log")

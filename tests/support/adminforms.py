@@ -17,8 +17,10 @@ def export_add_form(node_pk: int, name: str = "admin-disk", **fields: Any) -> di
         "description": "",
         "image_path": "",
         "enabled": "on",
-        "allowed_clients": "[]",
-        "allowed_networks": "[]",
+        # The structured editors: rows of (identity kind, value), one network per line.
+        "allowed_clients_kind": ["", ""],
+        "allowed_clients_value": ["", ""],
+        "allowed_networks": "",
         "flush": "on",
         "fua": "on",
         "trim": "on",

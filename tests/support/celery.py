@@ -136,12 +136,16 @@ def start_celery_worker(
     env: dict[str, str] | None = None,
     concurrency: int = 2,
     timeout: float = STARTUP_TIMEOUT,
+    hostname: str | None = None,
 ) -> RunningCelery:
-    """Start `celery -A nbdweb worker -Q queue` and wait until it is ready to take jobs."""
+    """Start `celery -A nbdweb worker -Q queue` and wait until it is ready to take jobs.
+
+    `hostname`: the Celery node name (default: a new one), the same again to restart "the same"
+    worker after killing it."""
     argv = [
         sys.executable, "-m", "celery", "-A", "nbdweb", "worker",
         "--queues", queue,
-        "--hostname", f"test-{uuid.uuid4().hex[:8]}@%h",
+        "--hostname", hostname or f"test-{uuid.uuid4().hex[:8]}@%h",
         "--concurrency", str(concurrency),
         "--loglevel", "INFO",
         "--without-gossip", "--without-mingle",

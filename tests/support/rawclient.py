@@ -48,8 +48,13 @@ class ReadResult:
 
 
 class RawClient:
-    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(
+        self, host: str, port: int, timeout: float = 10.0, source: str | None = None
+    ) -> None:
+        """`source`: connect from this local address (e.g. 127.0.0.2, another loopback peer)."""
+        self.sock = socket.create_connection(
+            (host, port), timeout=timeout, source_address=(source, 0) if source else None
+        )
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.structured = False
         self.size = 0
@@ -148,6 +153,18 @@ class RawClient:
         self.send(encode_info_request(Option.GO, name, infos))
         replies = self.collect_replies()
         assert replies[-1].reply == Reply.ACK, f"GO failed: {replies}"
+        self._take_export_info(replies)
+
+    def try_go(self, name: str) -> bool:
+        """GO `name`: True in transmission, False when refused (the handshake goes on)."""
+        self.send(encode_info_request(Option.GO, name))
+        replies = self.collect_replies()
+        if replies[-1].reply != Reply.ACK:
+            return False
+        self._take_export_info(replies)
+        return True
+
+    def _take_export_info(self, replies: list[OptionReply]) -> None:
         for r in replies:
             if r.reply == Reply.INFO:
                 kind, value = parse_info(r.data)
@@ -162,8 +179,10 @@ class RawClient:
         return reply
 
     @classmethod
-    def open(cls, host: str, port: int, name: str = "", **kw: bool) -> RawClient:
-        client = cls(host, port)
+    def open(
+        cls, host: str, port: int, name: str = "", source: str | None = None, **kw: bool
+    ) -> RawClient:
+        client = cls(host, port, source=source)
         client.greet()
         client.go(name, **kw)
         return client

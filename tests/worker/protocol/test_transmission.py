@@ -180,6 +180,12 @@ CASES = [
     ("ro-write", {"flags": RO}, req(C.WRITE), EPERM, 4096, False),
     ("ro-trim", {"flags": RO | F.SEND_TRIM}, req(C.TRIM), EPERM, 0, False),
     ("ro-zeroes", {"flags": RO | F.SEND_WRITE_ZEROES}, req(C.WRITE_ZEROES), EPERM, 0, False),
+    # A read-only export never advertises TRIM or WRITE_ZEROES; a write of any kind is still
+    # EPERM, as the spec says a server SHOULD answer (and nbdkit does), not EINVAL.
+    ("ro-trim-not-advertised", {"flags": RO}, req(C.TRIM), EPERM, 0, False),
+    ("ro-zeroes-not-advertised", {"flags": RO}, req(C.WRITE_ZEROES), EPERM, 0, False),
+    ("ro-zeroes-no-hole", {"flags": RO}, req(C.WRITE_ZEROES, flags=CF.NO_HOLE), EPERM, 0, False),
+    ("ro-trim-fua", {"flags": RO}, req(C.TRIM, flags=CF.FUA), EPERM, 0, False),
     ("ro-read", {"flags": RO}, req(C.READ), 0, 0, False),
     ("ro-flush", {"flags": RO}, req(C.FLUSH, 0, 0), 0, 0, False),
     ("ro-cache", {"flags": RO}, req(C.CACHE), 0, 0, False),

@@ -29,7 +29,7 @@ def record_existing_images(apps, schema_editor):
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('exports_app', '0004_hash_api_tokens'),
+        ('exports_app', '0006_webhooks'),
     ]
 
     operations = [

@@ -1,0 +1,1 @@
+"""Fuzz targets and the atheris driver for the NBD protocol engine (docs/fuzzing.md)."""

@@ -1,0 +1,97 @@
+"""One client address cannot hold every connection slot with idle handshakes: the connections
+of one address still negotiating are capped (`--max-handshakes-per-address`,
+NBDWORKER_MAX_HANDSHAKES_PER_ADDRESS). Two loopback addresses play the two peers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+import pytest
+
+from nbdworker.contract.config import ConfigError
+from nbdworker.protocol.client import GREETING_SIZE
+from nbdworker.settings import WorkerSettings
+from tests.support.metrics import scrape, value
+from tests.support.polling import poll
+from tests.support.rawclient import RawClient
+from tests.support.worker import RunningWorker
+
+ATTACKER, OTHER = "127.0.0.1", "127.0.0.2"
+CAP = 4
+MAX_CONNECTIONS = 8
+MiB = 1 << 20
+
+
+@pytest.fixture
+def worker(worker_factory) -> RunningWorker:
+    config = {
+        "exports": [{"name": "m", "backend": "memory", "size": 4 * MiB}],
+        # Slots enough for the attacker to take them all without the cap.
+        "limits": {"max_connections": MAX_CONNECTIONS, "handshake_timeout": 30.0},
+    }
+    return worker_factory(
+        config,
+        args=["--workers", "1", "--metrics-listen", "127.0.0.1:0"],
+        env={"NBDWORKER_MAX_HANDSHAKES_PER_ADDRESS": str(CAP)},
+    )
+
+
+def idle_handshake(worker: RunningWorker, source: str) -> RawClient:
+    """A connection that reads the greeting and then says nothing (until the deadline)."""
+    c = RawClient(worker.host, worker.port, source=source)
+    c.recv_exact(GREETING_SIZE)
+    return c
+
+
+@pytest.fixture
+def stack() -> Iterator[ExitStack]:
+    with ExitStack() as s:
+        yield s
+
+
+def test_one_address_cannot_lock_another_out(worker, stack) -> None:
+    held = [stack.enter_context(idle_handshake(worker, ATTACKER)) for _ in range(CAP)]
+    extras = [
+        stack.enter_context(RawClient(worker.host, worker.port, source=ATTACKER))
+        for _ in range(MAX_CONNECTIONS - CAP)
+    ]
+    # Without the cap these eight held every slot (until the handshake deadline) and this
+    # peer was turned away. Now it gets in and is served.
+    with RawClient.open(worker.host, worker.port, "m", source=OTHER) as c:
+        assert c.write(0, b"z" * 4096) == 0
+        assert c.read(0, 4096).data == b"z" * 4096
+    # Over the cap: closed at once.
+    for extra in extras:
+        assert extra.closed_by_server()
+    worker.wait_for_log(rf"{ATTACKER}:\d+: refused: {CAP} connections from {ATTACKER} are")
+    samples = scrape(worker)
+    refused = value(samples, "nbdworker_handshake_failures_total", reason="handshake_cap")
+    assert refused == MAX_CONNECTIONS - CAP
+    # One of the attacker's handshakes ends: its address may start another.
+    held.pop().close()
+    poll(
+        lambda: value(scrape(worker), "nbdworker_open_connections", export="") == CAP - 1,
+        "the closed handshake to be forgotten",
+    )
+    again = stack.enter_context(RawClient.open(worker.host, worker.port, "m", source=ATTACKER))
+    assert again.read(0, 4096).error == 0
+
+
+def test_connections_in_transmission_do_not_count(worker, stack) -> None:
+    """The cap is on handshakes only: an address may have many connections serving."""
+    for _ in range(CAP + 2):
+        c = stack.enter_context(RawClient.open(worker.host, worker.port, "m", source=ATTACKER))
+        assert c.read(0, 512).error == 0
+    stack.enter_context(idle_handshake(worker, ATTACKER))
+
+
+def test_the_cap_is_a_setting(tmp_path) -> None:
+    assert WorkerSettings.from_sources([str(tmp_path)], environ={}).handshakes_per_address > 0
+    env = {"NBDWORKER_MAX_HANDSHAKES_PER_ADDRESS": "7"}
+    assert WorkerSettings.from_sources([str(tmp_path)], environ=env).handshakes_per_address == 7
+    for bad in ("x", "-1", "\u00b2"):
+        with pytest.raises(ConfigError):
+            WorkerSettings.from_sources(
+                [str(tmp_path)], environ={"NBDWORKER_MAX_HANDSHAKES_PER_ADDRESS": bad}
+            )
