@@ -12,19 +12,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.support.livestack import RunningStack, running_stack
 from tests.support.polling import poll
-from tests.support.redisserver import free_port
 from tests.support.tools import client_env, require_tool
 
 pytestmark = pytest.mark.e2e
@@ -32,78 +30,10 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@dataclass
-class RunningStack:
-    url: str
-    token: str
-    images: Path
-    env: dict[str, str]
-
-
-def _stack_env(data: Path) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key
-        not in {"DATABASE_URL", "SECRET_KEY", "NBDWEB_CONFIG_SECRET", "DJANGO_SETTINGS_MODULE"}
-        and not key.startswith("NBDW")
-    }
-    env.update(
-        NBDWEB_DATA_DIR=str(data),
-        NBDWEB_HTTP_ADDR=f"127.0.0.1:{free_port()}",
-        NBD_LISTEN=f"127.0.0.1:{free_port()}",
-        REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",  # runstack starts a private one
-        DJANGO_SUPERUSER_USERNAME="admin",
-        DJANGO_SUPERUSER_PASSWORD="a-long-cli-test-password",
-        GUNICORN_WORKERS="2",
-        NBDWORKER_WORKERS="1",
-    )
-    return env
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[RunningStack]:
-    data = tmp_path_factory.mktemp("cli-stack") / "data"
-    env = _stack_env(data)
-    log = open(data.parent / "runstack.log", "wb")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(
-        [sys.executable, "scripts/runstack.py"],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                pytest.fail((data.parent / "runstack.log").read_text()[-5000:])
-            return "ready: admin" in (data.parent / "runstack.log").read_text()
-
-        poll(ready, "make run's ready line", timeout=180)
-        # An operator's shell: the same data dir (SQLite, secrets); a token needs no Redis.
-        result = subprocess.run(
-            [sys.executable, "manage.py", "create_api_token", "admin"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=120,
-        )
-        token = result.stdout.strip().splitlines()[-1]
-        url = f"http://{env['NBDWEB_HTTP_ADDR']}"
-        yield RunningStack(url, token, data / "images", env)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    with running_stack(tmp_path_factory.mktemp("cli-stack")) as running:
+        yield running
 
 
 def nbdweb(
