@@ -20,7 +20,7 @@ from django.template.response import TemplateResponse
 from django.views.decorators.http import require_POST
 
 from exports_app.admin_status import END_SESSIONS, VIEW_SESSIONS
-from exports_app.console import changelog, export_page, overview
+from exports_app.console import changelog, export_page, overview, wizard
 from exports_app.models import Certificate, Export, WorkerNode
 from exports_app.services import ca, renewal, workerstatus
 
@@ -72,6 +72,10 @@ def _certificates(request: HttpRequest) -> dict[str, Any]:
     }
 
 
+def _throughput(request: HttpRequest) -> dict[str, Any]:
+    return overview.throughput_charts()
+
+
 def _activity(request: HttpRequest) -> dict[str, Any]:
     return {"entries": changelog.change_entries(request.user, limit=8)}
 
@@ -84,6 +88,7 @@ SECTIONS: dict[str, tuple[str, Callable[[HttpRequest], dict[str, Any]]]] = {
     "jobs": ("exports_app.view_job", _jobs),
     "exports": ("exports_app.view_export", _exports),
     "certificates": ("exports_app.view_certificate", _certificates),
+    "throughput": ("exports_app.view_workernode", _throughput),
     "activity": ("", _activity),
 }
 
@@ -239,4 +244,6 @@ ROUTES = [
     ("certificates/<int:pk>/renew/", renew_certificate, "console_renew_certificate"),
     ("exports/<int:pk>/live/", export_live_view, "console_export_live"),
     ("changes/", changelog_view, "console_changelog"),
+    ("exports/new/", wizard.wizard_view, "console_export_wizard"),
+    ("exports/new/<int:pk>/", wizard.wizard_progress_view, "console_export_wizard_progress"),
 ]
