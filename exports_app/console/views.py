@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
@@ -69,6 +70,7 @@ def _certificates(request: HttpRequest) -> dict[str, Any]:
     return {
         **overview.expiring_certificates(),
         "can_renew": request.user.has_perms(RENEW_CERTIFICATES),
+        "warning_days": settings.NBDWEB_CERT_EXPIRY_WARNING_DAYS,
     }
 
 
