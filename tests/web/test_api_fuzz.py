@@ -32,8 +32,12 @@ schema = schemathesis.pytest.from_fixture("live_api_schema")
 
 
 @pytest.fixture
-def fuzz_headers(transactional_db, default_node, monkeypatch) -> dict[str, str]:
-    """A superuser's token, and jobs that go nowhere."""
+def fuzz_headers(
+    transactional_db, django_db_serialized_rollback, default_node, monkeypatch
+) -> dict[str, str]:
+    """A superuser's token, and jobs that go nowhere. The live server's transactional test
+    flushes the database; serialized_rollback puts back what the migrations made, like
+    tests/web/test_api_schema.py's live-server tests, which would otherwise find it twice."""
     monkeypatch.setattr(provisioning, "_send", lambda *args: None)
     user = User.objects.create_superuser("fuzzer", password="fuzz-password")
     _, token = AuthToken.objects.create(user=user)
