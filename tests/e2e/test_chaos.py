@@ -160,13 +160,13 @@ class ChaosStack:
         )
         return int(result.stdout) if result.returncode == 0 else None
 
-    def create(self, name: str) -> dict:
-        status, body = self.api.call("POST", "exports/", {"name": name, "size": "1M"})
+    def create(self, name: str, **fields: str) -> dict:
+        status, body = self.api.call("POST", "exports/", {"name": name, "size": "1M", **fields})
         assert status == 201, body
         return body
 
-    def wait_served(self, name: str, what: str) -> None:
-        self.stack.wait_for(lambda: self.size(name) == MiB, what)
+    def wait_served(self, name: str, what: str, size: int = MiB) -> None:
+        self.stack.wait_for(lambda: self.size(name) == size, what)
 
 
 @pytest.fixture
@@ -230,6 +230,13 @@ def chaos_stack(tmp_path: Path) -> Iterator[ChaosStack]:
                     proc.wait()
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _job(api: Api, job_id: int) -> dict:
     status, body = api.call("GET", f"jobs/{job_id}/")
     assert status == 200, body
@@ -271,17 +278,31 @@ def test_redis_killed_and_restarted(chaos_stack: ChaosStack) -> None:
     assert reader.errors == []
 
 
-def test_postgresql_stopped_and_started(chaos_stack: ChaosStack) -> None:
-    """PostgreSQL down: nbdworker (which needs no database) serves on; the API answers 503,
-    not a 500 or a hang. Started again: the very next request works and the next change
-    propagates."""
+def test_postgresql_stopped_and_started(chaos_stack: ChaosStack, tmp_path: Path) -> None:
+    """PostgreSQL stopped in the middle of a clone: nbdworker (which needs no database) serves
+    on; the API answers 503, not a 500 or a hang; the clone, which cannot even record a failure,
+    waits for the database. Started again: the very next request works, the clone runs again
+    and succeeds (no partial image left), and the next change propagates."""
     c = chaos_stack
     c.create("before")
     c.wait_served("before", "the first export served")
     reader = NBDReader(c.uri("before"))
     reader.start()
-
-    c.pg.stop()
+    c.create("src", size="2G")
+    c.wait_served("src", "the clone's source served", 2 << 30)
+    images_dir = tmp_path / "data" / "images"
+    fill(images_dir / "src.img", 1536 * MiB, 0x3C)
+    clone = c.create("dst", size="2G", clone_from="src")
+    poll(lambda: partials(images_dir), "the clone copying", JOB_TIMEOUT)
+    # Celery is held still while PostgreSQL stops, so the clone surely outlives the database.
+    celery = [pid for pid in descendants(c.stack.proc.pid) if b"celery" in _cmdline(pid)]
+    for pid in celery:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        c.pg.stop()
+    finally:
+        for pid in celery:
+            os.kill(pid, signal.SIGCONT)
     reads_at_stop = reader.reads
     status, body = c.api.call("GET", "exports/")
     assert status == 503, body
@@ -290,10 +311,24 @@ def test_postgresql_stopped_and_started(chaos_stack: ChaosStack) -> None:
     assert c.size("before") == MiB, "a new connection during the outage"
     c.stack.wait_for(lambda: reader.reads > reads_at_stop + 20, "reads during the outage")
 
+    c.stack.wait_for(
+        lambda: any("database unreachable" in line for line in c.stack.lines),
+        "the clone finding the database gone",
+    )
+
     c.pg.start()
     status, body = c.api.call("GET", "exports/")
     assert status == 200, body
     c.create("after")
     c.wait_served("after", "the first change after the restart served")
+    job = poll(
+        lambda: (j := _job(c.api, clone["job"]))["state"] in ("succeeded", "failed") and j,
+        "the interrupted clone ending",
+        JOB_TIMEOUT,
+    )
+    assert job["state"] == "succeeded", job
+    c.wait_served("dst", "the clone served", 2 << 30)
+    assert partials(images_dir) == []
+    assert images.sha256(str(images_dir / "dst.img")) == images.sha256(str(images_dir / "src.img"))
     reader.stop()
     assert reader.errors == []
