@@ -1,9 +1,12 @@
 """nbdworker vs nbdkit's file plugin, on the same image, in one run.
 
     .venv/bin/python bench/run.py [--size 1G] [--runtime 10] [--rounds 1] [--only seq,fio,connect]
+    .venv/bin/python bench/run.py --baseline /tmp/before --rounds 3   # nbdworker before/after
 
 Prints each figure for both servers and nbdworker's ratio to nbdkit (higher is better, except
-for connect latency where lower is better). Needs nbdkit, nbdcopy, fio (nbd engine) and
+for connect latency where lower is better). With --baseline DIR the reference is not nbdkit but
+nbdworker as checked out in DIR (a `git worktree add` of an older commit), run with the same
+Python. Needs nbdkit, nbdcopy, fio (nbd engine) and
 python3-libnbd (driven through /usr/bin/python3). Not a test: nothing is asserted.
 """
 
@@ -75,7 +78,7 @@ def nbdkit(image: Path):
 
 
 @contextlib.contextmanager
-def nbdworker(image: Path, workdir: Path):
+def nbdworker(image: Path, workdir: Path, repo: Path = REPO):
     port = free_port()
     cfg = {
         "version": 1,
@@ -83,7 +86,7 @@ def nbdworker(image: Path, workdir: Path):
         "default_export": "bench",
         "exports": [{"name": "bench", "backend": "file", "path": str(image)}],
     }
-    cfg_path = workdir / "worker.json"
+    cfg_path = workdir / f"worker-{port}.json"
     cfg_path.write_text(json.dumps(cfg))
     proc = subprocess.Popen(
         [
@@ -99,7 +102,7 @@ def nbdworker(image: Path, workdir: Path):
             "--log-level",
             "WARNING",
         ],
-        cwd=REPO,
+        cwd=repo,
         env=ENV,
     )
     try:
@@ -140,8 +143,9 @@ class CopyCost:
     same machine, idle CPUs while a copy runs show a server that leaves its share unused
     (bench/README.md, multi-connection writes)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, reference: str = "nbdkit") -> None:
         self.gib = size / (1 << 30)
+        self.reference = reference
         self.cpu: dict[str, dict[str, list[float]]] = {}
         self.idle: dict[str, dict[str, list[float]]] = {}
 
@@ -161,20 +165,21 @@ class CopyCost:
         if not self.cpu:
             return
         print()
+        ref = self.reference
         print(
-            f"{'server CPU per GiB / idle CPU s, median':47} {'nbdkit':>12} {'nbdworker':>12}"
+            f"{'server CPU per GiB / idle CPU s, median':47} {ref:>12} {'nbdworker':>12}"
             f" {'cpu ratio':>9}"
         )
         for name, per_server in self.cpu.items():
-            kit, worker = (statistics.median(per_server[s]) for s in ("nbdkit", "nbdworker"))
+            kit, worker = (statistics.median(per_server[s]) for s in (ref, "nbdworker"))
             idle = self.idle[name]
-            kit_idle, worker_idle = (statistics.median(idle[s]) for s in ("nbdkit", "nbdworker"))
+            kit_idle, worker_idle = (statistics.median(idle[s]) for s in (ref, "nbdworker"))
             label = name.removesuffix(" (MB/s)")
             print(
                 f"{label:47} {kit:5.2f} / {kit_idle:4.2f} {worker:5.2f} / {worker_idle:4.2f}"
                 f" {kit / worker:8.2f}x"
             )
-        print("(cpu ratio: nbdkit's CPU per GiB over nbdworker's, >1 is better)")
+        print(f"(cpu ratio: {ref}'s CPU per GiB over nbdworker's, >1 is better)")
 
 
 def timed(cmd: list[str]) -> float:
@@ -229,7 +234,11 @@ def connect_latency(uri: str, n: int) -> float:
 
 
 def print_comparison(
-    title: str, rows: list[tuple[str, bool]], runs: dict[str, dict[str, list[float]]], note: str
+    title: str,
+    rows: list[tuple[str, bool]],
+    runs: dict[str, dict[str, list[float]]],
+    note: str,
+    reference: str = "nbdkit",
 ) -> None:
     """One line per benchmark: each server's best figure and nbdworker's ratio to nbdkit; with
     several rounds also the ratio of the medians, which one lucky or unlucky run cannot move.
@@ -241,10 +250,10 @@ def print_comparison(
         return worker / kit if up else kit / worker
 
     several = any(len(v) > 1 for per in runs.values() for v in per.values())
-    header = f"{title:47} {'nbdkit':>10} {'nbdworker':>10} {'best':>7}"
+    header = f"{title:47} {reference:>10} {'nbdworker':>10} {'best':>7}"
     print(header + (f" {'median':>7}" if several else ""))
     for name, up in rows:
-        kit_runs, worker_runs = runs[name]["nbdkit"], runs[name]["nbdworker"]
+        kit_runs, worker_runs = runs[name][reference], runs[name]["nbdworker"]
         pick = max if up else min
         kit, worker = pick(kit_runs), pick(worker_runs)
         line = f"{name:47} {kit:10.2f} {worker:10.2f} {ratio(kit, worker, up):6.2f}x"
@@ -270,7 +279,14 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=1, help="repeat: best and median figures")
     p.add_argument("--only", default="seq,fio,connect,tls")
     p.add_argument("--dir", default=None, help="scratch directory (default: under /var/tmp)")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="compare with nbdworker checked out here instead of nbdkit",
+    )
     args = p.parse_args()
+    reference = "before" if args.baseline else "nbdkit"
     for tool in ("nbdkit", "nbdcopy", "fio"):
         if not shutil.which(tool, path=ENV["PATH"]):
             print(f"missing {tool}", file=sys.stderr)
@@ -340,15 +356,17 @@ def main() -> int:
         )
 
     runs: dict[str, dict[str, list[float]]] = {}
-    cost = CopyCost(args.size)
+    cost = CopyCost(args.size, reference)
     # Both servers run side by side on the same image and take turns test by test (the order
     # swapped every round), so a burst of load on a shared machine lands on both, not on one
     # server's whole series.
     with contextlib.ExitStack() as stack:
-        servers = [
-            ("nbdkit", stack.enter_context(nbdkit(image))),
-            ("nbdworker", stack.enter_context(nbdworker(image, work))),
-        ]
+        first = (
+            stack.enter_context(nbdworker(image, work, args.baseline.resolve()))
+            if args.baseline
+            else stack.enter_context(nbdkit(image))
+        )
+        servers = [(reference, first), ("nbdworker", stack.enter_context(nbdworker(image, work)))]
         for round_no in range(args.rounds):
             for name, _better, whole, fn in tests:
                 for server_name, (uri, pid) in servers if round_no % 2 == 0 else servers[::-1]:
@@ -364,11 +382,13 @@ def main() -> int:
         "benchmark",
         [(name, better == "up") for name, better, _whole, _fn in tests],
         runs,
-        "(ratio: nbdworker relative to nbdkit, >1 is better; for latency, nbdkit/nbdworker)",
+        f"(ratio: nbdworker relative to {reference}, >1 is better; for latency, "
+        f"{reference}/nbdworker)",
+        reference,
     )
     cost.print_table()
     shutil.rmtree(work, ignore_errors=True)
-    if "tls" in only:
+    if "tls" in only and not args.baseline:
         # The same comparison over TLS, against nbdkit --tls=require (bench/tls.py).
         import tls
 

@@ -151,10 +151,10 @@ class NBDServer:
         self.spinner = IdleSpinner(settings.busy_poll_us)
         self._spin_pending = False
         # Thread pool for I/O that may block (flush, fallocate, cold reads); reads from the page
-        # cache and plain writes run inline (see connection.py for the measurements).
+        # cache and plain writes run inline (nbdworker/connection/commands.py, bench/README.md).
         self.tls_contexts = TLSContextCache()
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="nbdio")
-        # One thread per plain connection in transmission (NBDConnection._serve), reused
+        # One thread per plain connection in transmission (connection/serving.py), reused
         # across connections; admit() bounds how many there are, not this pool.
         self.serving_threads = ThreadPoolExecutor(
             max_workers=SERVING_THREADS_MAX, thread_name_prefix="nbdconn"

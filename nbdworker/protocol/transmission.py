@@ -13,6 +13,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .constants import (
+    CMD_BLOCK_STATUS,
+    CMD_DISC,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_WRITE,
+    FLAG_DF,
+    FLAG_FAST_ZERO,
+    FLAG_FUA,
+    FLAG_NO_HOLE,
+    FLAG_REQ_ONE,
     MAX_PAYLOAD,
     MAX_STRING,
     REQUEST_MAGIC,
@@ -105,12 +115,7 @@ class Verdict:
 OK = Verdict()
 """The shared verdict for every request without a payload that may go ahead."""
 
-_READ = int(Command.READ)
-_WRITE = int(Command.WRITE)
-_DISC = int(Command.DISC)
-_FLUSH = int(Command.FLUSH)
-_BLOCK_STATUS = int(Command.BLOCK_STATUS)
-_LAST_COMMAND = _BLOCK_STATUS
+_LAST_COMMAND = CMD_BLOCK_STATUS
 _WRITE_TYPE = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
 # Past the end: writes that would grow the export are "no space", everything else "invalid".
 _PAST_END = tuple(
@@ -121,12 +126,7 @@ _PAST_END = tuple(
 _WRITE_VERDICT_CACHE = 64
 # Flag masks are plain ints: ``~`` on an IntFlag complements only the defined bits, which
 # would let unknown bits through the validation.
-_FUA = int(CommandFlag.FUA)
-_NO_HOLE = int(CommandFlag.NO_HOLE)
-_DF = int(CommandFlag.DF)
-_REQ_ONE = int(CommandFlag.REQ_ONE)
-_FAST_ZERO = int(CommandFlag.FAST_ZERO)
-_KNOWN_FLAGS = _FUA | _NO_HOLE | _DF | _REQ_ONE | _FAST_ZERO
+_KNOWN_FLAGS = FLAG_FUA | FLAG_NO_HOLE | FLAG_DF | FLAG_REQ_ONE | FLAG_FAST_ZERO
 _TF_READ_ONLY = int(TransmissionFlag.READ_ONLY)
 _TF_SEND_DF = int(TransmissionFlag.SEND_DF)
 _TF_SEND_FUA = int(TransmissionFlag.SEND_FUA)
@@ -147,12 +147,12 @@ def _command_tables(
     """(allowed, refusal, eperm) per command for a session with these transmission flags."""
     read_only = bool(flags & _TF_READ_ONLY)
     df = bool(flags & _TF_SEND_DF)
-    fua = _FUA if flags & _TF_SEND_FUA else 0
+    fua = FLAG_FUA if flags & _TF_SEND_FUA else 0
     # allowed[command] = flag bits the command accepts, or None if the command is not
     # available on this connection; _refusal[command] says why, for the error message.
     allowed: list[int | None] = [None] * 8
     refusal = ["unknown command"] * 8
-    allowed[Command.READ] = fua | (_DF if df else 0)
+    allowed[Command.READ] = fua | (FLAG_DF if df else 0)
     allowed[Command.WRITE] = fua
     allowed[Command.DISC] = _KNOWN_FLAGS  # never replied to: flags are irrelevant
     # CACHE is answered even when not advertised: some clients send it regardless.
@@ -166,12 +166,12 @@ def _command_tables(
     else:
         refusal[Command.TRIM] = "TRIM not advertised"
     if flags & _TF_SEND_WRITE_ZEROES:
-        fast = _FAST_ZERO if flags & _TF_SEND_FAST_ZERO else 0
-        allowed[Command.WRITE_ZEROES] = fua | _NO_HOLE | fast
+        fast = FLAG_FAST_ZERO if flags & _TF_SEND_FAST_ZERO else 0
+        allowed[Command.WRITE_ZEROES] = fua | FLAG_NO_HOLE | fast
     else:
         refusal[Command.WRITE_ZEROES] = "WRITE_ZEROES not advertised"
     if block_status:
-        allowed[Command.BLOCK_STATUS] = fua | _REQ_ONE
+        allowed[Command.BLOCK_STATUS] = fua | FLAG_REQ_ONE
     else:
         refusal[Command.BLOCK_STATUS] = "BLOCK_STATUS needs structured replies and a context"
     eperm = tuple(read_only and command in _WRITE_TYPE for command in range(_LAST_COMMAND + 1))
@@ -234,14 +234,14 @@ class Session:
         command = req.command
         length = req.length
         payload = 0
-        if command == _WRITE:
+        if command == CMD_WRITE:
             if length > MAX_PAYLOAD:
                 return Verdict(Errno.EINVAL, 0, True, "write payload too large")
             payload = length
-        elif command == _DISC:
+        elif command == CMD_DISC:
             return OK
         if self.shutting_down:
-            return Verdict(Errno.ESHUTDOWN, payload, False, "server shutting down")
+            return Verdict(Errno.ESHUTDOWN, payload, False, "server is shutting down")
         if command > _LAST_COMMAND:
             return Verdict(Errno.EINVAL, payload, False, "unknown command")
         # Before "not advertised": a read-only export advertises no TRIM or WRITE_ZEROES, and a
@@ -253,7 +253,7 @@ class Session:
             return Verdict(Errno.EINVAL, payload, False, self._refusal[command])
         if req.flags & ~allowed:
             return Verdict(Errno.EINVAL, payload, False, self._flag_message(req, allowed))
-        if command == _FLUSH:
+        if command == CMD_FLUSH:
             return OK  # offset and length are reserved: ignored
         offset = req.offset
         size = self.size
@@ -262,12 +262,12 @@ class Session:
             return Verdict(
                 _PAST_END[command], payload, False, "request beyond the end of the export"
             )
-        if command == _READ:
+        if command == CMD_READ:
             if length > self._read_cap:
                 error = Errno.EOVERFLOW if self._df else Errno.EINVAL
                 return Verdict(error, 0, False, "read larger than the maximum payload")
             return OK
-        if command == _WRITE:
+        if command == CMD_WRITE:
             if length > self._write_cap:
                 return Verdict(
                     Errno.EINVAL, payload, False, "write larger than the maximum payload"
@@ -278,7 +278,7 @@ class Session:
                 if len(self._write_ok) < _WRITE_VERDICT_CACHE:
                     self._write_ok[length] = verdict
             return verdict
-        if command == _BLOCK_STATUS and length == 0:
+        if command == CMD_BLOCK_STATUS and length == 0:
             return Verdict(Errno.EINVAL, 0, False, "zero-length BLOCK_STATUS")
         # TRIM, WRITE_ZEROES, CACHE and BLOCK_STATUS lengths are not payloads: no cap here.
         return OK

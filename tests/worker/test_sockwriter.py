@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from nbdworker.sockwriter import SocketWriter
+from nbdworker.connection.sinks import SocketWriter
 
 SMALL_BUFFER = 16 * 1024
 DEADLINE = 10.0
