@@ -62,10 +62,25 @@ class JobFilterSet(NBDWebFilterSet):
 class JobSerializer(StrictModelSerializer):
     url = serializers.HyperlinkedIdentityField(view_name="job-detail")
     export_url = serializers.HyperlinkedRelatedField(
-        source="export", view_name="export-detail", read_only=True
+        source="export",
+        view_name="export-detail",
+        read_only=True,
+        help_text="API address of the export; null once the export is deleted.",
     )
-    node_name = serializers.CharField(source="node.name", read_only=True)
-    requested_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    node_name = serializers.CharField(
+        source="node.name", read_only=True, help_text="The name of the node that runs the job."
+    )
+    kind = serializers.ChoiceField(
+        choices=JobKind.choices, read_only=True, help_text="What the job does to the image."
+    )
+    state = serializers.ChoiceField(
+        choices=JobState.choices,
+        read_only=True,
+        help_text="queued, then running, then succeeded or failed.",
+    )
+    requested_by = serializers.SlugRelatedField(
+        slug_field="username", read_only=True, help_text="Who asked for the job."
+    )
 
     class Meta:
         model = Job
@@ -89,6 +104,17 @@ class JobSerializer(StrictModelSerializer):
             "finished",
         ]
         read_only_fields = fields
+        extra_kwargs = {
+            "export": {"help_text": "The export's ID; null once the export is deleted."},
+            "export_name": {"help_text": "The export's name when the job was requested."},
+            "node": {"help_text": "The ID of the node that runs the job."},
+            "progress": {"help_text": "Percent done; 100 once succeeded."},
+            "error": {"help_text": "Why the job failed; empty otherwise."},
+            "params": {"help_text": "What the job was asked to do (e.g. the new size)."},
+            "celery_task_id": {"help_text": "The ID of the job's task in the queue."},
+            "started": {"help_text": "When a worker started the job; null while queued."},
+            "finished": {"help_text": "When the job ended; null until then."},
+        }
 
 
 class JobViewSet(ReadOnlyModelViewSet):
@@ -118,7 +144,7 @@ class ExportResizeSerializer(serializers.Serializer):
 
 
 class ExportJobActions:
-    """Mixed into ExportViewSet: the actions that only request a job."""
+    # Mixed into ExportViewSet: the actions that only request a job.
 
     action_permissions = {
         "resize": ["exports_app.view_export", "exports_app.change_export"],
@@ -131,6 +157,9 @@ class ExportJobActions:
     )
     @action(detail=True, methods=["post"])
     def resize(self, request, pk=None) -> Response:
+        """Resize the export's image. Answers at once with the export in state `resizing` and
+        its `job`; `size` becomes the new size when the job has succeeded. A shrink needs
+        `force` and no live session."""
         export = self.get_object()
         body = ExportResizeSerializer(data=request.data)
         body.is_valid(raise_exception=True)
@@ -147,6 +176,8 @@ class ExportJobActions:
     )
     @action(detail=True, methods=["post"])
     def verify(self, request, pk=None) -> Response:
+        """Hash the image's data (SHA-256) into `content_sha256`. Answers at once with the
+        export in state `verifying` and its `job`."""
         export = self.get_object()
         with transaction.atomic():
             try:
