@@ -60,7 +60,14 @@ def test_choice_fields_are_enums(schema):
         return components[ref.rsplit("/", 1)[1]]["enum"]
 
     assert {"provisioning", "ready", "failed", "deleting"} <= set(enum_of("Export", "state"))
-    assert set(enum_of("Job", "kind")) == {"create", "clone", "resize", "delete", "verify"}
+    assert set(enum_of("Job", "kind")) == {
+        "create",
+        "clone",
+        "resize",
+        "delete",
+        "verify",
+        "import",
+    }
     assert set(enum_of("Job", "state")) == {"queued", "running", "succeeded", "failed"}
     assert set(enum_of("Certificate", "kind")) == {"server", "client"}
 
