@@ -34,6 +34,11 @@ from tests.support.tools import client_env, require_libnbd, require_tool
 pytestmark = [pytest.mark.e2e]
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as image:
+        return images.sha256(image.fileno())
+
+
 # -- the Celery worker SIGKILLed mid-job ---------------------------------------------------------
 
 
@@ -54,7 +59,11 @@ def test_celery_worker_killed_whole_mid_job_runs_the_job_again_when_it_restarts(
         storage_root=str(storage),
         tls_policy=TLSPolicy.objects.create(name=name),
     )
-    env = {"DATABASE_URL": database_url(connection.settings_dict), "DATABASE_CONN_MAX_AGE": "0"}
+    env = {
+        "DATABASE_URL": database_url(connection.settings_dict),
+        "DATABASE_CONN_MAX_AGE": "0",
+        "NBDWORKER_STORAGE_ROOTS": str(storage),
+    }
     hostname = f"{name}@chaos"
     worker = start_celery_worker(node.celery_queue, env=env, hostname=hostname)
     try:
@@ -75,15 +84,16 @@ def test_celery_worker_killed_whole_mid_job_runs_the_job_again_when_it_restarts(
 
     worker = start_celery_worker(node.celery_queue, env=env, hostname=hostname)
     try:
-        worker.wait_for_log(f"job {job_id} was interrupted", 30)
-        poll(lambda: Job.objects.get(pk=job_id).is_finished, "the job finishing", JOB_TIMEOUT)
+        # Deadlines with room for a loaded machine: the clone copies 1.5 GiB again.
+        worker.wait_for_log(f"job {job_id} was interrupted", 60)
+        poll(lambda: Job.objects.get(pk=job_id).is_finished, "the job finishing", 3 * JOB_TIMEOUT)
     finally:
         worker.stop()
     job = Job.objects.get(pk=job_id)
     assert job.state == JobState.SUCCEEDED, job.error
     assert Export.objects.get(node=node, name="dst").state == ExportState.READY
     assert partials(storage) == []
-    assert images.sha256(str(storage / "dst.img")) == images.sha256(str(storage / "src.img"))
+    assert _sha256(storage / "dst.img") == _sha256(storage / "src.img")
 
 
 # -- the whole stack (make run) on a private Redis and a private PostgreSQL -----------------------
@@ -329,6 +339,6 @@ def test_postgresql_stopped_and_started(chaos_stack: ChaosStack, tmp_path: Path)
     assert job["state"] == "succeeded", job
     c.wait_served("dst", "the clone served", 2 << 30)
     assert partials(images_dir) == []
-    assert images.sha256(str(images_dir / "dst.img")) == images.sha256(str(images_dir / "src.img"))
+    assert _sha256(images_dir / "dst.img") == _sha256(images_dir / "src.img")
     reader.stop()
     assert reader.errors == []
