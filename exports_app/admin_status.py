@@ -78,7 +78,7 @@ class NodeStatusAdminMixin:
                 if found is None:
                     messages.error(request, f"Session {session_id} is not live any more.")
                 else:
-                    workerstatus.kick_session(found["node"], found["id"])
+                    workerstatus.end_session(found, request.user)
                     messages.success(
                         request,
                         f"Session {session_id} on {found['export']!r} asked to end; the worker "

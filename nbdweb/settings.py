@@ -42,6 +42,8 @@ INSTALLED_APPS = [
     "knox",
     "django_filters",
     "drf_spectacular",
+    # Swagger UI and ReDoc as the app's own static files: no third-party URL at runtime.
+    "drf_spectacular_sidecar",
     "simple_history",
     "django_htmx",
     "exports_app",
@@ -126,6 +128,11 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 NBDWORKER_NODE = os.environ.get("NBDWORKER_NODE", "default")
 # Where the default node keeps its disk images; nbdworker serves only paths under its roots.
 NBDWEB_STORAGE_ROOT = Path(os.environ.get("NBDWEB_STORAGE_ROOT") or DATA_DIR / "images")
+# The only directories this host's Celery jobs touch files in, whatever a node's storage_root in
+# the database says: the same variable as nbdworker's (exports_app/services/storage.py).
+NBDWEB_JOB_STORAGE_ROOTS = [
+    root for root in os.environ.get("NBDWORKER_STORAGE_ROOTS", "").split(":") if root
+] or [str(NBDWEB_STORAGE_ROOT)]
 # The NBD address clients use for the default node (goes into export URIs).
 NBD_LISTEN = os.environ.get("NBD_LISTEN", "127.0.0.1:10809")
 # Shared by web and worker: signs config snapshots in Redis.
@@ -151,18 +158,16 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["exports_app.api.permissions.ModelPermissions"],
-    "DEFAULT_PARSER_CLASSES": [
-        "exports_app.api.parsers.NBDWebJSONParser",
-        "rest_framework.parsers.FormParser",
-        "rest_framework.parsers.MultiPartParser",
-    ],
+    # Every request body is JSON (no file uploads, no forms): the schema offers JSON only, so
+    # generated clients have one way to send each body.
+    "DEFAULT_PARSER_CLASSES": ["exports_app.api.parsers.NBDWebJSONParser"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
     "DEFAULT_FILTER_BACKENDS": [
         "django_filters.rest_framework.DjangoFilterBackend",
         "rest_framework.filters.OrderingFilter",
     ],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "exports_app.api.schema.NBDWebAutoSchema",
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
 }
 
@@ -178,9 +183,48 @@ REST_KNOX = {
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "nbdweb API",
-    "DESCRIPTION": "Manage NBD exports, TLS policies and certificates.",
+    "DESCRIPTION": (
+        "Manage NBD exports, TLS policies and certificates. Authenticate with "
+        "`Authorization: Token <token>`. Every error (4xx) has one shape, `Error` "
+        "(field errors, if any, under `errors`). Objects carry an `ETag`; send it back in "
+        "`If-Match` to change or delete only what you read. POSTs that create objects or start "
+        "jobs take an `Idempotency-Key` header, so a retry creates nothing twice."
+    ),
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Operations are tagged and named by resource (`exports_create`), not by `v1`.
+    "SCHEMA_PATH_PREFIX": r"/api/v1",
+    # A generated client gets a model for what it sends (no read-only fields) apart from the
+    # one for what it reads.
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "ExportStateEnum": "exports_app.choices.ExportState",
+        "JobStateEnum": "exports_app.choices.JobState",
+        "JobKindEnum": "exports_app.choices.JobKind",
+        "CertificateKindEnum": "exports_app.choices.CertificateKind",
+        "KeyAlgorithmEnum": "exports_app.choices.KeyAlgorithm",
+        "TLSModeEnum": "exports_app.choices.TLSMode",
+        "ClientVerificationEnum": "exports_app.choices.ClientVerification",
+        "TLSVersionEnum": "exports_app.choices.TLSVersion",
+    },
+    "TAGS": [
+        {"name": "exports", "description": "NBD exports: a named disk image served by a node."},
+        {"name": "jobs", "description": "Disk work on an export's image, run by its node."},
+        {"name": "sessions", "description": "Live NBD client sessions, as the workers report."},
+        {"name": "nodes", "description": "Worker nodes: one nbdworker and its storage root."},
+        {"name": "tls-policies", "description": "How a node serves TLS and whom it trusts."},
+        {"name": "authorities", "description": "Certificate authorities, internal or imported."},
+        {"name": "certificates", "description": "Server and client certificates."},
+    ],
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "exports_app.api.schema.describe_fields",
+    ],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    # No badge fetched from the public validator service.
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO")
@@ -236,3 +280,39 @@ if LOG_FORMAT not in ("plain", "json"):
 LOGGING["formatters"]["json"] = {"()": "nbdweb.logging.JSONFormatter"}
 LOGGING["handlers"]["console"]["formatter"] = LOG_FORMAT
 # --- end jobs and logging ---------------------------------------------------------------------
+
+# --- events and webhooks (issue 17) -----------------------------------------------------------
+# The event stream in Redis keeps about this many events (older ones are trimmed).
+NBDWEB_EVENTS_MAX_LENGTH = int(os.environ.get("NBDWEB_EVENTS_MAX_LENGTH", "10000"))
+# The Celery queue of webhook deliveries and the periodic observers: the default node's.
+NBDWEB_EVENTS_QUEUE = os.environ.get("NBDWEB_EVENTS_QUEUE") or CELERY_TASK_DEFAULT_QUEUE
+# Webhook URLs that resolve to private, loopback or link-local addresses are refused unless on.
+NBDWEB_WEBHOOK_ALLOW_PRIVATE_ADDRESSES = env_bool("NBDWEB_WEBHOOK_ALLOW_PRIVATE_ADDRESSES")
+NBDWEB_WEBHOOK_MAX_ATTEMPTS = int(os.environ.get("NBDWEB_WEBHOOK_MAX_ATTEMPTS", "8"))
+# Retries wait base, 2 base, 4 base, ... seconds, at most the max.
+NBDWEB_WEBHOOK_RETRY_BASE_SECONDS = float(os.environ.get("NBDWEB_WEBHOOK_RETRY_BASE_SECONDS", "10"))
+NBDWEB_WEBHOOK_RETRY_MAX_SECONDS = float(os.environ.get("NBDWEB_WEBHOOK_RETRY_MAX_SECONDS", "3600"))
+# Seconds between two looks at the workers' heartbeats and sessions (node and session events).
+NBDWEB_OBSERVE_INTERVAL = float(os.environ.get("NBDWEB_OBSERVE_INTERVAL", "2"))
+# A server-sent-events connection holds a gunicorn thread: it ends after this many seconds and
+# the client reconnects with Last-Event-ID (EventSource does so by itself).
+NBDWEB_EVENT_STREAM_MAX_SECONDS = float(os.environ.get("NBDWEB_EVENT_STREAM_MAX_SECONDS", "300"))
+# `celery beat` keeps its last run times here, not in the working directory.
+CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
+CELERY_BEAT_SCHEDULE = {
+    "observe-workers": {
+        "task": "exports_app.observe_workers",
+        "schedule": NBDWEB_OBSERVE_INTERVAL,
+        "options": {"queue": NBDWEB_EVENTS_QUEUE, "expires": NBDWEB_OBSERVE_INTERVAL * 2},
+    },
+    "check-certificate-expiry": {
+        "task": "exports_app.check_certificate_expiry",
+        "schedule": 3600.0,
+        "options": {"queue": NBDWEB_EVENTS_QUEUE},
+    },
+}
+# One enum for the event kinds in the OpenAPI schema (events, webhooks' event_types).
+SPECTACULAR_SETTINGS.setdefault("ENUM_NAME_OVERRIDES", {})["EventKindEnum"] = (
+    "exports_app.services.events.EVENT_KIND_CHOICES"
+)
+# --- end events and webhooks ------------------------------------------------------------------

@@ -44,8 +44,8 @@ def django_errors_to_drf(exc: DjangoValidationError) -> DRFValidationError:
 
 
 class ValidatedModelSerializer(StrictModelSerializer):
-    """Runs the model's full_clean() on the would-be instance, so the API and the admin share
-    one set of rules (NetBox does the same)."""
+    # Runs the model's full_clean() on the would-be instance, so the API and the admin share
+    # one set of rules.
 
     def build_instance(self, attrs: dict):
         model = self.Meta.model
@@ -77,11 +77,16 @@ class ValidatedModelSerializer(StrictModelSerializer):
 class HistoryRecordSerializer(serializers.Serializer):
     """One entry of an object's audit trail (django-simple-history)."""
 
-    history_id = serializers.IntegerField()
-    date = serializers.DateTimeField()
-    type = serializers.ChoiceField(choices=["created", "changed", "deleted"])
-    user = serializers.CharField(allow_null=True)
-    changes = serializers.ListField(child=serializers.DictField())
+    history_id = serializers.IntegerField(help_text="The record's ID.")
+    date = serializers.DateTimeField(help_text="When the change was made.")
+    type = serializers.ChoiceField(
+        choices=["created", "changed", "deleted"], help_text="What happened to the object."
+    )
+    user = serializers.CharField(allow_null=True, help_text="Who made the change, if known.")
+    changes = serializers.ListField(
+        child=serializers.DictField(),
+        help_text='The fields changed: [{"field": ..., "old": ..., "new": ...}].',
+    )
 
 
 _HISTORY_TYPES = {"+": "created", "~": "changed", "-": "deleted"}
@@ -123,6 +128,10 @@ def history_entries(obj) -> list[dict]:
 class BaseModelViewSet(ModelViewSet):
     """Writes run in one transaction; database conflicts answer 400/409, never 500.
     Every object has its audit trail at `{id}/history/`."""
+
+    # No PUT: a change is a PATCH of the fields to change (a PUT that kept omitted fields
+    # would be a PATCH under another name).
+    http_method_names = ["get", "post", "patch", "delete", "head", "options"]
 
     @extend_schema(responses=HistoryRecordSerializer(many=True))
     @action(detail=True, methods=["get"])

@@ -19,7 +19,7 @@ from exports_app.services import exports, provisioning
 
 from .base import django_errors_to_drf
 from .fields import AsciiIntegerFilter, StrictModelSerializer
-from .serializers import ExportSerializer, SizeField
+from .serializers import ExportImportSerializer, ExportSerializer, SizeField
 
 __all__ = [
     "ExportJobActions",
@@ -62,10 +62,25 @@ class JobFilterSet(NBDWebFilterSet):
 class JobSerializer(StrictModelSerializer):
     url = serializers.HyperlinkedIdentityField(view_name="job-detail")
     export_url = serializers.HyperlinkedRelatedField(
-        source="export", view_name="export-detail", read_only=True
+        source="export",
+        view_name="export-detail",
+        read_only=True,
+        help_text="API address of the export; null once the export is deleted.",
     )
-    node_name = serializers.CharField(source="node.name", read_only=True)
-    requested_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    node_name = serializers.CharField(
+        source="node.name", read_only=True, help_text="The name of the node that runs the job."
+    )
+    kind = serializers.ChoiceField(
+        choices=JobKind.choices, read_only=True, help_text="What the job does to the image."
+    )
+    state = serializers.ChoiceField(
+        choices=JobState.choices,
+        read_only=True,
+        help_text="queued, then running, then succeeded or failed.",
+    )
+    requested_by = serializers.SlugRelatedField(
+        slug_field="username", read_only=True, help_text="Who asked for the job."
+    )
 
     class Meta:
         model = Job
@@ -89,6 +104,17 @@ class JobSerializer(StrictModelSerializer):
             "finished",
         ]
         read_only_fields = fields
+        extra_kwargs = {
+            "export": {"help_text": "The export's ID; null once the export is deleted."},
+            "export_name": {"help_text": "The export's name when the job was requested."},
+            "node": {"help_text": "The ID of the node that runs the job."},
+            "progress": {"help_text": "Percent done; 100 once succeeded."},
+            "error": {"help_text": "Why the job failed; empty otherwise."},
+            "params": {"help_text": "What the job was asked to do (e.g. the new size)."},
+            "celery_task_id": {"help_text": "The ID of the job's task in the queue."},
+            "started": {"help_text": "When a worker started the job; null while queued."},
+            "finished": {"help_text": "When the job ended; null until then."},
+        }
 
 
 class JobViewSet(ReadOnlyModelViewSet):
@@ -118,12 +144,34 @@ class ExportResizeSerializer(serializers.Serializer):
 
 
 class ExportJobActions:
-    """Mixed into ExportViewSet: the actions that only request a job."""
+    # Mixed into ExportViewSet: the actions that only request a job.
 
     action_permissions = {
         "resize": ["exports_app.view_export", "exports_app.change_export"],
         "verify": ["exports_app.view_export", "exports_app.change_export"],
+        # Taking over a file nbdweb did not make is its own right, beyond adding exports.
+        "import_image": [
+            "exports_app.view_export",
+            "exports_app.add_export",
+            "exports_app.import_export",
+        ],
     }
+
+    @extend_schema(
+        request=ExportImportSerializer,
+        responses={
+            202: OpenApiResponse(
+                ExportSerializer, "The export; its `job` checks and takes over the file."
+            )
+        },
+    )
+    @action(detail=False, methods=["post"], url_path="import", url_name="import")
+    def import_image(self, request) -> Response:
+        """Make an existing image file under the node's storage root an export."""
+        body = ExportImportSerializer(data=request.data, context=self.get_serializer_context())
+        body.is_valid(raise_exception=True)
+        self.perform_create(body)
+        return self._accepted(body.instance.pk)
 
     @extend_schema(
         request=ExportResizeSerializer,
@@ -131,6 +179,9 @@ class ExportJobActions:
     )
     @action(detail=True, methods=["post"])
     def resize(self, request, pk=None) -> Response:
+        """Resize the export's image. Answers at once with the export in state `resizing` and
+        its `job`; `size` becomes the new size when the job has succeeded. A shrink needs
+        `force` and no live session."""
         export = self.get_object()
         body = ExportResizeSerializer(data=request.data)
         body.is_valid(raise_exception=True)
@@ -147,6 +198,8 @@ class ExportJobActions:
     )
     @action(detail=True, methods=["post"])
     def verify(self, request, pk=None) -> Response:
+        """Hash the image's data (SHA-256) into `content_sha256`. Answers at once with the
+        export in state `verifying` and its `job`."""
         export = self.get_object()
         with transaction.atomic():
             try:

@@ -22,6 +22,7 @@ __all__ = [
     "CertificateAuthoritySerializer",
     "CertificateRevokeSerializer",
     "CertificateSerializer",
+    "ExportImportSerializer",
     "ExportSerializer",
     "NodeStatusSerializer",
     "SizeField",
@@ -83,10 +84,14 @@ class NodeStatusSerializer(serializers.Serializer):
 
 class WorkerNodeSerializer(ValidatedModelSerializer):
     url = serializers.HyperlinkedIdentityField(view_name="workernode-detail")
-    tls_mode = serializers.CharField(source="tls_policy.mode", read_only=True)
-    export_count = serializers.SerializerMethodField()
-    warnings = serializers.SerializerMethodField()
-    status = serializers.SerializerMethodField()
+    tls_mode = serializers.CharField(
+        source="tls_policy.mode", read_only=True, help_text="The TLS mode of the node's policy."
+    )
+    export_count = serializers.SerializerMethodField(help_text="How many exports the node has.")
+    warnings = serializers.SerializerMethodField(
+        help_text="Problems of the node's TLS policy; empty when none."
+    )
+    status = serializers.SerializerMethodField(help_text="What the node's worker reports.")
 
     class Meta:
         model = WorkerNode
@@ -140,8 +145,14 @@ class WorkerNodeSerializer(ValidatedModelSerializer):
 
 class TLSPolicySerializer(ValidatedModelSerializer):
     url = serializers.HyperlinkedIdentityField(view_name="tlspolicy-detail")
-    revoked_serials = serializers.SerializerMethodField()
-    warnings = serializers.ListField(child=serializers.CharField(), read_only=True)
+    revoked_serials = serializers.SerializerMethodField(
+        help_text="Serials of revoked client certificates the policy's nodes refuse."
+    )
+    warnings = serializers.ListField(
+        child=serializers.CharField(),
+        read_only=True,
+        help_text="Insecure or inconsistent settings; empty when none.",
+    )
 
     class Meta:
         model = TLSPolicy
@@ -162,6 +173,18 @@ class TLSPolicySerializer(ValidatedModelSerializer):
             "last_updated",
         ]
         read_only_fields = ["nodes"]
+        extra_kwargs = {
+            "nodes": {"help_text": "IDs of the nodes that use the policy."},
+            "mode": {
+                "help_text": "NOTLS: plaintext only; OPTIONALTLS: TLS if the client asks "
+                "(downgradable); FORCEDTLS: TLS for every client; SELECTIVETLS: TLS for the "
+                "exports with tls_required."
+            },
+            "client_verification": {
+                "help_text": "Whether clients must present a certificate from a trusted CA."
+            },
+            "min_tls_version": {"help_text": "The oldest TLS version the nodes accept."},
+        }
 
     def get_revoked_serials(self, policy: TLSPolicy) -> list[str]:
         return policy.revoked_serials()
@@ -189,7 +212,17 @@ class ExportSerializer(ValidatedModelSerializer):
         required=False,
         help_text="Defaults to the node named by NBDWORKER_NODE.",
     )
-    node_name = serializers.CharField(source="node.name", read_only=True)
+    node_name = serializers.CharField(
+        source="node.name", read_only=True, help_text="The name of the export's node."
+    )
+    state = serializers.ChoiceField(
+        choices=ExportState.choices,
+        read_only=True,
+        help_text="provisioning: the image is being made; ready: served; resizing, cloning, "
+        "verifying: a job works on the image (it is still served, at its old size while "
+        "resizing); failed: the last create or delete failed (see last_error); deleting: the "
+        "delete job runs.",
+    )
     name = StrictCharField(trim_whitespace=False, help_text="The NBD export name.")
     size = SizeField(
         required=False,
@@ -208,10 +241,21 @@ class ExportSerializer(ValidatedModelSerializer):
         help_text="On create: ID or name of a ready export on the same node to copy the image of.",
     )
     job = serializers.SerializerMethodField(help_text="ID of the export's latest job.")
-    job_url = serializers.SerializerMethodField()
-    uri = serializers.CharField(read_only=True)
-    absolute_image_path = serializers.CharField(read_only=True)
-    warnings = serializers.ListField(child=serializers.CharField(), read_only=True)
+    job_url = serializers.SerializerMethodField(
+        help_text="API address of the export's latest job: follow it to see that job end."
+    )
+    uri = serializers.CharField(
+        read_only=True,
+        help_text="The NBD URI clients connect to (nbd:// or nbds:// when TLS is needed).",
+    )
+    absolute_image_path = serializers.CharField(
+        read_only=True, help_text="The image file on the node."
+    )
+    warnings = serializers.ListField(
+        child=serializers.CharField(),
+        read_only=True,
+        help_text="Settings that do not work as one might expect; empty when none.",
+    )
 
     class Meta:
         model = Export
@@ -245,6 +289,7 @@ class ExportSerializer(ValidatedModelSerializer):
             "max_connections",
             "state",
             "last_error",
+            "image_imported",
             "job",
             "job_url",
             "uri",
@@ -258,7 +303,24 @@ class ExportSerializer(ValidatedModelSerializer):
         # Uniqueness is checked in Export.clean() (per node, by name digest and by image path);
         # DRF's generated UniqueTogetherValidator would make image_path required.
         validators: list = []
-        extra_kwargs = {"description": {"trim_whitespace": False}}
+        extra_kwargs = {
+            "description": {"trim_whitespace": False},
+            "read_only": {"help_text": "Clients may only read; writes are refused."},
+            "enabled": {"help_text": "Served by the node; a disabled export is not offered."},
+            "flush": {"help_text": "Offer NBD_CMD_FLUSH (clients can ask for a flush to disk)."},
+            "fua": {"help_text": "Offer forced unit access (a write reaches the disk first)."},
+            "trim": {"help_text": "Offer NBD_CMD_TRIM (clients may punch holes)."},
+            "write_zeroes": {"help_text": "Offer NBD_CMD_WRITE_ZEROES."},
+            "fast_zero": {"help_text": "Offer NBD_CMD_FLAG_FAST_ZERO; needs write_zeroes."},
+            "cache": {"help_text": "Offer NBD_CMD_CACHE (read-ahead hints)."},
+            "multi_conn": {"help_text": "Tell clients they may open several connections at once."},
+            "min_block_size": {"help_text": "Smallest request size clients must use (bytes)."},
+            "preferred_block_size": {"help_text": "Request size that performs best (bytes)."},
+            "max_block_size": {"help_text": "Largest request payload accepted (bytes)."},
+            "last_error": {"help_text": "Why the last job failed; empty after a success."},
+            "content_sha256": {"help_text": "SHA-256 of the image's data at the last verify."},
+            "verified_at": {"help_text": "When the last verify job hashed the image."},
+        }
 
     def build_instance(self, attrs: dict) -> Export:
         attrs = {k: v for k, v in attrs.items() if k not in ("force", "clone_from")}
@@ -362,6 +424,25 @@ class ExportSerializer(ValidatedModelSerializer):
         return instance
 
 
+class ExportImportSerializer(ExportSerializer):
+    """POST /api/v1/exports/import/: an export whose image is an existing file under the node's
+    storage root. The node's job checks the file (a regular file of `size` bytes, no other
+    export's) before it records it as the export's image."""
+
+    image_path = serializers.CharField(
+        help_text="The existing file, relative to the node's storage root."
+    )
+    size = SizeField(help_text="The file's size in bytes (or with a unit); the job checks it.")
+
+    class Meta(ExportSerializer.Meta):
+        fields = [f for f in ExportSerializer.Meta.fields if f not in ("force", "clone_from")]
+
+    def create(self, validated_data: dict) -> Export:
+        export = Export(**validated_data)
+        exports.import_export(export)
+        return export
+
+
 # -- certificates ------------------------------------------------------------------------------
 
 
@@ -389,10 +470,17 @@ class CertificateAuthoritySerializer(RenameOnlyUpdateMixin, StrictModelSerialize
         help_text="Creates an internal CA.",
     )
     key_algorithm = serializers.ChoiceField(
-        choices=KeyAlgorithm.choices, required=False, default=KeyAlgorithm.EC_P256
+        choices=KeyAlgorithm.choices,
+        required=False,
+        default=KeyAlgorithm.EC_P256,
+        help_text="The new CA's key type.",
     )
     validity_days = AsciiIntegerField(
-        write_only=True, required=False, min_value=1, max_value=MAX_VALIDITY_DAYS
+        write_only=True,
+        required=False,
+        min_value=1,
+        max_value=MAX_VALIDITY_DAYS,
+        help_text="How long the new CA is valid, in days.",
     )
     certificate_pem = serializers.CharField(
         required=False, trim_whitespace=False, help_text="Imports an external CA certificate."
@@ -404,9 +492,15 @@ class CertificateAuthoritySerializer(RenameOnlyUpdateMixin, StrictModelSerialize
         style={"input_type": "password"},
         help_text="The imported CA's key (unencrypted PEM); stored encrypted.",
     )
-    has_private_key = serializers.BooleanField(read_only=True)
-    expires_soon = serializers.BooleanField(read_only=True)
-    certificate_count = serializers.SerializerMethodField()
+    has_private_key = serializers.BooleanField(
+        read_only=True, help_text="Whether nbdweb holds the CA's key (and can issue)."
+    )
+    expires_soon = serializers.BooleanField(
+        read_only=True, help_text="Expires within NBDWEB_CERT_EXPIRY_WARNING_DAYS."
+    )
+    certificate_count = serializers.SerializerMethodField(
+        help_text="How many certificates the CA issued."
+    )
 
     class Meta:
         model = CertificateAuthority
@@ -479,34 +573,74 @@ class CertificateSerializer(RenameOnlyUpdateMixin, StrictModelSerializer):
         validators=Certificate._meta.get_field("name").validators,
         help_text="Defaults to <kind>-<common name>-<serial>.",
     )
-    kind = serializers.ChoiceField(choices=CertificateKind.choices, default=CertificateKind.CLIENT)
+    kind = serializers.ChoiceField(
+        choices=CertificateKind.choices,
+        default=CertificateKind.CLIENT,
+        help_text="server: a node's certificate; client: an NBD client's.",
+    )
     authority = AsciiPrimaryKeyRelatedField(
-        queryset=CertificateAuthority.objects.all(), required=False, allow_null=True
+        queryset=CertificateAuthority.objects.all(),
+        required=False,
+        allow_null=True,
+        help_text="The issuing CA's ID; null for an imported certificate of an unknown CA.",
     )
     common_name = serializers.CharField(
-        required=False, max_length=64, validators=[validate_no_control_characters]
+        required=False,
+        max_length=64,
+        validators=[validate_no_control_characters],
+        help_text="The subject's common name (CN).",
     )
     dns_names = serializers.ListField(
-        child=serializers.CharField(max_length=253), required=False, max_length=100
+        child=serializers.CharField(max_length=253),
+        required=False,
+        max_length=100,
+        help_text="DNS names in the subject alternative name.",
     )
     ip_addresses = serializers.ListField(
-        child=serializers.CharField(max_length=64), required=False, max_length=100
+        child=serializers.CharField(max_length=64),
+        required=False,
+        max_length=100,
+        help_text="IP addresses in the subject alternative name.",
     )
     validity_days = AsciiIntegerField(
-        write_only=True, required=False, min_value=1, max_value=MAX_VALIDITY_DAYS
+        write_only=True,
+        required=False,
+        min_value=1,
+        max_value=MAX_VALIDITY_DAYS,
+        help_text="How long an issued certificate is valid, in days.",
     )
     key_algorithm = serializers.ChoiceField(
-        choices=KeyAlgorithm.choices, write_only=True, required=False, default=KeyAlgorithm.EC_P256
+        choices=KeyAlgorithm.choices,
+        write_only=True,
+        required=False,
+        default=KeyAlgorithm.EC_P256,
+        help_text="The issued certificate's key type.",
     )
-    certificate_pem = serializers.CharField(required=False, trim_whitespace=False)
+    certificate_pem = serializers.CharField(
+        required=False, trim_whitespace=False, help_text="The certificate (PEM); set to import."
+    )
     private_key_pem = serializers.CharField(
-        write_only=True, required=False, trim_whitespace=False, style={"input_type": "password"}
+        write_only=True,
+        required=False,
+        trim_whitespace=False,
+        style={"input_type": "password"},
+        help_text="An imported certificate's key (unencrypted PEM); stored encrypted.",
     )
-    is_revoked = serializers.BooleanField(read_only=True)
-    has_private_key = serializers.BooleanField(read_only=True)
-    expires_soon = serializers.BooleanField(read_only=True)
-    warnings = serializers.ListField(child=serializers.CharField(), read_only=True)
-    bundle_url = serializers.SerializerMethodField()
+    is_revoked = serializers.BooleanField(read_only=True, help_text="Whether it was revoked.")
+    has_private_key = serializers.BooleanField(
+        read_only=True, help_text="Whether nbdweb holds the certificate's key."
+    )
+    expires_soon = serializers.BooleanField(
+        read_only=True, help_text="Expires within NBDWEB_CERT_EXPIRY_WARNING_DAYS."
+    )
+    warnings = serializers.ListField(
+        child=serializers.CharField(),
+        read_only=True,
+        help_text="Problems such as expiry or a revoked issuer; empty when none.",
+    )
+    bundle_url = serializers.SerializerMethodField(
+        help_text="Where to download a client bundle (client certificates with a key only)."
+    )
 
     class Meta:
         model = Certificate
@@ -540,6 +674,10 @@ class CertificateSerializer(RenameOnlyUpdateMixin, StrictModelSerializer):
             "last_updated",
         ]
         read_only_fields = ["revoked_at", "revocation_reason"]
+        extra_kwargs = {
+            "revoked_at": {"help_text": "When it was revoked; null if it is not."},
+            "revocation_reason": {"help_text": "Why it was revoked."},
+        }
 
     _CREATE_ONLY = (
         "kind",
@@ -592,4 +730,10 @@ class CertificateSerializer(RenameOnlyUpdateMixin, StrictModelSerializer):
 
 
 class CertificateRevokeSerializer(serializers.Serializer):
-    reason = serializers.CharField(required=False, allow_blank=True, max_length=200, default="")
+    reason = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        max_length=200,
+        default="",
+        help_text="Why the certificate is revoked (kept in its record).",
+    )

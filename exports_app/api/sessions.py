@@ -50,26 +50,32 @@ class SessionPermissions(BasePermission):
 
 
 class ClientIdentitySerializer(serializers.Serializer):
-    common_names = serializers.ListField(child=serializers.CharField())
-    serial = serializers.CharField()
-    fingerprint_sha256 = serializers.CharField()
+    """The certificate a TLS client presented."""
+
+    common_names = serializers.ListField(
+        child=serializers.CharField(), help_text="The subject's common names."
+    )
+    serial = serializers.CharField(help_text="Serial number, lower-case hex.")
+    fingerprint_sha256 = serializers.CharField(help_text="SHA-256 of the DER, lower-case hex.")
 
 
 class SessionSerializer(serializers.Serializer):
-    id = serializers.CharField()
-    node = serializers.CharField()
+    """A client connected to an export."""
+
+    id = serializers.CharField(help_text="The session's ID (hex), unique on its node.")
+    node = serializers.CharField(help_text="The name of the node serving the session.")
     client = serializers.CharField(help_text="The client's address and port.")
-    export = serializers.CharField()
-    tls = serializers.BooleanField()
+    export = serializers.CharField(help_text="The export's name.")
+    tls = serializers.BooleanField(help_text="Whether the session uses TLS.")
     client_identity = ClientIdentitySerializer(
         allow_null=True, help_text="The client certificate, when one was presented."
     )
-    reads = serializers.IntegerField()
-    bytes_read = serializers.IntegerField()
-    writes = serializers.IntegerField()
-    bytes_written = serializers.IntegerField()
-    requests = serializers.IntegerField()
-    connected_since = serializers.DateTimeField()
+    reads = serializers.IntegerField(help_text="Read requests served.")
+    bytes_read = serializers.IntegerField(help_text="Bytes sent to the client.")
+    writes = serializers.IntegerField(help_text="Write requests served.")
+    bytes_written = serializers.IntegerField(help_text="Bytes written by the client.")
+    requests = serializers.IntegerField(help_text="All requests served.")
+    connected_since = serializers.DateTimeField(help_text="When the client connected.")
 
 
 class SessionViewSet(ViewSet):
@@ -91,6 +97,7 @@ class SessionViewSet(ViewSet):
         responses=SessionSerializer(many=True),
     )
     def list(self, request) -> Response:
+        """The live NBD sessions of every node, as the nodes' workers report them."""
         try:
             sessions = workerstatus.list_sessions(
                 self._node_names(request.query_params.get("node"))
@@ -109,7 +116,7 @@ class SessionViewSet(ViewSet):
             session = workerstatus.find_session(str(pk), self._node_names())
             if session is None:
                 raise NotFound("No live session with this ID.")
-            workerstatus.kick_session(session["node"], session["id"])
+            workerstatus.end_session(session, request.user)
         except workerstatus.StatusUnavailable:
             raise StatusUnavailable() from None
         return Response(status=status.HTTP_202_ACCEPTED)

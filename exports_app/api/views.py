@@ -61,6 +61,17 @@ class ExportViewSet(ExportJobActions, BaseModelViewSet):
     filterset_class = filtersets.ExportFilterSet
 
     @extend_schema(
+        description="Create an export. Answers at once with the export in state `provisioning` "
+        "(or `cloning` with `clone_from`) and its `job`, which makes the image; the export is "
+        "`ready` when the job has succeeded.",
+    )
+    def create(self, request, *args, **kwargs) -> Response:
+        return super().create(request, *args, **kwargs)
+
+    @extend_schema(
+        description="Delete the export: its image is removed (zeroed first with `wipe`) by a "
+        "job, then the export. Answers 202 with the export in state `deleting` while the job "
+        "runs. Send If-Match with the ETag you read to delete only that version.",
         parameters=[
             OpenApiParameter(
                 "wipe", OpenApiTypes.BOOL, description="Zero the image's data before removing it."
@@ -111,6 +122,7 @@ class CertificateViewSet(BaseModelViewSet):
     )
     @action(detail=True, methods=["post"])
     def revoke(self, request, pk=None) -> Response:
+        """Revoke the certificate: the nodes refuse it from their next configuration on."""
         certificate = self.get_object()
         body = serializers.CertificateRevokeSerializer(data=request.data)
         body.is_valid(raise_exception=True)

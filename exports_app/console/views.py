@@ -11,21 +11,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from django.contrib.admin.models import CHANGE, LogEntry
+from django import forms
+from django.contrib import admin
 from django.core.exceptions import PermissionDenied
-from django.db import transaction
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.views.decorators.http import require_POST
 
 from exports_app.admin_status import END_SESSIONS, VIEW_SESSIONS
-from exports_app.console import export_page, overview
+from exports_app.console import changelog, export_page, overview
 from exports_app.models import Certificate, Export, WorkerNode
 from exports_app.services import ca, renewal, workerstatus
 
 __all__ = [
     "ROUTES",
+    "changelog_view",
     "dashboard_context",
     "end_session",
     "export_live_view",
@@ -71,13 +72,19 @@ def _certificates(request: HttpRequest) -> dict[str, Any]:
     }
 
 
-# section name -> (permission, context builder)
+def _activity(request: HttpRequest) -> dict[str, Any]:
+    return {"entries": changelog.change_entries(request.user, limit=8)}
+
+
+# section name -> (permission, context builder); "" is any staff user (the entries are filtered
+# by each model's view permission).
 SECTIONS: dict[str, tuple[str, Callable[[HttpRequest], dict[str, Any]]]] = {
     "nodes": ("exports_app.view_workernode", _nodes),
     "sessions": (VIEW_SESSIONS, _sessions),
     "jobs": ("exports_app.view_job", _jobs),
     "exports": ("exports_app.view_export", _exports),
     "certificates": ("exports_app.view_certificate", _certificates),
+    "activity": ("", _activity),
 }
 
 
@@ -95,7 +102,7 @@ def dashboard_context(request: HttpRequest) -> dict[str, Any]:
     sections = {
         name: _section_context(request, name)
         for name, (perm, _) in SECTIONS.items()
-        if request.user.has_perm(perm)
+        if not perm or request.user.has_perm(perm)
     }
     return {"console_sections": sections, "refresh_seconds": REFRESH_SECONDS}
 
@@ -109,9 +116,47 @@ def _render_section(request: HttpRequest, name: str, **extra: Any) -> TemplateRe
 def section_view(request: HttpRequest, name: str) -> HttpResponse:
     if name not in SECTIONS:
         raise Http404(name)
-    if not request.user.has_perm(SECTIONS[name][0]):
+    perm = SECTIONS[name][0]
+    if perm and not request.user.has_perm(perm):
         raise PermissionDenied
     return _render_section(request, name)
+
+
+class ChangeLogFilter(forms.Form):
+    model = forms.ChoiceField(
+        required=False,
+        label="Object type",
+        choices=[("", "all"), *((n, m._meta.verbose_name) for n, m in changelog.TRACKED.items())],
+    )
+    q = forms.CharField(required=False, label="Object", max_length=200)
+    user = forms.CharField(required=False, label="User or job", max_length=150)
+    since = forms.DateTimeField(
+        required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local"})
+    )
+    until = forms.DateTimeField(
+        required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local"})
+    )
+
+
+def changelog_view(request: HttpRequest) -> HttpResponse:
+    """Every change and event, newest first, filterable by object, user and time."""
+    form = ChangeLogFilter(request.GET or None)
+    filters = form.cleaned_data if form.is_valid() else {}
+    entries = changelog.change_entries(
+        request.user,
+        model=filters.get("model") or "",
+        query=filters.get("q") or "",
+        username=filters.get("user") or "",
+        since=filters.get("since"),
+        until=filters.get("until"),
+    )
+    context = {
+        **admin.site.each_context(request),
+        "title": "Change log",
+        "form": form,
+        "entries": entries,
+    }
+    return TemplateResponse(request, "admin/console/changelog.html", context)
 
 
 def _export_live_context(request: HttpRequest, export: Export) -> dict[str, Any]:
@@ -161,7 +206,7 @@ def end_session(request: HttpRequest, node: str, session_id: str) -> HttpRespons
         if found is None:
             notice = f"Session {session_id} is not live any more."
         else:
-            workerstatus.kick_session(found["node"], found["id"])
+            workerstatus.end_session(found, request.user)
             notice = (
                 f"Session {session_id} ({found.get('export')!r} from {found.get('client')}) "
                 "asked to end: the worker answers its requests in flight, then closes it."
@@ -181,15 +226,7 @@ def renew_certificate(request: HttpRequest, pk: int) -> HttpResponse:
         raise PermissionDenied
     certificate = get_object_or_404(Certificate, pk=pk)
     try:
-        with transaction.atomic():
-            successor = renewal.renew_certificate(certificate)
-            LogEntry.objects.log_actions(
-                request.user.pk,
-                [certificate],
-                CHANGE,
-                change_message=f"Renewed as {successor.name} (serial {successor.serial}).",
-                single_object=True,
-            )
+        successor = renewal.renew_certificate(certificate, request.user)
         notice = f"{certificate.name} renewed as {successor.name}."
     except ca.CertificateError as exc:
         notice = f"{certificate.name}: {exc}"
@@ -201,4 +238,5 @@ ROUTES = [
     ("sessions/<str:node>/<str:session_id>/end/", end_session, "console_end_session"),
     ("certificates/<int:pk>/renew/", renew_certificate, "console_renew_certificate"),
     ("exports/<int:pk>/live/", export_live_view, "console_export_live"),
+    ("changes/", changelog_view, "console_changelog"),
 ]

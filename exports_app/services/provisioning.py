@@ -10,6 +10,7 @@ these inside its transaction, right after saving the export):
 - `request_create(export)`: the export was just created in state PROVISIONING.
 - `request_clone(export, source)`: likewise, its image is to be a copy of `source`'s.
 - `request_resize(export, old_size, force=False)`: `export.size` already holds the new size.
+- `request_import(export)`: likewise, its image is the existing file at its image path.
 - `request_delete(export, wipe=False)`: the export must go. Returns True if the row is already
   deleted, False if deletion continues in the background (the export is left in state DELETING
   and the job deletes the row when the image is gone). The API answers 204 or 202 accordingly.
@@ -34,6 +35,7 @@ __all__ = [
     "request_clone",
     "request_create",
     "request_delete",
+    "request_import",
     "request_resize",
     "request_verify",
     "retry_job",
@@ -92,6 +94,12 @@ def request_clone(export: Export, source: Export) -> Job:
     return _enqueue(export, JobKind.CLONE, params)
 
 
+def request_import(export: Export) -> Job:
+    """Take the existing file at the export's image path as its image, once the node's job has
+    checked it (a regular file of `export.size` bytes under the root, no other export's)."""
+    return _enqueue(export, JobKind.IMPORT, {"size": export.size})
+
+
 def request_resize(export: Export, old_size: int, force: bool = False) -> Job:
     """Resize the image to `export.size`. Whether it may (a shrink needs `force` and no live
     session) is `exports_app.services.exports.check_resize`, asked by the callers and the job."""
@@ -127,7 +135,7 @@ def retry_job(job: Job) -> Job:
         raise JobRefused("The export of this job no longer exists.")
     if export.jobs.filter(pk__gt=job.pk).exists():
         raise JobRefused("A newer job exists for this export; retry that one instead.")
-    if job.kind in (JobKind.CREATE, JobKind.CLONE):
+    if job.kind in (JobKind.CREATE, JobKind.CLONE, JobKind.IMPORT):
         export.state = ExportState.PROVISIONING
         export.last_error = ""
         export.save(update_fields=["state", "last_error", "last_updated"])

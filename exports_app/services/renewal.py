@@ -4,16 +4,22 @@ signals publish the nodes' new config)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.db import transaction
 
 from exports_app.models import Certificate, TLSPolicy
 from exports_app.services import ca
+from exports_app.services.audit import record_event
 
 __all__ = ["renew_certificate"]
 
 
-def renew_certificate(certificate: Certificate, validity_days: int | None = None) -> Certificate:
-    """Issue the successor; raises ca.CertificateError when the CA cannot issue it."""
+def renew_certificate(
+    certificate: Certificate, user: Any = None, validity_days: int | None = None
+) -> Certificate:
+    """Issue the successor for `user` (recorded in the audit trail); raises
+    ca.CertificateError when the CA cannot issue it."""
     authority = certificate.authority
     if authority is None:
         raise ca.CertificateError(
@@ -32,4 +38,5 @@ def renew_certificate(certificate: Certificate, validity_days: int | None = None
         for policy in TLSPolicy.objects.select_for_update().filter(server_certificate=certificate):
             policy.server_certificate = successor
             policy.save(update_fields=["server_certificate", "last_updated"])
+        record_event(user, certificate, f"Renewed as {successor.name} (serial {successor.serial}).")
     return successor

@@ -17,6 +17,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from exports_app.models import Export, WorkerNode
+from exports_app.services.audit import record_event
 from exports_app.services.publishing import redis_client
 from nbdworker.contract.snapshot import (
     KICK_CHANNEL,
@@ -29,6 +31,7 @@ from nbdworker.contract.snapshot import (
 __all__ = [
     "KICK_TTL",
     "StatusUnavailable",
+    "end_session",
     "find_session",
     "kick_session",
     "list_sessions",
@@ -147,3 +150,21 @@ def kick_session(node: str, session_id: str) -> None:
     except RedisError as exc:
         raise StatusUnavailable(str(exc)) from exc
     log.info("node %s: session %s asked to end", node, session_id)
+
+
+def end_session(session: dict[str, Any], user: Any) -> None:
+    """Ask the worker to end a live session (as found by `find_session`) for `user`, and record
+    it in the audit trail on the export (the node, when the export is gone). Raises
+    StatusUnavailable."""
+    kick_session(session["node"], session["id"])
+    target = (
+        Export.objects.filter(node__name=session["node"], name=session.get("export", "")).first()
+        or WorkerNode.objects.filter(name=session["node"]).first()
+    )
+    if target is not None:
+        record_event(
+            user,
+            target,
+            f"Ended session {session['id']} of client {session.get('client', '?')} on export "
+            f"{session.get('export', '?')!r} (node {session['node']}).",
+        )

@@ -22,6 +22,7 @@ from django.contrib.auth.models import User
 from django.db import transaction
 from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select
 
 from exports_app.choices import CertificateKind, ExportState
 from exports_app.models import Export, Job, TLSPolicy, WorkerNode
@@ -343,3 +344,27 @@ def test_console_pages_fit_1400px_and_load_nothing_from_third_parties(
     screenshots(browser, "export-page")
     browser.get(stack.base_url + "/admin/exports_app/job/")
     screenshots(browser, "job-list")
+
+
+def test_revoking_a_certificate_shows_in_the_change_log(
+    browser, stack, admin_user, screenshots
+) -> None:
+    authority = ca.create_authority("revoke-ca", "nbdweb revoke CA")
+    certificate = ca.issue_certificate(authority, CertificateKind.CLIENT, "bob", name="bob-laptop")
+    log_in(browser, stack.base_url, admin_user)
+    browser.get(f"{stack.base_url}/admin/exports_app/certificate/")
+    browser.find_element(
+        By.CSS_SELECTOR, f'input[name="_selected_action"][value="{certificate.pk}"]'
+    ).click()
+    Select(browser.find_element(By.NAME, "action")).select_by_value("revoke_certificates")
+    browser.find_element(By.CSS_SELECTOR, "button[name=index]").click()
+    poll(lambda: "Revoked 1 certificate" in browser.page_source, "the revocation message")
+    certificate.refresh_from_db()
+    assert certificate.is_revoked
+
+    browser.get(f"{stack.base_url}/admin/console/changes/?model=certificate&q=bob")
+    entry = text_of(browser, '[data-testid="changelog"] tbody tr')
+    assert "bob-laptop" in entry
+    assert admin_user.username in entry
+    assert "revoked at" in entry and f"revoked by {admin_user.username} in the admin" in entry
+    screenshots(browser, "change-log")
