@@ -32,7 +32,7 @@ from django.utils import timezone
 
 from exports_app.choices import ExportState, JobKind, JobState
 from exports_app.models import Export, Job
-from exports_app.services import exports, images
+from exports_app.services import export_states, exports, images
 from exports_app.services.audit import job_actor
 from exports_app.services.publishing import schedule_publish
 from exports_app.validators import resolve_image_path
@@ -96,7 +96,7 @@ def _image_path(export: Export, create_parents: bool = False) -> str:
 
 def _create(job: Job, export: Export, progress: ProgressRecorder) -> dict:
     images.create_sparse(_image_path(export, create_parents=True), job.params["size"])
-    return {"state": ExportState.READY, "last_error": ""}
+    return {"last_error": ""}
 
 
 def _clone(job: Job, export: Export, progress: ProgressRecorder) -> dict:
@@ -116,18 +116,20 @@ def _clone(job: Job, export: Export, progress: ProgressRecorder) -> dict:
         if exc.filename == _image_path(source):
             raise JobFailed(f"The source image is missing: {exc.filename}") from None
         raise
-    return {"state": ExportState.READY, "last_error": ""}
+    return {"last_error": ""}
 
 
 def _resize(job: Job, export: Export, progress: ProgressRecorder) -> dict:
-    size, old_size = job.params["size"], job.params["old_size"]
-    # Asked again now: a client may have connected since the resize was requested.
+    size = job.params["size"]
+    # Asked again now, from the size the image has now (an earlier resize may have run): a
+    # client may have connected since the resize was requested.
     try:
-        exports.check_resize(export, size, job.params.get("force", False), old_size=old_size)
+        exports.check_resize(export, size, job.params.get("force", False))
     except ValidationError as exc:
         raise JobFailed(" ".join(exc.messages)) from None
     images.resize(_image_path(export), size)
-    return {"last_error": ""}
+    # The new size is stored only now that the image has it.
+    return {"size": size, "last_error": ""}
 
 
 def _delete(job: Job, export: Export, progress: ProgressRecorder) -> None:
@@ -167,7 +169,7 @@ def fail_job(job_id: int, error: str) -> None:
 
     A failed create or clone left no image, a failed delete or verify an image in doubt: the
     export becomes `failed`. A failed resize left the image at its old size, which the export
-    keeps (still served); the error goes to `last_error`.
+    still has (it stays served); the error goes to `last_error`.
     """
     with transaction.atomic():
         job = Job.objects.select_for_update().filter(pk=job_id).first()
@@ -178,16 +180,9 @@ def fail_job(job_id: int, error: str) -> None:
         if export is None:
             return
         export.last_error = error
-        fields = ["last_error", "last_updated"]
-        if job.kind == JobKind.RESIZE:
-            if export.size == job.params.get("size"):
-                export.size = job.params["old_size"]
-                fields.append("size")
-        else:
-            export.state = ExportState.FAILED
-            fields.append("state")
         export._change_reason = job_actor(job)  # the audit trail's actor
-        export.save(update_fields=fields)
+        state = export_states.state_after_job(export, job, succeeded=False)
+        export_states.set_state(export, state, ["last_error"])
         schedule_publish(export.node)
 
 
@@ -201,14 +196,10 @@ def _succeed(job: Job, changes: dict | None) -> None:
         if job.kind == JobKind.DELETE:
             export.delete()
         else:
-            if changes.get("state") == ExportState.READY and export.state != (
-                ExportState.PROVISIONING
-            ):
-                # Something newer (a delete) owns the export's state now.
-                changes = {k: v for k, v in changes.items() if k != "state"}
             for field, value in changes.items():
                 setattr(export, field, value)
-            export.save(update_fields=[*changes, "last_updated"])
+            state = export_states.state_after_job(export, job, succeeded=True)
+            export_states.set_state(export, state, list(changes))
         schedule_publish(job.node)
 
 

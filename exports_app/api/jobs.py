@@ -18,6 +18,7 @@ from exports_app.models import Job
 from exports_app.services import exports, provisioning
 
 from .base import django_errors_to_drf
+from .concurrency import ETagMixin
 from .fields import AsciiIntegerFilter, StrictModelSerializer
 from .serializers import ExportSerializer, SizeField
 
@@ -117,7 +118,7 @@ class JobSerializer(StrictModelSerializer):
         }
 
 
-class JobViewSet(ReadOnlyModelViewSet):
+class JobViewSet(ETagMixin, ReadOnlyModelViewSet):
     queryset = Job.objects.select_related("node", "requested_by")
     serializer_class = JobSerializer
     filterset_class = JobFilterSet

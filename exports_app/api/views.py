@@ -1,6 +1,7 @@
 """API viewsets: thin, one per model. Validation is in the serializers, side effects in
 exports_app.services."""
 
+from django.db import transaction
 from django.db.models import Count, OuterRef, Subquery
 from django.http import HttpResponse
 from drf_spectacular.types import OpenApiTypes
@@ -83,9 +84,11 @@ class ExportViewSet(ExportJobActions, BaseModelViewSet):
         },
     )
     def destroy(self, request, *args, **kwargs) -> Response:
-        export = self.get_object()
-        pk = export.pk
-        self.perform_destroy(export)
+        with transaction.atomic():
+            # get_object checks If-Match on the locked row.
+            export = self.get_object()
+            pk = export.pk
+            self.perform_destroy(export)
         # The hook either deleted the row or left it in DELETING for a job to finish.
         export = Export.objects.filter(pk=pk).first()
         if export is not None:
