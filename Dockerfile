@@ -19,6 +19,8 @@ RUN python3 -m venv /opt/venv \
 
 WORKDIR /app
 COPY . /app
+# The `nbdweb` command-line client (docker compose exec web nbdweb ...).
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation . && rm -rf build
 USER nbdweb
 EXPOSE 8000 10809
 CMD ["python", "-m", "gunicorn", "-c", "nbdweb/gunicorn.conf.py", "nbdweb.wsgi"]

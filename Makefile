@@ -31,8 +31,13 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	@touch $@
 
-venv: $(VENV)/.installed
-venv-dev: $(VENV)/.installed-dev
+# The `nbdweb` command-line client, editable: $(BIN)/nbdweb runs this checkout's nbdweb_cli.
+$(VENV)/.installed-cli: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $@
+
+venv: $(VENV)/.installed $(VENV)/.installed-cli
+venv-dev: $(VENV)/.installed-dev $(VENV)/.installed-cli
 
 run: venv
 	$(BIN)/python scripts/runstack.py

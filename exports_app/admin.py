@@ -31,6 +31,8 @@ from exports_app.models import (
     Export,
     Job,
     TLSPolicy,
+    WebhookDelivery,
+    WebhookSubscription,
     WorkerNode,
 )
 from exports_app.models.tls import OPTIONALTLS_WARNING
@@ -757,3 +759,106 @@ class CertificateAdmin(AddFormAdminMixin, SimpleHistoryAdmin):
         filename = bundles.bundle_filename(certificate)
         response["Content-Disposition"] = f'attachment; filename="{filename}"'
         return response
+
+
+# -- webhooks (issue 17) -----------------------------------------------------------------------
+
+
+class WebhookSubscriptionForm(forms.ModelForm):
+    secret = forms.CharField(
+        required=False,
+        min_length=16,
+        max_length=200,
+        widget=forms.PasswordInput(render_value=False),
+        validators=[validate_no_control_characters],
+        help_text="Signs each delivery (X-Nbdweb-Signature). Needed for a new webhook; "
+        "left empty on a change, the secret stays.",
+    )
+
+    class Meta:
+        model = WebhookSubscription
+        fields = ["name", "target_url", "event_types", "enabled"]
+
+    def clean_secret(self) -> str:
+        secret = self.cleaned_data.get("secret", "")
+        if not secret and self.instance.pk is None:
+            raise ValidationError("A new webhook needs a secret.")
+        if secret and not (secret.isascii() and secret.isprintable() and " " not in secret):
+            raise ValidationError("Printable ASCII without spaces.")
+        return secret
+
+    def save(self, commit: bool = True) -> WebhookSubscription:
+        subscription = super().save(commit=False)
+        if self.cleaned_data.get("secret"):
+            subscription.set_secret(self.cleaned_data["secret"])
+        if commit:
+            subscription.save()
+        return subscription
+
+
+@admin.register(WebhookSubscription)
+class WebhookSubscriptionAdmin(SimpleHistoryAdmin):
+    """The same subscriptions as /api/v1/webhooks/; URL rules in the model's clean()."""
+
+    form = WebhookSubscriptionForm
+    list_display = ["name", "target_url", "event_types", "enabled", "owner", "last_updated"]
+    list_filter = ["enabled"]
+    search_fields = ["name", "target_url"]
+    readonly_fields = ["owner", "delivery_log"]
+
+    @admin.display(description="deliveries")
+    def delivery_log(self, subscription: WebhookSubscription) -> str:
+        if subscription.pk is None:
+            return "-"
+        url = reverse("admin:exports_app_webhookdelivery_changelist")
+        return format_html(
+            '<a href="{}?subscription__id__exact={}">the delivery log</a>', url, subscription.pk
+        )
+
+    def save_model(self, request, obj: WebhookSubscription, form, change: bool) -> None:
+        if obj.owner_id is None:
+            obj.owner = request.user
+        super().save_model(request, obj, form, change)
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(admin.ModelAdmin):
+    """The delivery log: every event sent to a webhook, its attempts and response codes."""
+
+    list_display = [
+        "id",
+        "subscription",
+        "event_kind",
+        "state",
+        "attempts",
+        "response_code",
+        "short_error",
+        "created",
+        "finished",
+    ]
+    list_filter = ["state", "event_kind", "subscription"]
+    search_fields = ["event_id", "error"]
+    list_select_related = ["subscription"]
+    readonly_fields = [
+        "subscription",
+        "event_id",
+        "event_kind",
+        "state",
+        "attempts",
+        "response_code",
+        "error",
+        "attempt_log",
+        "payload",
+        "created",
+        "finished",
+    ]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.display(description="error")
+    def short_error(self, delivery: WebhookDelivery) -> str:
+        return delivery.error[:80]

@@ -7,5 +7,6 @@ class ExportsAppConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        # Connects the signals that publish worker configs after every committed change.
-        from exports_app import signals  # noqa: F401
+        # Connects the signals that publish worker configs after every committed change, and
+        # those that emit events (services.events).
+        from exports_app import event_signals, signals  # noqa: F401

@@ -26,13 +26,15 @@ from collections.abc import Callable
 
 from celery import shared_task
 from celery.signals import worker_ready
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
 from exports_app.choices import ExportState, JobKind, JobState
-from exports_app.models import Export, Job
-from exports_app.services import export_states, exports, images
+from exports_app.models import Export, Job, WebhookDelivery
+from exports_app.models.webhooks import DeliveryState
+from exports_app.services import events, export_states, exports, images, observer, webhooks
 from exports_app.services.audit import job_actor
 from exports_app.services.publishing import schedule_publish
 from exports_app.validators import resolve_image_path
@@ -40,7 +42,10 @@ from exports_app.validators import resolve_image_path
 __all__ = [
     "PROGRESS_MIN_INTERVAL",
     "WAIT_FOR_EARLIER_JOB",
+    "check_certificate_expiry",
+    "deliver_webhook",
     "fail_job",
+    "observe_workers",
     "requeue_interrupted_jobs",
     "run_job",
 ]
@@ -162,6 +167,13 @@ def _finish_job(job_id: int, state: str, error: str = "") -> None:
     if state == JobState.SUCCEEDED:
         fields["progress"] = 100
     Job.objects.filter(pk=job_id).update(**fields)
+    job = Job.objects.filter(pk=job_id).values("kind", "export_id", "export_name").first()
+    if job is not None:
+        events.emit(
+            "job.succeeded" if state == JobState.SUCCEEDED else "job.failed",
+            {"type": "job", "id": job_id, "name": f"{job['kind']} {job['export_name']}"},
+            {"kind": job["kind"], "export": job["export_id"], "state": state, "error": error},
+        )
 
 
 def fail_job(job_id: int, error: str) -> None:
@@ -276,3 +288,40 @@ def requeue_interrupted_jobs(worker: str) -> list[int]:
 @worker_ready.connect
 def _on_worker_ready(sender, **kwargs) -> None:
     requeue_interrupted_jobs(sender.hostname)
+
+
+# -- events (exports_app.services.events) -------------------------------------------------------
+
+
+@shared_task(bind=True, name="exports_app.deliver_webhook", max_retries=None, acks_late=True)
+def deliver_webhook(self, delivery_id: int) -> str:
+    """One attempt at a webhook delivery; a failed one is retried with backoff until
+    settings.NBDWEB_WEBHOOK_MAX_ATTEMPTS."""
+    delivery = WebhookDelivery.objects.select_related("subscription").filter(pk=delivery_id).first()
+    if delivery is None or delivery.state != DeliveryState.PENDING:
+        return "gone" if delivery is None else delivery.state
+    if not delivery.subscription.enabled:
+        webhooks.finish(delivery, DeliveryState.FAILED)
+        return DeliveryState.FAILED
+    result = webhooks.attempt_delivery(delivery)
+    if result.ok:
+        webhooks.finish(delivery, DeliveryState.SUCCEEDED)
+        return DeliveryState.SUCCEEDED
+    if delivery.attempts >= settings.NBDWEB_WEBHOOK_MAX_ATTEMPTS:
+        webhooks.finish(delivery, DeliveryState.FAILED)
+        return DeliveryState.FAILED
+    raise self.retry(
+        countdown=webhooks.retry_delay(delivery.attempts), queue=settings.NBDWEB_EVENTS_QUEUE
+    )
+
+
+@shared_task(name="exports_app.observe_workers", ignore_result=True)
+def observe_workers() -> None:
+    """Node online/offline and session opened/ended events (Celery beat, every few seconds)."""
+    observer.observe_workers()
+
+
+@shared_task(name="exports_app.check_certificate_expiry", ignore_result=True)
+def check_certificate_expiry() -> None:
+    """`certificate.expiring` events (Celery beat, hourly)."""
+    observer.check_expiry()

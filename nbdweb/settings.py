@@ -275,3 +275,39 @@ if LOG_FORMAT not in ("plain", "json"):
 LOGGING["formatters"]["json"] = {"()": "nbdweb.logging.JSONFormatter"}
 LOGGING["handlers"]["console"]["formatter"] = LOG_FORMAT
 # --- end jobs and logging ---------------------------------------------------------------------
+
+# --- events and webhooks (issue 17) -----------------------------------------------------------
+# The event stream in Redis keeps about this many events (older ones are trimmed).
+NBDWEB_EVENTS_MAX_LENGTH = int(os.environ.get("NBDWEB_EVENTS_MAX_LENGTH", "10000"))
+# The Celery queue of webhook deliveries and the periodic observers: the default node's.
+NBDWEB_EVENTS_QUEUE = os.environ.get("NBDWEB_EVENTS_QUEUE") or CELERY_TASK_DEFAULT_QUEUE
+# Webhook URLs that resolve to private, loopback or link-local addresses are refused unless on.
+NBDWEB_WEBHOOK_ALLOW_PRIVATE_ADDRESSES = env_bool("NBDWEB_WEBHOOK_ALLOW_PRIVATE_ADDRESSES")
+NBDWEB_WEBHOOK_MAX_ATTEMPTS = int(os.environ.get("NBDWEB_WEBHOOK_MAX_ATTEMPTS", "8"))
+# Retries wait base, 2 base, 4 base, ... seconds, at most the max.
+NBDWEB_WEBHOOK_RETRY_BASE_SECONDS = float(os.environ.get("NBDWEB_WEBHOOK_RETRY_BASE_SECONDS", "10"))
+NBDWEB_WEBHOOK_RETRY_MAX_SECONDS = float(os.environ.get("NBDWEB_WEBHOOK_RETRY_MAX_SECONDS", "3600"))
+# Seconds between two looks at the workers' heartbeats and sessions (node and session events).
+NBDWEB_OBSERVE_INTERVAL = float(os.environ.get("NBDWEB_OBSERVE_INTERVAL", "2"))
+# A server-sent-events connection holds a gunicorn thread: it ends after this many seconds and
+# the client reconnects with Last-Event-ID (EventSource does so by itself).
+NBDWEB_EVENT_STREAM_MAX_SECONDS = float(os.environ.get("NBDWEB_EVENT_STREAM_MAX_SECONDS", "300"))
+# `celery beat` keeps its last run times here, not in the working directory.
+CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
+CELERY_BEAT_SCHEDULE = {
+    "observe-workers": {
+        "task": "exports_app.observe_workers",
+        "schedule": NBDWEB_OBSERVE_INTERVAL,
+        "options": {"queue": NBDWEB_EVENTS_QUEUE, "expires": NBDWEB_OBSERVE_INTERVAL * 2},
+    },
+    "check-certificate-expiry": {
+        "task": "exports_app.check_certificate_expiry",
+        "schedule": 3600.0,
+        "options": {"queue": NBDWEB_EVENTS_QUEUE},
+    },
+}
+# One enum for the event kinds in the OpenAPI schema (events, webhooks' event_types).
+SPECTACULAR_SETTINGS.setdefault("ENUM_NAME_OVERRIDES", {})["EventKindEnum"] = (
+    "exports_app.services.events.EVENT_KIND_CHOICES"
+)
+# --- end events and webhooks ------------------------------------------------------------------

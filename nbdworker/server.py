@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import signal
 import socket
+import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -110,13 +112,22 @@ def _shared_memory_backend(cfg: ExportConfig, prefix: str) -> Backend | None:
     path = f"{prefix}-{ident}"
     size = cfg.size or 0
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        # /dev/shm is writable by anyone: a symlink or a FIFO planted at the name must not be
+        # followed or opened, nor someone else's file used.
+        fd = os.open(
+            path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600
+        )
         try:
-            if os.fstat(fd).st_size != size:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+                raise OSError(errno.EPERM, f"{path} is not a file of ours")
+            os.set_blocking(fd, True)
+            if st.st_size != size:
                 os.ftruncate(fd, size)
-        finally:
+        except BaseException:
             os.close(fd)
-        return FileBackend(path, read_only=cfg.read_only)
+            raise
+        return FileBackend(path, read_only=cfg.read_only, fd=fd)
     except OSError as exc:
         log.error("export %r refused: cannot create its shared memory: %s", cfg.name, exc)
         return None

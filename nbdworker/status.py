@@ -118,6 +118,10 @@ class StatusPublisher:
                 if not self._failing:
                     log.warning("heartbeat: Redis unavailable: %s", exc)
                 self._failing = True
+            except Exception:
+                # Whatever else goes wrong in one beat, the next one is tried: a heartbeat
+                # that stops shows a serving node as offline.
+                log.exception("heartbeat failed; trying again at the next beat")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
 
@@ -154,7 +158,19 @@ class StatusPublisher:
         ids = await self.client.spop(kicks_key(self.node), MAX_KICKS)
         if not ids:
             return
-        await self.source.end_sessions({i.decode() if isinstance(i, bytes) else i for i in ids})
+        # Anyone who can write to Redis can add anything to the set: an id that is not UTF-8
+        # names no session of ours.
+        wanted: set[str] = set()
+        malformed = 0
+        for raw in ids:
+            try:
+                wanted.add(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw))
+            except UnicodeDecodeError:
+                malformed += 1
+        if malformed:
+            log.warning("kick set: ignored %d malformed session id(s)", malformed)
+        if wanted:
+            await self.source.end_sessions(wanted)
 
     async def clear(self) -> None:
         """At a clean stop: the node is offline at once instead of after the expiry."""

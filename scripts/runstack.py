@@ -22,6 +22,8 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -34,10 +36,13 @@ PYTHON = sys.executable
 STOP_GRACE_SECONDS = 15.0
 PR_SET_PDEATHSIG = 1
 
-# The three long-running processes. docker-compose.yml runs these very commands (a test checks).
+# The long-running processes. docker-compose.yml runs these very commands (a test checks).
+# `beat` schedules the periodic tasks (node and session events, expiring certificates); one per
+# installation is enough (a second one is harmless: the observer runs under a lock).
 COMMANDS: dict[str, list[str]] = {
     "web": [PYTHON, "-m", "gunicorn", "-c", "nbdweb/gunicorn.conf.py", "nbdweb.wsgi"],
     "celery": [PYTHON, "-m", "celery", "-A", "nbdweb", "worker", "--loglevel", "INFO"],
+    "beat": [PYTHON, "-m", "celery", "-A", "nbdweb", "beat", "--loglevel", "INFO"],
     "nbdworker": [PYTHON, "-m", "nbdworker"],
 }
 
@@ -49,11 +54,13 @@ SECRETS = {
 
 # Each process gets only the secrets it uses (docs/security.md). Celery publishes the config
 # after a job (signs it, decrypts the server key into it) but signs no cookie; nbdworker only
-# verifies and decrypts its snapshot. The one-off steps (migrate, ensure_admin) run as web.
+# verifies and decrypts its snapshot; beat only sends task messages. The one-off steps (migrate,
+# ensure_admin) run as web.
 PROCESS_SECRETS: dict[str, tuple[str, ...]] = {
     "web": ("SECRET_KEY", "NBDWEB_CONFIG_SECRET", "NBDWEB_KEY_ENCRYPTION_KEY"),
     "celery": ("NBDWEB_CONFIG_SECRET", "NBDWEB_KEY_ENCRYPTION_KEY"),
     "nbdworker": ("NBDWEB_CONFIG_SECRET",),
+    "beat": (),
     "redis": (),
 }
 
@@ -125,6 +132,39 @@ def wait_until(predicate, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise SystemExit(f"[runstack] {what} did not happen within {timeout:.0f}s")
         time.sleep(0.1)
+
+
+def http_base(addresses: str) -> str:
+    """The URL of gunicorn's first bind address (a wildcard one is reached on loopback)."""
+    address = addresses.split(",")[0].strip()
+    host, _, port = address.rpartition(":")
+    host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}.get(host, host)
+    return f"http://{host}:{port}"
+
+
+def stack_answers(web: str, nbd_listen: str) -> bool:
+    """The web server answers HTTP and nbdworker's first listener sends its NBD greeting."""
+    try:
+        with urllib.request.urlopen(f"{web}/admin/login/", timeout=1) as response:
+            response.read(1)
+    except urllib.error.HTTPError:
+        pass  # an answer is an answer
+    except OSError:
+        return False
+    first = nbd_listen.split(",")[0].strip()
+    try:
+        if first.startswith("unix:"):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(1)
+            sock.connect(first[5:])
+        else:
+            host, _, port = first.rpartition(":")
+            host = {"0.0.0.0": "127.0.0.1", "[::]": "::1"}.get(host, host.strip("[]"))
+            sock = socket.create_connection((host, int(port)), timeout=1)
+        with sock:
+            return sock.recv(8) == b"NBDMAGIC"
+    except (OSError, ValueError):
+        return False
 
 
 def process_env(env: dict[str, str], secrets: dict[str, str], name: str) -> dict[str, str]:
@@ -289,12 +329,17 @@ def main() -> int:
         prepare(env, secrets)
         for name, argv in COMMANDS.items():
             stack.spawn(name, argv)
-        say(
-            f"web on http://{env['NBDWEB_HTTP_ADDR']}/  NBD on {env['NBD_LISTEN']}  "
-            f"data in {env['NBDWEB_DATA_DIR']}"
-        )
+        say(f"data in {env['NBDWEB_DATA_DIR']}; waiting for the web server and nbdworker")
+        web = http_base(env["NBDWEB_HTTP_ADDR"])
+        ready = False
         while True:
             stack.pump(0.5)
+            if not ready and stack_answers(web, env["NBD_LISTEN"]):
+                ready = True
+                say(
+                    f"ready: admin {web}/admin/  API {web}/api/v1/  API docs {web}/api/docs/  "
+                    f"NBD {env['NBD_LISTEN']}  CLI .venv/bin/nbdweb --url {web}"
+                )
             for name, proc in stack.children.items():
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with status {proc.returncode}")

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-APP_SERVICES = ("web", "celery", "nbdworker")
+APP_SERVICES = ("web", "celery", "beat", "nbdworker")
 
 
 @pytest.fixture(scope="module")

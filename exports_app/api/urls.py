@@ -1,6 +1,8 @@
 """Routes of the REST API, mounted at /api/v1/."""
 
-from . import jobs, sessions, views
+from django.urls import path
+
+from . import events, jobs, sessions, views, webhooks
 from .base import NBDWebRouter
 
 router = NBDWebRouter()
@@ -11,5 +13,10 @@ router.register("authorities", views.CertificateAuthorityViewSet)
 router.register("certificates", views.CertificateViewSet)
 router.register("jobs", jobs.JobViewSet)
 router.register("sessions", sessions.SessionViewSet, basename="session")
+router.register("webhooks", webhooks.WebhookViewSet)
 
-urlpatterns = router.urls
+urlpatterns = [
+    path("events/", events.EventListView.as_view(), name="event-list"),
+    path("events/stream/", events.EventStreamView.as_view(), name="event-stream"),
+    *router.urls,
+]

@@ -5,5 +5,15 @@ from exports_app.models.exports import Export
 from exports_app.models.jobs import Job
 from exports_app.models.nodes import WorkerNode
 from exports_app.models.tls import TLSPolicy
+from exports_app.models.webhooks import WebhookDelivery, WebhookSubscription
 
-__all__ = ["Certificate", "CertificateAuthority", "Export", "Job", "TLSPolicy", "WorkerNode"]
+__all__ = [
+    "Certificate",
+    "CertificateAuthority",
+    "Export",
+    "Job",
+    "TLSPolicy",
+    "WebhookDelivery",
+    "WebhookSubscription",
+    "WorkerNode",
+]

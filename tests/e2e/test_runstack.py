@@ -156,9 +156,14 @@ def test_make_run_serves_http_and_nbd_and_stops_cleanly(stack: Stack) -> None:
         return result.returncode == 0
 
     stack.wait_for(nbd_lists, "nbdinfo --list connecting to nbdworker")
-    text = stack.output()
-    assert "private redis-server" in text
-    for name in ("web", "celery", "nbdworker"):
+    # One line says the stack is ready, once, with where the admin, the API docs and the CLI are.
+    web = f"http://{stack.http}"
+    stack.wait_for(lambda: any("ready:" in line for line in stack.lines), "the ready line")
+    (ready,) = [line for line in stack.lines if "ready:" in line]
+    for where in (f"{web}/admin/", f"{web}/api/docs/", f"{web}/api/v1/", "nbdweb --url"):
+        assert where in ready, ready
+    assert any("private redis-server" in line for line in stack.lines), stack.output()
+    for name in ("web", "celery", "beat", "nbdworker"):
         # Each process prints in its own time (Celery's banner can come after nbdworker answers).
         stack.wait_for(
             lambda name=name: any(line.startswith(f"{name} ") for line in stack.lines),
@@ -208,6 +213,7 @@ def _role(pid: int) -> str | None:
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     for role, marker in (
         ("web", "gunicorn"),
+        ("beat", "nbdweb beat"),
         ("celery", "celery"),
         ("nbdworker", "nbdworker"),
         ("redis", "redis-server"),
@@ -230,6 +236,7 @@ def test_make_run_gives_each_process_only_the_secrets_it_uses(stack: Stack, tmp_
         "web": {"SECRET_KEY", "NBDWEB_CONFIG_SECRET", "NBDWEB_KEY_ENCRYPTION_KEY"},
         "celery": {"NBDWEB_CONFIG_SECRET", "NBDWEB_KEY_ENCRYPTION_KEY"},
         "nbdworker": {"NBDWEB_CONFIG_SECRET"},
+        "beat": set(),
         "redis": set(),
     }
     secrets = set().union(*expected.values())

@@ -153,6 +153,18 @@ class RawClient:
         self.send(encode_info_request(Option.GO, name, infos))
         replies = self.collect_replies()
         assert replies[-1].reply == Reply.ACK, f"GO failed: {replies}"
+        self._take_export_info(replies)
+
+    def try_go(self, name: str) -> bool:
+        """GO `name`: True in transmission, False when refused (the handshake goes on)."""
+        self.send(encode_info_request(Option.GO, name))
+        replies = self.collect_replies()
+        if replies[-1].reply != Reply.ACK:
+            return False
+        self._take_export_info(replies)
+        return True
+
+    def _take_export_info(self, replies: list[OptionReply]) -> None:
         for r in replies:
             if r.reply == Reply.INFO:
                 kind, value = parse_info(r.data)

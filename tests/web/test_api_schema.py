@@ -115,11 +115,13 @@ def test_operations_are_tagged_by_resource_and_put_is_gone(schema):
     assert tags == {
         "authorities",
         "certificates",
+        "events",
         "exports",
         "jobs",
         "nodes",
         "sessions",
         "tls-policies",
+        "webhooks",
     }
     assert not [p for p, m, _ in operations(schema) if m == "put"]
 

@@ -14,12 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from nbdworker.contract.config import ExportConfig
+from nbdworker.contract.config import ExportConfig, WorkerConfig
+from nbdworker.contract.snapshot import CHANNEL, config_key, sign_snapshot
 from nbdworker.protocol import Reply
 from nbdworker.server import _open_backend
 from nbdworker.settings import WorkerSettings
 from tests.support.metrics import scrape, value
 from tests.support.rawclient import RawClient
+from tests.support.redisserver import private_redis
+from tests.support.worker import run_worker
 
 INSIDE = b"inside the root!" * 256
 OUTSIDE = b"OUTSIDE THE ROOT" * 256
@@ -219,3 +222,88 @@ def test_a_root_named_through_a_symlink_still_serves(worker_factory, tmp_path) -
     worker = worker_factory({"exports": [export]}, storage_root=tmp_path / "images")
     with RawClient.open(worker.host, worker.port, "disk") as c:
         assert c.read(0, len(INSIDE)).data == INSIDE
+
+
+RELOADS = 15
+RELOAD_SECRET = "imagefile-test-secret"
+RELOAD_EXPORTS = 30  # half writable, half read-only
+
+
+def test_configs_applied_while_a_directory_flips_never_serve_the_outside_file(tmp_path) -> None:
+    """The issue's reproduction, end to end: a worker following Redis is sent new signed
+    configs (every export changed, so every image is opened again) while a directory of the
+    storage root flips between itself and a symlink to outside; a client reads every export
+    each generation serves. Before, applying such a config could fail as a whole (the
+    realpath check raised when the entry changed under it) and, when it went through, about one
+    open in 150 served the outside file."""
+    root, outside = tmp_path / "images", tmp_path / "outside"
+    (root / "d").mkdir(parents=True)
+    outside.mkdir()
+    for i in range(RELOAD_EXPORTS):
+        (root / "d" / f"{i}.img").write_bytes(INSIDE)
+        (outside / f"{i}.img").write_bytes(OUTSIDE)
+    node = f"flip-{os.getpid()}"
+
+    def config(generation: int) -> str:
+        exports = [
+            {
+                "name": f"e{i}",
+                "backend": "file",
+                "path": f"{root}/d/{i}.img",
+                "read_only": i % 2 == 1,
+                "description": f"generation {generation}",  # changed: opened again
+            }
+            for i in range(RELOAD_EXPORTS)
+        ]
+        snapshot = {"version": 1, "generation": generation, "node": node, "exports": exports}
+        return sign_snapshot(WorkerConfig.from_dict(snapshot), RELOAD_SECRET)
+
+    served = {"inside": 0, "outside": 0}
+    with private_redis(tmp_path / "redis") as server:
+        r = server.client()
+        r.set(config_key(node), config(1))
+        env = {
+            "REDIS_URL": server.url,
+            "NBDWEB_CONFIG_SECRET": RELOAD_SECRET,
+            "NBDWORKER_NODE": node,
+            "NBDWEB_DATA_DIR": str(tmp_path / "data"),
+        }
+        with run_worker(None, workdir=tmp_path / "w", storage_root=root, env=env) as worker:
+            worker.wait_for_log(r"following nbdweb:config-changed")
+            with Flipper(root / "d", outside) as flipper:
+                for generation in range(2, RELOADS + 2):
+                    start = worker.log_lines()
+                    r.set(config_key(node), config(generation))
+                    r.publish(CHANNEL, f"{node}:{generation}")
+                    worker.wait_for_log(rf"config generation {generation} applied", start=start)
+                    for i in range(RELOAD_EXPORTS):
+                        with RawClient(worker.host, worker.port) as c:
+                            c.greet()
+                            if not c.try_go(f"e{i}"):
+                                continue  # refused at this generation: the safe outcome
+                            data = c.read(0, len(INSIDE)).data
+                        served["outside" if data == OUTSIDE else "inside"] += 1
+                        assert data in (INSIDE, OUTSIDE)
+            assert flipper.flips > 0
+    assert served["outside"] == 0, served
+    assert served["inside"] > 0, served
+
+
+def test_a_symlink_in_place_of_a_memory_exports_shared_file_is_refused(tmp_path) -> None:
+    """Memory exports of several serving processes share a file in /dev/shm, a directory anyone
+    can write to: a symlink planted at its name must not be followed (nor the file it names
+    truncated)."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    prefix = str(shm / "nbdworker-1")
+    cfg = ExportConfig(name="ram", backend="memory", size=1 << 20)
+    backend = _open_backend(cfg, settings_for(tmp_path), shared_memory=prefix)
+    assert backend is not None
+    backend.close()
+    (path,) = shm.iterdir()
+    path.unlink()
+    victim = tmp_path / "victim"
+    victim.write_bytes(OUTSIDE)
+    path.symlink_to(victim)
+    assert _open_backend(cfg, settings_for(tmp_path), shared_memory=prefix) is None
+    assert victim.read_bytes() == OUTSIDE

@@ -1,0 +1,182 @@
+"""nbdweb's events: the one place that records them, and reads them back.
+
+`emit(kind, obj, data)` appends the event to a Redis stream (`EVENT_STREAM`, capped at about
+`settings.NBDWEB_EVENTS_MAX_LENGTH` entries) once the caller's transaction commits, then fans it
+out to the webhook subscriptions that want it (`services.webhooks.fan_out`: a delivery row and
+a Celery task each). The server-sent-events endpoint and `/api/v1/events/` read the same
+stream, so a tool sees the same events whether it holds a connection open or takes webhooks.
+
+An event's ID is its stream ID (`<ms>-<seq>`): it grows, so a reader resumes after the last one
+it saw (`Last-Event-ID`). Emitting never fails the caller: with Redis unreachable the event is
+logged, and the webhooks still get it under a local ID.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils import timezone
+from redis.exceptions import RedisError
+
+from exports_app.services.publishing import redis_client
+
+__all__ = [
+    "EVENT_KINDS",
+    "EVENT_KIND_CHOICES",
+    "EVENT_STREAM",
+    "Event",
+    "emit",
+    "latest_id",
+    "parse_event_id",
+    "read_after",
+    "validate_kinds",
+    "visible_to",
+]
+
+log = logging.getLogger(__name__)
+
+EVENT_STREAM = "nbdweb:events"
+
+# kind -> the permission a user needs to see it (the one that lists the object in the API).
+EVENT_KINDS: dict[str, str] = {
+    "export.state_changed": "exports_app.view_export",
+    "job.succeeded": "exports_app.view_job",
+    "job.failed": "exports_app.view_job",
+    "session.opened": "exports_app.view_export",
+    "session.ended": "exports_app.view_export",
+    "certificate.revoked": "exports_app.view_certificate",
+    "certificate.expiring": "exports_app.view_certificate",
+    "node.online": "exports_app.view_workernode",
+    "node.offline": "exports_app.view_workernode",
+}
+
+EVENT_KIND_CHOICES = [(kind, kind) for kind in EVENT_KINDS]
+
+_EVENT_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str
+    kind: str
+    time: str
+    object: dict[str, Any]
+    data: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "time": self.time,
+            "object": self.object,
+            "data": self.data,
+        }
+
+
+def validate_kinds(kinds: object) -> list[str]:
+    """A subscription's event types: a list of known kinds (empty: all), deduplicated."""
+    if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+        raise ValidationError("A list of event kinds.")
+    unknown = sorted({k for k in kinds if k not in EVENT_KINDS})
+    if unknown:
+        raise ValidationError(
+            f"Unknown event kind(s): {', '.join(unknown)}. Known: {', '.join(EVENT_KINDS)}."
+        )
+    return sorted(set(kinds))
+
+
+def parse_event_id(value: str) -> str:
+    """A stream ID given by a client (`Last-Event-ID`); ValueError when malformed."""
+    if not _EVENT_ID.match(value):
+        raise ValueError("an event ID looks like 1700000000000-0")
+    return value
+
+
+def visible_to(user, kind: str) -> bool:
+    perm = EVENT_KINDS.get(kind)
+    return perm is not None and user is not None and user.is_active and user.has_perm(perm)
+
+
+def describe(obj: Any) -> dict[str, Any]:
+    """The `object` of an event: type, id and name of a model instance, or a dict as given."""
+    if isinstance(obj, dict):
+        return obj
+    return {
+        "type": obj._meta.model_name,
+        "id": obj.pk,
+        "name": str(getattr(obj, "name", obj)),
+    }
+
+
+def emit(kind: str, obj: Any, data: dict[str, Any] | None = None) -> None:
+    """Record an event about `obj` (a model instance or an `{"type", "id", "name"}` dict) once
+    the current transaction commits; nothing on rollback."""
+    if kind not in EVENT_KINDS:
+        raise ValueError(f"unknown event kind {kind!r}")
+    body = {
+        "kind": kind,
+        "time": timezone.now().isoformat(),
+        "object": describe(obj),
+        "data": data or {},
+    }
+    transaction.on_commit(lambda: _record(body), robust=True)
+
+
+def _record(body: dict[str, Any]) -> None:
+    # Imported here: webhooks imports this module for the kinds.
+    from exports_app.services import webhooks
+
+    encoded = json.dumps(body, separators=(",", ":"), default=str)
+    try:
+        event_id = redis_client().xadd(
+            EVENT_STREAM,
+            {"event": encoded},
+            maxlen=settings.NBDWEB_EVENTS_MAX_LENGTH,
+            approximate=True,
+        )
+    except RedisError as exc:
+        event_id = f"local-{uuid.uuid4().hex}"
+        log.warning("event %s not recorded in Redis (%s); webhooks get it as %s", body["kind"],
+                    exc, event_id)  # fmt: skip
+    log.info("event %s %s: %s", event_id, body["kind"], body["object"])
+    webhooks.fan_out(Event(id=event_id, **body))
+
+
+def _parse(event_id: str, fields: dict[str, str]) -> Event | None:
+    try:
+        body = json.loads(fields["event"])
+        return Event(
+            id=event_id,
+            kind=str(body["kind"]),
+            time=str(body["time"]),
+            object=dict(body["object"]),
+            data=dict(body["data"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        log.warning("event %s in %s is malformed; skipped", event_id, EVENT_STREAM)
+        return None
+
+
+def parse_entries(entries: Iterable[tuple[str, dict[str, str]]]) -> list[Event]:
+    return [e for e in (_parse(i, f) for i, f in entries) if e is not None]
+
+
+def latest_id(client=None) -> str:
+    """The ID of the newest event, "0-0" when there is none. Raises RedisError."""
+    newest = (client or redis_client()).xrevrange(EVENT_STREAM, count=1)
+    return newest[0][0] if newest else "0-0"
+
+
+def read_after(after: str, limit: int) -> list[Event]:
+    """Up to `limit` events after ID `after`, oldest first. Raises RedisError."""
+    entries = redis_client().xrange(EVENT_STREAM, min=f"({after}", count=limit)
+    return parse_entries(entries)
