@@ -15,7 +15,7 @@ from rest_framework.response import Response
 from rest_framework.routers import APIRootView, DefaultRouter
 from rest_framework.viewsets import ModelViewSet
 
-from .concurrency import ETagMixin
+from .concurrency import ETagMixin, IdempotentPostsMixin
 from .fields import StrictModelSerializer
 
 __all__ = [
@@ -126,7 +126,7 @@ def history_entries(obj) -> list[dict]:
     return result
 
 
-class BaseModelViewSet(ETagMixin, ModelViewSet):
+class BaseModelViewSet(IdempotentPostsMixin, ETagMixin, ModelViewSet):
     """Writes run in one transaction; database conflicts answer 400/409, never 500.
     Every object has its audit trail at `{id}/history/`, and an ETag that If-Match checks."""
 

@@ -1,4 +1,5 @@
-"""Optimistic concurrency for the API: every object answer carries an `ETag`, and a PATCH or
+"""Safe retries and races for the API. Idempotency keys: see IdempotentPostsMixin. Optimistic
+concurrency: every object answer carries an `ETag`, and a PATCH or
 DELETE with `If-Match` goes ahead only while the object is still that version (RFC 9110
 §13.1.1), else 412. The check and the write run in one transaction with the row locked, so
 two clients that read the same version cannot both change it.
@@ -10,9 +11,20 @@ import hashlib
 
 from django.db import models, transaction
 from rest_framework import status
-from rest_framework.exceptions import APIException
+from rest_framework.exceptions import APIException, ValidationError
+from rest_framework.response import Response
 
-__all__ = ["ETagMixin", "PreconditionFailed", "if_match_allows", "object_etag"]
+from exports_app.services import idempotency
+
+__all__ = [
+    "ETagMixin",
+    "IdempotentPostsMixin",
+    "KeyInUse",
+    "PreconditionFailed",
+    "UnprocessableKey",
+    "if_match_allows",
+    "object_etag",
+]
 
 # Actions whose answer is one object: they send its ETag.
 OBJECT_ACTIONS = frozenset(
@@ -75,4 +87,56 @@ class ETagMixin:
             obj = self.get_queryset().model._default_manager.filter(pk=data["id"]).first()
             if obj is not None:
                 response["ETag"] = object_etag(obj)
+        return response
+
+
+class UnprocessableKey(APIException):
+    status_code = status.HTTP_422_UNPROCESSABLE_ENTITY
+    default_detail = "This Idempotency-Key was used with a different request."
+    default_code = "idempotency_key_reused"
+
+
+class KeyInUse(APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_detail = "A request with this Idempotency-Key is still running; retry later."
+    default_code = "idempotency_key_in_use"
+
+
+class IdempotentPostsMixin:
+    """POSTs with an `Idempotency-Key` header: a retry within 24 h gets the first answer (its
+    status and body) and changes nothing; see exports_app.services.idempotency."""
+
+    idempotent_posts = True
+
+    def initial(self, request, *args, **kwargs) -> None:
+        super().initial(request, *args, **kwargs)
+        self._idempotency_record = None
+        key = request.headers.get("Idempotency-Key")
+        if request.method != "POST" or key is None:
+            return
+        if not key or len(key) > idempotency.MAX_KEY_LENGTH or not key.isprintable():
+            raise ValidationError({"Idempotency-Key": ["1 to 255 printable characters."]})
+        request_digest = idempotency.digest(request.method, request.path, request.body)
+        outcome = idempotency.begin(request.user, key, request_digest)
+        if outcome.mismatch:
+            raise UnprocessableKey()
+        if outcome.in_progress:
+            raise KeyInUse()
+        if outcome.replay is not None:
+            stored = outcome.replay
+            # The handler is replaced: the answer is the stored one and nothing runs again.
+            self.post = lambda *a, **k: Response(stored.response_body, status=stored.status_code)
+            return
+        self._idempotency_record = outcome.record
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        response = super().finalize_response(request, response, *args, **kwargs)
+        record = getattr(self, "_idempotency_record", None)
+        if record is not None:
+            self._idempotency_record = None
+            if 200 <= response.status_code < 300:
+                idempotency.finish(record, response.status_code, response.data)
+            else:
+                # Nothing was done: the same key may try again.
+                idempotency.abandon(record)
         return response

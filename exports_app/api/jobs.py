@@ -18,7 +18,7 @@ from exports_app.models import Job
 from exports_app.services import exports, provisioning
 
 from .base import django_errors_to_drf
-from .concurrency import ETagMixin
+from .concurrency import ETagMixin, IdempotentPostsMixin
 from .fields import AsciiIntegerFilter, StrictModelSerializer
 from .serializers import ExportSerializer, SizeField
 
@@ -118,7 +118,7 @@ class JobSerializer(StrictModelSerializer):
         }
 
 
-class JobViewSet(ETagMixin, ReadOnlyModelViewSet):
+class JobViewSet(IdempotentPostsMixin, ETagMixin, ReadOnlyModelViewSet):
     queryset = Job.objects.select_related("node", "requested_by")
     serializer_class = JobSerializer
     filterset_class = JobFilterSet

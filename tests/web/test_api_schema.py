@@ -134,6 +134,13 @@ def test_object_writes_take_if_match_and_reads_return_an_etag(schema):
     assert "ETag" in item["get"]["responses"]["200"]["headers"]
 
 
+def test_posts_that_create_or_start_jobs_take_an_idempotency_key(schema):
+    for path in ("/api/v1/exports/", "/api/v1/exports/{id}/resize/", "/api/v1/jobs/{id}/retry/"):
+        operation = schema["paths"][path]["post"]
+        assert "Idempotency-Key" in [p["name"] for p in operation["parameters"]], path
+        assert {"409", "422"} <= set(operation["responses"]), path
+
+
 def test_the_bundle_is_described_as_binary(schema):
     response = schema["paths"]["/api/v1/certificates/{id}/bundle/"]["get"]["responses"]["200"]
     assert response["content"]["application/gzip"]["schema"] == {
