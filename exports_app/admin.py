@@ -224,6 +224,22 @@ class ExportForm(EscapedHelpTextMixin, forms.ModelForm):
         return cleaned
 
 
+class ExportImportForm(forms.ModelForm):
+    """An export whose image is an existing file under the node's storage root."""
+
+    size = SizeFormField(help_text="The file's size (bytes or with a unit); the job checks it.")
+
+    class Meta:
+        model = Export
+        fields = ["node", "name", "image_path", "size", "description", "read_only", "enabled"]
+        widgets = {"name": forms.TextInput(attrs={"size": 60})}
+        help_texts = {"image_path": "The existing file, relative to the node's storage root."}
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["image_path"].required = True
+
+
 class ResizeExportForm(forms.Form):
     size = SizeFormField(label="New size")
     force = forms.BooleanField(
@@ -263,6 +279,43 @@ class ExportAdmin(ExportPageAdminMixin, SimpleHistoryAdmin):
         "verify_exports",
         "wipe_and_delete_exports",
     ]
+
+    def get_urls(self):
+        view = path(
+            "import/",
+            self.admin_site.admin_view(self.import_view),
+            name="exports_app_export_import",
+        )
+        return [view, *super().get_urls()]
+
+    def has_import_permission(self, request) -> bool:
+        return request.user.has_perms(["exports_app.add_export", "exports_app.import_export"])
+
+    def changelist_view(self, request, extra_context=None):
+        extra_context = {**(extra_context or {}), "can_import": self.has_import_permission(request)}
+        return super().changelist_view(request, extra_context)
+
+    def import_view(self, request: HttpRequest) -> HttpResponse:
+        """Make an existing image file an export: the same service as POST …/exports/import/."""
+        if not self.has_import_permission(request):
+            raise PermissionDenied
+        form = ExportImportForm(request.POST or None)
+        if request.method == "POST" and form.is_valid():
+            export = form.save(commit=False)
+            exports.import_export(export)
+            self.message_user(
+                request,
+                f"{export}: the node's job checks {export.image_path!r} and takes it over.",
+                messages.SUCCESS,
+            )
+            return redirect(reverse("admin:exports_app_export_changelist"))
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": "Import an existing image",
+            "form": form,
+        }
+        return TemplateResponse(request, "admin/exports_app/export/import_form.html", context)
 
     def get_readonly_fields(self, request, obj=None):
         # Moving an image to another node or path is not something a form can do.

@@ -62,6 +62,7 @@ class JobKind(models.TextChoices):
     RESIZE = "resize", "Resize"
     DELETE = "delete", "Delete"
     VERIFY = "verify", "Verify"
+    IMPORT = "import", "Import"
 
 
 class JobState(models.TextChoices):

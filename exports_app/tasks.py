@@ -15,14 +15,20 @@ Jobs of one export run one at a time, in the order they were requested: a job wh
 an earlier unfinished job waits for it (re-queued with a short countdown). Every job is safe to
 run again (tasks are acked late, so a worker that dies mid-job has it redelivered): the disk
 functions in exports_app.services.images are idempotent and never leave a partial image behind.
+
+Jobs touch only files under this host's storage roots (exports_app.services.storage), and of
+those only the image each export has on record (`Export.image_identity`): the one its create or
+clone job made, or the one an import job took over. A file already at an image's name is never
+adopted, overwritten or removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from celery import shared_task
 from celery.signals import worker_ready
@@ -34,10 +40,17 @@ from django.utils import timezone
 from exports_app.choices import ExportState, JobKind, JobState
 from exports_app.models import Export, Job, WebhookDelivery
 from exports_app.models.webhooks import DeliveryState
-from exports_app.services import events, export_states, exports, images, observer, webhooks
+from exports_app.services import (
+    events,
+    export_states,
+    exports,
+    images,
+    observer,
+    storage,
+    webhooks,
+)
 from exports_app.services.audit import job_actor
 from exports_app.services.publishing import schedule_publish
-from exports_app.validators import resolve_image_path
 
 __all__ = [
     "PROGRESS_MIN_INTERVAL",
@@ -85,22 +98,44 @@ class ProgressRecorder:
 # Each returns the export fields to save on success (or None when the export row is gone).
 
 
-def _image_path(export: Export, create_parents: bool = False) -> str:
-    # Checked again here, on the node: a symbolic link may have appeared since the export was
-    # validated on the web side.
+@contextlib.contextmanager
+def _place(export: Export, create_parents: bool = False) -> Iterator[images.ImagePlace]:
+    """The export's image, reached from this host's storage roots (never from a path only the
+    database names), each directory opened without following symbolic links."""
     try:
-        path = resolve_image_path(export.node.storage_root, export.image_path)
-    except ValidationError as exc:
-        raise JobFailed(f"Bad image path {export.image_path!r}: {exc.messages[0]}") from None
-    if create_parents:
-        parent = os.path.dirname(path)
-        if parent != os.path.normpath(export.node.storage_root):
-            os.makedirs(parent, exist_ok=True)
-    return path
+        with storage.image_place(
+            export.node.storage_root, export.image_path, create_parents
+        ) as place:
+            yield place
+    except storage.StorageRefused as exc:
+        raise JobFailed(f"Bad image path {export.image_path!r}: {exc}") from None
+
+
+def _recorder(export: Export) -> Callable[[str], None]:
+    """Saves the identity of the image a job is creating, before the image takes its name: a
+    redelivered job then knows the image (or its partial file) as its own."""
+
+    def record(identity: str) -> None:
+        Export.objects.filter(pk=export.pk).update(image_identity=identity, image_imported=False)
+        export.image_identity = identity
+
+    return record
+
+
+def _owned(export: Export, doing: str) -> str:
+    if not export.image_identity:
+        raise JobFailed(
+            f"nbdweb has no image on record for this export, so it {doing} no file "
+            "(create the export again, or import the image explicitly)."
+        )
+    return export.image_identity
 
 
 def _create(job: Job, export: Export, progress: ProgressRecorder) -> dict:
-    images.create_sparse(_image_path(export, create_parents=True), job.params["size"])
+    with _place(export, create_parents=True) as place:
+        images.create_sparse(
+            place, job.params["size"], export.image_identity or None, _recorder(export)
+        )
     return {"last_error": ""}
 
 
@@ -110,17 +145,24 @@ def _clone(job: Job, export: Export, progress: ProgressRecorder) -> dict:
         raise JobFailed(f"The source export {job.params.get('source_name')!r} no longer exists.")
     if source.node_id != export.node_id:
         raise JobFailed("The source export is on another node.")
+    identity = _owned(source, "copies")
+    with _place(source) as source_place:
+        try:
+            source_fd = images.open_owned(source_place, identity)
+        except FileNotFoundError:
+            raise JobFailed(f"The source image is missing: {source_place.path}") from None
     try:
-        images.clone(
-            _image_path(source),
-            _image_path(export, create_parents=True),
-            job.params["size"],
-            progress,
-        )
-    except FileNotFoundError as exc:
-        if exc.filename == _image_path(source):
-            raise JobFailed(f"The source image is missing: {exc.filename}") from None
-        raise
+        with _place(export, create_parents=True) as place:
+            images.clone(
+                source_fd,
+                place,
+                job.params["size"],
+                export.image_identity or None,
+                _recorder(export),
+                progress,
+            )
+    finally:
+        os.close(source_fd)
     return {"last_error": ""}
 
 
@@ -132,22 +174,77 @@ def _resize(job: Job, export: Export, progress: ProgressRecorder) -> dict:
         exports.check_resize(export, size, job.params.get("force", False))
     except ValidationError as exc:
         raise JobFailed(" ".join(exc.messages)) from None
-    images.resize(_image_path(export), size)
+    identity = _owned(export, "resizes")
+    with _place(export) as place:
+        fd = images.open_owned(place, identity, writable=True)
+    try:
+        images.resize(fd, size)
+    finally:
+        os.close(fd)
     # The new size is stored only now that the image has it.
     return {"size": size, "last_error": ""}
 
 
 def _delete(job: Job, export: Export, progress: ProgressRecorder) -> None:
-    path = _image_path(export)
-    if job.params.get("wipe") and os.path.lexists(path):
-        images.wipe(path, progress)
-    images.remove(path)
+    identity = export.image_identity
+    if not identity:
+        log.info("job %s: no image on record for %r; no file is touched", job.pk, export.name)
+        return None
+    wipe = job.params.get("wipe", False)
+    if export.image_imported and not wipe:
+        # An imported image was the admin's before the export: it outlives it unless wiped.
+        return None
+    try:
+        with _place(export) as place:
+            if wipe:
+                fd = images.open_owned(place, identity, writable=True)
+                try:
+                    images.wipe(fd, progress)
+                finally:
+                    os.close(fd)
+            images.remove(place, identity)
+    except FileNotFoundError:
+        pass  # already gone (a redelivered delete)
     return None
 
 
 def _verify(job: Job, export: Export, progress: ProgressRecorder) -> dict:
-    digest = images.sha256(_image_path(export), progress)
+    identity = _owned(export, "hashes")
+    with _place(export) as place:
+        fd = images.open_owned(place, identity)
+    try:
+        digest = images.sha256(fd, progress)
+    finally:
+        os.close(fd)
     return {"content_sha256": digest, "verified_at": timezone.now()}
+
+
+def _import(job: Job, export: Export, progress: ProgressRecorder) -> dict:
+    """Take an existing file under the node's root as the export's image, once checked."""
+
+    def check(device_inode: str, size: int) -> None:
+        if size != job.params["size"]:
+            raise JobFailed(
+                f"{place.path} has {size} bytes, not the {job.params['size']} the import named."
+            )
+        # A second name (hard link) of another export's image is that image.
+        other = (
+            Export.objects.filter(
+                node_id=export.node_id, image_identity__startswith=f"{device_inode}:"
+            )
+            .exclude(pk=export.pk)
+            .first()
+        )
+        if other is not None:
+            raise JobFailed(f"{place.path} is the image of export {other.name!r} already.")
+
+    with _place(export) as place:
+        try:
+            identity = images.take_over(place, check)
+        except FileNotFoundError:
+            raise JobFailed(f"No file to import at {place.path}.") from None
+    Export.objects.filter(pk=export.pk).update(image_identity=identity, image_imported=True)
+    return {"last_error": ""}
 
 
 WORK = {
@@ -156,6 +253,7 @@ WORK = {
     JobKind.RESIZE: _resize,
     JobKind.DELETE: _delete,
     JobKind.VERIFY: _verify,
+    JobKind.IMPORT: _import,
 }
 
 

@@ -128,6 +128,11 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 NBDWORKER_NODE = os.environ.get("NBDWORKER_NODE", "default")
 # Where the default node keeps its disk images; nbdworker serves only paths under its roots.
 NBDWEB_STORAGE_ROOT = Path(os.environ.get("NBDWEB_STORAGE_ROOT") or DATA_DIR / "images")
+# The only directories this host's Celery jobs touch files in, whatever a node's storage_root in
+# the database says: the same variable as nbdworker's (exports_app/services/storage.py).
+NBDWEB_JOB_STORAGE_ROOTS = [
+    root for root in os.environ.get("NBDWORKER_STORAGE_ROOTS", "").split(":") if root
+] or [str(NBDWEB_STORAGE_ROOT)]
 # The NBD address clients use for the default node (goes into export URIs).
 NBD_LISTEN = os.environ.get("NBD_LISTEN", "127.0.0.1:10809")
 # Shared by web and worker: signs config snapshots in Redis.

@@ -300,6 +300,7 @@ def prepare(env: dict[str, str], secrets: dict[str, str]) -> None:
     web_env = process_env(env, secrets, "web")
     manage(web_env, "migrate", "--noinput")
     manage(web_env, "collectstatic", "--noinput", "-v0")
+    manage(web_env, "set_public_address")
     if env.get("DJANGO_SUPERUSER_USERNAME") and env.get("DJANGO_SUPERUSER_PASSWORD"):
         manage(web_env, "ensure_admin")
     else:

@@ -20,7 +20,7 @@ from exports_app.services import exports, provisioning
 from .base import django_errors_to_drf
 from .concurrency import ETagMixin, IdempotentPostsMixin
 from .fields import AsciiIntegerFilter, StrictModelSerializer
-from .serializers import ExportSerializer, SizeField
+from .serializers import ExportImportSerializer, ExportSerializer, SizeField
 
 __all__ = [
     "ExportJobActions",
@@ -150,7 +150,29 @@ class ExportJobActions:
     action_permissions = {
         "resize": ["exports_app.view_export", "exports_app.change_export"],
         "verify": ["exports_app.view_export", "exports_app.change_export"],
+        # Taking over a file nbdweb did not make is its own right, beyond adding exports.
+        "import_image": [
+            "exports_app.view_export",
+            "exports_app.add_export",
+            "exports_app.import_export",
+        ],
     }
+
+    @extend_schema(
+        request=ExportImportSerializer,
+        responses={
+            202: OpenApiResponse(
+                ExportSerializer, "The export; its `job` checks and takes over the file."
+            )
+        },
+    )
+    @action(detail=False, methods=["post"], url_path="import", url_name="import")
+    def import_image(self, request) -> Response:
+        """Make an existing image file under the node's storage root an export."""
+        body = ExportImportSerializer(data=request.data, context=self.get_serializer_context())
+        body.is_valid(raise_exception=True)
+        self.perform_create(body)
+        return self._accepted(body.instance.pk)
 
     @extend_schema(
         request=ExportResizeSerializer,

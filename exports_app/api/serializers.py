@@ -22,6 +22,7 @@ __all__ = [
     "CertificateAuthoritySerializer",
     "CertificateRevokeSerializer",
     "CertificateSerializer",
+    "ExportImportSerializer",
     "ExportSerializer",
     "NodeStatusSerializer",
     "SizeField",
@@ -288,6 +289,7 @@ class ExportSerializer(ValidatedModelSerializer):
             "max_connections",
             "state",
             "last_error",
+            "image_imported",
             "job",
             "job_url",
             "uri",
@@ -420,6 +422,25 @@ class ExportSerializer(ValidatedModelSerializer):
             setattr(instance, field, value)
         exports.save_export(instance, old_size, force=force)
         return instance
+
+
+class ExportImportSerializer(ExportSerializer):
+    """POST /api/v1/exports/import/: an export whose image is an existing file under the node's
+    storage root. The node's job checks the file (a regular file of `size` bytes, no other
+    export's) before it records it as the export's image."""
+
+    image_path = serializers.CharField(
+        help_text="The existing file, relative to the node's storage root."
+    )
+    size = SizeField(help_text="The file's size in bytes (or with a unit); the job checks it.")
+
+    class Meta(ExportSerializer.Meta):
+        fields = [f for f in ExportSerializer.Meta.fields if f not in ("force", "clone_from")]
+
+    def create(self, validated_data: dict) -> Export:
+        export = Export(**validated_data)
+        exports.import_export(export)
+        return export
 
 
 # -- certificates ------------------------------------------------------------------------------

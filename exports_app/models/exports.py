@@ -88,6 +88,14 @@ class Export(models.Model):
         max_length=16, choices=ExportState.choices, default=ExportState.PROVISIONING, editable=False
     )
     last_error = models.TextField(blank=True, editable=False)
+    # The image file's device:inode, recorded by the job that created it (or by an explicit
+    # import): jobs open, change and remove only that file (exports_app.services.images).
+    image_identity = models.CharField(max_length=64, blank=True, editable=False)
+    image_imported = models.BooleanField(
+        default=False,
+        editable=False,
+        help_text="The image existed before the export; deleting without wipe leaves it.",
+    )
     # Filled by the verify job (issue 7).
     content_sha256 = models.CharField(max_length=64, blank=True, editable=False)
     verified_at = models.DateTimeField(null=True, blank=True, editable=False)
@@ -98,6 +106,7 @@ class Export(models.Model):
 
     class Meta:
         ordering = ["node", "name"]
+        permissions = [("import_export", "Can import an existing image as an export")]
         constraints = [
             models.UniqueConstraint(
                 fields=["node", "name_digest"], name="export_unique_name_per_node"

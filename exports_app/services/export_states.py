@@ -39,6 +39,7 @@ export_state_changed = Signal()
 JOB_STATES = {
     JobKind.CREATE: ExportState.PROVISIONING,
     JobKind.CLONE: ExportState.CLONING,
+    JobKind.IMPORT: ExportState.PROVISIONING,
     JobKind.RESIZE: ExportState.RESIZING,
     JobKind.VERIFY: ExportState.VERIFYING,
     JobKind.DELETE: ExportState.DELETING,
@@ -90,7 +91,8 @@ def state_after_job(export: Export, job: Job, succeeded: bool) -> str:
         return ExportState.DELETING
     if not succeeded and job.kind != JobKind.RESIZE:
         return ExportState.FAILED
-    if export.state == ExportState.FAILED and job.kind not in (JobKind.CREATE, JobKind.CLONE):
+    making = (JobKind.CREATE, JobKind.CLONE, JobKind.IMPORT)
+    if export.state == ExportState.FAILED and job.kind not in making:
         return ExportState.FAILED
     following = _unfinished_jobs(export).filter(pk__gt=job.pk).order_by("pk").first()
     return JOB_STATES[following.kind] if following is not None else ExportState.READY

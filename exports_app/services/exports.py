@@ -21,6 +21,7 @@ __all__ = [
     "check_changeable",
     "check_resize",
     "create_export",
+    "import_export",
     "resize_export",
     "save_export",
 ]
@@ -69,6 +70,15 @@ def create_export(export: Export, clone_from: Export | None = None) -> Job:
         if clone_from is None:
             return provisioning.request_create(export)
         return provisioning.request_clone(export, clone_from)
+
+
+def import_export(export: Export) -> Job:
+    """Save a new (validated) export whose image is the existing file at its `image_path`, and
+    request the job that checks the file and takes it over. Jobs change or remove that file only
+    once the job has recorded it; deleting the export without wipe then leaves it."""
+    with transaction.atomic():
+        export.save()
+        return provisioning.request_import(export)
 
 
 def save_export(export: Export, old_size: int, force: bool = False) -> Job | None:

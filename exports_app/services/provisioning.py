@@ -11,6 +11,8 @@ these inside its transaction, right after saving the export):
 - `request_clone(export, source)`: likewise, its image is to be a copy of `source`'s.
 - `request_resize(export, new_size, force=False)`: the export keeps its stored size until the
   job has resized the image (exports_app.services.export_states).
+- `request_import(export)`: the export was just created in state PROVISIONING; its image is the
+  existing file at its image path.
 - `request_delete(export, wipe=False)`: the export must go. Returns True if the row is already
   deleted, False if deletion continues in the background (the export is left in state DELETING
   and the job deletes the row when the image is gone). The API answers 204 or 202 accordingly.
@@ -36,6 +38,7 @@ __all__ = [
     "request_clone",
     "request_create",
     "request_delete",
+    "request_import",
     "request_resize",
     "request_verify",
     "retry_job",
@@ -94,6 +97,12 @@ def request_clone(export: Export, source: Export) -> Job:
     return _enqueue(export, JobKind.CLONE, params)
 
 
+def request_import(export: Export) -> Job:
+    """Take the existing file at the export's image path as its image, once the node's job has
+    checked it (a regular file of `export.size` bytes under the root, no other export's)."""
+    return _enqueue(export, JobKind.IMPORT, {"size": export.size})
+
+
 def request_resize(export: Export, new_size: int, force: bool = False) -> Job:
     """Resize the image to `new_size`; the export shows `resizing` and keeps its size until the
     job has succeeded. Whether it may (a shrink needs `force` and no live session) is
@@ -133,7 +142,7 @@ def retry_job(job: Job) -> Job:
         raise JobRefused("The export of this job no longer exists.")
     if export.jobs.filter(pk__gt=job.pk).exists():
         raise JobRefused("A newer job exists for this export; retry that one instead.")
-    if job.kind in (JobKind.CREATE, JobKind.CLONE):
+    if job.kind in (JobKind.CREATE, JobKind.CLONE, JobKind.IMPORT):
         export.last_error = ""
         export_states.set_state(export, export_states.JOB_STATES[job.kind], ["last_error"])
         return _enqueue(export, job.kind, job.params)

@@ -187,9 +187,10 @@ def celery_node_name() -> str:
 
 @pytest.fixture(scope="session")
 def celery_worker(
-    django_db_setup, django_db_blocker, celery_node_name: str
+    django_db_setup, django_db_blocker, celery_node_name: str, job_storage_roots: list[str]
 ) -> Iterator[RunningCelery]:
-    """A Celery worker subprocess on the queue of `celery_node_name`, against the test DB."""
+    """A Celery worker subprocess on the queue of `celery_node_name`, against the test DB, whose
+    storage roots are the in-process jobs' (tests/conftest.py)."""
     from django.db import connection
 
     with django_db_blocker.unblock():
@@ -197,7 +198,11 @@ def celery_worker(
     worker = start_celery_worker(
         f"node.{celery_node_name}",
         # Connections closed after each job: the test database can be flushed and dropped.
-        env={"DATABASE_URL": url, "DATABASE_CONN_MAX_AGE": "0"},
+        env={
+            "DATABASE_URL": url,
+            "DATABASE_CONN_MAX_AGE": "0",
+            "NBDWORKER_STORAGE_ROOTS": ":".join(job_storage_roots),
+        },
     )
     yield worker
     worker.stop()

@@ -68,7 +68,14 @@ def test_choice_fields_are_enums(schema):
         "failed",
         "deleting",
     }
-    assert set(enum_of("Job", "kind")) == {"create", "clone", "resize", "delete", "verify"}
+    assert set(enum_of("Job", "kind")) == {
+        "create",
+        "clone",
+        "resize",
+        "delete",
+        "verify",
+        "import",
+    }
     assert set(enum_of("Job", "state")) == {"queued", "running", "succeeded", "failed"}
     assert set(enum_of("Certificate", "kind")) == {"server", "client"}
 

@@ -1,4 +1,6 @@
-"""exports_app.services.images: the disk work of the jobs, on real files and real filesystems.
+"""exports_app.services.images: the disk work of the jobs, on real files and real filesystems,
+and its refusal to touch any file it did not create (a pre-existing file, a symbolic link, a
+FIFO, a file swapped in under the image's name).
 
 Failure cases fail for real, as root: a tmpfs too small (ENOSPC from data) or without free
 inodes (ENOSPC from the create), a read-only bind mount (EROFS), a path below a regular file
@@ -48,6 +50,34 @@ def entries(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
 
+_descriptors: list[int] = []
+
+
+@pytest.fixture(autouse=True)
+def close_descriptors():
+    yield
+    while _descriptors:
+        os.close(_descriptors.pop())
+
+
+def at(path: Path) -> images.ImagePlace:
+    """The ImagePlace of `path`: its directory opened (closed after the test)."""
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    _descriptors.append(fd)
+    return images.ImagePlace(fd, path.name, str(path))
+
+
+def opened(path: Path, writable: bool = False) -> int:
+    fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+    _descriptors.append(fd)
+    return fd
+
+
+def identity(path: Path) -> str:
+    """The identity of a file nbdweb did not mark (device and inode only)."""
+    return images.identity_of(os.lstat(path))
+
+
 class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[int, int]] = []
@@ -66,18 +96,22 @@ class Recorder:
 
 def test_create_sparse_makes_a_sparse_file_of_the_size_and_nothing_else(tmp_path):
     path = tmp_path / "disk.img"
-    images.create_sparse(str(path), GiB)
+    images.create_sparse(at(path), GiB)
     assert path.stat().st_size == GiB
     assert allocated(path) == 0
     assert path.stat().st_mode & 0o777 == 0o600
     assert entries(tmp_path) == ["disk.img"]
 
 
-def test_create_sparse_again_with_the_same_size_is_a_no_op(tmp_path):
+def test_create_sparse_again_with_its_recorded_identity_is_a_no_op(tmp_path):
     path = tmp_path / "disk.img"
-    images.create_sparse(str(path), MiB)
+    recorded = []
+    made = images.create_sparse(at(path), MiB, record=recorded.append)
+    assert recorded == [made]
+    token = os.getxattr(path, "user.nbdweb.image").decode()
+    assert made == images.identity_of(os.stat(path), token)
     write_at(path, 0, b"kept")
-    images.create_sparse(str(path), MiB)
+    assert images.create_sparse(at(path), MiB, owned=made) == made
     assert path.read_bytes()[:4] == b"kept"
 
 
@@ -85,16 +119,23 @@ def test_create_sparse_never_replaces_another_file(tmp_path):
     path = tmp_path / "disk.img"
     path.write_bytes(b"someone else's data")
     with pytest.raises(FileExistsError):
-        images.create_sparse(str(path), MiB)
+        images.create_sparse(at(path), MiB)
     assert path.read_bytes() == b"someone else's data"
     assert entries(tmp_path) == ["disk.img"]
 
 
-def test_create_sparse_removes_the_partial_file_of_a_killed_attempt(tmp_path):
-    (tmp_path / ".disk.img.0123456789ab.partial").write_bytes(b"half")
+def test_create_sparse_removes_the_partial_file_its_killed_attempt_recorded(tmp_path):
+    ours = tmp_path / ".disk.img.0123456789ab.partial"
+    ours.write_bytes(b"half")
+    # Named like a partial image of ours, but not the one the attempt recorded: left alone.
+    (tmp_path / ".disk.img.ba9876543210.partial").write_bytes(b"not ours")
     (tmp_path / ".other.img.0123456789ab.partial").write_bytes(b"not ours")
-    images.create_sparse(str(tmp_path / "disk.img"), MiB)
-    assert entries(tmp_path) == [".other.img.0123456789ab.partial", "disk.img"]
+    images.create_sparse(at(tmp_path / "disk.img"), MiB, owned=identity(ours))
+    assert entries(tmp_path) == [
+        ".disk.img.ba9876543210.partial",
+        ".other.img.0123456789ab.partial",
+        "disk.img",
+    ]
 
 
 # -- clone ---------------------------------------------------------------------------------------
@@ -105,7 +146,7 @@ def source(tmp_path) -> Path:
     """A 64 MiB sparse image with data at 0, 10 MiB and the last MiB, and an allocated range
     of zeroes at 20 MiB."""
     path = tmp_path / "src.img"
-    images.create_sparse(str(path), 64 * MiB)
+    images.create_sparse(at(path), 64 * MiB)
     write_at(path, 0, os.urandom(4096))
     write_at(path, 10 * MiB, b"\xa5" * MiB)
     write_at(path, 20 * MiB, bytes(2 * MiB))
@@ -116,7 +157,7 @@ def source(tmp_path) -> Path:
 def test_clone_copies_the_contents_and_keeps_holes(tmp_path, source):
     target = tmp_path / "copy.img"
     progress = Recorder()
-    reflinked = images.clone(str(source), str(target), progress=progress)
+    reflinked = images.clone(opened(source), at(target), progress=progress)
     assert target.stat().st_size == source.stat().st_size
     assert plain_sha256(target) == plain_sha256(source)
     if not reflinked:
@@ -130,17 +171,17 @@ def test_clone_falls_back_to_copying_where_reflinks_are_unsupported(tmp_path, so
     # tmpfs has no FICLONE: the sparse copy runs.
     with mounted(tmp_path / "t", "-t", "tmpfs", "-o", "size=16M", "tmpfs") as tmpfs:
         src = tmpfs / "src.img"
-        images.create_sparse(str(src), GiB)
+        images.create_sparse(at(src), GiB)
         write_at(src, 5 * MiB, os.urandom(MiB))
-        assert images.clone(str(src), str(tmpfs / "copy.img")) is False
-        assert images.sha256(str(tmpfs / "copy.img")) == images.sha256(str(src))
+        assert images.clone(opened(src), at(tmpfs / "copy.img")) is False
+        assert images.sha256(opened(tmpfs / "copy.img")) == images.sha256(opened(src))
         assert allocated(tmpfs / "copy.img") <= 2 * MiB
 
 
 def test_clone_shares_blocks_on_a_filesystem_with_reflinks(tmp_path, source):
     # XFS with reflink=1 (mkfs.xfs wants 300 MiB at least; the file is sparse).
     fs_image = tmp_path / "xfs.img"
-    images.create_sparse(str(fs_image), 320 * MiB)
+    images.create_sparse(at(fs_image), 320 * MiB)
     mkfs = shutil.which("mkfs.xfs") or "/usr/sbin/mkfs.xfs"
     assert os.path.exists(mkfs), "mkfs.xfs is missing: apt-get install xfsprogs"
     subprocess.run([mkfs, "-q", "-m", "reflink=1", str(fs_image)], check=True)
@@ -150,7 +191,7 @@ def test_clone_shares_blocks_on_a_filesystem_with_reflinks(tmp_path, source):
         os.sync()
         free_before = os.statvfs(xfs).f_bfree * os.statvfs(xfs).f_frsize
         progress = Recorder()
-        assert images.clone(str(src), str(xfs / "copy.img"), 96 * MiB, progress=progress)
+        assert images.clone(opened(src), at(xfs / "copy.img"), 96 * MiB, progress=progress)
         os.sync()
         free_after = os.statvfs(xfs).f_bfree * os.statvfs(xfs).f_frsize
         # The source holds 4 MiB of data; the clone shares it instead of taking its own.
@@ -173,7 +214,7 @@ def test_clone_shares_blocks_on_a_filesystem_with_reflinks(tmp_path, source):
 
 def test_clone_grows_to_a_bigger_size_sparsely(tmp_path, source):
     target = tmp_path / "big.img"
-    images.clone(str(source), str(target), size=GiB)
+    images.clone(opened(source), at(target), size=GiB)
     assert target.stat().st_size == GiB
     with open(target, "rb") as f:
         f.seek(10 * MiB)
@@ -185,24 +226,17 @@ def test_clone_grows_to_a_bigger_size_sparsely(tmp_path, source):
 
 def test_clone_refuses_a_smaller_size(tmp_path, source):
     with pytest.raises(ValueError, match="smaller than its source"):
-        images.clone(str(source), str(tmp_path / "small.img"), size=MiB)
+        images.clone(opened(source), at(tmp_path / "small.img"), size=MiB)
     assert not (tmp_path / "small.img").exists()
-
-
-def test_clone_of_a_missing_source_fails_and_creates_nothing(tmp_path):
-    with pytest.raises(FileNotFoundError) as info:
-        images.clone(str(tmp_path / "nope.img"), str(tmp_path / "copy.img"))
-    assert info.value.filename == str(tmp_path / "nope.img")
-    assert entries(tmp_path) == []
 
 
 def test_clone_onto_a_full_filesystem_fails_with_enospc_and_leaves_nothing(tmp_path):
     source = tmp_path / "src.img"
-    images.create_sparse(str(source), 16 * MiB)
+    images.create_sparse(at(source), 16 * MiB)
     write_at(source, 0, os.urandom(8 * MiB))
     with mounted(tmp_path / "small", "-t", "tmpfs", "-o", "size=4M", "tmpfs") as small:
         with pytest.raises(OSError) as info:
-            images.clone(str(source), str(small / "copy.img"))
+            images.clone(opened(source), at(small / "copy.img"))
         assert info.value.errno == errno.ENOSPC
         assert "No space left on device" in images.describe_error(info.value)
         assert entries(small) == []
@@ -215,7 +249,7 @@ def test_create_without_free_inodes_fails_with_enospc_and_leaves_nothing(tmp_pat
     with mounted(tmp_path / "full", "-t", "tmpfs", "-o", "size=1M,nr_inodes=2", "tmpfs") as full:
         (full / "filler").touch()
         with pytest.raises(OSError) as info:
-            images.create_sparse(str(full / "disk.img"), GiB)
+            images.create_sparse(at(full / "disk.img"), GiB)
         assert info.value.errno == errno.ENOSPC
         assert entries(full) == ["filler"]
 
@@ -225,7 +259,7 @@ def test_create_on_a_read_only_filesystem_fails_with_erofs(tmp_path):
     backing.mkdir()
     with mounted(tmp_path / "ro", "--bind", "-o", "ro", str(backing)) as ro:
         with pytest.raises(OSError) as info:
-            images.create_sparse(str(ro / "disk.img"), MiB)
+            images.create_sparse(at(ro / "disk.img"), MiB)
         assert info.value.errno == errno.EROFS
         assert "Read-only file system" in images.describe_error(info.value)
     assert entries(backing) == []
@@ -234,7 +268,7 @@ def test_create_on_a_read_only_filesystem_fails_with_erofs(tmp_path):
 def test_create_below_a_regular_file_fails_with_enotdir(tmp_path):
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(NotADirectoryError):
-        images.create_sparse(str(tmp_path / "file" / "disk.img"), MiB)
+        images.create_sparse(at(tmp_path / "file" / "disk.img"), MiB)
     assert entries(tmp_path) == ["file"]
 
 
@@ -251,10 +285,12 @@ def test_create_in_a_directory_without_write_permission_fails_with_eacces(tmp_pa
     elif setpriv is None:
         pytest.fail("setpriv is missing: apt-get install util-linux", pytrace=False)
     code = (
-        "import sys\n"
+        "import os, sys\n"
         "from exports_app.services import images\n"
+        "parent = os.open(os.path.dirname(sys.argv[1]), os.O_RDONLY | os.O_DIRECTORY)\n"
+        "place = images.ImagePlace(parent, os.path.basename(sys.argv[1]), sys.argv[1])\n"
         "try:\n"
-        "    images.create_sparse(sys.argv[1], 1 << 20)\n"
+        "    images.create_sparse(place, 1 << 20)\n"
         "except PermissionError as exc:\n"
         "    print(images.describe_error(exc)); sys.exit(3)\n"
     )
@@ -275,9 +311,9 @@ def test_create_in_a_directory_without_write_permission_fails_with_eacces(tmp_pa
 
 def test_resize_grows_sparsely_and_keeps_the_data(tmp_path):
     path = tmp_path / "disk.img"
-    images.create_sparse(str(path), MiB)
+    images.create_sparse(at(path), MiB)
     write_at(path, 0, b"data")
-    images.resize(str(path), GiB)
+    images.resize(opened(path, writable=True), GiB)
     assert path.stat().st_size == GiB
     assert path.read_bytes()[:4] == b"data"
     assert allocated(path) <= 64 * 1024
@@ -285,25 +321,25 @@ def test_resize_grows_sparsely_and_keeps_the_data(tmp_path):
 
 def test_resize_shrinks_and_drops_the_data_past_the_end(tmp_path):
     path = tmp_path / "disk.img"
-    images.create_sparse(str(path), 4 * MiB)
+    images.create_sparse(at(path), 4 * MiB)
     write_at(path, 3 * MiB, b"gone")
-    images.resize(str(path), MiB)
-    images.resize(str(path), 4 * MiB)
+    images.resize(opened(path, writable=True), MiB)
+    images.resize(opened(path, writable=True), 4 * MiB)
     with open(path, "rb") as f:
         f.seek(3 * MiB)
         assert f.read(4) == bytes(4)
 
 
-def test_resize_of_a_missing_image_fails_and_creates_nothing(tmp_path):
+def test_opening_a_missing_image_fails_and_creates_nothing(tmp_path):
     with pytest.raises(FileNotFoundError):
-        images.resize(str(tmp_path / "nope.img"), MiB)
+        images.open_owned(at(tmp_path / "nope.img"), "1:2", writable=True)
     assert entries(tmp_path) == []
 
 
 def test_wipe_zeroes_every_data_range_without_allocating_holes(tmp_path, source):
     before = allocated(source)
     progress = Recorder()
-    images.wipe(str(source), progress)
+    images.wipe(opened(source, writable=True), progress)
     assert plain_sha256(source) == hashlib.sha256(bytes(64 * MiB)).hexdigest()
     assert allocated(source) <= before
     progress.assert_monotonic_to_the_end(64 * MiB)
@@ -311,27 +347,27 @@ def test_wipe_zeroes_every_data_range_without_allocating_holes(tmp_path, source)
 
 def test_remove_unlinks_and_accepts_an_image_already_gone(tmp_path):
     path = tmp_path / "disk.img"
-    images.create_sparse(str(path), MiB)
-    assert images.remove(str(path)) is True
-    assert images.remove(str(path)) is False
+    made = images.create_sparse(at(path), MiB)
+    assert images.remove(at(path), made) is True
+    assert images.remove(at(path), made) is False
     assert entries(tmp_path) == []
 
 
 def test_sha256_of_a_sparse_image_equals_hashing_every_byte(tmp_path, source):
     progress = Recorder()
-    assert images.sha256(str(source), progress) == plain_sha256(source)
+    assert images.sha256(opened(source), progress) == plain_sha256(source)
     progress.assert_monotonic_to_the_end(64 * MiB)
 
 
 def test_sha256_of_an_empty_image(tmp_path):
     path = tmp_path / "empty.img"
     path.write_bytes(b"")
-    assert images.sha256(str(path)) == hashlib.sha256(b"").hexdigest()
+    assert images.sha256(opened(path)) == hashlib.sha256(b"").hexdigest()
 
 
 def test_data_extents_skip_holes(tmp_path):
     path = tmp_path / "disk.img"
-    images.create_sparse(str(path), 16 * MiB)
+    images.create_sparse(at(path), 16 * MiB)
     write_at(path, 8 * MiB, b"x" * 4096)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -341,3 +377,96 @@ def test_data_extents_skip_holes(tmp_path):
     assert len(extents) == 1
     start, end = extents[0]
     assert start <= 8 * MiB < 8 * MiB + 4096 <= end < 16 * MiB
+
+
+# -- files nbdweb did not create (issue 15, item 4) ----------------------------------------------
+
+
+def test_create_never_adopts_a_file_of_exactly_the_right_size(tmp_path):
+    # The old "already made?" check took any regular file of the requested size as its own.
+    path = tmp_path / "disk.img"
+    path.write_bytes(b"\x42" * MiB)
+    recorded = []
+    with pytest.raises(FileExistsError, match="did not create"):
+        images.create_sparse(at(path), MiB, record=recorded.append)
+    assert path.read_bytes() == b"\x42" * MiB
+    assert entries(tmp_path) == ["disk.img"]
+    assert recorded == []
+
+
+def test_clone_never_adopts_a_file_at_its_name(tmp_path, source):
+    target = tmp_path / "copy.img"
+    target.write_bytes(b"mine")
+    with pytest.raises(FileExistsError):
+        images.clone(opened(source), at(target))
+    assert target.read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize("writable", [False, True])
+def test_open_owned_refuses_a_file_swapped_in_under_the_name(tmp_path, writable):
+    path = tmp_path / "disk.img"
+    made = images.create_sparse(at(path), MiB)
+    path.unlink()
+    # The new file may well get the freed inode number; the owner token tells them apart.
+    path.write_bytes(b"someone else's")
+    with pytest.raises(images.ImageNotOwned, match="Not the image nbdweb created"):
+        images.open_owned(at(path), made, writable=writable)
+
+
+def test_open_owned_refuses_a_symbolic_link_even_to_the_image_itself(tmp_path):
+    real = tmp_path / "real.img"
+    made = images.create_sparse(at(real), MiB)
+    (tmp_path / "link.img").symlink_to(real)
+    with pytest.raises(images.ImageNotOwned, match="symbolic link"):
+        images.open_owned(at(tmp_path / "link.img"), made, writable=True)
+
+
+def test_open_owned_refuses_a_fifo_without_waiting_for_a_writer(tmp_path):
+    fifo = tmp_path / "disk.img"
+    os.mkfifo(fifo)
+    with pytest.raises(images.ImageNotOwned, match="Not a regular file"):
+        images.open_owned(at(fifo), identity(fifo))
+
+
+def test_remove_leaves_a_file_that_is_not_the_recorded_image(tmp_path):
+    path = tmp_path / "disk.img"
+    made = images.create_sparse(at(path), MiB)
+    path.unlink()
+    path.write_bytes(b"precious")
+    with pytest.raises(images.ImageNotOwned):
+        images.remove(at(path), made)
+    assert path.read_bytes() == b"precious"
+    assert entries(tmp_path) == ["disk.img"]
+
+
+def test_take_over_refuses_symbolic_links_fifos_and_directories(tmp_path):
+    (tmp_path / "target.img").write_bytes(bytes(512))
+    (tmp_path / "link.img").symlink_to(tmp_path / "target.img")
+    os.mkfifo(tmp_path / "fifo.img")
+    (tmp_path / "dir.img").mkdir()
+    seen = []
+
+    def check(device_inode: str, size: int) -> None:
+        seen.append((device_inode, size))
+
+    for name in ("link.img", "fifo.img", "dir.img"):
+        with pytest.raises(images.ImageNotOwned):
+            images.take_over(at(tmp_path / name), check)
+    assert seen == []
+    taken = images.take_over(at(tmp_path / "target.img"), check)
+    st = os.stat(tmp_path / "target.img")
+    assert seen == [(f"{st.st_dev}:{st.st_ino}", 512)]
+    os.close(images.open_owned(at(tmp_path / "target.img"), taken))
+    assert taken != identity(tmp_path / "target.img")  # it carries the new owner token
+
+
+def test_take_over_writes_nothing_when_the_check_refuses(tmp_path):
+    path = tmp_path / "other.img"
+    path.write_bytes(bytes(512))
+
+    def refuse(device_inode: str, size: int) -> None:
+        raise ValueError("no")
+
+    with pytest.raises(ValueError):
+        images.take_over(at(path), refuse)
+    assert os.listxattr(path) == []

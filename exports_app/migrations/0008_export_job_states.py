@@ -5,7 +5,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("exports_app", "0006_webhooks"),
+        ("exports_app", "0007_image_ownership"),
     ]
 
     operations = [

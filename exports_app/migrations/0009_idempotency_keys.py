@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('exports_app', '0007_export_job_states'),
+        ('exports_app', '0008_export_job_states'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
