@@ -11,7 +11,7 @@ import pytest
 
 from exports_app.choices import ExportState, JobState
 from exports_app.models import Export, Job
-from exports_app.services import export_states, images, provisioning
+from exports_app.services import export_states, provisioning
 from exports_app.services.publishing import build_config
 from exports_app.tasks import run_job
 
@@ -24,10 +24,11 @@ MiB = 1 << 20
 @pytest.fixture
 def ready(default_node):
     def make(name: str = "disk", size: int = MiB) -> Export:
-        export = Export.objects.create(
-            node=default_node, name=name, size=size, state=ExportState.READY
-        )
-        images.create_sparse(os.path.join(default_node.storage_root, export.image_path), size)
+        # Made by its create job, so the image is one nbdweb owns.
+        export = Export.objects.create(node=default_node, name=name, size=size)
+        assert run(provisioning.request_create(export).pk).state == JobState.SUCCEEDED
+        export.refresh_from_db()
+        assert export.state == ExportState.READY
         return export
 
     return make
