@@ -34,7 +34,7 @@ from celery import shared_task
 from celery.signals import worker_ready
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, transaction
 from django.utils import timezone
 
 from exports_app.choices import ExportState, JobKind, JobState
@@ -54,6 +54,7 @@ from exports_app.services.publishing import schedule_publish
 
 __all__ = [
     "PROGRESS_MIN_INTERVAL",
+    "WAIT_FOR_DATABASE",
     "WAIT_FOR_EARLIER_JOB",
     "check_certificate_expiry",
     "deliver_webhook",
@@ -70,6 +71,8 @@ log = logging.getLogger(__name__)
 PROGRESS_MIN_INTERVAL = 1.0
 # Seconds a job waits before looking again whether the export's earlier job has finished.
 WAIT_FOR_EARLIER_JOB = 1.0
+# Seconds before a job that found the database unreachable is tried again.
+WAIT_FOR_DATABASE = 2.0
 
 
 class JobFailed(Exception):
@@ -325,7 +328,26 @@ def _has_earlier_unfinished_job(job: Job) -> bool:
 
 @shared_task(bind=True, name="exports_app.run_job", max_retries=None, acks_late=True)
 def run_job(self, job_id: int) -> str:
-    """Run job `job_id`; returns its final state (for the Celery result, not used by nbdweb)."""
+    """Run job `job_id`; returns its final state (for the Celery result, not used by nbdweb).
+
+    With the database unreachable (stopped, restarting) the job cannot say how it ended, not
+    even that it failed: it is tried again later, from the start (every job is safe to repeat),
+    instead of being left `running` for good.
+    """
+    try:
+        return _run_job(self, job_id)
+    except (OperationalError, InterfaceError) as exc:
+        log.warning(
+            "job %s: database unreachable (%s): trying again in %.0f s",
+            job_id,
+            exc,
+            WAIT_FOR_DATABASE,
+        )
+        queue = (self.request.delivery_info or {}).get("routing_key")
+        raise self.retry(countdown=WAIT_FOR_DATABASE, queue=queue) from None
+
+
+def _run_job(self, job_id: int) -> str:
     job = Job.objects.select_related("node").filter(pk=job_id).first()
     if job is None:
         return "missing"
