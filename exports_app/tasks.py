@@ -40,7 +40,15 @@ from django.utils import timezone
 from exports_app.choices import ExportState, JobKind, JobState
 from exports_app.models import Export, Job, WebhookDelivery
 from exports_app.models.webhooks import DeliveryState
-from exports_app.services import events, exports, images, observer, storage, webhooks
+from exports_app.services import (
+    events,
+    export_states,
+    exports,
+    images,
+    observer,
+    storage,
+    webhooks,
+)
 from exports_app.services.audit import job_actor
 from exports_app.services.publishing import schedule_publish
 
@@ -131,7 +139,7 @@ def _create(job: Job, export: Export, progress: ProgressRecorder) -> dict:
         images.create_sparse(
             place, job.params["size"], export.image_identity or None, _recorder(export)
         )
-    return {"state": ExportState.READY, "last_error": ""}
+    return {"last_error": ""}
 
 
 def _clone(job: Job, export: Export, progress: ProgressRecorder) -> dict:
@@ -158,14 +166,15 @@ def _clone(job: Job, export: Export, progress: ProgressRecorder) -> dict:
             )
     finally:
         os.close(source_fd)
-    return {"state": ExportState.READY, "last_error": ""}
+    return {"last_error": ""}
 
 
 def _resize(job: Job, export: Export, progress: ProgressRecorder) -> dict:
-    size, old_size = job.params["size"], job.params["old_size"]
-    # Asked again now: a client may have connected since the resize was requested.
+    size = job.params["size"]
+    # Asked again now, from the size the image has now (an earlier resize may have run): a
+    # client may have connected since the resize was requested.
     try:
-        exports.check_resize(export, size, job.params.get("force", False), old_size=old_size)
+        exports.check_resize(export, size, job.params.get("force", False))
     except ValidationError as exc:
         raise JobFailed(" ".join(exc.messages)) from None
     identity = _owned(export, "resizes")
@@ -175,7 +184,8 @@ def _resize(job: Job, export: Export, progress: ProgressRecorder) -> dict:
         images.resize(fd, size)
     finally:
         os.close(fd)
-    return {"last_error": ""}
+    # The new size is stored only now that the image has it.
+    return {"size": size, "last_error": ""}
 
 
 def _delete(job: Job, export: Export, progress: ProgressRecorder) -> None:
@@ -237,7 +247,7 @@ def _import(job: Job, export: Export, progress: ProgressRecorder) -> dict:
         except FileNotFoundError:
             raise JobFailed(f"No file to import at {place.path}.") from None
     Export.objects.filter(pk=export.pk).update(image_identity=identity, image_imported=True)
-    return {"state": ExportState.READY, "last_error": ""}
+    return {"last_error": ""}
 
 
 WORK = {
@@ -272,7 +282,7 @@ def fail_job(job_id: int, error: str) -> None:
 
     A failed create or clone left no image, a failed delete or verify an image in doubt: the
     export becomes `failed`. A failed resize left the image at its old size, which the export
-    keeps (still served); the error goes to `last_error`.
+    still has (it stays served); the error goes to `last_error`.
     """
     with transaction.atomic():
         job = Job.objects.select_for_update().filter(pk=job_id).first()
@@ -283,16 +293,9 @@ def fail_job(job_id: int, error: str) -> None:
         if export is None:
             return
         export.last_error = error
-        fields = ["last_error", "last_updated"]
-        if job.kind == JobKind.RESIZE:
-            if export.size == job.params.get("size"):
-                export.size = job.params["old_size"]
-                fields.append("size")
-        else:
-            export.state = ExportState.FAILED
-            fields.append("state")
         export._change_reason = job_actor(job)  # the audit trail's actor
-        export.save(update_fields=fields)
+        state = export_states.state_after_job(export, job, succeeded=False)
+        export_states.set_state(export, state, ["last_error"])
         schedule_publish(export.node)
 
 
@@ -306,14 +309,10 @@ def _succeed(job: Job, changes: dict | None) -> None:
         if job.kind == JobKind.DELETE:
             export.delete()
         else:
-            if changes.get("state") == ExportState.READY and export.state != (
-                ExportState.PROVISIONING
-            ):
-                # Something newer (a delete) owns the export's state now.
-                changes = {k: v for k, v in changes.items() if k != "state"}
             for field, value in changes.items():
                 setattr(export, field, value)
-            export.save(update_fields=[*changes, "last_updated"])
+            state = export_states.state_after_job(export, job, succeeded=True)
+            export_states.set_state(export, state, list(changes))
         schedule_publish(job.node)
 
 
