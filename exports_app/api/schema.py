@@ -175,8 +175,9 @@ class NBDWebAutoSchema(AutoSchema):
 
     def _error_codes(self, operation: dict) -> list[str]:
         codes = ["401", "403"]
+        # A bad header (Idempotency-Key, If-Match) is a 400 too, like a bad query parameter.
         if operation.get("requestBody") or any(
-            p["in"] == "query" for p in operation.get("parameters", [])
+            p["in"] in ("query", "header") for p in operation.get("parameters", [])
         ):
             codes.insert(0, "400")
         if self._is_object_operation():
