@@ -159,7 +159,8 @@ def event_frames(allowed: set[str], after: str, max_seconds: float) -> Iterator[
 
 class EventStreamView(APIView):
     permission_classes = [IsAuthenticated]
-    renderer_classes = [EventStreamRenderer, JSONRenderer]
+    # JSON errors unless the client asked for text/event-stream only.
+    renderer_classes = [JSONRenderer, EventStreamRenderer]
 
     # Left out of the OpenAPI schema: a generated client cannot use a stream that never ends,
     # and schema-driven fuzzers would hold it open. docs/api.md documents it.
