@@ -10,7 +10,7 @@ from django.http import HttpRequest
 
 from exports_app.console import overview
 from exports_app.models import Export, Job
-from exports_app.services import bundles, workerstatus
+from exports_app.services import bundles, throughput, workerstatus
 
 __all__ = ["allocated_bytes", "export_jobs", "export_sessions", "panel_context"]
 
@@ -70,4 +70,5 @@ def panel_context(request: HttpRequest, export: Export) -> dict[str, Any]:
         "allocated": allocated_bytes(export),
         "access": access_rules(export),
         "can_view_jobs": request.user.has_perm("exports_app.view_job"),
+        "throughput": throughput.series(throughput.export_key(export.node.name, export.name)),
     }

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from exports_app.choices import ExportState, JobState
 from exports_app.models import Certificate, CertificateAuthority, Export, Job, WorkerNode
-from exports_app.services import workerstatus
+from exports_app.services import throughput, workerstatus
 from exports_app.services.publishing import redis_client
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "node_cards",
     "recent_failures",
     "session_rows",
+    "throughput_charts",
 ]
 
 # The web side remembers when it last saw each node online, so that an offline card can say
@@ -337,4 +338,40 @@ def expiring_certificates() -> dict[str, list]:
         "authorities": list(
             CertificateAuthority.objects.filter(not_after__lte=soon).order_by("not_after")[:20]
         ),
+    }
+
+
+# -- throughput ----------------------------------------------------------------------------------
+
+# Exports charted on the dashboard: the busiest of the last hour.
+TOP_EXPORTS = 6
+# Ring buffers scanned for them (bounded by the exports with traffic in the last two hours).
+MAX_EXPORT_SERIES = 500
+
+
+def throughput_charts() -> dict[str, Any]:
+    """Per node, and for the busiest exports, the last hour's points (services.throughput)."""
+    nodes = list(WorkerNode.objects.order_by("name").values_list("name", flat=True))
+    node_series = [(name, throughput.series(throughput.node_key(name))) for name in nodes]
+    exports = []
+    try:
+        client = redis_client()
+        prefix = throughput.export_key("", "")
+        keys = []
+        for key in client.scan_iter(match=f"{prefix[:-2]}*", count=500):
+            keys.append(key.decode() if isinstance(key, bytes) else key)
+            if len(keys) >= MAX_EXPORT_SERIES:
+                break
+        for key in keys:
+            points = throughput.series(key, client=client)
+            total = sum(r + w for _, r, w in points)
+            if total:
+                node, _, export = key[len(prefix) - 1 :].partition(":")
+                exports.append((total, node, export, points))
+    except RedisError:
+        pass
+    exports.sort(key=lambda item: item[0], reverse=True)
+    return {
+        "node_series": node_series,
+        "export_series": [(n, e, p) for _, n, e, p in exports[:TOP_EXPORTS]],
     }

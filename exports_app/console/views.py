@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
@@ -20,7 +21,7 @@ from django.template.response import TemplateResponse
 from django.views.decorators.http import require_POST
 
 from exports_app.admin_status import END_SESSIONS, VIEW_SESSIONS
-from exports_app.console import changelog, export_page, overview
+from exports_app.console import changelog, export_page, overview, wizard
 from exports_app.models import Certificate, Export, WorkerNode
 from exports_app.services import ca, renewal, workerstatus
 
@@ -69,7 +70,12 @@ def _certificates(request: HttpRequest) -> dict[str, Any]:
     return {
         **overview.expiring_certificates(),
         "can_renew": request.user.has_perms(RENEW_CERTIFICATES),
+        "warning_days": settings.NBDWEB_CERT_EXPIRY_WARNING_DAYS,
     }
+
+
+def _throughput(request: HttpRequest) -> dict[str, Any]:
+    return overview.throughput_charts()
 
 
 def _activity(request: HttpRequest) -> dict[str, Any]:
@@ -84,6 +90,7 @@ SECTIONS: dict[str, tuple[str, Callable[[HttpRequest], dict[str, Any]]]] = {
     "jobs": ("exports_app.view_job", _jobs),
     "exports": ("exports_app.view_export", _exports),
     "certificates": ("exports_app.view_certificate", _certificates),
+    "throughput": ("exports_app.view_workernode", _throughput),
     "activity": ("", _activity),
 }
 
@@ -239,4 +246,6 @@ ROUTES = [
     ("certificates/<int:pk>/renew/", renew_certificate, "console_renew_certificate"),
     ("exports/<int:pk>/live/", export_live_view, "console_export_live"),
     ("changes/", changelog_view, "console_changelog"),
+    ("exports/new/", wizard.wizard_view, "console_export_wizard"),
+    ("exports/new/<int:pk>/", wizard.wizard_progress_view, "console_export_wizard_progress"),
 ]

@@ -368,3 +368,46 @@ def test_revoking_a_certificate_shows_in_the_change_log(
     assert admin_user.username in entry
     assert "revoked at" in entry and f"revoked by {admin_user.username} in the admin" in entry
     screenshots(browser, "change-log")
+
+
+def test_the_wizard_creates_an_export_and_follows_its_job_to_ready(
+    browser, stack, admin_user, screenshots
+) -> None:
+    log_in(browser, stack.base_url, admin_user)
+    click(browser, '[data-testid="new-export"]')
+    poll(lambda: browser.find_elements(By.NAME, "name"), "the wizard's form")
+    browser.find_element(By.NAME, "name").send_keys("wizard-disk")
+    browser.find_element(By.NAME, "size").send_keys("64M")
+    Select(browser.find_element(By.NAME, "node")).select_by_visible_text(stack.node.name)
+    screenshots(browser, "wizard")
+    browser.find_element(By.NAME, "create").click()
+    poll(lambda: browser.find_elements(By.ID, "wizard-progress"), "the progress page")
+    mark_page(browser)
+    poll(
+        lambda: browser.execute_script(
+            "const p = document.getElementById('wizard-progress');"
+            "return p && p.dataset.state === 'ready';"
+        ),
+        "the export to be ready on the page",
+        60,
+    )
+    bar = browser.find_element(By.CSS_SELECTOR, "#wizard-progress progress")
+    assert bar.get_attribute("aria-valuenow") == "100"
+    assert "nbdinfo nbd://127.0.0.1:" in text_of(browser, "#wizard-progress")
+    export = Export.objects.get(name="wizard-disk")
+    assert export.state == ExportState.READY and export.size == 64 * MiB
+    assert export.node == stack.node
+    screenshots(browser, "wizard-ready")
+
+    # The new export is served (once the worker has the config published after the job).
+    def served_size() -> str:
+        out = subprocess.run(
+            [require_tool("nbdinfo"), "--size", stack.worker.uri("wizard-disk")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=client_env(),
+        )
+        return out.stdout.strip()
+
+    assert poll(served_size, "nbdinfo to reach the new export", LIVE) == str(64 * MiB)
