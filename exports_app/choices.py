@@ -20,6 +20,11 @@ class ExportState(models.TextChoices):
     READY = "ready", "Ready"
     FAILED = "failed", "Failed"
     DELETING = "deleting", "Deleting"
+    # A job works on the image (exports_app.services.export_states): a clone is being made; a
+    # ready export is being resized or hashed (still served).
+    CLONING = "cloning", "Cloning"
+    RESIZING = "resizing", "Resizing"
+    VERIFYING = "verifying", "Verifying"
 
 
 class TLSMode(models.TextChoices):

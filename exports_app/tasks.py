@@ -34,18 +34,27 @@ from celery import shared_task
 from celery.signals import worker_ready
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, transaction
 from django.utils import timezone
 
 from exports_app.choices import ExportState, JobKind, JobState
 from exports_app.models import Export, Job, WebhookDelivery
 from exports_app.models.webhooks import DeliveryState
-from exports_app.services import events, exports, images, observer, storage, webhooks
+from exports_app.services import (
+    events,
+    export_states,
+    exports,
+    images,
+    observer,
+    storage,
+    webhooks,
+)
 from exports_app.services.audit import job_actor
 from exports_app.services.publishing import schedule_publish
 
 __all__ = [
     "PROGRESS_MIN_INTERVAL",
+    "WAIT_FOR_DATABASE",
     "WAIT_FOR_EARLIER_JOB",
     "check_certificate_expiry",
     "deliver_webhook",
@@ -62,6 +71,8 @@ log = logging.getLogger(__name__)
 PROGRESS_MIN_INTERVAL = 1.0
 # Seconds a job waits before looking again whether the export's earlier job has finished.
 WAIT_FOR_EARLIER_JOB = 1.0
+# Seconds before a job that found the database unreachable is tried again.
+WAIT_FOR_DATABASE = 2.0
 
 
 class JobFailed(Exception):
@@ -128,7 +139,7 @@ def _create(job: Job, export: Export, progress: ProgressRecorder) -> dict:
         images.create_sparse(
             place, job.params["size"], export.image_identity or None, _recorder(export)
         )
-    return {"state": ExportState.READY, "last_error": ""}
+    return {"last_error": ""}
 
 
 def _clone(job: Job, export: Export, progress: ProgressRecorder) -> dict:
@@ -155,14 +166,15 @@ def _clone(job: Job, export: Export, progress: ProgressRecorder) -> dict:
             )
     finally:
         os.close(source_fd)
-    return {"state": ExportState.READY, "last_error": ""}
+    return {"last_error": ""}
 
 
 def _resize(job: Job, export: Export, progress: ProgressRecorder) -> dict:
-    size, old_size = job.params["size"], job.params["old_size"]
-    # Asked again now: a client may have connected since the resize was requested.
+    size = job.params["size"]
+    # Asked again now, from the size the image has now (an earlier resize may have run): a
+    # client may have connected since the resize was requested.
     try:
-        exports.check_resize(export, size, job.params.get("force", False), old_size=old_size)
+        exports.check_resize(export, size, job.params.get("force", False))
     except ValidationError as exc:
         raise JobFailed(" ".join(exc.messages)) from None
     identity = _owned(export, "resizes")
@@ -172,7 +184,8 @@ def _resize(job: Job, export: Export, progress: ProgressRecorder) -> dict:
         images.resize(fd, size)
     finally:
         os.close(fd)
-    return {"last_error": ""}
+    # The new size is stored only now that the image has it.
+    return {"size": size, "last_error": ""}
 
 
 def _delete(job: Job, export: Export, progress: ProgressRecorder) -> None:
@@ -234,7 +247,7 @@ def _import(job: Job, export: Export, progress: ProgressRecorder) -> dict:
         except FileNotFoundError:
             raise JobFailed(f"No file to import at {place.path}.") from None
     Export.objects.filter(pk=export.pk).update(image_identity=identity, image_imported=True)
-    return {"state": ExportState.READY, "last_error": ""}
+    return {"last_error": ""}
 
 
 WORK = {
@@ -269,7 +282,7 @@ def fail_job(job_id: int, error: str) -> None:
 
     A failed create or clone left no image, a failed delete or verify an image in doubt: the
     export becomes `failed`. A failed resize left the image at its old size, which the export
-    keeps (still served); the error goes to `last_error`.
+    still has (it stays served); the error goes to `last_error`.
     """
     with transaction.atomic():
         job = Job.objects.select_for_update().filter(pk=job_id).first()
@@ -280,16 +293,9 @@ def fail_job(job_id: int, error: str) -> None:
         if export is None:
             return
         export.last_error = error
-        fields = ["last_error", "last_updated"]
-        if job.kind == JobKind.RESIZE:
-            if export.size == job.params.get("size"):
-                export.size = job.params["old_size"]
-                fields.append("size")
-        else:
-            export.state = ExportState.FAILED
-            fields.append("state")
         export._change_reason = job_actor(job)  # the audit trail's actor
-        export.save(update_fields=fields)
+        state = export_states.state_after_job(export, job, succeeded=False)
+        export_states.set_state(export, state, ["last_error"])
         schedule_publish(export.node)
 
 
@@ -303,14 +309,10 @@ def _succeed(job: Job, changes: dict | None) -> None:
         if job.kind == JobKind.DELETE:
             export.delete()
         else:
-            if changes.get("state") == ExportState.READY and export.state != (
-                ExportState.PROVISIONING
-            ):
-                # Something newer (a delete) owns the export's state now.
-                changes = {k: v for k, v in changes.items() if k != "state"}
             for field, value in changes.items():
                 setattr(export, field, value)
-            export.save(update_fields=[*changes, "last_updated"])
+            state = export_states.state_after_job(export, job, succeeded=True)
+            export_states.set_state(export, state, list(changes))
         schedule_publish(job.node)
 
 
@@ -326,7 +328,26 @@ def _has_earlier_unfinished_job(job: Job) -> bool:
 
 @shared_task(bind=True, name="exports_app.run_job", max_retries=None, acks_late=True)
 def run_job(self, job_id: int) -> str:
-    """Run job `job_id`; returns its final state (for the Celery result, not used by nbdweb)."""
+    """Run job `job_id`; returns its final state (for the Celery result, not used by nbdweb).
+
+    With the database unreachable (stopped, restarting) the job cannot say how it ended, not
+    even that it failed: it is tried again later, from the start (every job is safe to repeat),
+    instead of being left `running` for good.
+    """
+    try:
+        return _run_job(self, job_id)
+    except (OperationalError, InterfaceError) as exc:
+        log.warning(
+            "job %s: database unreachable (%s): trying again in %.0f s",
+            job_id,
+            exc,
+            WAIT_FOR_DATABASE,
+        )
+        queue = (self.request.delivery_info or {}).get("routing_key")
+        raise self.retry(countdown=WAIT_FOR_DATABASE, queue=queue) from None
+
+
+def _run_job(self, job_id: int) -> str:
     job = Job.objects.select_related("node").filter(pk=job_id).first()
     if job is None:
         return "missing"

@@ -7,7 +7,7 @@ import hashlib
 from pathlib import Path
 
 from nbdworker.protocol import ClientFlag, Command, CommandFlag, Option
-from nbdworker.protocol.client import (
+from tests.support.nbdclient import (
     encode_client_flags,
     encode_info_request,
     encode_meta_context_request,

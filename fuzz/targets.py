@@ -32,7 +32,7 @@ from nbdworker.protocol import (
     encode_error,
     encode_simple_reply,
 )
-from nbdworker.protocol.client import (
+from tests.support.nbdclient import (
     GREETING_SIZE,
     decode_export_name_reply,
     decode_greeting,

@@ -16,3 +16,5 @@ urlpatterns = [
         name="api-redoc",
     ),
 ]
+
+handler404 = "nbdweb.errors.not_found"

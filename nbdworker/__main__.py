@@ -197,10 +197,26 @@ async def run(
     processes (nbdworker/supervisor.py). Either way it follows the config and publishes status.
     """
     from nbdworker.server import NBDServer
+    from nbdworker.stats import WorkerStats
     from nbdworker.supervisor import Supervisor
+    from nbdworker.worker import Worker
 
+    # Made first, so that snapshots refused while the first config is fetched count too.
+    stats = WorkerStats()
     client = source = status = None
+    server: Worker | None = None
     tasks: list[asyncio.Task] = []
+
+    # What the config follower calls, from its run() (started below, once both exist).
+    def apply(new: WorkerConfig) -> None:
+        assert server is not None and status is not None
+        server.apply_config(new)
+        status.wake()
+
+    def kicked() -> None:
+        assert status is not None
+        status.wake()
+
     if config is None:
         import redis.asyncio as aioredis
 
@@ -216,13 +232,23 @@ async def run(
         )
         state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
         assert secret is not None
-        source = ConfigSource(client, settings.node, secret, state_dir, apply=lambda c: None)
+        source = ConfigSource(
+            client,
+            settings.node,
+            secret,
+            state_dir,
+            apply=apply,
+            on_kick=kicked,
+            on_rejected=stats.snapshot_rejected,
+        )
+        stats.follower = source.health
         config = await source.initial()
-    server: NBDServer | Supervisor
     if args.workers > 1:
-        server = Supervisor(settings, config, args.workers, list(args.argv), args.shutdown_timeout)
+        server = Supervisor(
+            settings, config, args.workers, list(args.argv), args.shutdown_timeout, stats=stats
+        )
     else:
-        server = NBDServer(settings, config, shutdown_timeout=args.shutdown_timeout)
+        server = NBDServer(settings, config, shutdown_timeout=args.shutdown_timeout, stats=stats)
     try:
         await server.start()
         if args.metrics_listen:
@@ -237,15 +263,6 @@ async def run(
         status = StatusPublisher(
             client, server, settings.node, storage_roots=settings.storage_roots
         )
-
-        def apply(new: WorkerConfig) -> None:
-            server.apply_config(new)
-            status.wake()
-
-        source.apply = apply
-        source.on_kick = status.wake
-        source.on_rejected = server.stats.snapshot_rejected
-        server.stats.follower = source.health
         tasks = [asyncio.create_task(source.run()), asyncio.create_task(status.run())]
     log.info("ready (node %s, config generation %d)", settings.node, config.generation)
     try:

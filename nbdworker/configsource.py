@@ -67,19 +67,6 @@ def default_state_dir(environ: dict[str, str] | None = None) -> Path:
     return Path(env.get("NBDWEB_DATA_DIR") or "./var") / "nbdworker"
 
 
-def _rejection_kind(exc: SnapshotError) -> str:
-    text = str(exc)
-    for needle, kind in (
-        ("signature", "bad_signature"),
-        ("another secret", "bad_signature"),
-        ("not newer", "old_generation"),
-        ("for node", "other_node"),
-    ):
-        if needle in text:
-            return kind
-    return "malformed"
-
-
 @dataclass(slots=True)
 class FollowerHealth:
     """How the config follower is doing; read by the heartbeat and the metrics."""
@@ -231,7 +218,7 @@ class ConfigSource:
         try:
             return verify_snapshot(data, self.secret, node=self.node)
         except SnapshotError as exc:
-            kind = _rejection_kind(exc)
+            kind = exc.kind
             level = logging.INFO if kind == "old_generation" else logging.ERROR
             log.log(level, "config from %s rejected: %s", origin, exc)
             self.on_rejected(kind)

@@ -20,7 +20,7 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -29,13 +29,14 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from nbdworker.protocol import Command, Errno
 from nbdworker.session import BYTES, SessionRecord, new_counts
 from nbdworker.settings import parse_listen
+from nbdworker.stats import WorkerStats
+from nbdworker.worker import Worker
 
 if TYPE_CHECKING:
     from nbdworker.configsource import FollowerHealth
 
 __all__ = [
     "ServerCollector",
-    "WorkerStats",
     "connection_totals",
     "merge_totals",
     "start_metrics_server",
@@ -47,50 +48,6 @@ _COMMAND_NAMES = {int(c): c.name.lower() for c in Command}
 _ERRNO_NAMES = {int(e): e.name for e in Errno}
 # What a scrape may wait for the event loop before it gives up (a stuck loop is itself news).
 SCRAPE_TIMEOUT = 5.0
-
-
-class WorkerStats:
-    """Totals the connections hand over when they end, plus worker-wide events.
-
-    Touched only on the event loop thread.
-    """
-
-    def __init__(self) -> None:
-        self.started = time.time()
-        self.generation = 0
-        self.connections_opened: dict[str, int] = {}
-        self.retired_counts: dict[str, list[int]] = {}
-        self.errors: dict[tuple[str, int], int] = {}
-        self.handshake_failures: dict[str, int] = {}
-        self.config_rejected: dict[str, int] = {}
-        # Exports this process would not serve, by reason (nbdworker/imagefile.py).
-        self.exports_refused: dict[str, int] = {}
-        # The config follower's health (nbdworker/configsource.py); None with --config.
-        self.follower: FollowerHealth | None = None
-
-    def export_opened(self, export: str) -> None:
-        self.connections_opened[export] = self.connections_opened.get(export, 0) + 1
-
-    def retire(self, export: str, counts: list[int], errors: dict[int, int]) -> None:
-        """Fold the counters of an ended connection into its export's totals."""
-        total = self.retired_counts.get(export)
-        if total is None:
-            self.retired_counts[export] = list(counts)
-        else:
-            for i, n in enumerate(counts):
-                if n:
-                    total[i] += n
-        for errno, n in errors.items():
-            self.errors[export, errno] = self.errors.get((export, errno), 0) + n
-
-    def handshake_failed(self, reason: str) -> None:
-        self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + 1
-
-    def export_refused(self, reason: str) -> None:
-        self.exports_refused[reason] = self.exports_refused.get(reason, 0) + 1
-
-    def snapshot_rejected(self, reason: str) -> None:
-        self.config_rejected[reason] = self.config_rejected.get(reason, 0) + 1
 
 
 def connection_totals(stats: WorkerStats, sessions: Iterable[SessionRecord]) -> dict[str, Any]:
@@ -260,16 +217,8 @@ def _follower_families(health: FollowerHealth) -> list[Any]:
     return [up, restarts, bad]
 
 
-class MetricsSource(Protocol):
-    """What the metrics read: an NBDServer, or a supervisor of serving processes."""
-
-    stats: WorkerStats
-
-    async def metric_totals(self) -> dict[str, Any]: ...
-
-
 class ServerCollector(Collector):
-    def __init__(self, source: MetricsSource, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, source: Worker, loop: asyncio.AbstractEventLoop) -> None:
         self.source = source
         self.loop = loop
 
@@ -284,7 +233,7 @@ class ServerCollector(Collector):
         yield from _families(totals, self.source.stats)
 
 
-def start_metrics_server(source: MetricsSource, address: str) -> str:
+def start_metrics_server(source: Worker, address: str) -> str:
     """Serve /metrics on `address` (host:port) from a background thread; return the address."""
     listen = parse_listen(address)
     if listen.kind != "tcp":

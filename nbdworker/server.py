@@ -29,12 +29,14 @@ from nbdworker.contract.config import ExportConfig, WorkerConfig, tls_refusal
 from nbdworker.exports import ExportEntry, ServerState
 from nbdworker.imagefile import ImageRefused, RefusalReason, open_image
 from nbdworker.listeners import Listener, bind_listeners, close_listeners
-from nbdworker.metrics import WorkerStats, connection_totals
+from nbdworker.metrics import connection_totals
 from nbdworker.protocol import ExportView, TLSMode, TransmissionFlag
 from nbdworker.reload import ending_reason
 from nbdworker.settings import WorkerSettings
 from nbdworker.slots import ConnectionSlots
 from nbdworker.spin import IdleSpinner
+from nbdworker.stats import WorkerStats
+from nbdworker.stopsignals import stop_signals
 from nbdworker.tls import TLSContextCache, TLSSetupError
 
 __all__ = ["ExportEntry", "NBDServer", "ServerState"]
@@ -141,6 +143,7 @@ class NBDServer:
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         slots: ConnectionSlots | None = None,
         shared_memory: str | None = None,
+        stats: WorkerStats | None = None,
     ) -> None:
         self.settings = settings
         self.shutdown_timeout = shutdown_timeout
@@ -174,7 +177,7 @@ class NBDServer:
         self._stopping = False
         self._stop_event: asyncio.Event | None = None
         self._forced = False
-        self.stats = WorkerStats()
+        self.stats = stats if stats is not None else WorkerStats()
         self.apply_config(config)
 
     # -- configuration --------------------------------------------------------------------------
@@ -423,9 +426,7 @@ class NBDServer:
 
     async def serve_forever(self) -> None:
         """Serve until SIGINT/SIGTERM, then shut down gracefully (second signal: force)."""
-        loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        signals = (signal.SIGINT, signal.SIGTERM)
 
         def on_signal(signum: int) -> None:
             if stop.is_set():
@@ -435,14 +436,9 @@ class NBDServer:
                 log.info("%s received: shutting down", signal.Signals(signum).name)
                 stop.set()
 
-        for sig in signals:
-            loop.add_signal_handler(sig, on_signal, sig)
-        try:
+        with stop_signals(on_signal):
             await stop.wait()
             await self.shutdown()
-        finally:
-            for sig in signals:
-                loop.remove_signal_handler(sig)
 
     async def shutdown(self) -> None:
         """Stop accepting; let each connection finish what it has in flight; then close."""

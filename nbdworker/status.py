@@ -26,26 +26,15 @@ import os
 import socket
 import time
 from importlib import metadata
-from typing import Any, Protocol
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from nbdworker.contract.snapshot import heartbeat_key, kicks_key, sessions_key
-from nbdworker.metrics import WorkerStats
+from nbdworker.worker import Worker
 
-
-class StatusSource(Protocol):
-    """What the status publisher reads: an NBDServer, or a supervisor of serving processes."""
-
-    stats: WorkerStats
-
-    async def session_report(self, node: str) -> dict[str, dict]: ...
-
-    async def end_sessions(self, ids: set[str]) -> None: ...
-
-
-__all__ = ["StatusPublisher", "StatusSource", "storage_usage", "worker_version"]
+__all__ = ["StatusPublisher", "storage_usage", "worker_version"]
 
 log = logging.getLogger("nbdworker.status")
 
@@ -87,7 +76,7 @@ class StatusPublisher:
     def __init__(
         self,
         client: aioredis.Redis,
-        source: StatusSource,
+        source: Worker,
         node: str,
         interval: float = HEARTBEAT_INTERVAL,
         ttl: float = HEARTBEAT_TTL,

@@ -39,9 +39,12 @@ from typing import Any
 
 from nbdworker.contract.config import ConfigError, WorkerConfig
 from nbdworker.listeners import Listener, bind_listeners, close_listeners
-from nbdworker.metrics import WorkerStats, merge_totals
+from nbdworker.metrics import merge_totals
+from nbdworker.server import NBDServer
 from nbdworker.settings import WorkerSettings
 from nbdworker.slots import ConnectionSlots
+from nbdworker.stats import WorkerStats
+from nbdworker.stopsignals import stop_signals
 
 __all__ = ["SERVING_ENV", "Supervisor", "default_workers", "serve_as_child"]
 
@@ -143,13 +146,14 @@ class Supervisor:
         processes: int,
         argv: list[str],
         shutdown_timeout: float,
+        stats: WorkerStats | None = None,
     ) -> None:
         self.settings = settings
         self.config = config
         self.processes = processes
         self.argv = argv
         self.shutdown_timeout = shutdown_timeout
-        self.stats = WorkerStats()
+        self.stats = stats if stats is not None else WorkerStats()
         self.stats.generation = config.generation
         self.slots = ConnectionSlots.create(processes)
         self.children = [ServingProcess(i) for i in range(processes)]
@@ -318,9 +322,7 @@ class Supervisor:
 
     async def serve_forever(self) -> None:
         """Until SIGINT/SIGTERM: pass it on, wait for the serving processes to end."""
-        loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        signals = (signal.SIGINT, signal.SIGTERM)
         received: list[int] = []
 
         def on_signal(signum: int) -> None:
@@ -332,14 +334,9 @@ class Supervisor:
             self._signal_children(signum)
             stop.set()
 
-        for sig in signals:
-            loop.add_signal_handler(sig, on_signal, sig)
-        try:
+        with stop_signals(on_signal):
             await stop.wait()
             await self.shutdown(signalled=True)
-        finally:
-            for sig in signals:
-                loop.remove_signal_handler(sig)
 
     def _signal_children(self, signum: int) -> None:
         self._stopping = True
@@ -391,8 +388,6 @@ async def serve_as_child(
     settings: WorkerSettings, spec: dict[str, Any], shutdown_timeout: float
 ) -> int:
     """Run one serving process: take the config from the link, serve the inherited sockets."""
-    from nbdworker.server import NBDServer
-
     _die_with_supervisor(int(spec["supervisor"]))
     link = socket.socket(fileno=int(spec["link"]))
     reader, writer = await asyncio.open_unix_connection(sock=link)
@@ -430,7 +425,7 @@ async def serve_as_child(
 
 
 async def _follow_supervisor(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Any, node: str
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: NBDServer, node: str
 ) -> None:
     while True:
         message = await read_message(reader)

@@ -229,11 +229,11 @@ def test_the_log_format_shared_with_the_web_side_is_standard_library_only() -> N
 # own layer and the layers above it in this list, never one below; within a layer the imports
 # must not form a cycle. A new module needs a place here.
 NBDWORKER_LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("wire protocol (sans-IO)", ("nbdworker.protocol",)),
     (
         "contract shared with the web side",
         ("nbdworker.contract", "nbdworker.logformat"),
     ),
+    ("wire protocol (sans-IO)", ("nbdworker.protocol",)),
     ("storage", ("nbdworker.backends", "nbdworker.imagefile")),
     (
         "the parts the server is made of",
@@ -244,11 +244,14 @@ NBDWORKER_LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "nbdworker.tls",
             "nbdworker.exports",
             "nbdworker.session",
+            "nbdworker.stats",
+            "nbdworker.worker",
             "nbdworker.metrics",
             "nbdworker.reload",
             "nbdworker.listeners",
             "nbdworker.slots",
             "nbdworker.spin",
+            "nbdworker.stopsignals",
         ),
     ),
     ("one connection", ("nbdworker.connection",)),

@@ -15,6 +15,7 @@ from rest_framework.response import Response
 from rest_framework.routers import APIRootView, DefaultRouter
 from rest_framework.viewsets import ModelViewSet
 
+from .concurrency import ETagMixin, IdempotentPostsMixin
 from .fields import StrictModelSerializer
 
 __all__ = [
@@ -125,13 +126,22 @@ def history_entries(obj) -> list[dict]:
     return result
 
 
-class BaseModelViewSet(ModelViewSet):
+class BaseModelViewSet(IdempotentPostsMixin, ETagMixin, ModelViewSet):
     """Writes run in one transaction; database conflicts answer 400/409, never 500.
-    Every object has its audit trail at `{id}/history/`."""
+    Every object has its audit trail at `{id}/history/`, and an ETag that If-Match checks."""
 
     # No PUT: a change is a PATCH of the fields to change (a PUT that kept omitted fields
     # would be a PATCH under another name).
     http_method_names = ["get", "post", "patch", "delete", "head", "options"]
+
+    def update(self, request, *args, **kwargs) -> Response:
+        # One transaction from the If-Match check (get_object) to the write.
+        with transaction.atomic():
+            return super().update(request, *args, **kwargs)
+
+    def destroy(self, request, *args, **kwargs) -> Response:
+        with transaction.atomic():
+            return super().destroy(request, *args, **kwargs)
 
     @extend_schema(responses=HistoryRecordSerializer(many=True))
     @action(detail=True, methods=["get"])

@@ -5,7 +5,7 @@ import django_filters
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import transaction
 from django.db.models import QuerySet
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
@@ -18,6 +18,7 @@ from exports_app.models import Job
 from exports_app.services import exports, provisioning
 
 from .base import django_errors_to_drf
+from .concurrency import ETagMixin, IdempotentPostsMixin
 from .fields import AsciiIntegerFilter, StrictModelSerializer
 from .serializers import ExportImportSerializer, ExportSerializer, SizeField
 
@@ -117,7 +118,7 @@ class JobSerializer(StrictModelSerializer):
         }
 
 
-class JobViewSet(ReadOnlyModelViewSet):
+class JobViewSet(IdempotentPostsMixin, ETagMixin, ReadOnlyModelViewSet):
     queryset = Job.objects.select_related("node", "requested_by")
     serializer_class = JobSerializer
     filterset_class = JobFilterSet
@@ -175,6 +176,14 @@ class ExportJobActions:
 
     @extend_schema(
         request=ExportResizeSerializer,
+        examples=[
+            OpenApiExample("Grow to 20 GiB", value={"size": "20G"}, request_only=True),
+            OpenApiExample(
+                "Shrink (destroys the data past the end)",
+                value={"size": "5G", "force": True},
+                request_only=True,
+            ),
+        ],
         responses={202: OpenApiResponse(ExportSerializer, "The export; its `job` resizes it.")},
     )
     @action(detail=True, methods=["post"])

@@ -11,7 +11,7 @@ from exports_app.choices import CertificateKind, ExportState, KeyAlgorithm
 from exports_app.constants import MAX_VALIDITY_DAYS
 from exports_app.models import Certificate, CertificateAuthority, Export, TLSPolicy, WorkerNode
 from exports_app.models.exports import name_digest
-from exports_app.services import exports, workerstatus
+from exports_app.services import export_states, exports, workerstatus
 from exports_app.services.certificates import NewAuthority, NewCertificate
 from exports_app.validators import parse_object_id, parse_size, validate_no_control_characters
 
@@ -359,7 +359,7 @@ class ExportSerializer(ValidatedModelSerializer):
         if source.node_id != node.pk:
             message = f"The source is on node {source.node.name!r}; clone on that node."
             raise serializers.ValidationError({"clone_from": [message]})
-        if source.state != ExportState.READY:
+        if source.state not in export_states.SERVED_STATES:
             raise serializers.ValidationError(
                 {"clone_from": [f"The source export is {source.state}; it must be ready."]}
             )

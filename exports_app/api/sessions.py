@@ -11,6 +11,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import APIException, NotFound
+from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.permissions import BasePermission, IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.viewsets import ViewSet
@@ -78,6 +79,24 @@ class SessionSerializer(serializers.Serializer):
     connected_since = serializers.DateTimeField(help_text="When the client connected.")
 
 
+class SessionPageSerializer(serializers.Serializer):
+    """A page of sessions, and the nodes whose sessions are unknown."""
+
+    count = serializers.IntegerField(help_text="How many sessions match, in all pages.")
+    next = serializers.URLField(
+        allow_null=True, help_text="The next page's address; null on the last page."
+    )
+    previous = serializers.URLField(
+        allow_null=True, help_text="The previous page's address; null on the first page."
+    )
+    results = SessionSerializer(many=True, help_text="This page's sessions.")
+    unknown_nodes = serializers.ListField(
+        child=serializers.CharField(),
+        help_text="Nodes whose worker is offline (no heartbeat): their sessions are unknown "
+        "and not listed. Empty when every node answered.",
+    )
+
+
 class SessionViewSet(ViewSet):
     permission_classes = [SessionPermissions]
     serializer_class = SessionSerializer
@@ -93,21 +112,28 @@ class SessionViewSet(ViewSet):
         parameters=[
             OpenApiParameter("node", OpenApiTypes.STR, description="Node name or ID."),
             OpenApiParameter("export", OpenApiTypes.STR, description="Export name."),
+            OpenApiParameter("limit", OpenApiTypes.INT, description="Sessions per page."),
+            OpenApiParameter("offset", OpenApiTypes.INT, description="Sessions to skip."),
         ],
-        responses=SessionSerializer(many=True),
+        responses=SessionPageSerializer,
     )
     def list(self, request) -> Response:
-        """The live NBD sessions of every node, as the nodes' workers report them."""
+        """The live NBD sessions, oldest first, paginated like every list. A node whose worker
+        is offline is named in `unknown_nodes`: its sessions are unknown, not none."""
+        names = self._node_names(request.query_params.get("node"))
         try:
-            sessions = workerstatus.list_sessions(
-                self._node_names(request.query_params.get("node"))
-            )
+            unknown = workerstatus.offline_nodes(names)
+            sessions = workerstatus.list_sessions([n for n in names if n not in unknown])
         except workerstatus.StatusUnavailable:
             raise StatusUnavailable() from None
         export = request.query_params.get("export")
         if export is not None:
             sessions = [s for s in sessions if s.get("export") == export]
-        return Response(SessionSerializer(sessions, many=True).data)
+        paginator = LimitOffsetPagination()
+        page = paginator.paginate_queryset(sessions, request, view=self)
+        response = paginator.get_paginated_response(SessionSerializer(page, many=True).data)
+        response.data["unknown_nodes"] = unknown
+        return response
 
     @extend_schema(responses={202: None})
     def destroy(self, request, pk: str | None = None) -> Response:

@@ -1,10 +1,16 @@
 """API viewsets: thin, one per model. Validation is in the serializers, side effects in
 exports_app.services."""
 
+from django.db import transaction
 from django.db.models import Count, OuterRef, Subquery
 from django.http import HttpResponse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import (
+    OpenApiExample,
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+)
 from rest_framework import status
 from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
@@ -64,6 +70,16 @@ class ExportViewSet(ExportJobActions, BaseModelViewSet):
         description="Create an export. Answers at once with the export in state `provisioning` "
         "(or `cloning` with `clone_from`) and its `job`, which makes the image; the export is "
         "`ready` when the job has succeeded.",
+        examples=[
+            OpenApiExample(
+                "An empty 10 GiB disk", value={"name": "vm1-disk", "size": "10G"}, request_only=True
+            ),
+            OpenApiExample(
+                "A copy of another export",
+                value={"name": "vm2-disk", "clone_from": "golden-image"},
+                request_only=True,
+            ),
+        ],
     )
     def create(self, request, *args, **kwargs) -> Response:
         return super().create(request, *args, **kwargs)
@@ -83,9 +99,11 @@ class ExportViewSet(ExportJobActions, BaseModelViewSet):
         },
     )
     def destroy(self, request, *args, **kwargs) -> Response:
-        export = self.get_object()
-        pk = export.pk
-        self.perform_destroy(export)
+        with transaction.atomic():
+            # get_object checks If-Match on the locked row.
+            export = self.get_object()
+            pk = export.pk
+            self.perform_destroy(export)
         # The hook either deleted the row or left it in DELETING for a job to finish.
         export = Export.objects.filter(pk=pk).first()
         if export is not None:

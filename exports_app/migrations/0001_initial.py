@@ -9,7 +9,6 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
@@ -18,309 +17,925 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.CreateModel(
-            name='CertificateAuthority',
+            name="CertificateAuthority",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=100, unique=True)),
-                ('description', models.CharField(blank=True, max_length=200)),
-                ('subject', models.CharField(editable=False, max_length=500)),
-                ('serial', models.CharField(db_index=True, editable=False, help_text='Lower-case hex, no leading zeros.', max_length=64)),
-                ('fingerprint_sha256', models.CharField(editable=False, help_text='Lower-case hex, no colons.', max_length=64, unique=True)),
-                ('not_before', models.DateTimeField(editable=False)),
-                ('not_after', models.DateTimeField(editable=False)),
-                ('certificate_pem', models.TextField(editable=False)),
-                ('encrypted_private_key', models.TextField(blank=True, editable=False, help_text='Fernet ciphertext; empty when the key is unknown.')),
-                ('created', models.DateTimeField(auto_now_add=True)),
-                ('last_updated', models.DateTimeField(auto_now=True)),
-                ('key_algorithm', models.CharField(blank=True, choices=[('ec-p256', 'EC P-256'), ('rsa-3072', 'RSA 3072')], editable=False, max_length=16)),
-                ('is_imported', models.BooleanField(default=False, editable=False, help_text='Imported from outside rather than created here.')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=100, unique=True)),
+                ("description", models.CharField(blank=True, max_length=200)),
+                ("subject", models.CharField(editable=False, max_length=500)),
+                (
+                    "serial",
+                    models.CharField(
+                        db_index=True,
+                        editable=False,
+                        help_text="Lower-case hex, no leading zeros.",
+                        max_length=64,
+                    ),
+                ),
+                (
+                    "fingerprint_sha256",
+                    models.CharField(
+                        editable=False,
+                        help_text="Lower-case hex, no colons.",
+                        max_length=64,
+                        unique=True,
+                    ),
+                ),
+                ("not_before", models.DateTimeField(editable=False)),
+                ("not_after", models.DateTimeField(editable=False)),
+                ("certificate_pem", models.TextField(editable=False)),
+                (
+                    "encrypted_private_key",
+                    models.TextField(
+                        blank=True,
+                        editable=False,
+                        help_text="Fernet ciphertext; empty when the key is unknown.",
+                    ),
+                ),
+                ("created", models.DateTimeField(auto_now_add=True)),
+                ("last_updated", models.DateTimeField(auto_now=True)),
+                (
+                    "key_algorithm",
+                    models.CharField(
+                        blank=True,
+                        choices=[("ec-p256", "EC P-256"), ("rsa-3072", "RSA 3072")],
+                        editable=False,
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "is_imported",
+                    models.BooleanField(
+                        default=False,
+                        editable=False,
+                        help_text="Imported from outside rather than created here.",
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'certificate authority',
-                'verbose_name_plural': 'certificate authorities',
-                'ordering': ['name'],
-                'abstract': False,
+                "verbose_name": "certificate authority",
+                "verbose_name_plural": "certificate authorities",
+                "ordering": ["name"],
+                "abstract": False,
             },
         ),
         migrations.CreateModel(
-            name='Certificate',
+            name="Certificate",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=100, unique=True)),
-                ('description', models.CharField(blank=True, max_length=200)),
-                ('subject', models.CharField(editable=False, max_length=500)),
-                ('serial', models.CharField(db_index=True, editable=False, help_text='Lower-case hex, no leading zeros.', max_length=64)),
-                ('fingerprint_sha256', models.CharField(editable=False, help_text='Lower-case hex, no colons.', max_length=64, unique=True)),
-                ('not_before', models.DateTimeField(editable=False)),
-                ('not_after', models.DateTimeField(editable=False)),
-                ('certificate_pem', models.TextField(editable=False)),
-                ('encrypted_private_key', models.TextField(blank=True, editable=False, help_text='Fernet ciphertext; empty when the key is unknown.')),
-                ('created', models.DateTimeField(auto_now_add=True)),
-                ('last_updated', models.DateTimeField(auto_now=True)),
-                ('kind', models.CharField(choices=[('server', 'Server'), ('client', 'Client')], editable=False, max_length=8)),
-                ('common_name', models.CharField(blank=True, editable=False, max_length=200)),
-                ('dns_names', models.JSONField(blank=True, default=list, editable=False)),
-                ('ip_addresses', models.JSONField(blank=True, default=list, editable=False)),
-                ('revoked_at', models.DateTimeField(blank=True, editable=False, null=True)),
-                ('revocation_reason', models.CharField(blank=True, editable=False, max_length=200)),
-                ('authority', models.ForeignKey(blank=True, editable=False, help_text='The issuing CA when it is known here.', null=True, on_delete=django.db.models.deletion.PROTECT, related_name='certificates', to='exports_app.certificateauthority')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=100, unique=True)),
+                ("description", models.CharField(blank=True, max_length=200)),
+                ("subject", models.CharField(editable=False, max_length=500)),
+                (
+                    "serial",
+                    models.CharField(
+                        db_index=True,
+                        editable=False,
+                        help_text="Lower-case hex, no leading zeros.",
+                        max_length=64,
+                    ),
+                ),
+                (
+                    "fingerprint_sha256",
+                    models.CharField(
+                        editable=False,
+                        help_text="Lower-case hex, no colons.",
+                        max_length=64,
+                        unique=True,
+                    ),
+                ),
+                ("not_before", models.DateTimeField(editable=False)),
+                ("not_after", models.DateTimeField(editable=False)),
+                ("certificate_pem", models.TextField(editable=False)),
+                (
+                    "encrypted_private_key",
+                    models.TextField(
+                        blank=True,
+                        editable=False,
+                        help_text="Fernet ciphertext; empty when the key is unknown.",
+                    ),
+                ),
+                ("created", models.DateTimeField(auto_now_add=True)),
+                ("last_updated", models.DateTimeField(auto_now=True)),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[("server", "Server"), ("client", "Client")],
+                        editable=False,
+                        max_length=8,
+                    ),
+                ),
+                ("common_name", models.CharField(blank=True, editable=False, max_length=200)),
+                ("dns_names", models.JSONField(blank=True, default=list, editable=False)),
+                ("ip_addresses", models.JSONField(blank=True, default=list, editable=False)),
+                ("revoked_at", models.DateTimeField(blank=True, editable=False, null=True)),
+                ("revocation_reason", models.CharField(blank=True, editable=False, max_length=200)),
+                (
+                    "authority",
+                    models.ForeignKey(
+                        blank=True,
+                        editable=False,
+                        help_text="The issuing CA when it is known here.",
+                        null=True,
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="certificates",
+                        to="exports_app.certificateauthority",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['name'],
-                'permissions': [('download_certificate_bundle', 'Can download a certificate bundle (private key)'), ('revoke_certificate', 'Can revoke a certificate')],
-                'abstract': False,
+                "ordering": ["name"],
+                "permissions": [
+                    (
+                        "download_certificate_bundle",
+                        "Can download a certificate bundle (private key)",
+                    ),
+                    ("revoke_certificate", "Can revoke a certificate"),
+                ],
+                "abstract": False,
             },
         ),
         migrations.CreateModel(
-            name='HistoricalCertificate',
+            name="HistoricalCertificate",
             fields=[
-                ('id', models.BigIntegerField(auto_created=True, blank=True, db_index=True, verbose_name='ID')),
-                ('name', models.CharField(db_index=True, max_length=100)),
-                ('description', models.CharField(blank=True, max_length=200)),
-                ('subject', models.CharField(editable=False, max_length=500)),
-                ('serial', models.CharField(db_index=True, editable=False, help_text='Lower-case hex, no leading zeros.', max_length=64)),
-                ('fingerprint_sha256', models.CharField(db_index=True, editable=False, help_text='Lower-case hex, no colons.', max_length=64)),
-                ('not_before', models.DateTimeField(editable=False)),
-                ('not_after', models.DateTimeField(editable=False)),
-                ('certificate_pem', models.TextField(editable=False)),
-                ('created', models.DateTimeField(blank=True, editable=False)),
-                ('last_updated', models.DateTimeField(blank=True, editable=False)),
-                ('kind', models.CharField(choices=[('server', 'Server'), ('client', 'Client')], editable=False, max_length=8)),
-                ('common_name', models.CharField(blank=True, editable=False, max_length=200)),
-                ('dns_names', models.JSONField(blank=True, default=list, editable=False)),
-                ('ip_addresses', models.JSONField(blank=True, default=list, editable=False)),
-                ('revoked_at', models.DateTimeField(blank=True, editable=False, null=True)),
-                ('revocation_reason', models.CharField(blank=True, editable=False, max_length=200)),
-                ('history_id', models.AutoField(primary_key=True, serialize=False)),
-                ('history_date', models.DateTimeField(db_index=True)),
-                ('history_change_reason', models.CharField(max_length=100, null=True)),
-                ('history_type', models.CharField(choices=[('+', 'Created'), ('~', 'Changed'), ('-', 'Deleted')], max_length=1)),
-                ('authority', models.ForeignKey(blank=True, db_constraint=False, editable=False, help_text='The issuing CA when it is known here.', null=True, on_delete=django.db.models.deletion.DO_NOTHING, related_name='+', to='exports_app.certificateauthority')),
-                ('history_user', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigIntegerField(
+                        auto_created=True, blank=True, db_index=True, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(db_index=True, max_length=100)),
+                ("description", models.CharField(blank=True, max_length=200)),
+                ("subject", models.CharField(editable=False, max_length=500)),
+                (
+                    "serial",
+                    models.CharField(
+                        db_index=True,
+                        editable=False,
+                        help_text="Lower-case hex, no leading zeros.",
+                        max_length=64,
+                    ),
+                ),
+                (
+                    "fingerprint_sha256",
+                    models.CharField(
+                        db_index=True,
+                        editable=False,
+                        help_text="Lower-case hex, no colons.",
+                        max_length=64,
+                    ),
+                ),
+                ("not_before", models.DateTimeField(editable=False)),
+                ("not_after", models.DateTimeField(editable=False)),
+                ("certificate_pem", models.TextField(editable=False)),
+                ("created", models.DateTimeField(blank=True, editable=False)),
+                ("last_updated", models.DateTimeField(blank=True, editable=False)),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[("server", "Server"), ("client", "Client")],
+                        editable=False,
+                        max_length=8,
+                    ),
+                ),
+                ("common_name", models.CharField(blank=True, editable=False, max_length=200)),
+                ("dns_names", models.JSONField(blank=True, default=list, editable=False)),
+                ("ip_addresses", models.JSONField(blank=True, default=list, editable=False)),
+                ("revoked_at", models.DateTimeField(blank=True, editable=False, null=True)),
+                ("revocation_reason", models.CharField(blank=True, editable=False, max_length=200)),
+                ("history_id", models.AutoField(primary_key=True, serialize=False)),
+                ("history_date", models.DateTimeField(db_index=True)),
+                ("history_change_reason", models.CharField(max_length=100, null=True)),
+                (
+                    "history_type",
+                    models.CharField(
+                        choices=[("+", "Created"), ("~", "Changed"), ("-", "Deleted")], max_length=1
+                    ),
+                ),
+                (
+                    "authority",
+                    models.ForeignKey(
+                        blank=True,
+                        db_constraint=False,
+                        editable=False,
+                        help_text="The issuing CA when it is known here.",
+                        null=True,
+                        on_delete=django.db.models.deletion.DO_NOTHING,
+                        related_name="+",
+                        to="exports_app.certificateauthority",
+                    ),
+                ),
+                (
+                    "history_user",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'historical certificate',
-                'verbose_name_plural': 'historical certificates',
-                'ordering': ('-history_date', '-history_id'),
-                'get_latest_by': ('history_date', 'history_id'),
-            },
-            bases=(simple_history.models.HistoricalChanges, models.Model),
-        ),
-        migrations.CreateModel(
-            name='HistoricalCertificateAuthority',
-            fields=[
-                ('id', models.BigIntegerField(auto_created=True, blank=True, db_index=True, verbose_name='ID')),
-                ('name', models.CharField(db_index=True, max_length=100)),
-                ('description', models.CharField(blank=True, max_length=200)),
-                ('subject', models.CharField(editable=False, max_length=500)),
-                ('serial', models.CharField(db_index=True, editable=False, help_text='Lower-case hex, no leading zeros.', max_length=64)),
-                ('fingerprint_sha256', models.CharField(db_index=True, editable=False, help_text='Lower-case hex, no colons.', max_length=64)),
-                ('not_before', models.DateTimeField(editable=False)),
-                ('not_after', models.DateTimeField(editable=False)),
-                ('certificate_pem', models.TextField(editable=False)),
-                ('created', models.DateTimeField(blank=True, editable=False)),
-                ('last_updated', models.DateTimeField(blank=True, editable=False)),
-                ('key_algorithm', models.CharField(blank=True, choices=[('ec-p256', 'EC P-256'), ('rsa-3072', 'RSA 3072')], editable=False, max_length=16)),
-                ('is_imported', models.BooleanField(default=False, editable=False, help_text='Imported from outside rather than created here.')),
-                ('history_id', models.AutoField(primary_key=True, serialize=False)),
-                ('history_date', models.DateTimeField(db_index=True)),
-                ('history_change_reason', models.CharField(max_length=100, null=True)),
-                ('history_type', models.CharField(choices=[('+', 'Created'), ('~', 'Changed'), ('-', 'Deleted')], max_length=1)),
-                ('history_user', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-            ],
-            options={
-                'verbose_name': 'historical certificate authority',
-                'verbose_name_plural': 'historical certificate authorities',
-                'ordering': ('-history_date', '-history_id'),
-                'get_latest_by': ('history_date', 'history_id'),
-            },
-            bases=(simple_history.models.HistoricalChanges, models.Model),
-        ),
-        migrations.CreateModel(
-            name='HistoricalTLSPolicy',
-            fields=[
-                ('id', models.BigIntegerField(auto_created=True, blank=True, db_index=True, verbose_name='ID')),
-                ('name', models.CharField(db_index=True, max_length=100)),
-                ('description', models.CharField(blank=True, max_length=200)),
-                ('mode', models.CharField(choices=[('NOTLS', 'No TLS'), ('OPTIONALTLS', 'Optional TLS (downgradable)'), ('FORCEDTLS', 'Forced TLS'), ('SELECTIVETLS', 'Selective TLS (per export)')], default='NOTLS', max_length=16)),
-                ('client_verification', models.CharField(choices=[('none', 'None'), ('optional', 'Optional'), ('required', 'Required')], default='none', max_length=8)),
-                ('min_tls_version', models.CharField(choices=[('1.2', 'TLS 1.2'), ('1.3', 'TLS 1.3')], default='1.2', max_length=4)),
-                ('created', models.DateTimeField(blank=True, editable=False)),
-                ('last_updated', models.DateTimeField(blank=True, editable=False)),
-                ('history_id', models.AutoField(primary_key=True, serialize=False)),
-                ('history_date', models.DateTimeField(db_index=True)),
-                ('history_change_reason', models.CharField(max_length=100, null=True)),
-                ('history_type', models.CharField(choices=[('+', 'Created'), ('~', 'Changed'), ('-', 'Deleted')], max_length=1)),
-                ('history_user', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('server_certificate', models.ForeignKey(blank=True, db_constraint=False, help_text='Required for every mode but NOTLS; it must have its private key.', null=True, on_delete=django.db.models.deletion.DO_NOTHING, related_name='+', to='exports_app.certificate')),
-            ],
-            options={
-                'verbose_name': 'historical TLS policy',
-                'verbose_name_plural': 'historical TLS policies',
-                'ordering': ('-history_date', '-history_id'),
-                'get_latest_by': ('history_date', 'history_id'),
-            },
-            bases=(simple_history.models.HistoricalChanges, models.Model),
-        ),
-        migrations.CreateModel(
-            name='TLSPolicy',
-            fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=100, unique=True)),
-                ('description', models.CharField(blank=True, max_length=200)),
-                ('mode', models.CharField(choices=[('NOTLS', 'No TLS'), ('OPTIONALTLS', 'Optional TLS (downgradable)'), ('FORCEDTLS', 'Forced TLS'), ('SELECTIVETLS', 'Selective TLS (per export)')], default='NOTLS', max_length=16)),
-                ('client_verification', models.CharField(choices=[('none', 'None'), ('optional', 'Optional'), ('required', 'Required')], default='none', max_length=8)),
-                ('min_tls_version', models.CharField(choices=[('1.2', 'TLS 1.2'), ('1.3', 'TLS 1.3')], default='1.2', max_length=4)),
-                ('created', models.DateTimeField(auto_now_add=True)),
-                ('last_updated', models.DateTimeField(auto_now=True)),
-                ('server_certificate', models.ForeignKey(blank=True, help_text='Required for every mode but NOTLS; it must have its private key.', null=True, on_delete=django.db.models.deletion.PROTECT, related_name='server_policies', to='exports_app.certificate')),
-                ('trusted_authorities', models.ManyToManyField(blank=True, help_text='CAs whose client certificates are accepted.', related_name='trusting_policies', to='exports_app.certificateauthority')),
-            ],
-            options={
-                'verbose_name': 'TLS policy',
-                'verbose_name_plural': 'TLS policies',
-                'ordering': ['name'],
-            },
-        ),
-        migrations.CreateModel(
-            name='HistoricalWorkerNode',
-            fields=[
-                ('id', models.BigIntegerField(auto_created=True, blank=True, db_index=True, verbose_name='ID')),
-                ('name', models.CharField(db_index=True, help_text="Names the worker's Redis keys and its Celery queue node.<name>.", max_length=63, validators=[exports_app.validators.validate_node_name])),
-                ('description', models.CharField(blank=True, max_length=200)),
-                ('listen', models.CharField(help_text='host:port the worker serves NBD on.', max_length=300, validators=[exports_app.validators.validate_listen_address])),
-                ('public_address', models.CharField(blank=True, help_text='host:port clients connect to, when it differs from the listen address (NAT, 0.0.0.0). Used in export URIs.', max_length=300, validators=[exports_app.validators.validate_listen_address])),
-                ('storage_root', models.CharField(help_text='Absolute directory on the node under which its images live.', max_length=1024, validators=[exports_app.validators.validate_storage_root])),
-                ('created', models.DateTimeField(blank=True, editable=False)),
-                ('last_updated', models.DateTimeField(blank=True, editable=False)),
-                ('history_id', models.AutoField(primary_key=True, serialize=False)),
-                ('history_date', models.DateTimeField(db_index=True)),
-                ('history_change_reason', models.CharField(max_length=100, null=True)),
-                ('history_type', models.CharField(choices=[('+', 'Created'), ('~', 'Changed'), ('-', 'Deleted')], max_length=1)),
-                ('history_user', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('tls_policy', models.ForeignKey(blank=True, db_constraint=False, null=True, on_delete=django.db.models.deletion.DO_NOTHING, related_name='+', to='exports_app.tlspolicy')),
-            ],
-            options={
-                'verbose_name': 'historical worker node',
-                'verbose_name_plural': 'historical worker nodes',
-                'ordering': ('-history_date', '-history_id'),
-                'get_latest_by': ('history_date', 'history_id'),
-            },
-            bases=(simple_history.models.HistoricalChanges, models.Model),
-        ),
-        migrations.CreateModel(
-            name='HistoricalTLSPolicy_trusted_authorities',
-            fields=[
-                ('id', models.BigIntegerField(auto_created=True, blank=True, db_index=True, verbose_name='ID')),
-                ('m2m_history_id', models.AutoField(primary_key=True, serialize=False)),
-                ('certificateauthority', models.ForeignKey(blank=True, db_constraint=False, db_tablespace='', null=True, on_delete=django.db.models.deletion.DO_NOTHING, related_name='+', to='exports_app.certificateauthority')),
-                ('history', models.ForeignKey(db_constraint=False, on_delete=django.db.models.deletion.DO_NOTHING, to='exports_app.historicaltlspolicy')),
-                ('tlspolicy', models.ForeignKey(blank=True, db_constraint=False, db_tablespace='', null=True, on_delete=django.db.models.deletion.DO_NOTHING, related_name='+', to='exports_app.tlspolicy')),
-            ],
-            options={
-                'verbose_name': 'HistoricalTLSPolicy_trusted_authorities',
-            },
-            bases=(simple_history.models.HistoricalChanges, models.Model),
-        ),
-        migrations.CreateModel(
-            name='WorkerNode',
-            fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(help_text="Names the worker's Redis keys and its Celery queue node.<name>.", max_length=63, unique=True, validators=[exports_app.validators.validate_node_name])),
-                ('description', models.CharField(blank=True, max_length=200)),
-                ('listen', models.CharField(help_text='host:port the worker serves NBD on.', max_length=300, validators=[exports_app.validators.validate_listen_address])),
-                ('public_address', models.CharField(blank=True, help_text='host:port clients connect to, when it differs from the listen address (NAT, 0.0.0.0). Used in export URIs.', max_length=300, validators=[exports_app.validators.validate_listen_address])),
-                ('storage_root', models.CharField(help_text='Absolute directory on the node under which its images live.', max_length=1024, validators=[exports_app.validators.validate_storage_root])),
-                ('created', models.DateTimeField(auto_now_add=True)),
-                ('last_updated', models.DateTimeField(auto_now=True)),
-                ('tls_policy', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='nodes', to='exports_app.tlspolicy')),
-            ],
-            options={
-                'verbose_name': 'worker node',
-                'ordering': ['name'],
-            },
-        ),
-        migrations.CreateModel(
-            name='HistoricalExport',
-            fields=[
-                ('id', models.BigIntegerField(auto_created=True, blank=True, db_index=True, verbose_name='ID')),
-                ('name', models.TextField(help_text='The NBD export name.', validators=[exports_app.validators.validate_nbd_name])),
-                ('description', models.TextField(blank=True, validators=[exports_app.validators.validate_description])),
-                ('image_path', models.CharField(blank=True, help_text="Image file relative to the node's storage root; default <name>.img.", max_length=1024)),
-                ('size', models.BigIntegerField(help_text='Bytes; a multiple of 512.', validators=[django.core.validators.MinValueValidator(512), django.core.validators.MaxValueValidator(9223372036854775296)])),
-                ('read_only', models.BooleanField(default=False)),
-                ('enabled', models.BooleanField(default=True)),
-                ('tls_required', models.BooleanField(default=False, help_text='Serve only over TLS (SELECTIVETLS; implied by FORCEDTLS).')),
-                ('allowed_clients', models.JSONField(blank=True, default=list, help_text='TLS client identities allowed, e.g. [{"common_name": "alice"}, {"fingerprint_sha256": "..."}, {"san": "host.example"}]; empty allows any.')),
-                ('allowed_networks', models.JSONField(blank=True, default=list, help_text='Client networks allowed, e.g. ["10.0.0.0/8"]; empty allows any.')),
-                ('flush', models.BooleanField(default=True)),
-                ('fua', models.BooleanField(default=True, verbose_name='FUA')),
-                ('trim', models.BooleanField(default=True)),
-                ('write_zeroes', models.BooleanField(default=True)),
-                ('fast_zero', models.BooleanField(default=True)),
-                ('cache', models.BooleanField(default=True)),
-                ('multi_conn', models.BooleanField(default=True)),
-                ('min_block_size', models.PositiveIntegerField(default=1)),
-                ('preferred_block_size', models.PositiveIntegerField(default=4096)),
-                ('max_block_size', models.PositiveIntegerField(default=33554432)),
-                ('max_connections', models.PositiveIntegerField(default=0, help_text='0 means no limit.')),
-                ('state', models.CharField(choices=[('provisioning', 'Provisioning'), ('ready', 'Ready'), ('failed', 'Failed'), ('deleting', 'Deleting')], default='provisioning', editable=False, max_length=16)),
-                ('last_error', models.TextField(blank=True, editable=False)),
-                ('content_sha256', models.CharField(blank=True, editable=False, max_length=64)),
-                ('verified_at', models.DateTimeField(blank=True, editable=False, null=True)),
-                ('created', models.DateTimeField(blank=True, editable=False)),
-                ('last_updated', models.DateTimeField(blank=True, editable=False)),
-                ('history_id', models.AutoField(primary_key=True, serialize=False)),
-                ('history_date', models.DateTimeField(db_index=True)),
-                ('history_change_reason', models.CharField(max_length=100, null=True)),
-                ('history_type', models.CharField(choices=[('+', 'Created'), ('~', 'Changed'), ('-', 'Deleted')], max_length=1)),
-                ('history_user', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('node', models.ForeignKey(blank=True, db_constraint=False, null=True, on_delete=django.db.models.deletion.DO_NOTHING, related_name='+', to='exports_app.workernode')),
-            ],
-            options={
-                'verbose_name': 'historical export',
-                'verbose_name_plural': 'historical exports',
-                'ordering': ('-history_date', '-history_id'),
-                'get_latest_by': ('history_date', 'history_id'),
+                "verbose_name": "historical certificate",
+                "verbose_name_plural": "historical certificates",
+                "ordering": ("-history_date", "-history_id"),
+                "get_latest_by": ("history_date", "history_id"),
             },
             bases=(simple_history.models.HistoricalChanges, models.Model),
         ),
         migrations.CreateModel(
-            name='Export',
+            name="HistoricalCertificateAuthority",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.TextField(help_text='The NBD export name.', validators=[exports_app.validators.validate_nbd_name])),
-                ('name_digest', models.CharField(editable=False, max_length=64)),
-                ('description', models.TextField(blank=True, validators=[exports_app.validators.validate_description])),
-                ('image_path', models.CharField(blank=True, help_text="Image file relative to the node's storage root; default <name>.img.", max_length=1024)),
-                ('size', models.BigIntegerField(help_text='Bytes; a multiple of 512.', validators=[django.core.validators.MinValueValidator(512), django.core.validators.MaxValueValidator(9223372036854775296)])),
-                ('read_only', models.BooleanField(default=False)),
-                ('enabled', models.BooleanField(default=True)),
-                ('tls_required', models.BooleanField(default=False, help_text='Serve only over TLS (SELECTIVETLS; implied by FORCEDTLS).')),
-                ('allowed_clients', models.JSONField(blank=True, default=list, help_text='TLS client identities allowed, e.g. [{"common_name": "alice"}, {"fingerprint_sha256": "..."}, {"san": "host.example"}]; empty allows any.')),
-                ('allowed_networks', models.JSONField(blank=True, default=list, help_text='Client networks allowed, e.g. ["10.0.0.0/8"]; empty allows any.')),
-                ('flush', models.BooleanField(default=True)),
-                ('fua', models.BooleanField(default=True, verbose_name='FUA')),
-                ('trim', models.BooleanField(default=True)),
-                ('write_zeroes', models.BooleanField(default=True)),
-                ('fast_zero', models.BooleanField(default=True)),
-                ('cache', models.BooleanField(default=True)),
-                ('multi_conn', models.BooleanField(default=True)),
-                ('min_block_size', models.PositiveIntegerField(default=1)),
-                ('preferred_block_size', models.PositiveIntegerField(default=4096)),
-                ('max_block_size', models.PositiveIntegerField(default=33554432)),
-                ('max_connections', models.PositiveIntegerField(default=0, help_text='0 means no limit.')),
-                ('state', models.CharField(choices=[('provisioning', 'Provisioning'), ('ready', 'Ready'), ('failed', 'Failed'), ('deleting', 'Deleting')], default='provisioning', editable=False, max_length=16)),
-                ('last_error', models.TextField(blank=True, editable=False)),
-                ('content_sha256', models.CharField(blank=True, editable=False, max_length=64)),
-                ('verified_at', models.DateTimeField(blank=True, editable=False, null=True)),
-                ('created', models.DateTimeField(auto_now_add=True)),
-                ('last_updated', models.DateTimeField(auto_now=True)),
-                ('node', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='exports', to='exports_app.workernode')),
+                (
+                    "id",
+                    models.BigIntegerField(
+                        auto_created=True, blank=True, db_index=True, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(db_index=True, max_length=100)),
+                ("description", models.CharField(blank=True, max_length=200)),
+                ("subject", models.CharField(editable=False, max_length=500)),
+                (
+                    "serial",
+                    models.CharField(
+                        db_index=True,
+                        editable=False,
+                        help_text="Lower-case hex, no leading zeros.",
+                        max_length=64,
+                    ),
+                ),
+                (
+                    "fingerprint_sha256",
+                    models.CharField(
+                        db_index=True,
+                        editable=False,
+                        help_text="Lower-case hex, no colons.",
+                        max_length=64,
+                    ),
+                ),
+                ("not_before", models.DateTimeField(editable=False)),
+                ("not_after", models.DateTimeField(editable=False)),
+                ("certificate_pem", models.TextField(editable=False)),
+                ("created", models.DateTimeField(blank=True, editable=False)),
+                ("last_updated", models.DateTimeField(blank=True, editable=False)),
+                (
+                    "key_algorithm",
+                    models.CharField(
+                        blank=True,
+                        choices=[("ec-p256", "EC P-256"), ("rsa-3072", "RSA 3072")],
+                        editable=False,
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "is_imported",
+                    models.BooleanField(
+                        default=False,
+                        editable=False,
+                        help_text="Imported from outside rather than created here.",
+                    ),
+                ),
+                ("history_id", models.AutoField(primary_key=True, serialize=False)),
+                ("history_date", models.DateTimeField(db_index=True)),
+                ("history_change_reason", models.CharField(max_length=100, null=True)),
+                (
+                    "history_type",
+                    models.CharField(
+                        choices=[("+", "Created"), ("~", "Changed"), ("-", "Deleted")], max_length=1
+                    ),
+                ),
+                (
+                    "history_user",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['node', 'name'],
-                'constraints': [models.UniqueConstraint(fields=('node', 'name_digest'), name='export_unique_name_per_node'), models.UniqueConstraint(fields=('node', 'image_path'), name='export_unique_image_per_node')],
+                "verbose_name": "historical certificate authority",
+                "verbose_name_plural": "historical certificate authorities",
+                "ordering": ("-history_date", "-history_id"),
+                "get_latest_by": ("history_date", "history_id"),
+            },
+            bases=(simple_history.models.HistoricalChanges, models.Model),
+        ),
+        migrations.CreateModel(
+            name="HistoricalTLSPolicy",
+            fields=[
+                (
+                    "id",
+                    models.BigIntegerField(
+                        auto_created=True, blank=True, db_index=True, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(db_index=True, max_length=100)),
+                ("description", models.CharField(blank=True, max_length=200)),
+                (
+                    "mode",
+                    models.CharField(
+                        choices=[
+                            ("NOTLS", "No TLS"),
+                            ("OPTIONALTLS", "Optional TLS (downgradable)"),
+                            ("FORCEDTLS", "Forced TLS"),
+                            ("SELECTIVETLS", "Selective TLS (per export)"),
+                        ],
+                        default="NOTLS",
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "client_verification",
+                    models.CharField(
+                        choices=[
+                            ("none", "None"),
+                            ("optional", "Optional"),
+                            ("required", "Required"),
+                        ],
+                        default="none",
+                        max_length=8,
+                    ),
+                ),
+                (
+                    "min_tls_version",
+                    models.CharField(
+                        choices=[("1.2", "TLS 1.2"), ("1.3", "TLS 1.3")],
+                        default="1.2",
+                        max_length=4,
+                    ),
+                ),
+                ("created", models.DateTimeField(blank=True, editable=False)),
+                ("last_updated", models.DateTimeField(blank=True, editable=False)),
+                ("history_id", models.AutoField(primary_key=True, serialize=False)),
+                ("history_date", models.DateTimeField(db_index=True)),
+                ("history_change_reason", models.CharField(max_length=100, null=True)),
+                (
+                    "history_type",
+                    models.CharField(
+                        choices=[("+", "Created"), ("~", "Changed"), ("-", "Deleted")], max_length=1
+                    ),
+                ),
+                (
+                    "history_user",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "server_certificate",
+                    models.ForeignKey(
+                        blank=True,
+                        db_constraint=False,
+                        help_text="Required for every mode but NOTLS; it must have its private key.",
+                        null=True,
+                        on_delete=django.db.models.deletion.DO_NOTHING,
+                        related_name="+",
+                        to="exports_app.certificate",
+                    ),
+                ),
+            ],
+            options={
+                "verbose_name": "historical TLS policy",
+                "verbose_name_plural": "historical TLS policies",
+                "ordering": ("-history_date", "-history_id"),
+                "get_latest_by": ("history_date", "history_id"),
+            },
+            bases=(simple_history.models.HistoricalChanges, models.Model),
+        ),
+        migrations.CreateModel(
+            name="TLSPolicy",
+            fields=[
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=100, unique=True)),
+                ("description", models.CharField(blank=True, max_length=200)),
+                (
+                    "mode",
+                    models.CharField(
+                        choices=[
+                            ("NOTLS", "No TLS"),
+                            ("OPTIONALTLS", "Optional TLS (downgradable)"),
+                            ("FORCEDTLS", "Forced TLS"),
+                            ("SELECTIVETLS", "Selective TLS (per export)"),
+                        ],
+                        default="NOTLS",
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "client_verification",
+                    models.CharField(
+                        choices=[
+                            ("none", "None"),
+                            ("optional", "Optional"),
+                            ("required", "Required"),
+                        ],
+                        default="none",
+                        max_length=8,
+                    ),
+                ),
+                (
+                    "min_tls_version",
+                    models.CharField(
+                        choices=[("1.2", "TLS 1.2"), ("1.3", "TLS 1.3")],
+                        default="1.2",
+                        max_length=4,
+                    ),
+                ),
+                ("created", models.DateTimeField(auto_now_add=True)),
+                ("last_updated", models.DateTimeField(auto_now=True)),
+                (
+                    "server_certificate",
+                    models.ForeignKey(
+                        blank=True,
+                        help_text="Required for every mode but NOTLS; it must have its private key.",
+                        null=True,
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="server_policies",
+                        to="exports_app.certificate",
+                    ),
+                ),
+                (
+                    "trusted_authorities",
+                    models.ManyToManyField(
+                        blank=True,
+                        help_text="CAs whose client certificates are accepted.",
+                        related_name="trusting_policies",
+                        to="exports_app.certificateauthority",
+                    ),
+                ),
+            ],
+            options={
+                "verbose_name": "TLS policy",
+                "verbose_name_plural": "TLS policies",
+                "ordering": ["name"],
+            },
+        ),
+        migrations.CreateModel(
+            name="HistoricalWorkerNode",
+            fields=[
+                (
+                    "id",
+                    models.BigIntegerField(
+                        auto_created=True, blank=True, db_index=True, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "name",
+                    models.CharField(
+                        db_index=True,
+                        help_text="Names the worker's Redis keys and its Celery queue node.<name>.",
+                        max_length=63,
+                        validators=[exports_app.validators.validate_node_name],
+                    ),
+                ),
+                ("description", models.CharField(blank=True, max_length=200)),
+                (
+                    "listen",
+                    models.CharField(
+                        help_text="host:port the worker serves NBD on.",
+                        max_length=300,
+                        validators=[exports_app.validators.validate_listen_address],
+                    ),
+                ),
+                (
+                    "public_address",
+                    models.CharField(
+                        blank=True,
+                        help_text="host:port clients connect to, when it differs from the listen address (NAT, 0.0.0.0). Used in export URIs.",
+                        max_length=300,
+                        validators=[exports_app.validators.validate_listen_address],
+                    ),
+                ),
+                (
+                    "storage_root",
+                    models.CharField(
+                        help_text="Absolute directory on the node under which its images live.",
+                        max_length=1024,
+                        validators=[exports_app.validators.validate_storage_root],
+                    ),
+                ),
+                ("created", models.DateTimeField(blank=True, editable=False)),
+                ("last_updated", models.DateTimeField(blank=True, editable=False)),
+                ("history_id", models.AutoField(primary_key=True, serialize=False)),
+                ("history_date", models.DateTimeField(db_index=True)),
+                ("history_change_reason", models.CharField(max_length=100, null=True)),
+                (
+                    "history_type",
+                    models.CharField(
+                        choices=[("+", "Created"), ("~", "Changed"), ("-", "Deleted")], max_length=1
+                    ),
+                ),
+                (
+                    "history_user",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "tls_policy",
+                    models.ForeignKey(
+                        blank=True,
+                        db_constraint=False,
+                        null=True,
+                        on_delete=django.db.models.deletion.DO_NOTHING,
+                        related_name="+",
+                        to="exports_app.tlspolicy",
+                    ),
+                ),
+            ],
+            options={
+                "verbose_name": "historical worker node",
+                "verbose_name_plural": "historical worker nodes",
+                "ordering": ("-history_date", "-history_id"),
+                "get_latest_by": ("history_date", "history_id"),
+            },
+            bases=(simple_history.models.HistoricalChanges, models.Model),
+        ),
+        migrations.CreateModel(
+            name="HistoricalTLSPolicy_trusted_authorities",
+            fields=[
+                (
+                    "id",
+                    models.BigIntegerField(
+                        auto_created=True, blank=True, db_index=True, verbose_name="ID"
+                    ),
+                ),
+                ("m2m_history_id", models.AutoField(primary_key=True, serialize=False)),
+                (
+                    "certificateauthority",
+                    models.ForeignKey(
+                        blank=True,
+                        db_constraint=False,
+                        db_tablespace="",
+                        null=True,
+                        on_delete=django.db.models.deletion.DO_NOTHING,
+                        related_name="+",
+                        to="exports_app.certificateauthority",
+                    ),
+                ),
+                (
+                    "history",
+                    models.ForeignKey(
+                        db_constraint=False,
+                        on_delete=django.db.models.deletion.DO_NOTHING,
+                        to="exports_app.historicaltlspolicy",
+                    ),
+                ),
+                (
+                    "tlspolicy",
+                    models.ForeignKey(
+                        blank=True,
+                        db_constraint=False,
+                        db_tablespace="",
+                        null=True,
+                        on_delete=django.db.models.deletion.DO_NOTHING,
+                        related_name="+",
+                        to="exports_app.tlspolicy",
+                    ),
+                ),
+            ],
+            options={
+                "verbose_name": "HistoricalTLSPolicy_trusted_authorities",
+            },
+            bases=(simple_history.models.HistoricalChanges, models.Model),
+        ),
+        migrations.CreateModel(
+            name="WorkerNode",
+            fields=[
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "name",
+                    models.CharField(
+                        help_text="Names the worker's Redis keys and its Celery queue node.<name>.",
+                        max_length=63,
+                        unique=True,
+                        validators=[exports_app.validators.validate_node_name],
+                    ),
+                ),
+                ("description", models.CharField(blank=True, max_length=200)),
+                (
+                    "listen",
+                    models.CharField(
+                        help_text="host:port the worker serves NBD on.",
+                        max_length=300,
+                        validators=[exports_app.validators.validate_listen_address],
+                    ),
+                ),
+                (
+                    "public_address",
+                    models.CharField(
+                        blank=True,
+                        help_text="host:port clients connect to, when it differs from the listen address (NAT, 0.0.0.0). Used in export URIs.",
+                        max_length=300,
+                        validators=[exports_app.validators.validate_listen_address],
+                    ),
+                ),
+                (
+                    "storage_root",
+                    models.CharField(
+                        help_text="Absolute directory on the node under which its images live.",
+                        max_length=1024,
+                        validators=[exports_app.validators.validate_storage_root],
+                    ),
+                ),
+                ("created", models.DateTimeField(auto_now_add=True)),
+                ("last_updated", models.DateTimeField(auto_now=True)),
+                (
+                    "tls_policy",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="nodes",
+                        to="exports_app.tlspolicy",
+                    ),
+                ),
+            ],
+            options={
+                "verbose_name": "worker node",
+                "ordering": ["name"],
+            },
+        ),
+        migrations.CreateModel(
+            name="HistoricalExport",
+            fields=[
+                (
+                    "id",
+                    models.BigIntegerField(
+                        auto_created=True, blank=True, db_index=True, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "name",
+                    models.TextField(
+                        help_text="The NBD export name.",
+                        validators=[exports_app.validators.validate_nbd_name],
+                    ),
+                ),
+                (
+                    "description",
+                    models.TextField(
+                        blank=True, validators=[exports_app.validators.validate_description]
+                    ),
+                ),
+                (
+                    "image_path",
+                    models.CharField(
+                        blank=True,
+                        help_text="Image file relative to the node's storage root; default <name>.img.",
+                        max_length=1024,
+                    ),
+                ),
+                (
+                    "size",
+                    models.BigIntegerField(
+                        help_text="Bytes; a multiple of 512.",
+                        validators=[
+                            django.core.validators.MinValueValidator(512),
+                            django.core.validators.MaxValueValidator(9223372036854775296),
+                        ],
+                    ),
+                ),
+                ("read_only", models.BooleanField(default=False)),
+                ("enabled", models.BooleanField(default=True)),
+                (
+                    "tls_required",
+                    models.BooleanField(
+                        default=False,
+                        help_text="Serve only over TLS (SELECTIVETLS; implied by FORCEDTLS).",
+                    ),
+                ),
+                (
+                    "allowed_clients",
+                    models.JSONField(
+                        blank=True,
+                        default=list,
+                        help_text='TLS client identities allowed, e.g. [{"common_name": "alice"}, {"fingerprint_sha256": "..."}, {"san": "host.example"}]; empty allows any.',
+                    ),
+                ),
+                (
+                    "allowed_networks",
+                    models.JSONField(
+                        blank=True,
+                        default=list,
+                        help_text='Client networks allowed, e.g. ["10.0.0.0/8"]; empty allows any.',
+                    ),
+                ),
+                ("flush", models.BooleanField(default=True)),
+                ("fua", models.BooleanField(default=True, verbose_name="FUA")),
+                ("trim", models.BooleanField(default=True)),
+                ("write_zeroes", models.BooleanField(default=True)),
+                ("fast_zero", models.BooleanField(default=True)),
+                ("cache", models.BooleanField(default=True)),
+                ("multi_conn", models.BooleanField(default=True)),
+                ("min_block_size", models.PositiveIntegerField(default=1)),
+                ("preferred_block_size", models.PositiveIntegerField(default=4096)),
+                ("max_block_size", models.PositiveIntegerField(default=33554432)),
+                (
+                    "max_connections",
+                    models.PositiveIntegerField(default=0, help_text="0 means no limit."),
+                ),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("provisioning", "Provisioning"),
+                            ("ready", "Ready"),
+                            ("failed", "Failed"),
+                            ("deleting", "Deleting"),
+                        ],
+                        default="provisioning",
+                        editable=False,
+                        max_length=16,
+                    ),
+                ),
+                ("last_error", models.TextField(blank=True, editable=False)),
+                ("content_sha256", models.CharField(blank=True, editable=False, max_length=64)),
+                ("verified_at", models.DateTimeField(blank=True, editable=False, null=True)),
+                ("created", models.DateTimeField(blank=True, editable=False)),
+                ("last_updated", models.DateTimeField(blank=True, editable=False)),
+                ("history_id", models.AutoField(primary_key=True, serialize=False)),
+                ("history_date", models.DateTimeField(db_index=True)),
+                ("history_change_reason", models.CharField(max_length=100, null=True)),
+                (
+                    "history_type",
+                    models.CharField(
+                        choices=[("+", "Created"), ("~", "Changed"), ("-", "Deleted")], max_length=1
+                    ),
+                ),
+                (
+                    "history_user",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "node",
+                    models.ForeignKey(
+                        blank=True,
+                        db_constraint=False,
+                        null=True,
+                        on_delete=django.db.models.deletion.DO_NOTHING,
+                        related_name="+",
+                        to="exports_app.workernode",
+                    ),
+                ),
+            ],
+            options={
+                "verbose_name": "historical export",
+                "verbose_name_plural": "historical exports",
+                "ordering": ("-history_date", "-history_id"),
+                "get_latest_by": ("history_date", "history_id"),
+            },
+            bases=(simple_history.models.HistoricalChanges, models.Model),
+        ),
+        migrations.CreateModel(
+            name="Export",
+            fields=[
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "name",
+                    models.TextField(
+                        help_text="The NBD export name.",
+                        validators=[exports_app.validators.validate_nbd_name],
+                    ),
+                ),
+                ("name_digest", models.CharField(editable=False, max_length=64)),
+                (
+                    "description",
+                    models.TextField(
+                        blank=True, validators=[exports_app.validators.validate_description]
+                    ),
+                ),
+                (
+                    "image_path",
+                    models.CharField(
+                        blank=True,
+                        help_text="Image file relative to the node's storage root; default <name>.img.",
+                        max_length=1024,
+                    ),
+                ),
+                (
+                    "size",
+                    models.BigIntegerField(
+                        help_text="Bytes; a multiple of 512.",
+                        validators=[
+                            django.core.validators.MinValueValidator(512),
+                            django.core.validators.MaxValueValidator(9223372036854775296),
+                        ],
+                    ),
+                ),
+                ("read_only", models.BooleanField(default=False)),
+                ("enabled", models.BooleanField(default=True)),
+                (
+                    "tls_required",
+                    models.BooleanField(
+                        default=False,
+                        help_text="Serve only over TLS (SELECTIVETLS; implied by FORCEDTLS).",
+                    ),
+                ),
+                (
+                    "allowed_clients",
+                    models.JSONField(
+                        blank=True,
+                        default=list,
+                        help_text='TLS client identities allowed, e.g. [{"common_name": "alice"}, {"fingerprint_sha256": "..."}, {"san": "host.example"}]; empty allows any.',
+                    ),
+                ),
+                (
+                    "allowed_networks",
+                    models.JSONField(
+                        blank=True,
+                        default=list,
+                        help_text='Client networks allowed, e.g. ["10.0.0.0/8"]; empty allows any.',
+                    ),
+                ),
+                ("flush", models.BooleanField(default=True)),
+                ("fua", models.BooleanField(default=True, verbose_name="FUA")),
+                ("trim", models.BooleanField(default=True)),
+                ("write_zeroes", models.BooleanField(default=True)),
+                ("fast_zero", models.BooleanField(default=True)),
+                ("cache", models.BooleanField(default=True)),
+                ("multi_conn", models.BooleanField(default=True)),
+                ("min_block_size", models.PositiveIntegerField(default=1)),
+                ("preferred_block_size", models.PositiveIntegerField(default=4096)),
+                ("max_block_size", models.PositiveIntegerField(default=33554432)),
+                (
+                    "max_connections",
+                    models.PositiveIntegerField(default=0, help_text="0 means no limit."),
+                ),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("provisioning", "Provisioning"),
+                            ("ready", "Ready"),
+                            ("failed", "Failed"),
+                            ("deleting", "Deleting"),
+                        ],
+                        default="provisioning",
+                        editable=False,
+                        max_length=16,
+                    ),
+                ),
+                ("last_error", models.TextField(blank=True, editable=False)),
+                ("content_sha256", models.CharField(blank=True, editable=False, max_length=64)),
+                ("verified_at", models.DateTimeField(blank=True, editable=False, null=True)),
+                ("created", models.DateTimeField(auto_now_add=True)),
+                ("last_updated", models.DateTimeField(auto_now=True)),
+                (
+                    "node",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="exports",
+                        to="exports_app.workernode",
+                    ),
+                ),
+            ],
+            options={
+                "ordering": ["node", "name"],
+                "constraints": [
+                    models.UniqueConstraint(
+                        fields=("node", "name_digest"), name="export_unique_name_per_node"
+                    ),
+                    models.UniqueConstraint(
+                        fields=("node", "image_path"), name="export_unique_image_per_node"
+                    ),
+                ],
             },
         ),
     ]

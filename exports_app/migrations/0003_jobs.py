@@ -6,35 +6,98 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('exports_app', '0002_default_node'),
+        ("exports_app", "0002_default_node"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='Job',
+            name="Job",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('kind', models.CharField(choices=[('create', 'Create'), ('clone', 'Clone'), ('resize', 'Resize'), ('delete', 'Delete'), ('verify', 'Verify')], editable=False, max_length=8)),
-                ('export_name', models.TextField(editable=False)),
-                ('state', models.CharField(choices=[('queued', 'Queued'), ('running', 'Running'), ('succeeded', 'Succeeded'), ('failed', 'Failed')], default='queued', editable=False, max_length=10)),
-                ('progress', models.PositiveSmallIntegerField(default=0, editable=False, help_text='Percent.')),
-                ('error', models.TextField(blank=True, editable=False)),
-                ('params', models.JSONField(blank=True, default=dict, editable=False)),
-                ('celery_task_id', models.CharField(blank=True, editable=False, max_length=64)),
-                ('created', models.DateTimeField(auto_now_add=True)),
-                ('started', models.DateTimeField(blank=True, editable=False, null=True)),
-                ('finished', models.DateTimeField(blank=True, editable=False, null=True)),
-                ('export', models.ForeignKey(blank=True, editable=False, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='jobs', to='exports_app.export')),
-                ('node', models.ForeignKey(editable=False, on_delete=django.db.models.deletion.CASCADE, related_name='jobs', to='exports_app.workernode')),
-                ('requested_by', models.ForeignKey(blank=True, editable=False, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[
+                            ("create", "Create"),
+                            ("clone", "Clone"),
+                            ("resize", "Resize"),
+                            ("delete", "Delete"),
+                            ("verify", "Verify"),
+                        ],
+                        editable=False,
+                        max_length=8,
+                    ),
+                ),
+                ("export_name", models.TextField(editable=False)),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("queued", "Queued"),
+                            ("running", "Running"),
+                            ("succeeded", "Succeeded"),
+                            ("failed", "Failed"),
+                        ],
+                        default="queued",
+                        editable=False,
+                        max_length=10,
+                    ),
+                ),
+                (
+                    "progress",
+                    models.PositiveSmallIntegerField(
+                        default=0, editable=False, help_text="Percent."
+                    ),
+                ),
+                ("error", models.TextField(blank=True, editable=False)),
+                ("params", models.JSONField(blank=True, default=dict, editable=False)),
+                ("celery_task_id", models.CharField(blank=True, editable=False, max_length=64)),
+                ("created", models.DateTimeField(auto_now_add=True)),
+                ("started", models.DateTimeField(blank=True, editable=False, null=True)),
+                ("finished", models.DateTimeField(blank=True, editable=False, null=True)),
+                (
+                    "export",
+                    models.ForeignKey(
+                        blank=True,
+                        editable=False,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="jobs",
+                        to="exports_app.export",
+                    ),
+                ),
+                (
+                    "node",
+                    models.ForeignKey(
+                        editable=False,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="jobs",
+                        to="exports_app.workernode",
+                    ),
+                ),
+                (
+                    "requested_by",
+                    models.ForeignKey(
+                        blank=True,
+                        editable=False,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-pk'],
-                'permissions': [('retry_job', 'Can retry a failed job')],
-                'indexes': [models.Index(fields=['export', 'state'], name='job_export_state')],
+                "ordering": ["-pk"],
+                "permissions": [("retry_job", "Can retry a failed job")],
+                "indexes": [models.Index(fields=["export", "state"], name="job_export_state")],
             },
         ),
     ]

@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('exports_app', '0004_hash_api_tokens'),
+        ("exports_app", "0004_hash_api_tokens"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='job',
-            name='worker',
+            model_name="job",
+            name="worker",
             field=models.CharField(blank=True, editable=False, max_length=255),
         ),
     ]

@@ -7,76 +7,182 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('exports_app', '0005_job_worker'),
+        ("exports_app", "0005_job_worker"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='HistoricalWebhookSubscription',
+            name="HistoricalWebhookSubscription",
             fields=[
-                ('id', models.BigIntegerField(auto_created=True, blank=True, db_index=True, verbose_name='ID')),
-                ('name', models.CharField(db_index=True, max_length=100)),
-                ('target_url', models.CharField(help_text='http:// or https:// URL that receives a POST per event.', max_length=2000)),
-                ('event_types', models.JSONField(blank=True, default=list, help_text='Event kinds to deliver, e.g. ["job.failed", "node.offline"]; empty: all.')),
-                ('enabled', models.BooleanField(default=True)),
-                ('created', models.DateTimeField(blank=True, editable=False)),
-                ('last_updated', models.DateTimeField(blank=True, editable=False)),
-                ('history_id', models.AutoField(primary_key=True, serialize=False)),
-                ('history_date', models.DateTimeField(db_index=True)),
-                ('history_change_reason', models.CharField(max_length=100, null=True)),
-                ('history_type', models.CharField(choices=[('+', 'Created'), ('~', 'Changed'), ('-', 'Deleted')], max_length=1)),
-                ('history_user', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('owner', models.ForeignKey(blank=True, db_constraint=False, editable=False, help_text='Events the owner may not view are not delivered.', null=True, on_delete=django.db.models.deletion.DO_NOTHING, related_name='+', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigIntegerField(
+                        auto_created=True, blank=True, db_index=True, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(db_index=True, max_length=100)),
+                (
+                    "target_url",
+                    models.CharField(
+                        help_text="http:// or https:// URL that receives a POST per event.",
+                        max_length=2000,
+                    ),
+                ),
+                (
+                    "event_types",
+                    models.JSONField(
+                        blank=True,
+                        default=list,
+                        help_text='Event kinds to deliver, e.g. ["job.failed", "node.offline"]; empty: all.',
+                    ),
+                ),
+                ("enabled", models.BooleanField(default=True)),
+                ("created", models.DateTimeField(blank=True, editable=False)),
+                ("last_updated", models.DateTimeField(blank=True, editable=False)),
+                ("history_id", models.AutoField(primary_key=True, serialize=False)),
+                ("history_date", models.DateTimeField(db_index=True)),
+                ("history_change_reason", models.CharField(max_length=100, null=True)),
+                (
+                    "history_type",
+                    models.CharField(
+                        choices=[("+", "Created"), ("~", "Changed"), ("-", "Deleted")], max_length=1
+                    ),
+                ),
+                (
+                    "history_user",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "owner",
+                    models.ForeignKey(
+                        blank=True,
+                        db_constraint=False,
+                        editable=False,
+                        help_text="Events the owner may not view are not delivered.",
+                        null=True,
+                        on_delete=django.db.models.deletion.DO_NOTHING,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'historical webhook',
-                'verbose_name_plural': 'historical webhooks',
-                'ordering': ('-history_date', '-history_id'),
-                'get_latest_by': ('history_date', 'history_id'),
+                "verbose_name": "historical webhook",
+                "verbose_name_plural": "historical webhooks",
+                "ordering": ("-history_date", "-history_id"),
+                "get_latest_by": ("history_date", "history_id"),
             },
             bases=(simple_history.models.HistoricalChanges, models.Model),
         ),
         migrations.CreateModel(
-            name='WebhookSubscription',
+            name="WebhookSubscription",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=100, unique=True)),
-                ('target_url', models.CharField(help_text='http:// or https:// URL that receives a POST per event.', max_length=2000)),
-                ('event_types', models.JSONField(blank=True, default=list, help_text='Event kinds to deliver, e.g. ["job.failed", "node.offline"]; empty: all.')),
-                ('secret_encrypted', models.TextField(editable=False)),
-                ('enabled', models.BooleanField(default=True)),
-                ('created', models.DateTimeField(auto_now_add=True)),
-                ('last_updated', models.DateTimeField(auto_now=True)),
-                ('owner', models.ForeignKey(blank=True, editable=False, help_text='Events the owner may not view are not delivered.', null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=100, unique=True)),
+                (
+                    "target_url",
+                    models.CharField(
+                        help_text="http:// or https:// URL that receives a POST per event.",
+                        max_length=2000,
+                    ),
+                ),
+                (
+                    "event_types",
+                    models.JSONField(
+                        blank=True,
+                        default=list,
+                        help_text='Event kinds to deliver, e.g. ["job.failed", "node.offline"]; empty: all.',
+                    ),
+                ),
+                ("secret_encrypted", models.TextField(editable=False)),
+                ("enabled", models.BooleanField(default=True)),
+                ("created", models.DateTimeField(auto_now_add=True)),
+                ("last_updated", models.DateTimeField(auto_now=True)),
+                (
+                    "owner",
+                    models.ForeignKey(
+                        blank=True,
+                        editable=False,
+                        help_text="Events the owner may not view are not delivered.",
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'webhook',
-                'ordering': ['name'],
+                "verbose_name": "webhook",
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='WebhookDelivery',
+            name="WebhookDelivery",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('event_id', models.CharField(editable=False, max_length=64)),
-                ('event_kind', models.CharField(editable=False, max_length=64)),
-                ('payload', models.JSONField(editable=False)),
-                ('state', models.CharField(choices=[('pending', 'Pending'), ('succeeded', 'Succeeded'), ('failed', 'Failed')], default='pending', editable=False, max_length=10)),
-                ('attempts', models.PositiveSmallIntegerField(default=0, editable=False)),
-                ('response_code', models.PositiveSmallIntegerField(blank=True, editable=False, help_text="The last attempt's HTTP status.", null=True)),
-                ('error', models.TextField(blank=True, editable=False)),
-                ('attempt_log', models.JSONField(blank=True, default=list, editable=False)),
-                ('created', models.DateTimeField(auto_now_add=True)),
-                ('finished', models.DateTimeField(blank=True, editable=False, null=True)),
-                ('subscription', models.ForeignKey(editable=False, on_delete=django.db.models.deletion.CASCADE, related_name='deliveries', to='exports_app.webhooksubscription')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("event_id", models.CharField(editable=False, max_length=64)),
+                ("event_kind", models.CharField(editable=False, max_length=64)),
+                ("payload", models.JSONField(editable=False)),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Pending"),
+                            ("succeeded", "Succeeded"),
+                            ("failed", "Failed"),
+                        ],
+                        default="pending",
+                        editable=False,
+                        max_length=10,
+                    ),
+                ),
+                ("attempts", models.PositiveSmallIntegerField(default=0, editable=False)),
+                (
+                    "response_code",
+                    models.PositiveSmallIntegerField(
+                        blank=True,
+                        editable=False,
+                        help_text="The last attempt's HTTP status.",
+                        null=True,
+                    ),
+                ),
+                ("error", models.TextField(blank=True, editable=False)),
+                ("attempt_log", models.JSONField(blank=True, default=list, editable=False)),
+                ("created", models.DateTimeField(auto_now_add=True)),
+                ("finished", models.DateTimeField(blank=True, editable=False, null=True)),
+                (
+                    "subscription",
+                    models.ForeignKey(
+                        editable=False,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="deliveries",
+                        to="exports_app.webhooksubscription",
+                    ),
+                ),
             ],
             options={
-                'verbose_name_plural': 'webhook deliveries',
-                'ordering': ['-pk'],
-                'indexes': [models.Index(fields=['subscription', 'state'], name='delivery_sub_state')],
+                "verbose_name_plural": "webhook deliveries",
+                "ordering": ["-pk"],
+                "indexes": [
+                    models.Index(fields=["subscription", "state"], name="delivery_sub_state")
+                ],
             },
         ),
     ]

@@ -2,6 +2,7 @@
 
 from exports_app.models.certificates import Certificate, CertificateAuthority
 from exports_app.models.exports import Export
+from exports_app.models.idempotency import IdempotencyKey
 from exports_app.models.jobs import Job
 from exports_app.models.nodes import WorkerNode
 from exports_app.models.tls import TLSPolicy
@@ -11,6 +12,7 @@ __all__ = [
     "Certificate",
     "CertificateAuthority",
     "Export",
+    "IdempotencyKey",
     "Job",
     "TLSPolicy",
     "WebhookDelivery",

@@ -61,8 +61,10 @@ def check_resize(
 
 
 def create_export(export: Export, clone_from: Export | None = None) -> Job:
-    """Save a new (validated) export and request the job that makes its image: an empty one,
-    or a copy of `clone_from`'s."""
+    """Save a new (validated) export and request the job that makes its image: an empty one
+    (the export is `provisioning`), or a copy of `clone_from`'s (`cloning`)."""
+    if clone_from is not None:
+        export.state = ExportState.CLONING
     with transaction.atomic():
         export.save()
         if clone_from is None:
@@ -80,12 +82,15 @@ def import_export(export: Export) -> Job:
 
 
 def save_export(export: Export, old_size: int, force: bool = False) -> Job | None:
-    """Save a changed (validated) export; a new size requests the resize job."""
+    """Save a changed (validated) export. A new size requests the resize job: the export is
+    saved with its old size and shows `resizing` until the job has run."""
+    new_size = export.size
+    export.size = old_size
     with transaction.atomic():
         export.save()
-        if export.size == old_size:
+        if new_size == old_size:
             return None
-        return provisioning.request_resize(export, old_size, force=force)
+        return provisioning.request_resize(export, new_size, force=force)
 
 
 def resize_export(export: Export, new_size: int, force: bool = False) -> Job:
@@ -99,9 +104,8 @@ def resize_export(export: Export, new_size: int, force: bool = False) -> Job:
     export.size = new_size
     try:
         export.full_clean()
-    except ValidationError:
+    finally:
+        # The size is stored when the job has resized the image.
         export.size = old_size
-        raise
     with transaction.atomic():
-        export.save(update_fields=["size", "last_updated"])
-        return provisioning.request_resize(export, old_size, force=force)
+        return provisioning.request_resize(export, new_size, force=force)

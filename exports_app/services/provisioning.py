@@ -9,8 +9,10 @@ Contract for callers (`exports_app.services.exports`, which the API and the admi
 these inside its transaction, right after saving the export):
 - `request_create(export)`: the export was just created in state PROVISIONING.
 - `request_clone(export, source)`: likewise, its image is to be a copy of `source`'s.
-- `request_resize(export, old_size, force=False)`: `export.size` already holds the new size.
-- `request_import(export)`: likewise, its image is the existing file at its image path.
+- `request_resize(export, new_size, force=False)`: the export keeps its stored size until the
+  job has resized the image (exports_app.services.export_states).
+- `request_import(export)`: the export was just created in state PROVISIONING; its image is the
+  existing file at its image path.
 - `request_delete(export, wipe=False)`: the export must go. Returns True if the row is already
   deleted, False if deletion continues in the background (the export is left in state DELETING
   and the job deletes the row when the image is gone). The API answers 204 or 202 accordingly.
@@ -29,6 +31,7 @@ from simple_history.models import HistoricalRecords
 
 from exports_app.choices import ExportState, JobKind, JobState
 from exports_app.models import Export, Job
+from exports_app.services import export_states
 
 __all__ = [
     "JobRefused",
@@ -100,19 +103,24 @@ def request_import(export: Export) -> Job:
     return _enqueue(export, JobKind.IMPORT, {"size": export.size})
 
 
-def request_resize(export: Export, old_size: int, force: bool = False) -> Job:
-    """Resize the image to `export.size`. Whether it may (a shrink needs `force` and no live
-    session) is `exports_app.services.exports.check_resize`, asked by the callers and the job."""
-    return _enqueue(
-        export, JobKind.RESIZE, {"size": export.size, "old_size": old_size, "force": force}
+def request_resize(export: Export, new_size: int, force: bool = False) -> Job:
+    """Resize the image to `new_size`; the export shows `resizing` and keeps its size until the
+    job has succeeded. Whether it may (a shrink needs `force` and no live session) is
+    `exports_app.services.exports.check_resize`, asked by the callers and the job."""
+    job = _enqueue(
+        export, JobKind.RESIZE, {"size": new_size, "old_size": export.size, "force": force}
     )
+    export_states.job_requested(export, job)
+    return job
 
 
 def request_verify(export: Export) -> Job:
     """Compute the sha256 of the image's contents into `export.content_sha256`."""
     if export.state == ExportState.DELETING:
         raise JobRefused("The export is being deleted.")
-    return _enqueue(export, JobKind.VERIFY)
+    job = _enqueue(export, JobKind.VERIFY)
+    export_states.job_requested(export, job)
+    return job
 
 
 def request_delete(export: Export, wipe: bool = False) -> bool:
@@ -120,8 +128,7 @@ def request_delete(export: Export, wipe: bool = False) -> bool:
     if export.state == ExportState.DELETING:
         # A second DELETE while the first runs: the queued job will finish it.
         return False
-    export.state = ExportState.DELETING
-    export.save(update_fields=["state", "last_updated"])
+    export_states.set_state(export, ExportState.DELETING)
     _enqueue(export, JobKind.DELETE, {"wipe": wipe})
     return False
 
@@ -136,17 +143,13 @@ def retry_job(job: Job) -> Job:
     if export.jobs.filter(pk__gt=job.pk).exists():
         raise JobRefused("A newer job exists for this export; retry that one instead.")
     if job.kind in (JobKind.CREATE, JobKind.CLONE, JobKind.IMPORT):
-        export.state = ExportState.PROVISIONING
         export.last_error = ""
-        export.save(update_fields=["state", "last_error", "last_updated"])
+        export_states.set_state(export, export_states.JOB_STATES[job.kind], ["last_error"])
         return _enqueue(export, job.kind, job.params)
     if job.kind == JobKind.RESIZE:
-        # The failed resize put the old size back; ask for the new one again.
-        old_size, export.size = export.size, job.params["size"]
-        export.save(update_fields=["size", "last_updated"])
-        return request_resize(export, old_size, force=job.params.get("force", False))
+        # A failed resize left the size as it was; ask for the new one again.
+        return request_resize(export, job.params["size"], force=job.params.get("force", False))
     if job.kind == JobKind.DELETE:
-        export.state = ExportState.DELETING
-        export.save(update_fields=["state", "last_updated"])
+        export_states.set_state(export, ExportState.DELETING)
         return _enqueue(export, JobKind.DELETE, job.params)
     return request_verify(export)

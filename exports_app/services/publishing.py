@@ -43,8 +43,9 @@ import redis
 from django.conf import settings
 from django.db import connections, transaction
 
-from exports_app.choices import ExportState, TLSMode
+from exports_app.choices import TLSMode
 from exports_app.models import Export, WorkerNode
+from exports_app.services import export_states
 from nbdworker.contract.config import ConfigError, WorkerConfig, tls_refusal
 from nbdworker.contract.redisconn import tls_options
 from nbdworker.contract.snapshot import (
@@ -146,7 +147,7 @@ def build_config(node: WorkerNode, generation: int = 0) -> WorkerConfig:
     """The full snapshot of what `node`'s worker serves, validated by the worker's parser."""
     node = WorkerNode.objects.select_related("tls_policy__server_certificate").get(pk=node.pk)
     exports = (
-        Export.objects.filter(node=node, state=ExportState.READY, enabled=True)
+        Export.objects.filter(node=node, state__in=export_states.SERVED_STATES, enabled=True)
         .select_related("node")
         .order_by("pk")
     )

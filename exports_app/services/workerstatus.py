@@ -36,6 +36,7 @@ __all__ = [
     "kick_session",
     "list_sessions",
     "node_statuses",
+    "offline_nodes",
 ]
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,22 @@ def list_sessions(nodes: Iterable[str]) -> list[dict[str, Any]]:
                 sessions.append(session)
     sessions.sort(key=lambda s: (str(s.get("connected_since", "")), str(s["id"])))
     return sessions
+
+
+def offline_nodes(nodes: Iterable[str]) -> list[str]:
+    """Those of `nodes` whose worker sends no heartbeat: their sessions are unknown (what Redis
+    still holds for them may be stale). Raises StatusUnavailable."""
+    names = list(nodes)
+    if not names:
+        return []
+    try:
+        with redis_client().pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.exists(heartbeat_key(name))
+            replies = pipe.execute()
+    except RedisError as exc:
+        raise StatusUnavailable(str(exc)) from exc
+    return [name for name, alive in zip(names, replies, strict=True) if not alive]
 
 
 def find_session(session_id: str, nodes: Iterable[str]) -> dict[str, Any] | None:

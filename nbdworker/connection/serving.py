@@ -126,6 +126,10 @@ class ServingThread:
             spinner.watch(sock_fd)
             spinner.watch(self.wake_fd)
         ending_by = 0.0  # the replies of a finished connection must be out by then
+
+        def unread() -> int:
+            return unread_bytes(sock_fd)
+
         while True:
             if self.stop_requested:
                 return "abort"
@@ -143,7 +147,7 @@ class ServingThread:
                 pump.writing_paused = False
                 continue  # parse on
             # A client that closed its side must still read what it was answered.
-            if pump.finished(lambda: unread_bytes(sock_fd)) or (pump.eof and not pump.inflight):
+            if pump.finished(unread) or (pump.eof and not pump.inflight):
                 if not writer.pending:
                     return "close"
                 if not ending_by:

@@ -240,11 +240,11 @@ class NBDConnection(asyncio.BufferedProtocol):
     async def _upgrade(self, context: ssl.SSLContext) -> None:
         tls, negotiation = self.tls, self.negotiation
         assert tls is not None and negotiation is not None and self.transport is not None
-        transport = await tls.handshake(self.transport, self, context, negotiation.time_left())
-        if transport is None:
+        ok, transport = await tls.handshake(self.transport, self, context, negotiation.time_left())
+        if not ok:
             self.connection_lost(None)  # the raw transport's protocol is the TLS layer now
             return
-        if self.phase != _PHASE_TLS:
+        if self.phase != _PHASE_TLS or transport is None:
             return  # closed meanwhile (deadline, shutdown)
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)

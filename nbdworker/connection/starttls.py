@@ -43,10 +43,11 @@ class TLSUpgrade:
         protocol: asyncio.BaseProtocol,
         context: ssl.SSLContext,
         timeout: float,
-    ) -> asyncio.Transport | None:
-        """The TLS transport; None when the handshake failed (logged, counted, raw aborted)."""
+    ) -> tuple[bool, asyncio.Transport | None]:
+        """(True, the TLS transport), or (False, None) when the handshake failed: logged,
+        counted, the raw transport aborted."""
         try:
-            return await self.loop.start_tls(
+            transport = await self.loop.start_tls(
                 raw,  # type: ignore[arg-type]
                 protocol,
                 context,
@@ -67,7 +68,8 @@ class TLSUpgrade:
                 else HandshakeFailure.TLS_ERROR
             )
             raw.abort()  # type: ignore[attr-defined]
-            return None
+            return False, None
+        return True, transport
 
     def vet(self, transport: asyncio.BaseTransport, policy: TLSConfig) -> bool:
         """Whether the client may go on (before any option is answered over TLS); records its

@@ -67,7 +67,15 @@ MAX_SNAPSHOT_BYTES = 64 << 20
 
 
 class SnapshotError(ValueError):
-    """The snapshot is forged, malformed, for another node, or not newer than what runs."""
+    """The snapshot is forged, malformed, for another node, or not newer than what runs.
+
+    `kind` says which, for the worker's rejection counter: "bad_signature", "other_node",
+    "old_generation" or "malformed".
+    """
+
+    def __init__(self, message: str, kind: str = "malformed") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class SecretError(RuntimeError):
@@ -176,9 +184,12 @@ def verify_snapshot(
     if not all(isinstance(v, str) for v in (kid, payload, sig)):
         raise SnapshotError("kid, payload and sig must be strings")
     if kid != key_id(raw_secret):
-        raise SnapshotError(f"signed with another secret (key id {kid}, ours {key_id(raw_secret)})")
+        raise SnapshotError(
+            f"signed with another secret (key id {kid}, ours {key_id(raw_secret)})",
+            "bad_signature",
+        )
     if not hmac.compare_digest(sig, _mac(raw_secret, kid, payload)):
-        raise SnapshotError("bad signature")
+        raise SnapshotError("bad signature", "bad_signature")
     try:
         document = json.loads(payload)
     except ValueError as exc:
@@ -186,7 +197,8 @@ def verify_snapshot(
     if isinstance(document, dict):
         if node is not None and document.get("node") != node:
             raise SnapshotError(
-                f"snapshot is for node {document.get('node')!r}, this is node {node!r}"
+                f"snapshot is for node {document.get('node')!r}, this is node {node!r}",
+                "other_node",
             )
         _open_private_key(document, raw_secret, node)
     try:
@@ -195,7 +207,8 @@ def verify_snapshot(
         raise SnapshotError(f"invalid config: {exc}") from None
     if after_generation is not None and config.generation <= after_generation:
         raise SnapshotError(
-            f"generation {config.generation} is not newer than {after_generation} (applied)"
+            f"generation {config.generation} is not newer than {after_generation} (applied)",
+            "old_generation",
         )
     return config
 

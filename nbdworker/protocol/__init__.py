@@ -1,6 +1,7 @@
 """Sans-IO NBD protocol engine (server side): bytes in, events and bytes out.
 
-Standard library only. See docs/protocol-api.md for the contract with the asyncio server.
+Standard library only, and the contract's MAX_PAYLOAD (one definition for the worker and the
+web side's validation). See docs/protocol-api.md for the contract with the asyncio server.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from enum import IntEnum, IntFlag
 
+from nbdworker.contract.config import MAX_PAYLOAD as CONTRACT_MAX_PAYLOAD
+
 __all__ = [
     "CMD_BLOCK_STATUS",
     "CMD_CACHE",
@@ -61,8 +63,9 @@ STRUCTURED_REPLY_MAGIC = 0x668E33EF
 MAX_STRING = 4096
 """Longest string (export name, description, query, message) the spec allows, in bytes."""
 
-MAX_PAYLOAD = 32 * 1024 * 1024
-"""Largest READ/WRITE payload we serve; the spec says no peer may treat <= 2**25 as abuse."""
+# The largest READ/WRITE payload we serve (the spec says no peer may treat <= 2**25 as abuse).
+# Defined once, in the contract, because the web side validates max_block_size against it.
+MAX_PAYLOAD = CONTRACT_MAX_PAYLOAD
 
 MAX_OPTION_LENGTH = 1024 * 1024
 """An option claiming more data than this is a hard disconnect, decided from its header alone.

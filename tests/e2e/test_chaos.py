@@ -34,6 +34,11 @@ from tests.support.tools import client_env, require_libnbd, require_tool
 pytestmark = [pytest.mark.e2e]
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as image:
+        return images.sha256(image.fileno())
+
+
 # -- the Celery worker SIGKILLed mid-job ---------------------------------------------------------
 
 
@@ -54,7 +59,11 @@ def test_celery_worker_killed_whole_mid_job_runs_the_job_again_when_it_restarts(
         storage_root=str(storage),
         tls_policy=TLSPolicy.objects.create(name=name),
     )
-    env = {"DATABASE_URL": database_url(connection.settings_dict), "DATABASE_CONN_MAX_AGE": "0"}
+    env = {
+        "DATABASE_URL": database_url(connection.settings_dict),
+        "DATABASE_CONN_MAX_AGE": "0",
+        "NBDWORKER_STORAGE_ROOTS": str(storage),
+    }
     hostname = f"{name}@chaos"
     worker = start_celery_worker(node.celery_queue, env=env, hostname=hostname)
     try:
@@ -75,15 +84,16 @@ def test_celery_worker_killed_whole_mid_job_runs_the_job_again_when_it_restarts(
 
     worker = start_celery_worker(node.celery_queue, env=env, hostname=hostname)
     try:
-        worker.wait_for_log(f"job {job_id} was interrupted", 30)
-        poll(lambda: Job.objects.get(pk=job_id).is_finished, "the job finishing", JOB_TIMEOUT)
+        # Deadlines with room for a loaded machine: the clone copies 1.5 GiB again.
+        worker.wait_for_log(f"job {job_id} was interrupted", 60)
+        poll(lambda: Job.objects.get(pk=job_id).is_finished, "the job finishing", 3 * JOB_TIMEOUT)
     finally:
         worker.stop()
     job = Job.objects.get(pk=job_id)
     assert job.state == JobState.SUCCEEDED, job.error
     assert Export.objects.get(node=node, name="dst").state == ExportState.READY
     assert partials(storage) == []
-    assert images.sha256(str(storage / "dst.img")) == images.sha256(str(storage / "src.img"))
+    assert _sha256(storage / "dst.img") == _sha256(storage / "src.img")
 
 
 # -- the whole stack (make run) on a private Redis and a private PostgreSQL -----------------------
@@ -160,13 +170,13 @@ class ChaosStack:
         )
         return int(result.stdout) if result.returncode == 0 else None
 
-    def create(self, name: str) -> dict:
-        status, body = self.api.call("POST", "exports/", {"name": name, "size": "1M"})
+    def create(self, name: str, **fields: str) -> dict:
+        status, body = self.api.call("POST", "exports/", {"name": name, "size": "1M", **fields})
         assert status == 201, body
         return body
 
-    def wait_served(self, name: str, what: str) -> None:
-        self.stack.wait_for(lambda: self.size(name) == MiB, what)
+    def wait_served(self, name: str, what: str, size: int = MiB) -> None:
+        self.stack.wait_for(lambda: self.size(name) == size, what)
 
 
 @pytest.fixture
@@ -230,6 +240,13 @@ def chaos_stack(tmp_path: Path) -> Iterator[ChaosStack]:
                     proc.wait()
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _job(api: Api, job_id: int) -> dict:
     status, body = api.call("GET", f"jobs/{job_id}/")
     assert status == 200, body
@@ -271,17 +288,31 @@ def test_redis_killed_and_restarted(chaos_stack: ChaosStack) -> None:
     assert reader.errors == []
 
 
-def test_postgresql_stopped_and_started(chaos_stack: ChaosStack) -> None:
-    """PostgreSQL down: nbdworker (which needs no database) serves on; the API answers 503,
-    not a 500 or a hang. Started again: the very next request works and the next change
-    propagates."""
+def test_postgresql_stopped_and_started(chaos_stack: ChaosStack, tmp_path: Path) -> None:
+    """PostgreSQL stopped in the middle of a clone: nbdworker (which needs no database) serves
+    on; the API answers 503, not a 500 or a hang; the clone, which cannot even record a failure,
+    waits for the database. Started again: the very next request works, the clone runs again
+    and succeeds (no partial image left), and the next change propagates."""
     c = chaos_stack
     c.create("before")
     c.wait_served("before", "the first export served")
     reader = NBDReader(c.uri("before"))
     reader.start()
-
-    c.pg.stop()
+    c.create("src", size="2G")
+    c.wait_served("src", "the clone's source served", 2 << 30)
+    images_dir = tmp_path / "data" / "images"
+    fill(images_dir / "src.img", 1536 * MiB, 0x3C)
+    clone = c.create("dst", size="2G", clone_from="src")
+    poll(lambda: partials(images_dir), "the clone copying", JOB_TIMEOUT)
+    # Celery is held still while PostgreSQL stops, so the clone surely outlives the database.
+    celery = [pid for pid in descendants(c.stack.proc.pid) if b"celery" in _cmdline(pid)]
+    for pid in celery:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        c.pg.stop()
+    finally:
+        for pid in celery:
+            os.kill(pid, signal.SIGCONT)
     reads_at_stop = reader.reads
     status, body = c.api.call("GET", "exports/")
     assert status == 503, body
@@ -290,10 +321,24 @@ def test_postgresql_stopped_and_started(chaos_stack: ChaosStack) -> None:
     assert c.size("before") == MiB, "a new connection during the outage"
     c.stack.wait_for(lambda: reader.reads > reads_at_stop + 20, "reads during the outage")
 
+    c.stack.wait_for(
+        lambda: any("database unreachable" in line for line in c.stack.lines),
+        "the clone finding the database gone",
+    )
+
     c.pg.start()
     status, body = c.api.call("GET", "exports/")
     assert status == 200, body
     c.create("after")
     c.wait_served("after", "the first change after the restart served")
+    job = poll(
+        lambda: (j := _job(c.api, clone["job"]))["state"] in ("succeeded", "failed") and j,
+        "the interrupted clone ending",
+        JOB_TIMEOUT,
+    )
+    assert job["state"] == "succeeded", job
+    c.wait_served("dst", "the clone served", 2 << 30)
+    assert partials(images_dir) == []
+    assert _sha256(images_dir / "dst.img") == _sha256(images_dir / "src.img")
     reader.stop()
     assert reader.errors == []

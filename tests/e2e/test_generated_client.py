@@ -157,8 +157,10 @@ def test_a_generated_client_drives_the_stack(
         export.id, client=client, body=ExportResizeRequest(size="128M")
     )
     assert reply.status_code == 202, reply.content
+    assert (reply.parsed.state, reply.parsed.size) == (ExportStateEnum.RESIZING, 64 * MiB)
     finished_job(reply.parsed.job)
-    assert exports_retrieve.sync(export.id, client=client).size == 128 * MiB
+    export = exports_retrieve.sync(export.id, client=client)
+    assert (export.state, export.size) == (ExportStateEnum.READY, 128 * MiB)
     assert (storage_root / "gen1.img").stat().st_size == 128 * MiB
     worker.stop()
     worker = serve(WorkerNode.objects.get(pk=node.pk))

@@ -104,7 +104,8 @@ def create_export(api: APIClient, node: WorkerNode, worker: RunningCelery, **dat
     response = api.post(EXPORTS, {"node": node.pk, **data}, format="json")
     assert response.status_code == 201, response.content
     body = response.json()
-    assert body["state"] == ExportState.PROVISIONING
+    making = ExportState.CLONING if "clone_from" in data else ExportState.PROVISIONING
+    assert body["state"] == making
     assert body["job"] is not None and body["job_url"].endswith(f"{JOBS}{body['job']}/")
     return wait_for_job(api, body["job"], worker)
 

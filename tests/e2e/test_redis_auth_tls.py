@@ -95,9 +95,9 @@ def stack(tmp_path: Path, tls_redis: PrivateRedis) -> Iterator[Stack]:
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
-                proc.kill()
                 for pid in descendants(proc.pid):
                     os.kill(pid, signal.SIGKILL)
+                proc.kill()
                 proc.wait()
 
 

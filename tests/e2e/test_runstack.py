@@ -4,6 +4,7 @@ behind after SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -133,9 +134,12 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         yield running
     finally:
         if proc.poll() is None:
-            proc.kill()
+            # Children first: once runstack is gone they belong to init and a Celery worker
+            # whose Redis died with it would wait for it forever.
             for pid in descendants(proc.pid):
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.kill()
             proc.wait()
 
 

@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 
 from nbdworker.protocol import ChunkType, ClientFlag, Command, Option, Reply
-from nbdworker.protocol.client import (
+from tests.support.nbdclient import (
     GREETING_SIZE,
     Chunk,
     OptionReply,

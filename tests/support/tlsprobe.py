@@ -20,7 +20,10 @@ from pathlib import Path
 
 from nbdworker.contract.config import WorkerConfig
 from nbdworker.protocol import ChunkType, ClientFlag, Option, Reply
-from nbdworker.protocol.client import (
+from nbdworker.protocol.constants import SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC
+from nbdworker.server import NBDServer
+from nbdworker.settings import WorkerSettings, parse_listen
+from tests.support.nbdclient import (
     GREETING_SIZE,
     OptionReply,
     decode_greeting,
@@ -30,9 +33,6 @@ from nbdworker.protocol.client import (
     encode_option,
     encode_request,
 )
-from nbdworker.protocol.constants import SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC
-from nbdworker.server import NBDServer
-from nbdworker.settings import WorkerSettings, parse_listen
 from tests.support.pki import PKI, tls_config_dict
 from tests.support.worker import RunningWorker
 

@@ -24,7 +24,8 @@ def hooks(monkeypatch):
     monkeypatch.setattr(
         provisioning,
         "request_resize",
-        lambda e, old, force=False, **kwargs: calls.append(("resize", e.pk, old, e.size, force)),
+        # (old, new): the export keeps its stored size until the job has resized the image.
+        lambda e, size, force=False, **kwargs: calls.append(("resize", e.pk, e.size, size, force)),
     )
     return calls
 

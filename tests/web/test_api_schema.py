@@ -59,7 +59,15 @@ def test_choice_fields_are_enums(schema):
         ref = prop.get("$ref") or prop["allOf"][0]["$ref"]
         return components[ref.rsplit("/", 1)[1]]["enum"]
 
-    assert {"provisioning", "ready", "failed", "deleting"} <= set(enum_of("Export", "state"))
+    assert set(enum_of("Export", "state")) == {
+        "provisioning",
+        "cloning",
+        "ready",
+        "resizing",
+        "verifying",
+        "failed",
+        "deleting",
+    }
     assert set(enum_of("Job", "kind")) == {
         "create",
         "clone",
@@ -131,6 +139,13 @@ def test_object_writes_take_if_match_and_reads_return_an_etag(schema):
         names = [p["name"] for p in item[method]["parameters"]]
         assert "If-Match" in names, method
     assert "ETag" in item["get"]["responses"]["200"]["headers"]
+
+
+def test_posts_that_create_or_start_jobs_take_an_idempotency_key(schema):
+    for path in ("/api/v1/exports/", "/api/v1/exports/{id}/resize/", "/api/v1/jobs/{id}/retry/"):
+        operation = schema["paths"][path]["post"]
+        assert "Idempotency-Key" in [p["name"] for p in operation["parameters"]], path
+        assert {"409", "422"} <= set(operation["responses"]), path
 
 
 def test_the_bundle_is_described_as_binary(schema):

@@ -135,3 +135,16 @@ def test_migration_moves_plaintext_authtoken_tokens_to_digests(django_user_model
     assert old_key not in (row.digest, row.token_key)
     assert row.expiry is not None
     assert _client(old_key).get(URL).status_code == 200
+
+
+@pytest.mark.django_db
+def test_a_token_deleted_in_the_admin_is_revoked(superuser, client):
+    token = _create_api_token(superuser.username)
+    row = AuthToken.objects.get(user=superuser)
+    client.force_login(superuser)
+    listing = client.get("/admin/knox/authtoken/")
+    assert listing.status_code == 200
+    assert token not in listing.content.decode()
+    response = client.post(f"/admin/knox/authtoken/{row.pk}/delete/", {"post": "yes"})
+    assert response.status_code == 302
+    assert _client(token).get(URL).status_code == 401

@@ -160,3 +160,20 @@ def test_every_writable_number_field_of_the_api_reads_ascii_only():
             ):
                 loose.append(f"{serializer_class.__name__}.{name}")
     assert loose == []
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/v1/exports/1.5/", "/api/v1/authorities/-3.7e-300/", "/api/v1/nope/"]
+)
+def test_an_api_path_no_route_matches_is_a_json_404(api, path):
+    # Found by the API fuzzer: Django's HTML 404 page, not the documented JSON error.
+    response = api.delete(path)
+    assert response.status_code == 404
+    assert response["Content-Type"] == "application/json"
+    assert response.json() == {"detail": "Not found."}
+
+
+def test_a_page_no_route_matches_outside_the_api_is_still_html(client, db):
+    response = client.get("/nope/")
+    assert response.status_code == 404
+    assert response["Content-Type"].startswith("text/html")

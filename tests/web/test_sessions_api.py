@@ -84,21 +84,40 @@ def test_listing_needs_view_export(make_user, token_client, live) -> None:
     assert token_client(make_user()).get(SESSIONS).status_code == 403
     response = token_client(make_user("exports_app.view_export")).get(SESSIONS)
     assert response.status_code == 200
-    assert sorted(s["id"] for s in response.json()) == ["aa01", "aa02", "bb01"]
+    assert sorted(s["id"] for s in response.json()["results"]) == ["aa01", "aa02", "bb01"]
 
 
 def test_list_shows_each_session_and_filters(api, live, default_node) -> None:
-    sessions = api.get(SESSIONS).json()
+    sessions = api.get(SESSIONS).json()["results"]
     first = next(s for s in sessions if s["id"] == "aa01")
     assert first == {**session("aa01", default_node.name, "disk1"), "node": default_node.name}
-    by_node = api.get(SESSIONS, {"node": "other"}).json()
+    by_node = api.get(SESSIONS, {"node": "other"}).json()["results"]
     assert [s["id"] for s in by_node] == ["bb01"]
-    by_id = api.get(SESSIONS, {"node": str(live.pk)}).json()
+    by_id = api.get(SESSIONS, {"node": str(live.pk)}).json()["results"]
     assert [s["id"] for s in by_id] == ["bb01"]
-    by_export = api.get(SESSIONS, {"export": "disk1"}).json()
+    by_export = api.get(SESSIONS, {"export": "disk1"}).json()["results"]
     assert sorted(s["id"] for s in by_export) == ["aa01", "bb01"]
-    both = api.get(SESSIONS, {"export": "disk1", "node": default_node.name}).json()
+    both = api.get(SESSIONS, {"export": "disk1", "node": default_node.name}).json()["results"]
     assert [s["id"] for s in both] == ["aa01"]
+
+
+def test_the_list_is_paginated_like_every_other(api, live) -> None:
+    body = api.get(SESSIONS, {"limit": 2}).json()
+    assert (body["count"], len(body["results"]), body["previous"]) == (3, 2, None)
+    assert body["unknown_nodes"] == []
+    rest = api.get(body["next"]).json()
+    # Oldest first: aa01 and bb01 connected on the 1st, aa02 on the 2nd.
+    assert [s["id"] for s in rest["results"]] == ["aa02"] and rest["next"] is None
+
+
+def test_an_offline_workers_sessions_are_unknown_not_none(api, live, r) -> None:
+    # The node's worker stopped: its heartbeat expired, its last session entry lingers.
+    r.delete(heartbeat_key("other"))
+    body = api.get(SESSIONS).json()
+    assert body["unknown_nodes"] == ["other"]
+    assert sorted(s["id"] for s in body["results"]) == ["aa01", "aa02"]
+    only_other = api.get(SESSIONS, {"node": "other"}).json()
+    assert (only_other["count"], only_other["unknown_nodes"]) == (0, ["other"])
 
 
 def test_kicking_needs_change_export(make_user, token_client, live, r) -> None:

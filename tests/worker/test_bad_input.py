@@ -20,8 +20,8 @@ from nbdworker.protocol import (
     Option,
     Reply,
 )
-from nbdworker.protocol.client import encode_info_request, encode_option, encode_request
 from tests.support.fixtures import make_image
+from tests.support.nbdclient import encode_info_request, encode_option, encode_request
 from tests.support.rawclient import RawClient, check_fresh_client
 from tests.support.worker import RunningWorker, run_worker
 

@@ -10,9 +10,9 @@ from contextlib import ExitStack
 import pytest
 
 from nbdworker.contract.config import ConfigError
-from nbdworker.protocol.client import GREETING_SIZE
 from nbdworker.settings import WorkerSettings
 from tests.support.metrics import scrape, value
+from tests.support.nbdclient import GREETING_SIZE
 from tests.support.polling import poll
 from tests.support.rawclient import RawClient
 from tests.support.worker import RunningWorker

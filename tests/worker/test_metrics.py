@@ -6,8 +6,8 @@ import socket
 import time
 
 from nbdworker.protocol import Errno, Option, Reply
-from nbdworker.protocol.client import encode_info_request
 from tests.support.metrics import scrape, value
+from tests.support.nbdclient import encode_info_request
 from tests.support.rawclient import RawClient
 from tests.support.worker import RunningWorker
 

@@ -14,10 +14,10 @@ import threading
 import pytest
 
 from nbdworker.protocol import Command, CommandFlag, Errno, Option, Reply
-from nbdworker.protocol.client import encode_info_request, encode_request
 from tests.support.fixtures import make_image
 from tests.support.inprocess import serving
 from tests.support.mounts import mounted
+from tests.support.nbdclient import encode_info_request, encode_request
 from tests.support.polling import poll
 from tests.support.rawclient import RawClient, check_fresh_client, serves_fresh_client
 from tests.support.tools import require_libnbd

@@ -215,3 +215,26 @@ def test_a_missing_secret_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "config_secret").write_text("\n")
     with pytest.raises(SecretError, match="empty"):
         load_secret({"NBDWEB_DATA_DIR": str(tmp_path)})
+
+
+@pytest.mark.parametrize(
+    ("envelope", "kwargs", "kind"),
+    [
+        (lambda: sign_snapshot(make_config(), "another-secret-0123456789"), {}, "bad_signature"),
+        (lambda: tamper(sign_snapshot(make_config(), SECRET), sig="0" * 64), {}, "bad_signature"),
+        (lambda: sign_snapshot(make_config(node="n2"), SECRET), {"node": "n1"}, "other_node"),
+        (
+            lambda: sign_snapshot(make_config(generation=3), SECRET),
+            {"after_generation": 3},
+            "old_generation",
+        ),
+        (lambda: "not json", {}, "malformed"),
+    ],
+    ids=["another secret", "bad signature", "other node", "old generation", "malformed"],
+)
+def test_each_refusal_says_its_kind_for_the_counter(envelope, kwargs, kind) -> None:
+    # The worker counts refusals by this kind (nbdworker_config_rejected_total), not by
+    # searching the message.
+    with pytest.raises(SnapshotError) as refused:
+        verify_snapshot(envelope(), SECRET, **kwargs)
+    assert refused.value.kind == kind

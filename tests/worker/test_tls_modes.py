@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from nbdworker.protocol import ClientFlag, Command, Errno, Option, Reply
-from nbdworker.protocol.client import (
+from tests.support.nbdclient import (
     decode_option_replies,
     encode_info_request,
     encode_meta_context_request,

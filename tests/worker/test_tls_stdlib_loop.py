@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from nbdworker.protocol import Option, Reply
-from nbdworker.protocol.client import decode_option_replies, encode_info_request, encode_option
+from tests.support.nbdclient import decode_option_replies, encode_info_request, encode_option
 from tests.support.pki import PKI, make_pki
 from tests.support.tlsprobe import (
     PipelinedTLS,

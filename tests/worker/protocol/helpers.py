@@ -21,7 +21,7 @@ from nbdworker.protocol import (
     TLSMode,
     TransmissionFlag,
 )
-from nbdworker.protocol.client import (
+from tests.support.nbdclient import (
     OptionReply,
     decode_greeting,
     decode_option_replies,

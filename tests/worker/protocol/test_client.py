@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from nbdworker.protocol import REPLY_MAGIC, ChunkType, Info, Option, ProtocolError, Reply
-from nbdworker.protocol.client import (
+from tests.support.nbdclient import (
     Chunk,
     OptionReply,
     decode_chunk,

@@ -26,7 +26,7 @@ from nbdworker.protocol import (
     Reply,
     TransmissionFlag,
 )
-from nbdworker.protocol.client import (
+from tests.support.nbdclient import (
     decode_export_name_reply,
     decode_greeting,
     encode_info_request,

@@ -1,4 +1,6 @@
-"""The protocol package imports nothing but the standard library (and itself)."""
+"""The protocol package imports nothing but the standard library (and itself), and one limit
+from the web-worker contract (MAX_PAYLOAD, defined once because the web side validates
+max_block_size against it; the contract is standard library only, tests/test_boundaries.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import nbdworker.protocol
 
 PACKAGE = Path(nbdworker.protocol.__file__).parent
 FORBIDDEN_STDLIB = {"asyncio", "socket", "ssl", "selectors", "threading"}
+ALLOWED_FIRST_PARTY = {"nbdworker.contract.config"}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -19,6 +22,8 @@ def imported_modules(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module in ALLOWED_FIRST_PARTY:
+                continue
             names.add(node.module.split(".")[0])
     return names
 

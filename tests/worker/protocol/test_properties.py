@@ -36,7 +36,7 @@ from nbdworker.protocol import (
     final_transmission_flags,
     read_data_header_size,
 )
-from nbdworker.protocol.client import (
+from tests.support.nbdclient import (
     Chunk,
     SimpleReply,
     decode_option_replies,

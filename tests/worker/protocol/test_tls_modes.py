@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from nbdworker.protocol import ClientFlag, Info, Option, OptionHandled, Reply, TLSMode
-from nbdworker.protocol.client import (
+from tests.support.nbdclient import (
     encode_info_request,
     encode_meta_context_request,
     encode_option,

@@ -1,9 +1,10 @@
 """Minimal client-side helpers: build what a client sends, parse what the server answers.
 
-Used by this package's tests (round trips against the server-side encoders) and by raw-socket
-tests of the worker. Not a client implementation: no state, no validation beyond layout.
-Malformed input raises ``ProtocolError``; ``decode_*`` functions that take a buffer return
-``None`` when it holds only part of a message.
+Used by the protocol's tests (round trips against the server-side encoders, tests/worker/protocol/)
+and by raw-socket tests of the worker; test code, so it lives here and not in nbdworker. Not a
+client implementation: no state, no validation beyond layout. Malformed input raises
+``ProtocolError``; ``decode_*`` functions that take a buffer return ``None`` when it holds only
+part of a message.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .constants import (
+from nbdworker.protocol.constants import (
     EXPORT_NAME_PADDING,
     IHAVEOPT,
     NBDMAGIC,
@@ -29,7 +30,7 @@ from .constants import (
     Reply,
     TransmissionFlag,
 )
-from .errors import ProtocolError
+from nbdworker.protocol.errors import ProtocolError
 
 __all__ = [
     "GREETING_SIZE",

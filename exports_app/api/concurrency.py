@@ -1,0 +1,142 @@
+"""Safe retries and races for the API. Idempotency keys: see IdempotentPostsMixin. Optimistic
+concurrency: every object answer carries an `ETag`, and a PATCH or
+DELETE with `If-Match` goes ahead only while the object is still that version (RFC 9110
+§13.1.1), else 412. The check and the write run in one transaction with the row locked, so
+two clients that read the same version cannot both change it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from django.db import models, transaction
+from rest_framework import status
+from rest_framework.exceptions import APIException, ValidationError
+from rest_framework.response import Response
+
+from exports_app.services import idempotency
+
+__all__ = [
+    "ETagMixin",
+    "IdempotentPostsMixin",
+    "KeyInUse",
+    "PreconditionFailed",
+    "UnprocessableKey",
+    "if_match_allows",
+    "object_etag",
+]
+
+# Actions whose answer is one object: they send its ETag.
+OBJECT_ACTIONS = frozenset(
+    {"retrieve", "create", "partial_update", "update", "resize", "verify", "revoke", "retry"}
+)
+PRECONDITION_METHODS = frozenset({"PATCH", "PUT", "DELETE"})
+
+
+class PreconditionFailed(APIException):
+    status_code = status.HTTP_412_PRECONDITION_FAILED
+    default_detail = "The object changed since it was read (If-Match does not match its ETag)."
+    default_code = "precondition_failed"
+
+
+def object_etag(obj: models.Model) -> str:
+    """A strong ETag of the stored object: a digest of every column, so any saved change (and
+    only a saved change) gives a new one."""
+    digest = hashlib.sha256(obj._meta.label.encode())
+    for field in obj._meta.concrete_fields:
+        digest.update(f"\0{field.attname}={getattr(obj, field.attname)!r}".encode())
+    return f'"{digest.hexdigest()[:32]}"'
+
+
+def if_match_allows(header: str | None, etag: str) -> bool:
+    """Whether an If-Match header lets a change of the object with `etag` go ahead. No header
+    or `*`: always (the object exists). Weak tags never match (strong comparison)."""
+    if header is None or header.strip() == "":
+        return True
+    tags = [tag.strip() for tag in header.split(",")]
+    return "*" in tags or etag in tags
+
+
+class ETagMixin:
+    """For model viewsets: ETag on each answer that is one object; If-Match on PATCH, PUT and
+    DELETE, checked in get_object on the row locked for the rest of the transaction (the
+    viewset runs its update and destroy in one)."""
+
+    def get_object(self):
+        obj = super().get_object()
+        if self.request.method not in PRECONDITION_METHODS:
+            return obj
+        if transaction.get_connection().in_atomic_block:
+            # Lock, then read again: nobody can change the row between the check and the write.
+            list(type(obj)._default_manager.select_for_update().filter(pk=obj.pk).values("pk"))
+            obj = super().get_object()
+        if not if_match_allows(self.request.headers.get("If-Match"), object_etag(obj)):
+            raise PreconditionFailed()
+        return obj
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        response = super().finalize_response(request, response, *args, **kwargs)
+        data = getattr(response, "data", None)
+        if (
+            getattr(self, "action", None) in OBJECT_ACTIONS
+            and 200 <= response.status_code < 300
+            and isinstance(data, dict)
+            and "id" in data
+        ):
+            # Read again: a service may have changed the row after the serializer saw it.
+            obj = self.get_queryset().model._default_manager.filter(pk=data["id"]).first()
+            if obj is not None:
+                response["ETag"] = object_etag(obj)
+        return response
+
+
+class UnprocessableKey(APIException):
+    status_code = status.HTTP_422_UNPROCESSABLE_ENTITY
+    default_detail = "This Idempotency-Key was used with a different request."
+    default_code = "idempotency_key_reused"
+
+
+class KeyInUse(APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_detail = "A request with this Idempotency-Key is still running; retry later."
+    default_code = "idempotency_key_in_use"
+
+
+class IdempotentPostsMixin:
+    """POSTs with an `Idempotency-Key` header: a retry within 24 h gets the first answer (its
+    status and body) and changes nothing; see exports_app.services.idempotency."""
+
+    idempotent_posts = True
+
+    def initial(self, request, *args, **kwargs) -> None:
+        super().initial(request, *args, **kwargs)
+        self._idempotency_record = None
+        key = request.headers.get("Idempotency-Key")
+        if request.method != "POST" or key is None:
+            return
+        if not key or len(key) > idempotency.MAX_KEY_LENGTH or not key.isprintable():
+            raise ValidationError({"Idempotency-Key": ["1 to 255 printable characters."]})
+        request_digest = idempotency.digest(request.method, request.path, request.body)
+        outcome = idempotency.begin(request.user, key, request_digest)
+        if outcome.mismatch:
+            raise UnprocessableKey()
+        if outcome.in_progress:
+            raise KeyInUse()
+        if outcome.replay is not None:
+            stored = outcome.replay
+            # The handler is replaced: the answer is the stored one and nothing runs again.
+            self.post = lambda *a, **k: Response(stored.response_body, status=stored.status_code)
+            return
+        self._idempotency_record = outcome.record
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        response = super().finalize_response(request, response, *args, **kwargs)
+        record = getattr(self, "_idempotency_record", None)
+        if record is not None:
+            self._idempotency_record = None
+            if 200 <= response.status_code < 300:
+                idempotency.finish(record, response.status_code, response.data)
+            else:
+                # Nothing was done: the same key may try again.
+                idempotency.abandon(record)
+        return response
