@@ -36,7 +36,7 @@ from exports_app.models import (
     WorkerNode,
 )
 from exports_app.models.tls import OPTIONALTLS_WARNING
-from exports_app.services import bundles, ca, exports, provisioning
+from exports_app.services import bundles, ca, exports, provisioning, webhooks
 from exports_app.services.certificates import NewAuthority, NewCertificate
 from exports_app.validators import parse_size, validate_no_control_characters
 
@@ -859,6 +859,9 @@ class WebhookSubscriptionAdmin(SimpleHistoryAdmin):
     search_fields = ["name", "target_url"]
     readonly_fields = ["owner", "delivery_log"]
 
+    def get_queryset(self, request):
+        return webhooks.subscriptions_of(request.user, super().get_queryset(request))
+
     @admin.display(description="deliveries")
     def delivery_log(self, subscription: WebhookSubscription) -> str:
         if subscription.pk is None:
@@ -905,6 +908,10 @@ class WebhookDeliveryAdmin(admin.ModelAdmin):
         "created",
         "finished",
     ]
+
+    def get_queryset(self, request):
+        mine = webhooks.subscriptions_of(request.user, WebhookSubscription.objects.all())
+        return super().get_queryset(request).filter(subscription__in=mine)
 
     def has_add_permission(self, request) -> bool:
         return False

@@ -38,7 +38,7 @@ from django.db import InterfaceError, OperationalError, transaction
 from django.utils import timezone
 
 from exports_app.choices import ExportState, JobKind, JobState
-from exports_app.models import Export, Job, WebhookDelivery
+from exports_app.models import Export, Job, WebhookDelivery, WorkerNode
 from exports_app.models.webhooks import DeliveryState
 from exports_app.services import (
     events,
@@ -230,23 +230,25 @@ def _import(job: Job, export: Export, progress: ProgressRecorder) -> dict:
             raise JobFailed(
                 f"{place.path} has {size} bytes, not the {job.params['size']} the import named."
             )
-        # A second name (hard link) of another export's image is that image.
+        # A second name (hard link) of another export's image is that image, and so is the
+        # same file reached through another node whose root shares a directory: any node.
         other = (
-            Export.objects.filter(
-                node_id=export.node_id, image_identity__startswith=f"{device_inode}:"
-            )
+            Export.objects.filter(image_identity__startswith=f"{device_inode}:")
             .exclude(pk=export.pk)
             .first()
         )
         if other is not None:
             raise JobFailed(f"{place.path} is the image of export {other.name!r} already.")
 
-    with _place(export) as place:
+    with transaction.atomic(), _place(export) as place:
+        # Imports take turns (every node row locked, in order): two imports of one file
+        # cannot both pass the check before either records its identity.
+        list(WorkerNode.objects.select_for_update().order_by("pk").values_list("pk", flat=True))
         try:
             identity = images.take_over(place, check)
         except FileNotFoundError:
             raise JobFailed(f"No file to import at {place.path}.") from None
-    Export.objects.filter(pk=export.pk).update(image_identity=identity, image_imported=True)
+        Export.objects.filter(pk=export.pk).update(image_identity=identity, image_imported=True)
     return {"last_error": ""}
 
 

@@ -297,6 +297,13 @@ NBDWEB_OBSERVE_INTERVAL = float(os.environ.get("NBDWEB_OBSERVE_INTERVAL", "2"))
 # A server-sent-events connection holds a gunicorn thread: it ends after this many seconds and
 # the client reconnects with Last-Event-ID (EventSource does so by itself).
 NBDWEB_EVENT_STREAM_MAX_SECONDS = float(os.environ.get("NBDWEB_EVENT_STREAM_MAX_SECONDS", "300"))
+# Each open stream holds a gunicorn thread (4 workers x 2 threads): caps leave threads for the
+# rest of the API. One stream more answers 429 with Retry-After.
+NBDWEB_EVENT_STREAMS_PER_USER = int(os.environ.get("NBDWEB_EVENT_STREAMS_PER_USER", "2"))
+NBDWEB_EVENT_STREAMS_TOTAL = int(os.environ.get("NBDWEB_EVENT_STREAMS_TOTAL", "4"))
+NBDWEB_EVENT_STREAM_RETRY_AFTER_SECONDS = int(
+    os.environ.get("NBDWEB_EVENT_STREAM_RETRY_AFTER_SECONDS", "30")
+)
 # `celery beat` keeps its last run times here, not in the working directory.
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {

@@ -1,4 +1,8 @@
-"""The CLI's one HTTP layer: JSON requests to the API with a token, errors made readable."""
+"""The CLI's one HTTP layer: JSON requests to the API with a token, errors made readable.
+
+The token goes only to the configured origin: redirects are not followed (one is an error that
+names where it pointed: fix the URL), and a page's `next` link is used only on that origin.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,21 @@ __all__ = ["ApiClient", "ApiError"]
 
 TIMEOUT = 60.0
 USER_AGENT = "nbdweb-cli/1"
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    # Returning None makes urllib raise the 3xx as an HTTPError instead of following it.
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), port
 
 
 class ApiError(Exception):
@@ -45,6 +64,10 @@ class ApiClient:
 
     def url(self, path: str, query: dict[str, Any] | None = None) -> str:
         if path.startswith(("http://", "https://")):
+            # Absolute URLs come from the API's answers (pagination): never send the token to
+            # another origin than the configured one.
+            if _origin(path) != _origin(self.base_url):
+                raise ApiError(f"refusing to follow {path}: not on {self.base_url}")
             url = path
         else:
             url = f"{self.base_url.rstrip('/')}/api/v1/{path.lstrip('/')}"
@@ -63,7 +86,8 @@ class ApiClient:
     ) -> tuple[int, dict[str, str], bytes]:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url(path, query), data=data, method=method)
-        request.add_header("Authorization", f"Token {self.token}")
+        # Unredirected: never copied onto a redirect's request, whatever handler follows one.
+        request.add_unredirected_header("Authorization", f"Token {self.token}")
         request.add_header("Accept", "application/json")
         request.add_header("User-Agent", USER_AGENT)
         if data is not None:
@@ -72,9 +96,16 @@ class ApiClient:
             # A retried request (the same key) creates nothing twice.
             request.add_header("Idempotency-Key", str(uuid.uuid4()))
         try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            with _OPENER.open(request, timeout=TIMEOUT) as response:
                 return response.status, dict(response.headers), response.read()
         except urllib.error.HTTPError as exc:
+            if 300 <= exc.code < 400:
+                where = exc.headers.get("Location", "?")
+                raise ApiError(
+                    f"HTTP {exc.code}: the API redirects to {where}; not followed "
+                    "(the token stays with the URL you gave): use the final URL",
+                    exc.code,
+                ) from None
             payload = exc.read()
             try:
                 parsed: Any = json.loads(payload)

@@ -70,7 +70,7 @@ def resolve(url: str | None, token: str | None, config: str | None) -> Settings:
     token = token or os.environ.get("NBDWEB_TOKEN") or from_file.get("token")
     if not token:
         raise ConfigError(
-            'no API token: give --token, set NBDWEB_TOKEN or put token = "..." in '
+            'no API token: set NBDWEB_TOKEN or put token = "..." in '
             f"{path} (`manage.py create_api_token USER` makes one)"
         )
     if not url.startswith(("http://", "https://")):

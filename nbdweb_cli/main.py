@@ -266,7 +266,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"nbdweb {__version__}")
     parser.add_argument("--url", help="the web server, e.g. http://127.0.0.1:8000 ($NBDWEB_URL)")
-    parser.add_argument("--token", help="API token ($NBDWEB_TOKEN); prefer the environment")
+    parser.add_argument(
+        "--token",
+        help="API token; other local users can read a command line (/proc/PID/cmdline): "
+        "prefer $NBDWEB_TOKEN or the config file",
+    )
     parser.add_argument("--config", help="config file (default ~/.config/nbdweb/cli.toml)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -133,6 +134,21 @@ def _shared_memory_backend(cfg: ExportConfig, prefix: str) -> Backend | None:
     except OSError as exc:
         log.error("export %r refused: cannot create its shared memory: %s", cfg.name, exc)
         return None
+
+
+def handshake_peer_key(address: str) -> str:
+    """Whom `address` counts as for the per-address handshake cap: an IPv6 peer by its /64 (one
+    host usually has a whole /64 to pick addresses from), an IPv4-mapped one by its IPv4
+    address, an IPv4 peer by its address."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 class NBDServer:
@@ -381,21 +397,24 @@ class NBDServer:
         return True
 
     def handshake_started(self, address: str) -> bool:
-        """Count a connection from `address` into the handshake, unless that address already
-        has as many negotiating as the cap allows (one peer must not take every slot)."""
+        """Count a connection from `address` into the handshake, unless that peer (its IPv6 /64:
+        handshake_peer_key) already has as many negotiating as the cap allows (one peer must
+        not take every slot)."""
         cap = self.settings.handshakes_per_address
-        n = self._handshaking.get(address, 0)
+        key = handshake_peer_key(address)
+        n = self._handshaking.get(key, 0)
         if cap and n >= cap:
             return False
-        self._handshaking[address] = n + 1
+        self._handshaking[key] = n + 1
         return True
 
     def handshake_ended(self, address: str) -> None:
-        n = self._handshaking.get(address, 0) - 1
+        key = handshake_peer_key(address)
+        n = self._handshaking.get(key, 0) - 1
         if n > 0:
-            self._handshaking[address] = n
+            self._handshaking[key] = n
         else:
-            self._handshaking.pop(address, None)
+            self._handshaking.pop(key, None)
 
     def export_slot_free(self, entry: ExportEntry) -> bool:
         # Checked at INFO/GO and counted at the start of transmission: between the two, a

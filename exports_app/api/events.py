@@ -7,12 +7,19 @@ whose objects they may view (`events.EVENT_KINDS`). The stream resumes after `La
 with the next event. A stream holds one gunicorn thread, so it ends after
 settings.NBDWEB_EVENT_STREAM_MAX_SECONDS; the client reconnects with the last ID it saw and
 loses nothing still in the stream (about NBDWEB_EVENTS_MAX_LENGTH events).
+
+Both need permission to view at least one kind of event (403 otherwise). Open streams are
+capped per user (NBDWEB_EVENT_STREAMS_PER_USER) and in all (NBDWEB_EVENT_STREAMS_TOTAL), so
+streams cannot take every gunicorn thread: one more is a 429 with Retry-After. The slots are
+members of Redis sorted sets scored by when they lapse, so a web process that dies with streams
+open frees its slots once they lapse.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from functools import lru_cache
 
@@ -24,8 +31,8 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from redis.exceptions import RedisError
 from rest_framework import serializers, status
-from rest_framework.exceptions import APIException, ValidationError
-from rest_framework.permissions import IsAuthenticated
+from rest_framework.exceptions import APIException, Throttled, ValidationError
+from rest_framework.permissions import BasePermission
 from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -34,13 +41,16 @@ from exports_app.services import events
 from exports_app.services.publishing import REDIS_CONNECT_TIMEOUT
 from nbdworker.contract.redisconn import tls_options
 
-__all__ = ["EventListView", "EventSerializer", "EventStreamView"]
+__all__ = ["EventListView", "EventSerializer", "EventStreamView", "SeesSomeEvents"]
 
 LIST_LIMIT = 100
 # XREAD blocks this long at most; a comment line then keeps proxies from closing the connection.
 KEEPALIVE_SECONDS = 15.0
 # Milliseconds EventSource waits before it reconnects.
 RECONNECT_MS = 1000
+STREAM_SLOTS_KEY = "nbdweb:event-streams"
+# A slot lapses this long after its stream's own end, should the stream's process die.
+SLOT_GRACE_SECONDS = 30
 
 
 class EventsUnavailable(APIException):
@@ -72,8 +82,20 @@ def _start_id(value: str | None, name: str) -> str | None:
         raise ValidationError({name: [str(exc)]}) from None
 
 
+class SeesSomeEvents(BasePermission):
+    """Authenticated and allowed to view at least one kind of event."""
+
+    def has_permission(self, request, view) -> bool:
+        user = request.user
+        return bool(
+            user
+            and user.is_authenticated
+            and any(events.visible_to(user, kind) for kind in events.EVENT_KINDS)
+        )
+
+
 class EventListView(APIView):
-    permission_classes = [IsAuthenticated]
+    permission_classes = [SeesSomeEvents]
 
     @extend_schema(
         parameters=[
@@ -157,8 +179,57 @@ def event_frames(allowed: set[str], after: str, max_seconds: float) -> Iterator[
                 yield _frame(event)
 
 
+class StreamSlot:
+    """One open stream's place in the per-user and global counts; iterating it yields the
+    stream's frames, closing it (Django closes the response) gives the place back."""
+
+    def __init__(self, client: redis.Redis, user_id: int, max_seconds: float) -> None:
+        self._client = client
+        self._keys = (STREAM_SLOTS_KEY, f"{STREAM_SLOTS_KEY}:user:{user_id}")
+        self._member = uuid.uuid4().hex
+        self._lapses = time.time() + max_seconds + SLOT_GRACE_SECONDS
+        self._frames: Iterator[str] = iter(())
+        self._held = False
+
+    def acquire(self, total: int, per_user: int) -> bool:
+        now = time.time()
+        pipe = self._client.pipeline()
+        for key in self._keys:
+            pipe.zremrangebyscore(key, "-inf", now)
+            pipe.zadd(key, {self._member: self._lapses})
+            pipe.zcard(key)
+            pipe.expireat(key, int(self._lapses) + 1, gt=True)
+        replies = pipe.execute()
+        self._held = True
+        if replies[2] > total or replies[6] > per_user:
+            self.close()
+            return False
+        return True
+
+    def stream(self, frames: Iterator[str]) -> StreamSlot:
+        self._frames = frames
+        return self
+
+    def __iter__(self) -> Iterator[str]:
+        return self._frames
+
+    def close(self) -> None:
+        close_frames = getattr(self._frames, "close", None)
+        if close_frames is not None:
+            close_frames()
+        if self._held:
+            self._held = False
+            try:
+                pipe = self._client.pipeline()
+                for key in self._keys:
+                    pipe.zrem(key, self._member)
+                pipe.execute()
+            except RedisError:
+                pass  # the slot lapses by itself
+
+
 class EventStreamView(APIView):
-    permission_classes = [IsAuthenticated]
+    permission_classes = [SeesSomeEvents]
     renderer_classes = [EventStreamRenderer, JSONRenderer]
 
     # Left out of the OpenAPI schema: a generated client cannot use a stream that never ends,
@@ -174,8 +245,21 @@ class EventStreamView(APIView):
             except RedisError:
                 raise EventsUnavailable() from None
         allowed = {kind for kind in events.EVENT_KINDS if events.visible_to(request.user, kind)}
+        max_seconds = settings.NBDWEB_EVENT_STREAM_MAX_SECONDS
+        slot = StreamSlot(_blocking_client(settings.REDIS_URL), request.user.pk, max_seconds)
+        try:
+            acquired = slot.acquire(
+                settings.NBDWEB_EVENT_STREAMS_TOTAL, settings.NBDWEB_EVENT_STREAMS_PER_USER
+            )
+        except RedisError:
+            raise EventsUnavailable() from None
+        if not acquired:
+            raise Throttled(
+                wait=settings.NBDWEB_EVENT_STREAM_RETRY_AFTER_SECONDS,
+                detail="Too many event streams are open; retry later or poll /api/v1/events/.",
+            )
         response = StreamingHttpResponse(
-            event_frames(allowed, after, settings.NBDWEB_EVENT_STREAM_MAX_SECONDS),
+            slot.stream(event_frames(allowed, after, max_seconds)),
             content_type="text/event-stream; charset=utf-8",
         )
         response["Cache-Control"] = "no-cache"

@@ -1,8 +1,9 @@
 """`/api/v1/webhooks/`: subscriptions to nbdweb's events, and their delivery log.
 
-Managing subscriptions needs the model permissions of `WebhookSubscription`; a subscription
-only gets the events its owner (who created it) may view. The secret is write-only: it signs
-every delivery (exports_app.services.webhooks) and is stored encrypted.
+Managing subscriptions needs the model permissions of `WebhookSubscription`, and a user sees and
+changes only their own subscriptions (a superuser: all); a subscription only gets the events its
+owner (who created it) may view, and none once its owner is deleted. The secret is write-only:
+it signs every delivery (exports_app.services.webhooks) and is stored encrypted.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from exports_app.models import WebhookDelivery, WebhookSubscription
-from exports_app.services import events
+from exports_app.services import events, webhooks
 
 from .base import BaseModelViewSet, ValidatedModelSerializer
 from .fields import StrictModelSerializer
@@ -123,6 +124,9 @@ class WebhookViewSet(BaseModelViewSet):
     serializer_class = WebhookSerializer
     filterset_fields = ["name", "enabled"]
     action_permissions = {"deliveries": ["exports_app.view_webhooksubscription"]}
+
+    def get_queryset(self):
+        return webhooks.subscriptions_of(self.request.user, super().get_queryset())
 
     @extend_schema(responses=WebhookDeliverySerializer(many=True))
     @action(detail=True, methods=["get"])

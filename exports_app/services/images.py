@@ -219,14 +219,27 @@ def open_owned(place: ImagePlace, identity: str, writable: bool = False) -> int:
 def take_over(place: ImagePlace, check: Callable[[str, int], None]) -> str:
     """Take an existing regular file as an image (an explicit import); returns its identity.
 
-    `check(device_inode, size)` may refuse the file by raising, before anything is written;
-    then the file gets a new owner token, so nbdweb can tell it from a file put in its place.
+    `check(device_inode, size)` may refuse the file by raising, before anything is written.
+    Only a file with one name, owned by this process's user, is taken: another name (a hard
+    link) would keep a way to the image that nbdweb does not know of, and another user's file
+    is not ours to resize or wipe. The file then gets a new owner token, so nbdweb can tell it
+    from a file put in its place, and mode 0600 (a 0666 file would let anyone change it).
     """
     fd = _open_checked(place, os.O_RDONLY, None)
     try:
         st = os.fstat(fd)
         check(f"{st.st_dev}:{st.st_ino}", st.st_size)
-        return _mark(fd, place.path)
+        if st.st_nlink != 1:
+            raise ImageNotOwned(
+                place.path, f"It has {st.st_nlink} names (hard links); an import needs one"
+            )
+        if st.st_uid != os.geteuid():
+            raise ImageNotOwned(
+                place.path, f"It belongs to uid {st.st_uid}, not to nbdweb's (uid {os.geteuid()})"
+            )
+        identity = _mark(fd, place.path)
+        os.fchmod(fd, 0o600)
+        return identity
     finally:
         os.close(fd)
 

@@ -1,8 +1,10 @@
 """Webhook deliveries: URL rules, fan-out of an event, and one signed HTTP attempt.
 
 A subscriber's URL is checked when it is saved and again at every attempt: its host is resolved
-and every address must be public (not private, loopback, link-local, multicast, reserved or
-unspecified) unless `settings.NBDWEB_WEBHOOK_ALLOW_PRIVATE_ADDRESSES` is on. The attempt then
+and every address must be globally routable (`is_global`, not multicast; an IPv4 address
+embedded in an IPv4-mapped, 6to4 or NAT64 address must be too) unless
+`settings.NBDWEB_WEBHOOK_ALLOW_PRIVATE_ADDRESSES` is on. An allow-list, not a deny-list: ranges
+such as 100.64.0.0/10 (carrier-grade NAT) are neither "private" nor public. The attempt then
 connects to the address it checked (never resolving the name a second time), so a DNS answer
 that changes in between (DNS rebinding) cannot point a delivery at an internal service.
 Redirects are not followed.
@@ -32,6 +34,7 @@ from urllib.parse import urlsplit
 import urllib3
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from exports_app.models import WebhookDelivery, WebhookSubscription
@@ -45,6 +48,7 @@ __all__ = [
     "fan_out",
     "retry_delay",
     "sign",
+    "subscriptions_of",
     "validate_url",
 ]
 
@@ -58,17 +62,30 @@ class AddressRefused(Exception):
     """The URL's host resolves to an address deliveries may not go to."""
 
 
+NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+
+
 def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return not (
-        address.is_private
-        or address.is_loopback
-        or address.is_link_local
-        or address.is_multicast
-        or address.is_reserved
-        or address.is_unspecified
-    )
+    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            # Python 3.11 calls ::ffff:100.64.0.1 global: judge the IPv4 address alone.
+            candidates = [address.ipv4_mapped]
+        if address.sixtofour is not None:
+            candidates.append(address.sixtofour)
+        if address in NAT64_PREFIX:
+            candidates.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    # is_global counts multicast as global; deliveries are unicast HTTP.
+    return all(c.is_global and not c.is_multicast for c in candidates)
+
+
+def subscriptions_of(user, queryset: QuerySet[WebhookSubscription]) -> QuerySet:
+    """The subscriptions `user` may see and change: their own; a superuser's, all. The model
+    permissions say what a user may do with webhooks, not whose: a delivery log holds event
+    payloads its owner may see, and its target URL receives them."""
+    if user.is_superuser:
+        return queryset
+    return queryset.filter(owner=user)
 
 
 def resolve(host: str, port: int) -> list[str]:
@@ -92,7 +109,12 @@ def resolve(host: str, port: int) -> list[str]:
 
 
 def _split(url: str) -> tuple[str, str, int]:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError:
+        # "http://[::1/x", "http://]x/", "http://\u2100.com/" (NFKC-unsafe netloc).
+        raise ValidationError("Not a valid URL.") from None
     if parts.scheme not in ("http", "https"):
         raise ValidationError("The URL must start with http:// or https://.")
     if parts.username is not None or parts.password is not None:
@@ -101,11 +123,11 @@ def _split(url: str) -> tuple[str, str, int]:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         raise ValidationError("The URL's port is not a number from 1 to 65535.") from None
-    if not parts.hostname:
+    if not hostname:
         raise ValidationError("The URL has no host.")
     if parts.fragment:
         raise ValidationError("The URL may not have a #fragment.")
-    return parts.scheme, parts.hostname, port
+    return parts.scheme, hostname, port
 
 
 def validate_url(url: str) -> str:
@@ -134,16 +156,19 @@ def retry_delay(attempts: int) -> float:
 
 def fan_out(event: events.Event) -> list[WebhookDelivery]:
     """A delivery row and a Celery task for each enabled subscription that wants `event` and
-    whose owner may see it."""
+    whose owner may see it. A subscription whose owner was deleted gets nothing: no one's
+    permissions bound what it may receive."""
     # Imported here: the tasks module imports the services.
     from exports_app.tasks import deliver_webhook
 
     deliveries = []
-    subscriptions = WebhookSubscription.objects.filter(enabled=True).select_related("owner")
+    subscriptions = WebhookSubscription.objects.filter(
+        enabled=True, owner__isnull=False, owner__is_active=True
+    ).select_related("owner")
     for subscription in subscriptions:
         if not subscription.wants(event.kind):
             continue
-        if subscription.owner is not None and not events.visible_to(subscription.owner, event.kind):
+        if not events.visible_to(subscription.owner, event.kind):
             continue
         deliveries.append(
             WebhookDelivery.objects.create(

@@ -8,6 +8,7 @@ process and the worker); tests/web/test_webhooks.py proves the refusal without i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -35,8 +36,9 @@ def node_name() -> str:
 
 
 @pytest.fixture
-def worker(node_name: str, settings) -> Iterator[RunningCelery]:
+def worker(node_name: str, settings, tmp_path: Path) -> Iterator[RunningCelery]:
     queue = f"node.{node_name}"
+    (tmp_path / "images").mkdir()
     settings.NBDWEB_EVENTS_QUEUE = queue
     settings.NBDWEB_WEBHOOK_ALLOW_PRIVATE_ADDRESSES = True
     running = start_celery_worker(
@@ -44,6 +46,8 @@ def worker(node_name: str, settings) -> Iterator[RunningCelery]:
         env={
             "DATABASE_URL": database_url(connection.settings_dict),
             "DATABASE_CONN_MAX_AGE": "0",
+            # The jobs touch images only under this host's storage roots.
+            "NBDWORKER_STORAGE_ROOTS": str(tmp_path / "images"),
             "NBDWEB_EVENTS_QUEUE": queue,
             "NBDWEB_WEBHOOK_ALLOW_PRIVATE_ADDRESSES": "1",
             "NBDWEB_WEBHOOK_RETRY_BASE_SECONDS": "0.2",
@@ -56,13 +60,20 @@ def worker(node_name: str, settings) -> Iterator[RunningCelery]:
 
 @pytest.fixture
 def node(worker, node_name: str, tmp_path: Path) -> WorkerNode:
-    (tmp_path / "images").mkdir()
     return WorkerNode.objects.create(
         name=node_name,
         listen="127.0.0.1:10809",
         storage_root=str(tmp_path / "images"),
         tls_policy=TLSPolicy.objects.create(name=f"p-{node_name}"),
     )
+
+
+@contextlib.contextmanager
+def shows_log_on_failure(worker: RunningCelery) -> Iterator[None]:
+    try:
+        yield
+    except pytest.fail.Exception as exc:
+        pytest.fail(f"{exc}\ncelery worker log:\n{worker.log_tail(40)}")
 
 
 def subscribe(api, url: str, kinds: list[str]) -> WebhookSubscription:
@@ -91,7 +102,8 @@ def test_a_job_outcome_is_delivered_after_a_retry(api, node, worker) -> None:
         subscription = subscribe(api, receiver.url, ["job.succeeded"])
         response = api.post("/api/v1/exports/", {"name": "hooked", "size": "1M", "node": node.pk})
         assert response.status_code == 201, response.content
-        first, second = receiver.wait_for(2, timeout=60)
+        with shows_log_on_failure(worker):
+            first, second = receiver.wait_for(2, timeout=60)
         delivery = poll(lambda: finished(subscription), "the delivery to finish", 30)
     assert first.body == second.body  # the same event, sent again
     assert first.headers["x-nbdweb-delivery"] == second.headers["x-nbdweb-delivery"]

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -56,11 +58,16 @@ def chromium_browser() -> Iterator:
     ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
-    browser = webdriver.Chrome(service=Service(driver_path), options=options)
+    # Chromium's scratch directories go to a directory of its own, removed afterwards, not
+    # /tmp (tests that watch /tmp for leaked files must not see them).
+    scratch = tempfile.mkdtemp(prefix="nbdweb-chromium-")
+    service = Service(driver_path, env={**os.environ, "TMPDIR": scratch})
+    browser = webdriver.Chrome(service=service, options=options)
     try:
         yield browser
     finally:
         browser.quit()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def requested_urls(browser) -> list[str]:

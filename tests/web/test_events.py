@@ -5,12 +5,14 @@ through `/api/v1/events/` and the server-sent-events stream, filtered by permiss
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
 from django.utils import timezone
 
+from exports_app.api import events as event_api
 from exports_app.choices import ExportState, JobKind
 from exports_app.models import Certificate, Export, Job
 from exports_app.services import events, observer
@@ -190,8 +192,11 @@ def test_events_list_resumes_after_an_id(api, some_events) -> None:
 def test_events_list_shows_only_what_the_user_may_view(make_user, token_client, some_events):
     viewer = token_client(make_user("exports_app.view_export"))
     assert [e["kind"] for e in viewer.get(EVENTS).json()] == ["export.state_changed"]
+    # A user who may view no kind of event gets neither the list nor a stream (a stream holds
+    # a gunicorn thread).
     nobody = token_client(make_user())
-    assert nobody.get(EVENTS).json() == []
+    assert nobody.get(EVENTS).status_code == 403
+    assert nobody.get(STREAM, HTTP_ACCEPT="text/event-stream").status_code == 403
 
 
 def test_events_need_authentication(anon_client, r) -> None:
@@ -240,3 +245,38 @@ def test_stream_refuses_a_malformed_last_event_id(api, r) -> None:
     response = api.get(STREAM, HTTP_LAST_EVENT_ID="../../etc", HTTP_ACCEPT="application/json")
     assert response.status_code == 400
     assert "Last-Event-ID" in response.json()
+
+
+def test_open_streams_are_capped_per_user_and_in_all(make_user, token_client, r, settings) -> None:
+    settings.NBDWEB_EVENT_STREAM_MAX_SECONDS = 0.2
+    settings.NBDWEB_EVENT_STREAMS_PER_USER = 2
+    settings.NBDWEB_EVENT_STREAMS_TOTAL = 3
+    alice = token_client(make_user("exports_app.view_export"))
+    bob = token_client(make_user("exports_app.view_export"))
+    # Responses not yet read are streams still open: each holds its slot.
+    open_streams = [alice.get(STREAM), alice.get(STREAM)]
+    assert all(s.status_code == 200 for s in open_streams)
+    refused = alice.get(STREAM, HTTP_ACCEPT="application/json")
+    assert refused.status_code == 429
+    assert refused["Retry-After"] == str(settings.NBDWEB_EVENT_STREAM_RETRY_AFTER_SECONDS)
+    open_streams.append(bob.get(STREAM))
+    assert open_streams[-1].status_code == 200
+    assert bob.get(STREAM).status_code == 429  # the global cap
+    # A stream that ends gives its slot back.
+    _frames(open_streams.pop(0))
+    open_streams.append(bob.get(STREAM))
+    assert open_streams[-1].status_code == 200
+    for response in open_streams:
+        response.close()
+    assert r.zcard(event_api.STREAM_SLOTS_KEY) == 0
+
+
+def test_slots_of_a_dead_process_lapse(make_user, token_client, r, settings) -> None:
+    settings.NBDWEB_EVENT_STREAMS_TOTAL = 1
+    # A slot that lapsed a second ago, as a crashed web process leaves it.
+    r.zadd(event_api.STREAM_SLOTS_KEY, {"crashed": time.time() - 1})
+    settings.NBDWEB_EVENT_STREAM_MAX_SECONDS = 0.2
+    viewer = token_client(make_user("exports_app.view_export"))
+    response = viewer.get(STREAM)
+    assert response.status_code == 200
+    _frames(response)

@@ -8,15 +8,19 @@ image was made. Then the explicit import: `POST /api/v1/exports/import/`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
+from django.db import connection
 
 from exports_app.choices import ExportState, JobKind, JobState
 from exports_app.models import Export, Job, WorkerNode
+from exports_app.services import images
 from exports_app.tasks import run_job
 
 pytestmark = pytest.mark.django_db
@@ -308,3 +312,114 @@ def test_admin_import_needs_the_import_permission(client, make_user, default_nod
     )
     assert response.status_code == 403
     assert not Export.objects.exists()
+
+
+# Security review: a file with other names, another user's file, a file anyone may write, and
+# the same file reached through two nodes.
+
+
+def test_import_refuses_a_file_with_another_name(api, default_node, storage_root, elsewhere):
+    image = storage_root / "linked.img"
+    image.write_bytes(VICTIM)
+    os.link(image, storage_root / "second-name.img")
+    api.post(IMPORT, {"name": "linked", "image_path": "linked.img", "size": MiB})
+    [job] = run_jobs()
+    assert job.state == JobState.FAILED
+    assert "hard links" in job.error
+    assert export_named("linked").image_identity == ""
+
+
+def test_import_refuses_another_users_file(api, default_node, storage_root):
+    image = storage_root / "theirs.img"
+    image.write_bytes(VICTIM)
+    os.chown(image, os.geteuid() + 4242, -1)
+    api.post(IMPORT, {"name": "theirs", "image_path": "theirs.img", "size": MiB})
+    [job] = run_jobs()
+    assert job.state == JobState.FAILED
+    assert f"uid {os.geteuid() + 4242}" in job.error
+    assert image.stat().st_uid == os.geteuid() + 4242
+
+
+def test_an_imported_file_is_made_private(api, default_node, storage_root):
+    image = storage_root / "open.img"
+    image.write_bytes(VICTIM)
+    image.chmod(0o666)
+    api.post(IMPORT, {"name": "open", "image_path": "open.img", "size": MiB})
+    [job] = run_jobs()
+    assert job.state == JobState.SUCCEEDED, job.error
+    assert image.stat().st_mode & 0o777 == 0o600
+
+
+def test_import_refuses_an_image_of_another_node_sharing_the_directory(
+    api, default_node, storage_root
+):
+    api.post(EXPORTS, {"name": "mine", "size": MiB})
+    run_jobs()
+    (storage_root / "sub").mkdir()
+    # Another node whose root is inside the first one's: the same file by another path.
+    other = WorkerNode.objects.create(
+        name="inner",
+        listen="127.0.0.1:10810",
+        storage_root=str(storage_root / "sub"),
+        tls_policy=default_node.tls_policy,
+    )
+    # Renamed: the same file (device and inode), with one name.
+    os.rename(storage_root / export_named("mine").image_path, storage_root / "sub" / "moved.img")
+    response = api.post(
+        IMPORT, {"name": "again", "image_path": "moved.img", "size": MiB, "node": other.pk}
+    )
+    assert response.status_code == 202, response.content
+    [job] = run_jobs()
+    assert job.state == JobState.FAILED
+    assert "image of export 'mine'" in job.error
+
+
+def test_two_concurrent_imports_of_one_file_cannot_both_win(
+    transactional_db, api, default_node, storage_root, monkeypatch
+):
+    (storage_root / "sub").mkdir()
+    (storage_root / "sub" / "shared.img").write_bytes(VICTIM)
+    inner = WorkerNode.objects.create(
+        name="inner",
+        listen="127.0.0.1:10810",
+        storage_root=str(storage_root / "sub"),
+        tls_policy=default_node.tls_policy,
+    )
+    for name, path, node in (
+        ("outer", "sub/shared.img", default_node),
+        ("inner", "shared.img", inner),
+    ):
+        response = api.post(
+            IMPORT, {"name": name, "image_path": path, "size": MiB, "node": node.pk}
+        )
+        assert response.status_code == 202, response.content
+    # Both imports meet after their check, unless one waits for the other's commit (then the
+    # meeting is given up after a bound and the first goes on alone).
+    meeting = threading.Barrier(2)
+    take_over = images.take_over
+
+    def take_over_after_meeting(place, check):
+        def checked_then_meet(device_inode, size):
+            check(device_inode, size)
+            with contextlib.suppress(threading.BrokenBarrierError):
+                meeting.wait(timeout=5)
+
+        return take_over(place, checked_then_meet)
+
+    monkeypatch.setattr(images, "take_over", take_over_after_meeting)
+    jobs = list(Job.objects.filter(state=JobState.QUEUED).order_by("pk"))
+
+    def run(job):
+        try:
+            run_job.apply(args=[job.pk], task_id=job.celery_task_id)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    states = sorted(Job.objects.get(pk=j.pk).state for j in jobs)
+    assert states == sorted([JobState.SUCCEEDED, JobState.FAILED])
+    assert Export.objects.exclude(image_identity="").count() == 1

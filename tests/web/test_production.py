@@ -130,7 +130,8 @@ def test_json_formatter_includes_exceptions_and_stringifies_odd_values():
 
 
 @pytest.mark.parametrize(
-    "unit", ["nbdweb-web.service", "nbdweb-celery.service", "nbdworker.service"]
+    "unit",
+    ["nbdweb-web.service", "nbdweb-celery.service", "nbdweb-beat.service", "nbdworker.service"],
 )
 def test_systemd_units_run_the_commands_of_make_run(unit):
     text = (REPO / "docs" / "systemd" / unit).read_text()
@@ -139,6 +140,7 @@ def test_systemd_units_run_the_commands_of_make_run(unit):
     expected = {
         "nbdweb-web.service": "-m gunicorn -c nbdweb/gunicorn.conf.py nbdweb.wsgi",
         "nbdweb-celery.service": "-m celery -A nbdweb worker",
+        "nbdweb-beat.service": "-m celery -A nbdweb beat",
         "nbdworker.service": "-m nbdworker",
     }[unit]
     assert expected in exec_start

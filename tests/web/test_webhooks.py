@@ -103,7 +103,8 @@ def test_webhooks_need_their_model_permissions(make_user, token_client, allow_pr
 
 
 def _subscription(url: str, **fields) -> WebhookSubscription:
-    subscription = WebhookSubscription(name="receiver", target_url=url, **fields)
+    fields.setdefault("name", "receiver")
+    subscription = WebhookSubscription(target_url=url, **fields)
     subscription.set_secret(SECRET)
     subscription.save()
     return subscription
@@ -213,3 +214,97 @@ def test_admin_refuses_a_private_url_without_the_setting(client, superuser) -> N
     assert response.status_code == 200
     assert b"private or local address" in response.content
     assert not WebhookSubscription.objects.exists()
+
+
+# Security review findings: whose subscriptions a user reaches, ranges that are neither private
+# nor public, URLs urlsplit() refuses, and subscriptions that lost their owner.
+
+WEBHOOK_PERMS = (
+    "exports_app.view_webhooksubscription",
+    "exports_app.change_webhooksubscription",
+    "exports_app.delete_webhooksubscription",
+)
+
+
+def test_a_user_cannot_reach_another_users_webhook(
+    make_user, token_client, superuser, allow_private
+) -> None:
+    admins = _subscription("http://127.0.0.1:9/admin", owner=superuser)
+    _delivery(admins)
+    mallory = make_user(*WEBHOOK_PERMS)
+    own = _subscription("http://127.0.0.1:9/own", owner=mallory, name="mallory")
+    client = token_client(mallory)
+    assert [s["id"] for s in client.get(WEBHOOKS).json()["results"]] == [own.pk]
+    detail = f"{WEBHOOKS}{admins.pk}/"
+    assert client.get(f"{detail}deliveries/").status_code == 404
+    assert client.get(detail).status_code == 404
+    response = client.patch(detail, {"target_url": "http://127.0.0.1:9/mallory"}, format="json")
+    assert response.status_code == 404
+    assert client.delete(detail).status_code == 404
+    admins.refresh_from_db()
+    assert admins.target_url == "http://127.0.0.1:9/admin"
+    # The superuser still manages every subscription.
+    assert token_client(superuser).get(f"{detail}deliveries/").status_code == 200
+
+
+def test_admin_shows_a_staff_user_only_their_own_webhooks(
+    client, make_user, superuser, allow_private
+) -> None:
+    admins = _subscription("http://127.0.0.1:9/admin", owner=superuser)
+    _delivery(admins)
+    staff = make_user(*WEBHOOK_PERMS, "exports_app.view_webhookdelivery")
+    staff.is_staff = True
+    staff.save()
+    client.force_login(staff)
+    change = f"/admin/exports_app/webhooksubscription/{admins.pk}/change/"
+    assert client.get(change).status_code == 302  # "does not exist" redirect
+    assert b"127.0.0.1:9/admin" not in client.get("/admin/exports_app/webhooksubscription/").content
+    deliveries = client.get("/admin/exports_app/webhookdelivery/")
+    assert deliveries.status_code == 200 and deliveries.context["cl"].result_count == 0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://100.64.0.1/hook",  # carrier-grade NAT: is_private is False in Python 3.11
+        "http://[::ffff:100.64.0.1]/hook",
+        "http://[2002:7f00:1::1]/hook",  # 6to4 of 127.0.0.1
+        "http://[64:ff9b::a00:1]/hook",  # NAT64 of 10.0.0.1
+        "http://192.0.0.8/hook",
+        "http://198.18.0.1/hook",  # benchmarking
+        "http://224.0.0.1/hook",
+    ],
+)
+def test_non_global_addresses_are_refused(api, url) -> None:
+    response = api.post(WEBHOOKS, body(url))
+    assert response.status_code == 400, response.content
+    assert "private or local address" in response.json()["target_url"][0]
+
+
+def test_global_addresses_are_accepted() -> None:
+    import ipaddress
+
+    for address in ("8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808"):
+        assert webhooks._public(ipaddress.ip_address(address)), address
+
+
+@pytest.mark.parametrize("url", ["http://[::1/x", "http://]x/", "http://\u2100.com/"])
+def test_urls_urlsplit_refuses_are_field_errors(api, url) -> None:
+    response = api.post(WEBHOOKS, body(url))
+    assert response.status_code == 400, response.content
+    assert "Not a valid URL" in response.json()["target_url"][0]
+
+
+def test_a_webhook_whose_owner_was_deleted_gets_no_events(
+    make_user, allow_private, monkeypatch
+) -> None:
+    from exports_app.services import events
+
+    owner = make_user("exports_app.view_workernode")
+    subscription = _subscription("http://127.0.0.1:9/", owner=owner)
+    owner.delete()
+    subscription.refresh_from_db()
+    assert subscription.owner is None and subscription.enabled
+    event = events.Event(id="1-0", kind="node.online", time="", object={"name": "n"}, data={})
+    assert webhooks.fan_out(event) == []
+    assert not WebhookDelivery.objects.exists()

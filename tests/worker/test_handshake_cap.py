@@ -10,6 +10,7 @@ from contextlib import ExitStack
 import pytest
 
 from nbdworker.contract.config import ConfigError
+from nbdworker.server import handshake_peer_key
 from nbdworker.settings import WorkerSettings
 from tests.support.metrics import scrape, value
 from tests.support.nbdclient import GREETING_SIZE
@@ -95,3 +96,18 @@ def test_the_cap_is_a_setting(tmp_path) -> None:
             WorkerSettings.from_sources(
                 [str(tmp_path)], environ={"NBDWORKER_MAX_HANDSHAKES_PER_ADDRESS": bad}
             )
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "same_peer"),
+    [
+        # One host picks any address of its /64: they count as one peer.
+        ("2001:db8:1:2::1", "2001:db8:1:2:ffff:ffff:ffff:fffe", True),
+        ("2001:db8:1:2::1", "2001:db8:1:3::1", False),
+        ("fe80::1%eth0", "fe80::2%eth1", True),
+        ("::ffff:192.0.2.7", "192.0.2.7", True),
+        ("192.0.2.7", "192.0.2.8", False),
+    ],
+)
+def test_ipv6_peers_are_counted_by_their_64(first, second, same_peer) -> None:
+    assert (handshake_peer_key(first) == handshake_peer_key(second)) is same_peer
