@@ -375,8 +375,10 @@ def test_import_refuses_an_image_of_another_node_sharing_the_directory(
 
 
 def test_two_concurrent_imports_of_one_file_cannot_both_win(
-    transactional_db, api, default_node, storage_root, monkeypatch
+    transactional_db, django_db_serialized_rollback, api, default_node, storage_root, monkeypatch
 ):
+    # serialized_rollback: a live-server test before it (test_api_schema.py) leaves the
+    # database flushed, without the default node the migrations made.
     (storage_root / "sub").mkdir()
     (storage_root / "sub" / "shared.img").write_bytes(VICTIM)
     inner = WorkerNode.objects.create(
