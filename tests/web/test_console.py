@@ -184,11 +184,14 @@ def test_session_throughput_comes_from_two_samples(staff, live, r) -> None:
     client.get(section_url("sessions"))
     key = f"nbdweb:console:rate:{live.name}:aa01"
     (t0, *_), *_ = json.loads(r.get(key))
-    # The counters moved by 10 MiB two seconds after the first sample.
-    r.set(key, json.dumps([[t0 - 2, 12288, 4096]]))
-    r.hset(sessions_key(live.name), "aa01", session("aa01", live.name, "disk1", 12288 + (10 << 20)))
+    # The counters moved by 100 MiB twenty seconds after the first sample.
+    r.set(key, json.dumps([[t0 - 20, 12288, 4096]]))
+    r.hset(
+        sessions_key(live.name), "aa01", session("aa01", live.name, "disk1", 12288 + (100 << 20))
+    )
     html = text(client.get(section_url("sessions")))
-    # 10 MiB over a little more than 2 s (the second sample is taken now, not at t0).
+    # 100 MiB over 20 s and however long the request took (the second sample is taken now, not
+    # at t0): 5.2 MB/s, down to 4.0 MB/s for a request slowed by up to 6 s on a loaded machine.
     assert re.search(r"↓ [45]\.\d MB/s", html), html
 
 
