@@ -144,7 +144,8 @@ class BaseModelViewSet(IdempotentPostsMixin, ETagMixin, ModelViewSet):
             return super().destroy(request, *args, **kwargs)
 
     @extend_schema(responses=HistoryRecordSerializer(many=True))
-    @action(detail=True, methods=["get"])
+    # The whole trail in one answer (history_entries bounds it), not a page.
+    @action(detail=True, methods=["get"], pagination_class=None)
     def history(self, request, pk=None) -> Response:
         """Who changed what and when, newest first."""
         return Response(HistoryRecordSerializer(history_entries(self.get_object()), many=True).data)

@@ -8,7 +8,7 @@ export away from a client, as disabling the export would).
 from __future__ import annotations
 
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_serializer
 from rest_framework import serializers, status
 from rest_framework.exceptions import APIException, NotFound
 from rest_framework.pagination import LimitOffsetPagination
@@ -79,6 +79,8 @@ class SessionSerializer(serializers.Serializer):
     connected_since = serializers.DateTimeField(help_text="When the client connected.")
 
 
+# The page is itself the list answer: not wrapped in an array of pages.
+@extend_schema_serializer(many=False)
 class SessionPageSerializer(serializers.Serializer):
     """A page of sessions, and the nodes whose sessions are unknown."""
 
