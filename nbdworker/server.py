@@ -140,6 +140,10 @@ def handshake_peer_key(address: str) -> str:
     """Whom `address` counts as for the per-address handshake cap: an IPv6 peer by its /64 (one
     host usually has a whole /64 to pick addresses from), an IPv4-mapped one by its IPv4
     address, an IPv4 peer by its address."""
+    if ":" not in address:
+        # An AF_INET peername is already a canonical dotted quad; parsing it costs microseconds
+        # on every connect.
+        return address
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
