@@ -5,7 +5,7 @@ PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: help venv venv-dev run test lint format check bench bench-deps clean
+.PHONY: help venv venv-dev run test lint format check bench bench-deps bench-scale clean
 
 help:
 	@echo "make run     - install into $(VENV), migrate, start web + celery + nbdworker (foreground)"
@@ -13,6 +13,7 @@ help:
 	@echo "make lint    - ruff check and ruff format --check"
 	@echo "make format  - ruff format and ruff check --fix"
 	@echo "make bench   - nbdworker vs nbdkit benchmark (see bench/README.md)"
+	@echo "make bench-scale - one control plane, several nbdworker nodes (bench/scale.py)"
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is needed"' \
@@ -67,6 +68,12 @@ bench-deps:
 
 bench: venv-dev bench-deps
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Issue 19's scale figures at a size that fits 2 cores; a scratch database on DATABASE_URL's
+# server (default postgres://postgres@127.0.0.1:5432). Other sizes: BENCH_SCALE_ARGS.
+BENCH_SCALE_ARGS ?= --nodes 4 --exports 250
+bench-scale: venv-dev
+	$(BIN)/python bench/scale.py $(BENCH_SCALE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
