@@ -1,7 +1,8 @@
 """`python -m nbdworker [--config FILE] [--listen ADDR ...] [--storage-root DIR ...]`
 
 Without ``--config`` the worker takes its config from Redis (``REDIS_URL``), verified with
-``NBDWEB_CONFIG_SECRET`` (or ``$NBDWEB_DATA_DIR/config_secret``), follows changes, and publishes
+its node's key (``NBDWEB_NODE_KEY``, ``$NBDWEB_DATA_DIR/node_keys/<node>``, or derived from the
+master secret on a single machine: nbdworker/contract/nodekey.py), follows changes, and publishes
 its heartbeat and sessions (nbdworker/configsource.py, nbdworker/status.py). ``--config FILE``
 serves a fixed snapshot and uses no Redis (tests, debugging).
 
@@ -23,13 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from nbdworker.contract.config import ConfigError, WorkerConfig
-from nbdworker.contract.snapshot import SecretError, load_secret
+from nbdworker.contract.nodekey import NODE_KEY_ENV, NodeKey, load_node_key
+from nbdworker.contract.snapshot import SecretError, key_id
 from nbdworker.logformat import configure_logging, log_format_from_env
 from nbdworker.settings import WorkerSettings
 from nbdworker.supervisor import SERVING_ENV
 
 log = logging.getLogger("nbdworker")
 
+SECRET_VARIABLES = (NODE_KEY_ENV, "NBDWEB_CONFIG_SECRET")
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
@@ -189,7 +192,7 @@ async def run(
     settings: WorkerSettings,
     config: WorkerConfig | None,
     args: argparse.Namespace,
-    secret: str | None = None,
+    node_key: NodeKey | None = None,
 ) -> int:
     """Serve `config`, or (None) the node's config from Redis, until SIGINT/SIGTERM.
 
@@ -231,11 +234,11 @@ async def run(
             **tls_options(args.redis_url),
         )
         state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
-        assert secret is not None
+        assert node_key is not None
         source = ConfigSource(
             client,
             settings.node,
-            secret,
+            node_key,
             state_dir,
             apply=apply,
             on_kick=kicked,
@@ -287,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     # With serving processes, every line says which process wrote it.
     several = serving is not None or args.workers > 1
     configure_logging(args.log_format, args.log_level, with_pid=several)
-    secret = None
+    node_key = None
     try:
         settings = WorkerSettings.from_sources(
             args.storage_root,
@@ -304,14 +307,29 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(args.config)
         else:
             config = None
-            secret = load_secret()
+            node_key = load_node_key(settings.node)
     except (ConfigError, SecretError) as exc:
         log.error("configuration error: %s", exc)  # a log line, so JSON under LOG_FORMAT=json
         return 2
+    # Serving processes (they parse the clients' bytes) inherit this environment: they use no
+    # secret, so they get none.
+    for name in SECRET_VARIABLES:
+        os.environ.pop(name, None)
     if config is not None and config.node != settings.node:
         log.warning("config is for node %r, this worker is node %r", config.node, settings.node)
+    if node_key is not None:
+        log.info(
+            "node %r: key from %s (key id %s)", settings.node, node_key.source, key_id(node_key)
+        )
+        if node_key.from_master:
+            log.warning(
+                "this worker can read the master config secret: on any host but the web "
+                "side's, give it only its node key (manage.py node_key %s)",
+                settings.node,
+            )
     # NBDWORKER_PROFILE=FILE writes cProfile statistics of the whole run to FILE (bench/README).
-    return run_on_new_loop(run(settings, config, args, secret), os.environ.get("NBDWORKER_PROFILE"))
+    profile = os.environ.get("NBDWORKER_PROFILE")
+    return run_on_new_loop(run(settings, config, args, node_key), profile)
 
 
 if __name__ == "__main__":

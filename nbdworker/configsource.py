@@ -101,7 +101,7 @@ class ConfigSource:
         self,
         client: aioredis.Redis,
         node: str,
-        secret: str,
+        key: str,
         state_dir: Path,
         apply: Callable[[WorkerConfig], None],
         on_kick: Callable[[], None] = lambda: None,
@@ -109,7 +109,7 @@ class ConfigSource:
     ) -> None:
         self.client = client
         self.node = node
-        self.secret = secret
+        self.key = key  # the node's key, never the master secret
         self.state_dir = Path(state_dir)
         self.cache_path = self.state_dir / f"config-{node}.json"
         self.apply = apply
@@ -216,7 +216,7 @@ class ConfigSource:
 
     def _verify(self, data: bytes | str, origin: str) -> WorkerConfig | None:
         try:
-            return verify_snapshot(data, self.secret, node=self.node)
+            return verify_snapshot(data, self.key, node=self.node)
         except SnapshotError as exc:
             kind = exc.kind
             level = logging.INFO if kind == "old_generation" else logging.ERROR

@@ -7,7 +7,8 @@ nbdworker, prefixing each output line with the process's name. Ctrl-C or SIGTERM
 them; every child also gets SIGTERM from the kernel if this supervisor dies (PR_SET_PDEATHSIG),
 so no orphan survives.
 
-Standard library only: it runs before Django is configured.
+Standard library (and nbdworker.contract, to derive the worker's node key) only: it runs
+before Django is configured.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nbdweb.datadir import data_dir, secret_from_env_or_file  # noqa: E402
+from nbdworker.contract.nodekey import NODE_KEY_ENV, derive_node_key  # noqa: E402
 
 PYTHON = sys.executable
 STOP_GRACE_SECONDS = 15.0
@@ -54,12 +56,13 @@ SECRETS = {
 
 # Each process gets only the secrets it uses (docs/security.md). Celery publishes the config
 # after a job (signs it, decrypts the server key into it) but signs no cookie; nbdworker only
-# verifies and decrypts its snapshot; beat only sends task messages. The one-off steps (migrate,
+# verifies and opens its own node's snapshot, so it gets its node's key (derived here from the
+# master secret), not the master; beat only sends task messages. The one-off steps (migrate,
 # ensure_admin) run as web.
 PROCESS_SECRETS: dict[str, tuple[str, ...]] = {
     "web": ("SECRET_KEY", "NBDWEB_CONFIG_SECRET", "NBDWEB_KEY_ENCRYPTION_KEY"),
     "celery": ("NBDWEB_CONFIG_SECRET", "NBDWEB_KEY_ENCRYPTION_KEY"),
-    "nbdworker": ("NBDWEB_CONFIG_SECRET",),
+    "nbdworker": (NODE_KEY_ENV,),
     "beat": (),
     "redis": (),
 }
@@ -236,7 +239,11 @@ class Stack:
 
 def prepare_environment() -> tuple[dict[str, str], dict[str, str]]:
     """The environment every process shares (no secrets in it), and the secrets."""
-    env = {name: value for name, value in os.environ.items() if name not in SECRETS}
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in SECRETS and name != NODE_KEY_ENV
+    }
     data = data_dir()
     env["NBDWEB_DATA_DIR"] = str(data)
     env.setdefault("NBDWEB_STORAGE_ROOT", str(data / "images"))
@@ -250,7 +257,13 @@ def prepare_environment() -> tuple[dict[str, str], dict[str, str]]:
         variable: secret_from_env_or_file(variable, filename)
         for variable, filename in SECRETS.items()
     }
+    secrets[NODE_KEY_ENV] = derive_node_key(secrets["NBDWEB_CONFIG_SECRET"], worker_node(env))
     return env, secrets
+
+
+def worker_node(env: dict[str, str]) -> str:
+    """The node the worker serves (as nbdworker/settings.py reads it)."""
+    return env.get("NBDWORKER_NODE") or "default"
 
 
 def ensure_redis(env: dict[str, str], stack: Stack) -> None:
@@ -301,6 +314,8 @@ def prepare(env: dict[str, str], secrets: dict[str, str]) -> None:
     manage(web_env, "migrate", "--noinput")
     manage(web_env, "collectstatic", "--noinput", "-v0")
     manage(web_env, "set_public_address")
+    # For a worker that shares the data dir but not this environment (docker compose's).
+    manage(web_env, "node_key", worker_node(env), "--write")
     if env.get("DJANGO_SUPERUSER_USERNAME") and env.get("DJANGO_SUPERUSER_PASSWORD"):
         manage(web_env, "ensure_admin")
     else:

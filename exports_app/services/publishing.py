@@ -17,7 +17,8 @@ Publishing one node (`publish_nodes`):
    before;
 2. build the node's full `WorkerConfig` from the database (ready, enabled exports; the TLS
    policy with the decrypted server key, trusted CAs and revoked serials), validate it with the
-   worker's own parser, sign it (`nbdworker.contract.snapshot`);
+   worker's own parser, sign it with the node's own key (`services.nodekeys`, derived from the
+   master secret: no other node's worker can forge or open it; `nbdworker.contract.snapshot`);
 3. store it at ``nbdweb:config:<node>`` only if its generation is above the stored one (two web
    processes racing cannot put an older snapshot back), then PUBLISH
    ``nbdweb:config-changed <node>:<generation>``.
@@ -46,6 +47,7 @@ from django.db import connections, transaction
 from exports_app.choices import TLSMode
 from exports_app.models import Export, WorkerNode
 from exports_app.services import export_states
+from exports_app.services.nodekeys import node_key
 from nbdworker.contract.config import ConfigError, WorkerConfig, tls_refusal
 from nbdworker.contract.redisconn import tls_options
 from nbdworker.contract.snapshot import (
@@ -208,7 +210,7 @@ def _store(client: redis.Redis, node: str, generation: int, envelope: str) -> bo
 def _publish_one(client: redis.Redis, node: WorkerNode) -> int | None:
     generation = _next_generation(client, node.name)
     config = build_config(node, generation)
-    envelope = sign_snapshot(config, settings.NBDWEB_CONFIG_SECRET)
+    envelope = sign_snapshot(config, node_key(node.name))
     if not _store(client, node.name, generation, envelope):
         log.info("node %s: generation %d superseded by a newer publish", node.name, generation)
         return None

@@ -2,9 +2,10 @@
 
 A snapshot sits in Redis (and in its snapshots on disk, and in the worker's cache): anyone who
 can read Redis could otherwise take the node's TLS key. The web side seals the key with AES-GCM
-under a key derived (HKDF-SHA256) from ``NBDWEB_CONFIG_SECRET``, which only the web side and the
-node's worker hold; the node's name is the associated data, so a key sealed for node A does not
-open as node B's. Used by `snapshot.sign_snapshot` / `snapshot.verify_snapshot` only.
+under a key derived (HKDF-SHA256) from the node's key (`nbdworker.contract.nodekey`), which only
+the web side and that node's worker hold; the node's name is the associated data too, so a key
+sealed for node A opens neither with node B's key nor as node B's. Used by
+`snapshot.sign_snapshot` / `snapshot.verify_snapshot` only.
 
 Sealed form: ``"nbdweb-sealed-v1:" + base64(12-byte nonce + ciphertext and tag)``.
 """

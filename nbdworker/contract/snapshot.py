@@ -10,14 +10,15 @@ Envelope (the value stored at ``nbdweb:config:<node>``), JSON::
     {"format": "nbdweb-config-v1", "alg": "HMAC-SHA256", "kid": "k1-<8 hex>",
      "payload": "<canonical JSON of WorkerConfig.to_dict(), key sealed>", "sig": "<64 hex>"}
 
-``sig`` is HMAC-SHA256, keyed with ``NBDWEB_CONFIG_SECRET``, over
-``format "\\n" kid "\\n" payload``. The payload travels as a string so the verifier checks the
-exact bytes that were signed and only then parses them. ``kid`` names the secret (a digest of
-it, not the secret): a worker with another secret says so in its log instead of "forged".
+``sig`` is HMAC-SHA256, keyed with the node's key (`nbdworker.contract.nodekey`: derived from
+``NBDWEB_CONFIG_SECRET`` for this node alone), over ``format "\\n" kid "\\n" payload``. The
+payload travels as a string so the verifier checks the exact bytes that were signed and only
+then parses them. ``kid`` names the key (a digest of it, not the key): a worker given another
+key, or sent another node's snapshot, says so in its log instead of "forged".
 
-The payload's ``tls.key_pem`` is sealed (AES-GCM, for this node alone:
-`nbdworker.contract.sealed`) before signing and opened after verifying, so the server's private
-key is never in Redis, nor in the worker's cached copy, in the clear.
+The payload's ``tls.key_pem`` is sealed (AES-GCM under the node's key, the node's name as
+associated data: `nbdworker.contract.sealed`) before signing and opened after verifying, so the
+server's private key is never in Redis, nor in the worker's cached copy, in the clear.
 """
 
 from __future__ import annotations
@@ -134,9 +135,10 @@ def _secret_bytes(secret: str | bytes) -> bytes:
     return raw
 
 
-def sign_snapshot(config: WorkerConfig, secret: str | bytes) -> str:
-    """The envelope (JSON text) carrying `config`, signed with `secret`."""
-    raw = _secret_bytes(secret)
+def sign_snapshot(config: WorkerConfig, key: str | bytes) -> str:
+    """The envelope (JSON text) carrying `config`, signed (and its private key sealed) with
+    `key`: the key of ``config.node`` (`nodekey.derive_node_key`), never the master secret."""
+    raw = _secret_bytes(key)
     kid = key_id(raw)
     document = config.to_dict()
     tls = document.get("tls")
@@ -156,18 +158,19 @@ def sign_snapshot(config: WorkerConfig, secret: str | bytes) -> str:
 
 def verify_snapshot(
     data: str | bytes,
-    secret: str | bytes,
+    key: str | bytes,
     *,
     node: str | None = None,
     after_generation: int | None = None,
 ) -> WorkerConfig:
-    """Check the signature, then parse and validate; raise SnapshotError naming the reason.
+    """Check the signature with `key` (this node's key), then parse and validate; raise
+    SnapshotError naming the reason.
 
     `node`: the snapshot must be for this node (a copy of another node's key is refused).
     `after_generation`: the snapshot's generation must be greater (an older or replayed
     snapshot is refused).
     """
-    raw_secret = _secret_bytes(secret)
+    raw_secret = _secret_bytes(key)
     if len(data) > MAX_SNAPSHOT_BYTES:
         raise SnapshotError(f"snapshot of {len(data)} bytes is over {MAX_SNAPSHOT_BYTES}")
     try:
@@ -185,7 +188,8 @@ def verify_snapshot(
         raise SnapshotError("kid, payload and sig must be strings")
     if kid != key_id(raw_secret):
         raise SnapshotError(
-            f"signed with another secret (key id {kid}, ours {key_id(raw_secret)})",
+            f"signed with another key (key id {kid}, ours {key_id(raw_secret)})"
+            f"{_claimed_node(payload)}",
             "bad_signature",
         )
     if not hmac.compare_digest(sig, _mac(raw_secret, kid, payload)):
@@ -211,6 +215,19 @@ def verify_snapshot(
             "old_generation",
         )
     return config
+
+
+def _claimed_node(payload: str) -> str:
+    """For the log of a snapshot signed with another key: the node its (unverified) payload
+    names, which tells another node's snapshot (or this worker given another node's key) from
+    a stranger's."""
+    try:
+        node = json.loads(payload).get("node")
+    except (ValueError, AttributeError, RecursionError):
+        return ""
+    if not isinstance(node, str):
+        return ""
+    return f"; its unverified payload names node {node[:64]!r}"
 
 
 def _open_private_key(document: dict[str, Any], secret: bytes, node: str | None) -> None:

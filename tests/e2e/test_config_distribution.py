@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from django.conf import settings
 from rest_framework.test import APIClient
 
 from exports_app.models import Export, TLSPolicy, WorkerNode
+from exports_app.services.nodekeys import node_key
 from nbdworker.contract.config import WorkerConfig
+from nbdworker.contract.nodekey import NODE_KEY_ENV
 from nbdworker.contract.snapshot import CHANNEL, config_key, sign_snapshot
 from nbdworker.protocol import Command, Errno
 from tests.support.polling import poll as wait_for
@@ -81,7 +82,7 @@ class Stack:
             storage_root=self.storage_root,
             env={
                 "REDIS_URL": self.redis.url,
-                "NBDWEB_CONFIG_SECRET": settings.NBDWEB_CONFIG_SECRET,
+                NODE_KEY_ENV: node_key(self.node.name),
                 "NBDWORKER_NODE": self.node.name,
                 "NBDWEB_DATA_DIR": str(self.tmp / "data"),
             },
@@ -278,12 +279,12 @@ def test_forged_and_older_snapshots_are_ignored(stack) -> None:
     )
     r.set(config_key(stack.node.name), sign_snapshot(forged, "not-the-secret"))
     r.publish(CHANNEL, f"{stack.node.name}:{forged.generation}")
-    worker.wait_for_log(r"config from Redis rejected: signed with another secret")
+    worker.wait_for_log(r"config from Redis rejected: signed with another key")
 
     older = WorkerConfig.from_dict(
         {**current.to_dict(), "generation": current.generation - 1, "exports": []}
     )
-    r.set(config_key(stack.node.name), sign_snapshot(older, settings.NBDWEB_CONFIG_SECRET))
+    r.set(config_key(stack.node.name), sign_snapshot(older, node_key(stack.node.name)))
     r.publish(CHANNEL, f"{stack.node.name}:{current.generation + 2000}")
     worker.wait_for_log(r"config from Redis rejected: generation \d+ is older")
     assert stack.listing() == {"real": ""}
@@ -315,7 +316,7 @@ def test_snapshot_naming_a_path_outside_the_storage_roots_is_refused(stack, tmp_
         }
     )
     r = stack.redis.client()
-    r.set(config_key(stack.node.name), sign_snapshot(evil, settings.NBDWEB_CONFIG_SECRET))
+    r.set(config_key(stack.node.name), sign_snapshot(evil, node_key(stack.node.name)))
     r.publish(CHANNEL, f"{stack.node.name}:{evil.generation}")
     worker.wait_for_log(rf"export 'evil' refused: {outside} is not under a storage root")
     worker.wait_for_log(r"export 'passwd' refused: /etc/passwd is not under a storage root")

@@ -27,6 +27,8 @@ from selenium.webdriver.support.ui import Select
 from exports_app.choices import CertificateKind, ExportState
 from exports_app.models import Export, Job, TLSPolicy, WorkerNode
 from exports_app.services import ca, provisioning
+from exports_app.services.nodekeys import node_key
+from nbdworker.contract.nodekey import NODE_KEY_ENV
 from tests.support.browser import WINDOW, chromium_browser, requested_urls
 from tests.support.celery import RunningCelery
 from tests.support.polling import poll
@@ -116,7 +118,7 @@ def stack(
         storage_root=storage,
         env={
             "REDIS_URL": settings.REDIS_URL,
-            "NBDWEB_CONFIG_SECRET": settings.NBDWEB_CONFIG_SECRET,
+            NODE_KEY_ENV: node_key(node.name),
             "NBDWORKER_NODE": node.name,
             "NBDWEB_DATA_DIR": str(tmp_path / "data"),
         },

@@ -17,6 +17,8 @@ import pytest
 from rest_framework.test import APIClient
 
 from exports_app.models import Export, TLSPolicy, WorkerNode
+from exports_app.services.nodekeys import node_key
+from nbdworker.contract.nodekey import NODE_KEY_ENV
 from nbdworker.contract.snapshot import config_key
 from tests.support.redisserver import PrivateRedis, private_redis
 from tests.support.tools import client_env, require_tool
@@ -108,7 +110,7 @@ def tls_stack(
         storage_root=storage,
         env={
             "REDIS_URL": redis_server.url,
-            "NBDWEB_CONFIG_SECRET": settings.NBDWEB_CONFIG_SECRET,
+            NODE_KEY_ENV: node_key(node.name),
             "NBDWORKER_NODE": node.name,
             "NBDWEB_DATA_DIR": str(tmp_path / "data"),
         },

@@ -10,12 +10,12 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from django.conf import settings
 from django.db import transaction
 
 from exports_app.choices import ClientVerification, ExportState, TLSMode
 from exports_app.models import Export, TLSPolicy, WorkerNode
 from exports_app.services import ca, publishing
+from exports_app.services.nodekeys import node_key
 from nbdworker.contract.config import WorkerConfig
 from nbdworker.contract.snapshot import (
     CHANNEL,
@@ -56,7 +56,7 @@ def published(r, node: WorkerNode) -> WorkerConfig | None:
     data = r.get(config_key(node.name))
     if data is None:
         return None
-    return verify_snapshot(data, settings.NBDWEB_CONFIG_SECRET, node=node.name)
+    return verify_snapshot(data, node_key(node.name), node=node.name)
 
 
 def make_export(node: WorkerNode, name: str, **kw) -> Export:

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 
 from nbdworker.configsource import ConfigSource
 from nbdworker.contract.config import WorkerConfig
+from nbdworker.contract.nodekey import NODE_KEY_ENV, derive_node_key
 from nbdworker.contract.snapshot import (
     CHANNEL,
     KICK_CHANNEL,
@@ -47,6 +48,7 @@ def node() -> str:
 
 
 def snapshot(node: str, generation: int, *exports: str, secret: str = SECRET) -> str:
+    """The snapshot the web side with master secret `secret` publishes for `node`."""
     config = WorkerConfig.from_dict(
         {
             "version": 1,
@@ -55,7 +57,7 @@ def snapshot(node: str, generation: int, *exports: str, secret: str = SECRET) ->
             "exports": [{"name": e, "backend": "memory", "size": 1 << 20} for e in exports],
         }
     )
-    return sign_snapshot(config, secret)
+    return sign_snapshot(config, derive_node_key(secret, node))
 
 
 class Recorder:
@@ -84,7 +86,8 @@ async def until(predicate, what: str) -> None:
 
 def make_source(url: str, node: str, state_dir: Path, rec: Recorder) -> ConfigSource:
     client = aioredis.Redis.from_url(url, socket_connect_timeout=1.0)
-    return ConfigSource(client, node, SECRET, state_dir, apply=rec.apply, on_rejected=rec.reject)
+    key = derive_node_key(SECRET, node)
+    return ConfigSource(client, node, key, state_dir, apply=rec.apply, on_rejected=rec.reject)
 
 
 def test_initial_config_comes_from_redis_and_is_cached_0600(shared_redis, node, tmp_path) -> None:
@@ -193,7 +196,13 @@ def test_follows_notices_and_refuses_forged_older_and_foreign(shared_redis, node
 
             publish(snapshot(node, 3, "forged", secret="not-the-secret"), 3)
             await until(lambda: "bad_signature" in rec.rejected, "the forged refusal")
+            # Another node's snapshot is signed with that node's key: not ours.
+            rec.rejected.clear()
             publish(snapshot("someone-else", 4, "x"), 4)
+            await until(lambda: "bad_signature" in rec.rejected, "the other key's refusal")
+            # Signed with our key yet naming another node (a web-side mistake): refused too.
+            other = WorkerConfig.from_dict({"version": 1, "generation": 4, "node": "else"})
+            publish(sign_snapshot(other, derive_node_key(SECRET, node)), 4)
             await until(lambda: "other_node" in rec.rejected, "the other-node refusal")
             # A notice that claims a newer generation for a snapshot that is older.
             publish(snapshot(node, 1, "old"), 5)
@@ -242,11 +251,14 @@ def test_refetches_after_a_redis_restart(node, tmp_path) -> None:
         asyncio.run(main())
 
 
-def test_worker_without_config_or_secret_refuses_to_start(tmp_path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("NBDWEB_CONFIG_SECRET", "NBD_LISTEN")}
-    env["NBDWEB_DATA_DIR"] = str(tmp_path)  # no config_secret file in it
+def test_worker_without_config_or_key_refuses_to_start(tmp_path) -> None:
+    unset = ("NBDWEB_CONFIG_SECRET", NODE_KEY_ENV, "NBD_LISTEN", "NBDWORKER_NODE")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env["NBDWEB_DATA_DIR"] = str(tmp_path)  # no node key nor config_secret file in it
     result = run_worker_main("--listen", "127.0.0.1:0", env=env)
     assert result.returncode == 2
+    assert f"{NODE_KEY_ENV} is unset" in result.stderr
+    assert str(tmp_path / "node_keys" / "default") in result.stderr
     assert "NBDWEB_CONFIG_SECRET is unset" in result.stderr
     assert str(tmp_path / "config_secret") in result.stderr
 
@@ -257,7 +269,7 @@ def test_worker_without_config_or_secret_refuses_to_start(tmp_path) -> None:
 def follower_env(server: PrivateRedis, node: str, tmp_path: Path) -> dict[str, str]:
     return {
         "REDIS_URL": server.url,
-        "NBDWEB_CONFIG_SECRET": SECRET,
+        NODE_KEY_ENV: derive_node_key(SECRET, node),
         "NBDWORKER_NODE": node,
         "NBDWEB_DATA_DIR": str(tmp_path / "data"),
     }

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from nbdworker.contract.config import ExportConfig, WorkerConfig
+from nbdworker.contract.nodekey import derive_node_key
 from nbdworker.contract.snapshot import CHANNEL, config_key, sign_snapshot
 from nbdworker.protocol import Reply
 from nbdworker.server import _open_backend
@@ -256,7 +257,7 @@ def test_configs_applied_while_a_directory_flips_never_serve_the_outside_file(tm
             for i in range(RELOAD_EXPORTS)
         ]
         snapshot = {"version": 1, "generation": generation, "node": node, "exports": exports}
-        return sign_snapshot(WorkerConfig.from_dict(snapshot), RELOAD_SECRET)
+        return sign_snapshot(WorkerConfig.from_dict(snapshot), derive_node_key(RELOAD_SECRET, node))
 
     served = {"inside": 0, "outside": 0}
     with private_redis(tmp_path / "redis") as server:

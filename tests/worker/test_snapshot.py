@@ -68,7 +68,7 @@ def _payload_with(generation: int) -> str:
 GOOD = sign_snapshot(make_config(), SECRET)
 
 REFUSED = [
-    ("wrong secret", sign_snapshot(make_config(), "another-secret"), "another secret"),
+    ("wrong secret", sign_snapshot(make_config(), "another-secret"), "another key"),
     (
         "forged signature",
         tamper(GOOD, sig="0" * 64),
