@@ -54,6 +54,7 @@ from urllib.parse import urlsplit, urlunsplit
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from nbdworker.contract.nodekey import NODE_KEY_ENV, derive_node_key  # noqa: E402
 from nbdworker.contract.snapshot import config_key, heartbeat_key, published_key  # noqa: E402
 from scripts.runstack import COMMANDS, PYTHON, die_with_parent, free_port, process_env  # noqa: E402
 
@@ -395,7 +396,10 @@ def control_plane(args: argparse.Namespace, scratch: Path) -> Iterator[dict]:
         names = [name for _, name, _ in fleet["nodes"]]
         workers = []
         for _, name, listen in fleet["nodes"]:
-            worker_env = process_env(env, secret_values, "nbdworker")
+            # Each worker holds its own node's key only, as in a deployment.
+            master = secret_values["NBDWEB_CONFIG_SECRET"]
+            node_secrets = {NODE_KEY_ENV: derive_node_key(master, name)}
+            worker_env = process_env(env, node_secrets, "nbdworker")
             worker_env.update(NBDWORKER_NODE=name, NBDWORKER_WORKERS="1")
             argv = COMMANDS["nbdworker"] + ["--listen", listen]
             argv += ["--storage-root", str(storage / name)]
