@@ -9,8 +9,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from nbdweb.datadir import data_dir, private_file, secret_from_env_or_file
-from nbdworker.contract.redisconn import tls_options as redis_tls_options
-from nbdworker.contract.redisconn import uses_tls as uses_redis_tls
+from nbdworker.contract.redisconn import celery_settings as redis_celery_settings
 
 
 def env_bool(name: str, default: bool = False) -> bool:
@@ -142,11 +141,21 @@ NBDWEB_KEY_ENCRYPTION_KEY = secret_from_env_or_file(
     "NBDWEB_KEY_ENCRYPTION_KEY", "key_encryption_key"
 )
 
-CELERY_BROKER_URL = REDIS_URL
-CELERY_RESULT_BACKEND = REDIS_URL
-# rediss://: Celery verifies the server like every other Redis client (REDIS_TLS_* files).
-if uses_redis_tls(REDIS_URL):
-    CELERY_BROKER_USE_SSL = CELERY_REDIS_BACKEND_USE_SSL = redis_tls_options(REDIS_URL)
+# The broker and result backend from the same REDIS_URL as every other client: a Sentinel URL
+# becomes kombu's `sentinel://...;sentinel://...` with the master's name in the transport
+# options, and with TLS Celery verifies the server like the rest (REDIS_TLS_* files).
+try:
+    _CELERY_REDIS = redis_celery_settings(REDIS_URL)
+except ValueError as exc:  # a malformed Sentinel URL: say which setting, never its password
+    raise ImproperlyConfigured(f"REDIS_URL: {exc}") from None
+CELERY_BROKER_URL = _CELERY_REDIS["broker_url"]
+CELERY_RESULT_BACKEND = _CELERY_REDIS["result_backend"]
+if "broker_use_ssl" in _CELERY_REDIS:
+    CELERY_BROKER_USE_SSL = _CELERY_REDIS["broker_use_ssl"]
+    CELERY_REDIS_BACKEND_USE_SSL = _CELERY_REDIS["redis_backend_use_ssl"]
+CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS = _CELERY_REDIS.get("result_backend_transport_options", {})
+if "redis_username" in _CELERY_REDIS:
+    CELERY_REDIS_USERNAME = _CELERY_REDIS["redis_username"]
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = f"node.{NBDWORKER_NODE}"
@@ -271,7 +280,8 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 # Unacked jobs come back to another worker after this long (Redis broker): longer than any job.
 CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "visibility_timeout": int(os.environ.get("NBDWEB_JOB_VISIBILITY_TIMEOUT", "21600"))
+    **_CELERY_REDIS.get("broker_transport_options", {}),
+    "visibility_timeout": int(os.environ.get("NBDWEB_JOB_VISIBILITY_TIMEOUT", "21600")),
 }
 
 LOG_FORMAT = os.environ.get("LOG_FORMAT", "plain").strip().lower()

@@ -25,6 +25,7 @@ from typing import Any
 
 from nbdworker.contract.config import ConfigError, WorkerConfig
 from nbdworker.contract.nodekey import NODE_KEY_ENV, NodeKey, load_node_key
+from nbdworker.contract.redisconn import connect, is_sentinel, parse_sentinel_url
 from nbdworker.contract.snapshot import SecretError, key_id
 from nbdworker.logformat import configure_logging, log_format_from_env
 from nbdworker.settings import WorkerSettings
@@ -108,6 +109,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.log_format = log_format_from_env()
     except ValueError as exc:
         parser.error(str(exc))
+    if is_sentinel(args.redis_url):
+        try:
+            parse_sentinel_url(args.redis_url)
+        except ValueError as exc:
+            parser.error(f"REDIS_URL: {exc}")
     if isinstance(args.workers, str):  # a default from the environment is not converted
         try:
             args.workers = _workers(args.workers)
@@ -224,15 +230,11 @@ async def run(
         import redis.asyncio as aioredis
 
         from nbdworker.configsource import ConfigSource, default_state_dir
-        from nbdworker.contract.redisconn import tls_options
         from nbdworker.status import StatusPublisher
 
-        client = aioredis.Redis.from_url(
-            args.redis_url,
-            socket_connect_timeout=2.0,
-            socket_timeout=10.0,
-            **tls_options(args.redis_url),
-        )
+        # A Sentinel URL gives a client that asks the sentinels for the primary on every new
+        # connection: the follower's reconnect after a failover reaches the promoted replica.
+        client = connect(aioredis, args.redis_url, socket_connect_timeout=2.0, socket_timeout=10.0)
         state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
         assert node_key is not None
         source = ConfigSource(

@@ -26,13 +26,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nbdweb.datadir import data_dir, secret_from_env_or_file  # noqa: E402
 from nbdworker.contract.nodekey import NODE_KEY_ENV, derive_node_key  # noqa: E402
+from nbdworker.contract.redisconn import is_sentinel, parse_sentinel_url  # noqa: E402
 
 PYTHON = sys.executable
 STOP_GRACE_SECONDS = 15.0
@@ -79,14 +80,17 @@ def die_with_parent() -> None:
 
 
 def redacted(url: str) -> str:
-    """`url` without its password, for the log."""
+    """`url` without its passwords (the data nodes' and a sentinel's), for the log."""
     parts = urlsplit(url)
-    if not parts.password:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (
-        f":{parts.port}" if parts.port else ""
+    credentials, at, hosts = parts.netloc.rpartition("@")
+    if at and ":" in credentials:
+        netloc = f"{credentials.partition(':')[0]}:***@{hosts}"
+        parts = parts._replace(netloc=netloc)
+    query = "&".join(
+        f"{name}=***" if name == "sentinel_password" else f"{name}={value}"
+        for name, value in parse_qsl(parts.query, keep_blank_values=True)
     )
-    return urlunsplit(parts._replace(netloc=netloc))
+    return urlunsplit(parts._replace(query=query))
 
 
 def _redis_command(*words: str) -> bytes:
@@ -96,30 +100,77 @@ def _redis_command(*words: str) -> bytes:
     )
 
 
+def _redis_socket(host: str, port: int, tls: bool, timeout: float) -> socket.socket:
+    """A connection to one Redis or sentinel, over TLS (verified with REDIS_TLS_CA_FILE, client
+    certificate from REDIS_TLS_CERT/KEY_FILE) when `tls`."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    if tls:
+        context = ssl.create_default_context(cafile=os.environ.get("REDIS_TLS_CA_FILE") or None)
+        if os.environ.get("REDIS_TLS_CERT_FILE"):
+            context.load_cert_chain(
+                os.environ["REDIS_TLS_CERT_FILE"], os.environ.get("REDIS_TLS_KEY_FILE") or None
+            )
+        sock = context.wrap_socket(sock, server_hostname=host)
+    return sock
+
+
+def _authenticated(sock: socket.socket, user: str | None, password: str | None) -> bool:
+    if not password:
+        return True
+    sock.sendall(_redis_command("AUTH", user or "default", password))
+    return sock.recv(64).startswith(b"+OK")
+
+
+def _ping(host: str, port: int, tls: bool, user: str | None, password: str | None, timeout: float):
+    with _redis_socket(host, port, tls, timeout) as sock:
+        if not _authenticated(sock, user, password):
+            return False
+        sock.sendall(_redis_command("PING"))
+        return sock.recv(64).startswith(b"+PONG")
+
+
+def sentinel_primary(url: str, timeout: float = 1.0) -> tuple[str, int] | None:
+    """The address the first sentinel that answers gives for the URL's master, or None."""
+    target = parse_sentinel_url(url)
+    for host, port in target.sentinels:
+        try:
+            with _redis_socket(host, port, target.tls, timeout) as sock:
+                if not _authenticated(sock, target.sentinel_username, target.sentinel_password):
+                    continue
+                sock.sendall(_redis_command("SENTINEL", "get-master-addr-by-name", target.master))
+                reply = sock.makefile("rb")
+                if reply.readline() != b"*2\r\n":  # *-1: the sentinel knows no such master
+                    continue
+                address = []
+                for _ in range(2):
+                    reply.readline()  # $<length>
+                    address.append(reply.readline().strip().decode())
+                return address[0], int(address[1])
+        except (OSError, ssl.SSLError, ValueError):
+            continue
+    return None
+
+
 def redis_answers(url: str, timeout: float = 1.0) -> bool:
-    """PING answered, after AUTH with the URL's user and password, over TLS for rediss://
-    (verified with REDIS_TLS_CA_FILE, client certificate from REDIS_TLS_CERT/KEY_FILE)."""
-    parts = urlsplit(url)
+    """PING answered, after AUTH with the URL's user and password, over TLS for rediss://; for
+    a Sentinel URL, by the primary the sentinels name."""
     try:
-        sock = socket.create_connection(
-            (parts.hostname or "127.0.0.1", parts.port or 6379), timeout=timeout
+        if is_sentinel(url):
+            target = parse_sentinel_url(url)
+            primary = sentinel_primary(url, timeout)
+            if primary is None:
+                return False
+            return _ping(*primary, target.tls, target.username, target.password, timeout)
+        parts = urlsplit(url)
+        return _ping(
+            parts.hostname or "127.0.0.1",
+            parts.port or 6379,
+            parts.scheme == "rediss",
+            unquote(parts.username or "") or None,
+            unquote(parts.password) if parts.password else None,
+            timeout,
         )
-        if parts.scheme == "rediss":
-            context = ssl.create_default_context(cafile=os.environ.get("REDIS_TLS_CA_FILE") or None)
-            if os.environ.get("REDIS_TLS_CERT_FILE"):
-                context.load_cert_chain(
-                    os.environ["REDIS_TLS_CERT_FILE"], os.environ.get("REDIS_TLS_KEY_FILE") or None
-                )
-            sock = context.wrap_socket(sock, server_hostname=parts.hostname)
-        with sock:
-            if parts.password:
-                user = unquote(parts.username or "") or "default"
-                sock.sendall(_redis_command("AUTH", user, unquote(parts.password)))
-                if not sock.recv(64).startswith(b"+OK"):
-                    return False
-            sock.sendall(_redis_command("PING"))
-            return sock.recv(64).startswith(b"+PONG")
-    except (OSError, ssl.SSLError):
+    except (OSError, ssl.SSLError, ValueError):
         return False
 
 
@@ -271,6 +322,11 @@ def ensure_redis(env: dict[str, str], stack: Stack) -> None:
     if redis_answers(url):
         say(f"redis answers at {redacted(url)}")
         return
+    if is_sentinel(url):
+        # The operator chose Sentinel: a private Redis beside it would split the data.
+        raise SystemExit(
+            f"[runstack] the sentinels at {redacted(url)} name no primary that answers PING"
+        )
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit(

@@ -39,7 +39,7 @@ from rest_framework.views import APIView
 
 from exports_app.services import events
 from exports_app.services.publishing import REDIS_CONNECT_TIMEOUT
-from nbdworker.contract.redisconn import tls_options
+from nbdworker.contract.redisconn import connect
 
 __all__ = ["EventListView", "EventSerializer", "EventStreamView", "SeesSomeEvents"]
 
@@ -135,12 +135,12 @@ class EventStreamRenderer(BaseRenderer):
 @lru_cache(maxsize=4)
 def _blocking_client(url: str) -> redis.Redis:
     # Its own pool: XREAD BLOCK outlasts the web side's 3 s socket timeout.
-    return redis.Redis.from_url(
+    return connect(
+        redis,
         url,
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
         socket_timeout=KEEPALIVE_SECONDS + 5,
         decode_responses=True,
-        **tls_options(url),
     )
 
 

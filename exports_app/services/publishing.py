@@ -49,7 +49,7 @@ from exports_app.models import Export, WorkerNode
 from exports_app.services import export_states
 from exports_app.services.nodekeys import node_key
 from nbdworker.contract.config import ConfigError, WorkerConfig, tls_refusal
-from nbdworker.contract.redisconn import tls_options
+from nbdworker.contract.redisconn import connect
 from nbdworker.contract.snapshot import (
     CHANNEL,
     config_key,
@@ -79,12 +79,12 @@ class PublishError(Exception):
 
 @lru_cache(maxsize=8)
 def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
+    return connect(
+        redis,
         url,
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
         socket_timeout=REDIS_TIMEOUT,
         decode_responses=True,
-        **tls_options(url),
     )
 
 

@@ -3,6 +3,8 @@ private Redis) on free ports and a fresh data dir, with an API token for its adm
 
     with running_stack(tmp_path) as stack:
         stack.url, stack.token, stack.nbd_port, stack.images, stack.env
+
+`env` overrides the stack's environment (e.g. a REDIS_URL that answers: no private Redis then).
 """
 
 from __future__ import annotations
@@ -58,9 +60,10 @@ def _stack_env(data: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def running_stack(workdir: Path) -> Iterator[RunningStack]:
+def running_stack(workdir: Path, env: dict[str, str] | None = None) -> Iterator[RunningStack]:
     data = workdir / "data"
-    env = _stack_env(data)
+    env = {**_stack_env(data), **(env or {})}
+    workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "runstack.log"
     log = open(log_path, "wb")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(

@@ -11,6 +11,7 @@ With `password=` the default user needs it (`requirepass`); with `acl_user=(name
 that ACL user exists too (admin commands denied) and `url` names it; with `tls=` (a
 tests.support.pki.PKI) it listens with TLS only, `url` is ``rediss://`` and `client_env` holds
 the REDIS_TLS_* files a client needs (`tls_auth_clients`: Redis's "yes", "optional" or "no").
+`extra_args` go on redis-server's command line as they are (e.g. ``--replicaof``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class PrivateRedis:
         acl_user: tuple[str, str] | None = None,
         tls: PKI | None = None,
         tls_auth_clients: str = "optional",
+        extra_args: list[str] | None = None,
     ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
@@ -65,6 +67,7 @@ class PrivateRedis:
         self.acl_user = acl_user
         self.tls = tls
         self.tls_auth_clients = tls_auth_clients
+        self.extra_args = list(extra_args or [])
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -117,7 +120,7 @@ class PrivateRedis:
         if self.acl_user:
             name, password = self.acl_user
             argv += ["--user", name, "on", f">{password}", "~*", "&*", "+@all", "-@admin"]
-        return argv
+        return argv + self.extra_args
 
     def start(self) -> None:
         self.proc = subprocess.Popen(

@@ -263,6 +263,15 @@ def test_worker_without_config_or_key_refuses_to_start(tmp_path) -> None:
     assert str(tmp_path / "config_secret") in result.stderr
 
 
+def test_worker_with_a_bad_sentinel_url_refuses_to_start_saying_why(tmp_path) -> None:
+    env = {**os.environ, "NBDWEB_CONFIG_SECRET": SECRET, "NBDWEB_DATA_DIR": str(tmp_path)}
+    env["REDIS_URL"] = "redis+sentinel://:hunter2@s1:26379,s2:port/mymaster/0"
+    result = run_worker_main("--listen", "127.0.0.1:0", env=env)
+    assert result.returncode == 2
+    assert "REDIS_URL: bad sentinel address 's2:port'" in result.stderr
+    assert "hunter2" not in result.stderr
+
+
 # -- hostile publishers ------------------------------------------------------------------------
 
 
