@@ -8,7 +8,10 @@ and opens one component at a time relative to the one before, with ``O_NOFOLLOW`
 is followed anywhere beneath the root, whatever the directory does meanwhile. The image itself
 is opened with ``O_NONBLOCK`` (a FIFO without a writer cannot block it, nor the worker) and
 ``O_NOCTTY``; then the descriptor itself is checked: a regular file, one link only, and, where
-``/proc`` is mounted, a path under the root.
+``/proc`` is mounted, a path under the root. When the signed snapshot carries the image's
+identity (device, inode and owner token, `nbdworker.contract.imageidentity`), the descriptor
+must be that very file: another file renamed over the image's name inside the root (an
+impostor) is refused.
 
 Each refusal is an `ImageRefused` with a short `reason` (the metric's label) and a message for
 the log.
@@ -20,6 +23,8 @@ import errno
 import os
 import stat
 from collections.abc import Iterable
+
+from nbdworker.contract.imageidentity import identity_mismatch, read_token
 
 __all__ = ["ImageRefused", "RefusalReason", "open_image"]
 
@@ -37,6 +42,7 @@ class RefusalReason:
     HARD_LINK = "hard_link"
     MISSING = "missing"
     OPEN_FAILED = "open_failed"  # permissions, I/O errors
+    NOT_OWNED = "not_owned"  # not the file nbdweb recorded as the image (an impostor)
 
 
 class ImageRefused(Exception):
@@ -45,12 +51,18 @@ class ImageRefused(Exception):
         self.reason = reason
 
 
-def open_image(path: str, roots: Iterable[tuple[str, str]], writable: bool) -> int:
+def open_image(
+    path: str,
+    roots: Iterable[tuple[str, str]],
+    writable: bool,
+    identity: str | None = None,
+) -> int:
     """Open the image at `path` for reading (and writing when `writable`); return its
     descriptor, blocking and close-on-exec. Raise `ImageRefused`.
 
     `roots` are (spelling, real path) pairs: `path` must start with one of the spellings (the
     operator's, or its real path); the root's own real path is trusted, nothing beneath it is.
+    `identity`, when given, is the image's recorded identity: the file opened must be it.
     """
     if not path.startswith("/"):
         raise ImageRefused(RefusalReason.BAD_PATH, f"{path} is not an absolute path")
@@ -62,12 +74,14 @@ def open_image(path: str, roots: Iterable[tuple[str, str]], writable: bool) -> i
         for prefix in dict.fromkeys((spelling, real)):
             root_parts = [p for p in prefix.split("/") if p]
             if len(parts) > len(root_parts) and parts[: len(root_parts)] == root_parts:
-                return _open_beneath(real, parts[len(root_parts) :], writable, path)
+                return _open_beneath(real, parts[len(root_parts) :], writable, path, identity)
     shown = ", ".join(real for _, real in roots)
     raise ImageRefused(RefusalReason.OUTSIDE_ROOTS, f"{path} is not under a storage root ({shown})")
 
 
-def _open_beneath(root: str, names: list[str], writable: bool, path: str) -> int:
+def _open_beneath(
+    root: str, names: list[str], writable: bool, path: str, identity: str | None
+) -> int:
     try:
         dir_fd = os.open(root, _DIR_FLAGS & ~os.O_NOFOLLOW)
     except OSError as exc:
@@ -91,6 +105,8 @@ def _open_beneath(root: str, names: list[str], writable: bool, path: str) -> int
         os.close(dir_fd)
     try:
         _check_opened(fd, root, path)
+        if identity is not None:
+            _check_identity(fd, path, identity)
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -155,4 +171,18 @@ def _check_opened(fd: int, root: str, path: str) -> None:
     if not actual.startswith(root.rstrip("/") + "/"):
         raise ImageRefused(
             RefusalReason.OUTSIDE_ROOTS, f"{path} was opened as {actual}, outside {root}"
+        )
+
+
+def _check_identity(fd: int, path: str, identity: str) -> None:
+    try:
+        why = identity_mismatch(os.fstat(fd), identity, lambda: read_token(fd))
+    except OSError as exc:
+        raise ImageRefused(
+            RefusalReason.OPEN_FAILED, f"cannot read the owner mark of {path}: {exc.strerror}"
+        ) from None
+    if why is not None:
+        raise ImageRefused(
+            RefusalReason.NOT_OWNED,
+            f"{path} is not the image nbdweb recorded ({why}): another file took its name",
         )

@@ -92,7 +92,12 @@ def _open_backend(
         return MemoryBackend(cfg.size or 0, read_only=cfg.read_only)
     assert cfg.path is not None
     try:
-        fd = open_image(cfg.path, settings.root_spellings, writable=not cfg.read_only)
+        fd = open_image(
+            cfg.path,
+            settings.root_spellings,
+            writable=not cfg.read_only,
+            identity=cfg.image_identity,
+        )
     except ImageRefused as exc:
         log.error("export %r refused: %s", cfg.name, exc)
         refused(exc.reason)

@@ -5,7 +5,8 @@ following symbolic links, exports_app.services.storage) and a file name in it. T
 touch only files nbdweb made or imported, which it knows by their *identity*: device, inode and
 a random token nbdweb writes into the file's `user.nbdweb.image` extended attribute (an inode
 number is reused once its file is deleted; the token is not, and only a process that may write
-the file can set it). A new image is created exclusively (O_EXCL) and its identity is handed to
+the file can set it; the rule is `nbdworker.contract.imageidentity`, which the worker checks
+too). A new image is created exclusively (O_EXCL) and its identity is handed to
 `record` before the image takes its name; every later open checks the identity of what it
 opened (O_NOFOLLOW, a regular file) before using it. On a filesystem without user extended
 attributes the identity is device and inode alone. A file that was already there is never
@@ -36,6 +37,14 @@ import secrets
 import stat
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
+
+from nbdworker.contract.imageidentity import (
+    NO_XATTR_ERRNOS,
+    OWNER_XATTR,
+    identity_mismatch,
+    identity_of,
+    read_token,
+)
 
 __all__ = [
     "CHUNK_SIZE",
@@ -111,46 +120,21 @@ def describe_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-_OWNER_XATTR = "user.nbdweb.image"
-_NO_XATTRS = {errno.ENOTSUP, errno.EOPNOTSUPP}
-
-
-def identity_of(st: os.stat_result, token: str = "") -> str:
-    """`device:inode:token`: what nbdweb records to know an image file again."""
-    return f"{st.st_dev}:{st.st_ino}:{token}"
-
-
 def _mark(fd: int, path: str) -> str:
     """Write a new owner token into the open file; its identity (token empty where the
     filesystem has no user extended attributes)."""
     token = secrets.token_hex(16)
     try:
-        os.setxattr(fd, _OWNER_XATTR, token.encode())
+        os.setxattr(fd, OWNER_XATTR, token.encode())
     except OSError as exc:
-        if exc.errno not in _NO_XATTRS:
+        if exc.errno not in NO_XATTR_ERRNOS:
             raise OSError(exc.errno, exc.strerror, path) from None
         token = ""
     return identity_of(os.fstat(fd), token)
 
 
-def _token(target: int | str) -> str:
-    try:
-        if isinstance(target, int):
-            value = os.getxattr(target, _OWNER_XATTR)
-        else:
-            value = os.getxattr(target, _OWNER_XATTR, follow_symlinks=False)
-        return value.decode("ascii", "replace")
-    except OSError as exc:
-        if exc.errno in _NO_XATTRS or exc.errno == errno.ENODATA:
-            return ""
-        raise
-
-
 def _is(st: os.stat_result, token_of: Callable[[], str], identity: str) -> bool:
-    dev_ino, _, token = identity.rpartition(":")
-    if not stat.S_ISREG(st.st_mode) or f"{st.st_dev}:{st.st_ino}" != dev_ino:
-        return False
-    return not token or token_of() == token
+    return identity_mismatch(st, identity, token_of) is None
 
 
 # -- opening and placing files -------------------------------------------------------------------
@@ -200,7 +184,7 @@ def _open_checked(place: ImagePlace, flags: int, identity: str | None) -> int:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ImageNotOwned(place.path, "Not a regular file")
-        if identity is not None and not _is(st, lambda: _token(fd), identity):
+        if identity is not None and not _is(st, lambda: read_token(fd), identity):
             raise ImageNotOwned(place.path, "Not the image nbdweb created or imported")
         # The image's data is read and written synchronously: blocking I/O again.
         os.set_blocking(fd, True)
@@ -251,7 +235,7 @@ def _has_identity(place: ImagePlace, name: str, identity: str) -> bool:
         return False
     # getxattr has no dir_fd: the directory's /proc/self/fd entry names it (the file itself is
     # not followed).
-    return _is(st, lambda: _token(f"/proc/self/fd/{place.parent}/{name}"), identity)
+    return _is(st, lambda: read_token(f"/proc/self/fd/{place.parent}/{name}"), identity)
 
 
 def _already_made(place: ImagePlace, owned: str | None) -> bool:
@@ -298,7 +282,8 @@ def _new_image(place: ImagePlace, record: Record) -> Iterator[int]:
         dir_fd=place.parent,
     )
     try:
-        record(_mark(fd, place.path))
+        identity = _mark(fd, place.path)
+        record(identity)
         yield fd
         os.fsync(fd)
         os.close(fd)
@@ -311,6 +296,11 @@ def _new_image(place: ImagePlace, record: Record) -> Iterator[int]:
                 "A file nbdweb did not create appeared at the image's name",
                 place.path,
             ) from None
+        # Whoever may write the directory may rename another file over the new name the
+        # moment it exists (or, without RENAME_NOREPLACE, between link and unlink): what is
+        # there now must be the file just made, or the job fails and records nothing.
+        if not _has_identity(place, place.name, identity):
+            raise ImageNotOwned(place.path, "Another file took the image's name as it was placed")
     except BaseException:
         if fd >= 0:
             os.close(fd)

@@ -125,6 +125,8 @@ def _export_dict(export: Export) -> dict:
         "name": export.name,
         "backend": "file",
         "path": export.absolute_image_path,
+        # The worker serves only this very file (an impostor renamed over it is refused).
+        "image_identity": export.image_identity or None,
         "description": export.description,
         "read_only": export.read_only,
         "enabled": True,

@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from nbdworker.contract.imageidentity import is_identity
+
 __all__ = [
     "MAX_NAME_BYTES",
     "SCHEMA_VERSION",
@@ -231,6 +233,11 @@ class ExportConfig:
     max_connections: int = 0
     allowed_clients: tuple[ClientMatch, ...] = ()
     allowed_networks: tuple[str, ...] = ()
+    # The image file's identity as nbdweb recorded it (`contract.imageidentity`): the worker
+    # serves the file at `path` only if it is that very file. None for an export whose image
+    # nbdweb has no record of (made before images were recorded, on a host the migration could
+    # not see) and in snapshots of web sides that predate it: then `path` alone, as before.
+    image_identity: str | None = None
 
     @classmethod
     def from_dict(cls, d: Any, path: str) -> ExportConfig:
@@ -257,6 +264,12 @@ class ExportConfig:
                 raise _fail(f"{path}.path", "must not be set for the memory backend")
             if size is None:
                 raise _fail(f"{path}.size", "is required for the memory backend")
+        image_identity = _get_str(d, "image_identity", path, None, allow_none=True)
+        if image_identity is not None:
+            if backend != "file":
+                raise _fail(f"{path}.image_identity", "is only for the file backend")
+            if not is_identity(image_identity):
+                raise _fail(f"{path}.image_identity", "must be <device>:<inode>:<hex token>")
         description = _get_str(d, "description", path, "")
         _check_nbd_string(description, f"{path}.description", MAX_DESCRIPTION_BYTES, True)
         bools = {k: _get_bool(d, k, path, v) for k, v in _EXPORT_BOOL_DEFAULTS.items()}
@@ -311,6 +324,7 @@ class ExportConfig:
             max_connections=max_conn,
             allowed_clients=clients,
             allowed_networks=tuple(networks),
+            image_identity=image_identity,
             **bools,
         )
 
@@ -322,6 +336,8 @@ class ExportConfig:
                 value = [c.to_dict() for c in value]
             elif f.name == "allowed_networks":
                 value = list(value)
+            elif f.name == "image_identity" and value is None:
+                continue  # absent: what web sides before it published
             d[f.name] = value
         return d
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import struct
 import subprocess
 import uuid
@@ -26,7 +27,7 @@ from exports_app.services.nodekeys import node_key
 from nbdworker.contract.config import WorkerConfig
 from nbdworker.contract.nodekey import NODE_KEY_ENV
 from nbdworker.contract.snapshot import CHANNEL, config_key, sign_snapshot
-from nbdworker.protocol import Command, Errno
+from nbdworker.protocol import Command, Errno, Reply
 from tests.support.polling import poll as wait_for
 from tests.support.rawclient import RawClient
 from tests.support.redisserver import PrivateRedis, private_redis
@@ -322,6 +323,29 @@ def test_snapshot_naming_a_path_outside_the_storage_roots_is_refused(stack, tmp_
     worker.wait_for_log(r"export 'passwd' refused: /etc/passwd is not under a storage root")
     worker.wait_for_log(rf"config generation {evil.generation} applied: 1 export")
     assert stack.listing() == {"inside": ""}
+
+
+def test_an_image_replaced_by_another_file_in_the_root_is_not_served(stack) -> None:
+    """The attack: anyone who can write into the storage root renames another file over an
+    exported image; the next time the worker opens the image (a config change, a restart) it
+    served the impostor. The snapshot now carries the identity the job recorded, and the worker
+    checks it on the descriptor it opened: refused, logged, and a client cannot select it."""
+    victim = stack.create("victim")
+    fill(victim)
+    worker = stack.start_worker()
+    with RawClient.open(worker.host, worker.port, "victim") as c:
+        assert c.read(0, BLOCK).data == pattern(0)
+    impostor = stack.storage_root / "impostor.img"
+    impostor.write_bytes(b"IMPOSTOR" * (victim.size // 8))
+    os.rename(impostor, victim.absolute_image_path)
+    start = worker.log_lines()
+    stack.patch(victim, description="opened again")  # any change makes the worker reopen it
+    worker.wait_for_log(
+        r"export 'victim' refused: .* is not the image nbdweb recorded \(device:inode", start=start
+    )
+    with RawClient(worker.host, worker.port) as c:
+        c.greet()
+        assert c.refused_go("victim").reply == Reply.ERR_UNKNOWN
 
 
 def test_kick_a_session_through_the_api(stack) -> None:

@@ -402,6 +402,35 @@ def test_clone_never_adopts_a_file_at_its_name(tmp_path, source):
     assert target.read_bytes() == b"mine"
 
 
+@pytest.mark.parametrize("job", ["create", "clone"])
+def test_a_file_renamed_over_the_new_image_as_it_is_placed_fails_the_job(
+    tmp_path, source, monkeypatch, job
+):
+    """The attack: the moment the finished image takes its name, someone who may write the
+    directory renames another file over it. The job took the impostor's name as its image (and
+    recorded an identity no file at the name has). Now it fails, records nothing and leaves
+    the impostor alone."""
+    path = tmp_path / "disk.img"
+    impostor = tmp_path / "impostor"
+    impostor.write_bytes(b"IMPOSTOR")
+    real_rename = images._rename_noreplace
+
+    def rename_then_swap(parent: int, temp: str, name: str) -> None:
+        real_rename(parent, temp, name)
+        os.rename(impostor, path)  # the hostile writer, right after the rename
+
+    monkeypatch.setattr(images, "_rename_noreplace", rename_then_swap)
+    recorded: list[str] = []
+    with pytest.raises(images.ImageNotOwned, match="Another file took the image's name"):
+        if job == "create":
+            images.create_sparse(at(path), MiB, record=recorded.append)
+        else:
+            images.clone(opened(source), at(path), record=recorded.append)
+    assert path.read_bytes() == b"IMPOSTOR"
+    assert recorded[-1] == ""
+    assert entries(tmp_path) == ["disk.img", source.name]
+
+
 @pytest.mark.parametrize("writable", [False, True])
 def test_open_owned_refuses_a_file_swapped_in_under_the_name(tmp_path, writable):
     path = tmp_path / "disk.img"

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from nbdworker.contract.config import ExportConfig, WorkerConfig
+from nbdworker.contract.config import ConfigError, ExportConfig, WorkerConfig
+from nbdworker.contract.imageidentity import OWNER_XATTR, identity_of
 from nbdworker.contract.nodekey import derive_node_key
 from nbdworker.contract.snapshot import CHANNEL, config_key, sign_snapshot
 from nbdworker.protocol import Reply
@@ -308,3 +309,66 @@ def test_a_symlink_in_place_of_a_memory_exports_shared_file_is_refused(tmp_path)
     path.symlink_to(victim)
     assert _open_backend(cfg, settings_for(tmp_path), shared_memory=prefix) is None
     assert victim.read_bytes() == OUTSIDE
+
+
+# -- the recorded identity ----------------------------------------------------------------------
+
+
+def mark(path: Path, token: str) -> str:
+    """Mark `path` as nbdweb's jobs do; its identity."""
+    os.setxattr(path, OWNER_XATTR, token.encode())
+    return identity_of(path.stat(), token)
+
+
+def test_an_impostor_at_the_images_name_is_refused_logged_and_counted(
+    worker_factory, tmp_path
+) -> None:
+    """Files renamed over recorded images inside the root (another inode; the same inode with
+    another owner mark) are refused by reason ``not_owned``; the recorded ones are served."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("kept", "replaced", "remarked", "legacy"):
+        (images / f"{name}.img").write_bytes(INSIDE)
+    kept = mark(images / "kept.img", "aa" * 16)
+    replaced = mark(images / "replaced.img", "bb" * 16)
+    remarked = mark(images / "remarked.img", "cc" * 16)
+    legacy = identity_of((images / "legacy.img").stat())  # recorded before tokens: dev:ino
+    (images / "impostor.img").write_bytes(OUTSIDE)
+    os.rename(images / "impostor.img", images / "replaced.img")
+    os.setxattr(images / "remarked.img", OWNER_XATTR, b"dd" * 16)
+    exports = [
+        {"name": name, "backend": "file", "path": f"{images}/{name}.img", "image_identity": ident}
+        for name, ident in (
+            ("kept", kept),
+            ("replaced", replaced),
+            ("remarked", remarked),
+            ("legacy", legacy),
+        )
+    ]
+    worker = worker_factory(
+        {"exports": exports}, storage_root=images, args=["--metrics-listen", "127.0.0.1:0"]
+    )
+    worker.wait_for_log(r"export 'replaced' refused: .* \(device:inode \d+:\d+, recorded")
+    worker.wait_for_log(r"export 'remarked' refused: .* owner mark")
+    with RawClient(worker.host, worker.port) as c:
+        c.greet()
+        for name in ("replaced", "remarked"):
+            assert c.refused_go(name).reply == Reply.ERR_UNKNOWN
+    for name in ("kept", "legacy"):
+        with RawClient.open(worker.host, worker.port, name) as c:
+            assert c.read(0, len(INSIDE)).data == INSIDE
+    assert value(scrape(worker), "nbdworker_exports_refused_total", reason="not_owned") == 2
+
+
+@pytest.mark.parametrize(
+    ("export", "message"),
+    [
+        ({"backend": "memory", "size": 4096, "image_identity": "1:2:"}, "only for the file"),
+        ({"backend": "file", "path": "/x.img", "image_identity": "1:2"}, "<device>:<inode>"),
+        ({"backend": "file", "path": "/x.img", "image_identity": "1:2:XY"}, "<device>:<inode>"),
+        ({"backend": "file", "path": "/x.img", "image_identity": 12}, "must be a string"),
+    ],
+)
+def test_a_malformed_identity_is_a_config_error(export, message) -> None:
+    with pytest.raises(ConfigError, match=rf"exports\[0\]\.image_identity: .*{message}"):
+        WorkerConfig.from_dict({"version": 1, "exports": [{"name": "x", **export}]})
