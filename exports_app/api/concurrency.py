@@ -129,14 +129,29 @@ class IdempotentPostsMixin:
             return
         self._idempotency_record = outcome.record
 
+    def handle_exception(self, exc):
+        try:
+            return super().handle_exception(exc)
+        except BaseException:
+            # Unhandled (a 500 follows, and finalize_response never runs): free the key, or
+            # every retry would be told the request still runs.
+            self._release_idempotency_key(succeeded=False)
+            raise
+
     def finalize_response(self, request, response, *args, **kwargs):
         response = super().finalize_response(request, response, *args, **kwargs)
-        record = getattr(self, "_idempotency_record", None)
-        if record is not None:
-            self._idempotency_record = None
-            if 200 <= response.status_code < 300:
-                idempotency.finish(record, response.status_code, response.data)
-            else:
-                # Nothing was done: the same key may try again.
-                idempotency.abandon(record)
+        self._release_idempotency_key(
+            succeeded=200 <= response.status_code < 300, response=response
+        )
         return response
+
+    def _release_idempotency_key(self, succeeded: bool, response=None) -> None:
+        record = getattr(self, "_idempotency_record", None)
+        if record is None:
+            return
+        self._idempotency_record = None
+        if succeeded:
+            idempotency.finish(record, response.status_code, response.data)
+        else:
+            # Nothing was done (or it was rolled back): the same key may try again.
+            idempotency.abandon(record)

@@ -3,8 +3,9 @@
 `begin(user, key, digest)` reserves the key for the request, or says what to do instead: replay
 the stored answer (the same request, within KEY_LIFETIME), refuse it (the same key with another
 request: 422; the first request still running: 409). `finish` stores a success's answer;
-`abandon` frees the key after a failure, so the client can try again. Expired keys are purged
-whenever a key is used.
+`abandon` frees the key after a failure (a 4xx or 5xx answer, or an unhandled exception), so
+the client can try again. A key whose request never finished (its process was killed) is
+taken over by a retry after IN_PROGRESS_LIMIT. Expired keys are purged whenever a key is used.
 """
 
 from __future__ import annotations
@@ -19,9 +20,21 @@ from django.utils import timezone
 
 from exports_app.models import IdempotencyKey
 
-__all__ = ["KEY_LIFETIME", "MAX_KEY_LENGTH", "Outcome", "abandon", "begin", "digest", "finish"]
+__all__ = [
+    "IN_PROGRESS_LIMIT",
+    "KEY_LIFETIME",
+    "MAX_KEY_LENGTH",
+    "Outcome",
+    "abandon",
+    "begin",
+    "digest",
+    "finish",
+]
 
 KEY_LIFETIME = timedelta(hours=24)
+# Longer than any request runs (gunicorn kills a worker after GUNICORN_TIMEOUT, 60 s by
+# default): a key still unfinished after this belongs to a request that died with its process.
+IN_PROGRESS_LIMIT = timedelta(minutes=5)
 MAX_KEY_LENGTH = 255
 
 
@@ -63,6 +76,12 @@ def begin(user, key: str, request_digest: str) -> Outcome:
     if found.request_digest != request_digest:
         return Outcome(mismatch=True)
     if found.status_code is None:
+        taken_over = IdempotencyKey.objects.filter(
+            pk=found.pk, status_code=None, created__lte=now - IN_PROGRESS_LIMIT
+        ).update(created=now, expires=now + KEY_LIFETIME)
+        if taken_over:
+            found.refresh_from_db()
+            return Outcome(record=found)
         return Outcome(in_progress=True)
     return Outcome(replay=found)
 

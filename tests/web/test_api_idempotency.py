@@ -89,3 +89,37 @@ def test_a_malformed_key_is_400(api, default_node, key):
     response = post(api, EXPORTS, {"name": "m", "size": "1G"}, key)
     assert response.status_code == 400
     assert "Idempotency-Key" in response.json()
+
+
+def test_a_server_error_frees_the_key_so_a_retry_runs(api, default_node, monkeypatch):
+    from exports_app.services import exports
+
+    real_create = exports.create_export
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the database went away mid-request")
+
+    monkeypatch.setattr(exports, "create_export", broken)
+    with pytest.raises(RuntimeError):
+        post(api, EXPORTS, {"name": "crash", "size": "1G"}, "key-5")
+    assert not IdempotencyKey.objects.filter(key="key-5").exists()
+    monkeypatch.setattr(exports, "create_export", real_create)
+    retry = post(api, EXPORTS, {"name": "crash", "size": "1G"}, "key-5")
+    assert retry.status_code == 201, retry.content
+    assert Export.objects.filter(name="crash").count() == 1
+
+
+def test_a_key_left_unfinished_by_a_dead_process_is_taken_over(api, superuser, default_node):
+    body = b'{"name": "orphan", "size": "1G"}'
+    IdempotencyKey.objects.create(
+        user=superuser,
+        key="orphaned",
+        request_digest=idempotency.digest("POST", EXPORTS, body),
+        expires=timezone.now() + timedelta(hours=23),
+    )
+    IdempotencyKey.objects.filter(key="orphaned").update(
+        created=timezone.now() - idempotency.IN_PROGRESS_LIMIT - timedelta(seconds=1)
+    )
+    retry = post(api, EXPORTS, {"name": "orphan", "size": "1G"}, "orphaned")
+    assert retry.status_code == 201, retry.content
+    assert IdempotencyKey.objects.get(key="orphaned").status_code == 201
