@@ -1,4 +1,5 @@
-"""Pytest fixtures around `run_worker`, for conftest.py files to import:
+"""Pytest fixtures for conftest.py files to import: `worker_factory` (around `run_worker`), and
+`redis_server` / `web_redis` (a private Redis the web side talks to):
 
 from tests.support.fixtures import worker_factory  # noqa: F401
 """
@@ -10,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
+from tests.support.redisserver import PrivateRedis, private_redis
 from tests.support.worker import RunningWorker, start_worker
 
-__all__ = ["make_image", "worker_factory"]
+__all__ = ["make_image", "redis_server", "web_redis", "worker_factory"]
 
 
 def make_image(path: Path, size: int, data: bytes = b"", offset: int = 0) -> Path:
@@ -43,3 +46,20 @@ def worker_factory(tmp_path: Path) -> Iterator[Callable[..., RunningWorker]]:
     yield factory
     for w in workers:
         w.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory) -> Iterator[PrivateRedis]:
+    """A private redis-server for the test module (tests.support.redisserver)."""
+    with private_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def web_redis(redis_server: PrivateRedis, settings) -> redis.Redis:
+    """The Redis the web side reads and writes (sessions, heartbeats, events, snapshots): the
+    module's private server, emptied, with settings.REDIS_URL pointing at it."""
+    settings.REDIS_URL = redis_server.url
+    client = redis_server.client()
+    client.flushdb()
+    return client

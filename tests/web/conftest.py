@@ -12,6 +12,7 @@ from rest_framework.test import APIClient
 from exports_app.choices import CertificateKind, TLSMode
 from exports_app.models import Certificate, CertificateAuthority, WorkerNode
 from exports_app.services import ca
+from tests.support.fixtures import redis_server, web_redis  # noqa: F401
 
 
 @pytest.fixture(autouse=True)

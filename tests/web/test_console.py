@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -17,7 +16,6 @@ from exports_app.choices import CertificateKind, ExportState, JobKind, JobState
 from exports_app.models import Certificate, Export, Job, WorkerNode
 from exports_app.services import ca
 from nbdworker.contract.snapshot import heartbeat_key, kicks_key, published_key, sessions_key
-from tests.support.redisserver import PrivateRedis, private_redis
 
 DASHBOARD = "/admin/"
 
@@ -29,20 +27,6 @@ def section_url(name: str) -> str:
 def text(response) -> str:
     """The page, with the no-break spaces of filesizeformat as plain spaces."""
     return response.content.decode().replace("\xa0", " ")
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory) -> Iterator[PrivateRedis]:
-    with private_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-@pytest.fixture
-def r(redis_server, settings):
-    settings.REDIS_URL = redis_server.url
-    client = redis_server.client()
-    client.flushdb()
-    return client
 
 
 @pytest.fixture
@@ -100,10 +84,12 @@ def session(sid: str, node: str, export: str, bytes_read: int = 12288) -> str:
 
 
 @pytest.fixture
-def live(r, default_node) -> WorkerNode:
-    r.set(heartbeat_key(default_node.name), heartbeat(default_node.name), ex=60)
-    r.set(published_key(default_node.name), 5)
-    r.hset(sessions_key(default_node.name), "aa01", session("aa01", default_node.name, "disk1"))
+def live(web_redis, default_node) -> WorkerNode:
+    web_redis.set(heartbeat_key(default_node.name), heartbeat(default_node.name), ex=60)
+    web_redis.set(published_key(default_node.name), 5)
+    web_redis.hset(
+        sessions_key(default_node.name), "aa01", session("aa01", default_node.name, "disk1")
+    )
     return default_node
 
 
@@ -148,19 +134,19 @@ def test_node_card_says_online_current_version_uptime_and_capacity(staff, live) 
     assert "1 session open" in html
 
 
-def test_node_behind_is_said_in_words_without_generation_numbers(staff, live, r) -> None:
+def test_node_behind_is_said_in_words_without_generation_numbers(staff, live, web_redis) -> None:
     published = int(timezone.now().timestamp() * 1000) - 90_000
-    r.set(published_key(live.name), published)
+    web_redis.set(published_key(live.name), published)
     html = text(staff("exports_app.view_workernode").get(section_url("nodes")))
     assert "config behind" in html
     assert "(1 min 30 s ago) is not applied yet" in html or "1 min 3" in html
     assert str(published) not in html
 
 
-def test_offline_node_shows_when_it_was_last_seen(staff, live, r) -> None:
+def test_offline_node_shows_when_it_was_last_seen(staff, live, web_redis) -> None:
     client = staff("exports_app.view_workernode")
     client.get(section_url("nodes"))  # seen online once
-    r.delete(heartbeat_key(live.name))
+    web_redis.delete(heartbeat_key(live.name))
     html = client.get(section_url("nodes")).content.decode()
     assert 'data-state="offline"' in html
     assert "last seen" in html and "ago" in html
@@ -179,14 +165,14 @@ def test_sessions_show_export_client_tls_identity_and_bytes(staff, live) -> None
     assert "End session" not in html  # viewing only
 
 
-def test_session_throughput_comes_from_two_samples(staff, live, r) -> None:
+def test_session_throughput_comes_from_two_samples(staff, live, web_redis) -> None:
     client = staff("exports_app.view_export")
     client.get(section_url("sessions"))
     key = f"nbdweb:console:rate:{live.name}:aa01"
-    (t0, *_), *_ = json.loads(r.get(key))
+    (t0, *_), *_ = json.loads(web_redis.get(key))
     # The counters moved by 100 MiB twenty seconds after the first sample.
-    r.set(key, json.dumps([[t0 - 20, 12288, 4096]]))
-    r.hset(
+    web_redis.set(key, json.dumps([[t0 - 20, 12288, 4096]]))
+    web_redis.hset(
         sessions_key(live.name), "aa01", session("aa01", live.name, "disk1", 12288 + (100 << 20))
     )
     html = text(client.get(section_url("sessions")))
@@ -195,20 +181,20 @@ def test_session_throughput_comes_from_two_samples(staff, live, r) -> None:
     assert re.search(r"↓ [45]\.\d MB/s", html), html
 
 
-def test_ending_a_session_needs_change_export(staff, live, r) -> None:
+def test_ending_a_session_needs_change_export(staff, live, web_redis) -> None:
     client = staff("exports_app.view_export")
     response = client.post(f"/admin/console/sessions/{live.name}/aa01/end/")
     assert response.status_code == 403
-    assert r.smembers(kicks_key(live.name)) == set()
+    assert web_redis.smembers(kicks_key(live.name)) == set()
 
 
-def test_ending_a_session_asks_its_worker(staff, live, r) -> None:
+def test_ending_a_session_asks_its_worker(staff, live, web_redis) -> None:
     client = staff("exports_app.view_export", "exports_app.change_export")
     assert "End session" in client.get(section_url("sessions")).content.decode()
     response = client.post(f"/admin/console/sessions/{live.name}/aa01/end/")
     assert response.status_code == 200
     assert "asked to end" in response.content.decode()
-    assert r.smembers(kicks_key(live.name)) == {"aa01"}
+    assert web_redis.smembers(kicks_key(live.name)) == {"aa01"}
     assert client.get(f"/admin/console/sessions/{live.name}/aa01/end/").status_code == 405
 
 
@@ -247,14 +233,14 @@ def test_running_job_has_a_progress_bar_throughput_and_eta(staff, live) -> None:
     assert "Last failures" in html and "read error at 4096" in html
 
 
-def test_exports_in_trouble_come_with_their_reasons(staff, live, r) -> None:
+def test_exports_in_trouble_come_with_their_reasons(staff, live, web_redis) -> None:
     _export(live, "fine")
     _export(live, "broken", ExportState.FAILED, description="x")
     Export.objects.filter(name="broken").update(last_error="qemu-img: disk full")
     html = staff("exports_app.view_export").get(section_url("exports")).content.decode()
     assert "In trouble" in html
     assert "broken" in html and "qemu-img: disk full" in html
-    r.delete(heartbeat_key(live.name))
+    web_redis.delete(heartbeat_key(live.name))
     html = staff("exports_app.view_export").get(section_url("exports")).content.decode()
     assert f"node {live.name} is offline" in html
 

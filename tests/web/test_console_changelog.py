@@ -5,7 +5,6 @@ as the actor, session kicks and node TLS policy changes, each with a field-by-fi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
@@ -14,25 +13,15 @@ from exports_app.choices import JobKind
 from exports_app.models import Export, Job, TLSPolicy
 from exports_app.tasks import fail_job
 from nbdworker.contract.snapshot import heartbeat_key, kicks_key, sessions_key
-from tests.support.redisserver import PrivateRedis, private_redis
 
 pytestmark = pytest.mark.django_db
 
 CHANGES = "/admin/console/changes/"
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory) -> Iterator[PrivateRedis]:
-    with private_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
 @pytest.fixture(autouse=True)
-def r(redis_server, settings):
-    settings.REDIS_URL = redis_server.url
-    client = redis_server.client()
-    client.flushdb()
-    return client
+def _private_redis(web_redis):
+    """Every test here talks to the module's private Redis."""
 
 
 @pytest.fixture
@@ -86,13 +75,13 @@ def test_a_jobs_state_change_has_the_job_as_actor(staff_client, export) -> None:
     assert "qemu-img: no space left" in html
 
 
-def test_a_session_kick_is_an_event_with_its_user(api, superuser, staff_client, export, r):
+def test_a_session_kick_is_an_event_with_its_user(api, superuser, staff_client, export, web_redis):
     node = export.node.name
-    r.set(heartbeat_key(node), json.dumps({"node": node, "generation": 1}), ex=60)
+    web_redis.set(heartbeat_key(node), json.dumps({"node": node, "generation": 1}), ex=60)
     session = {"id": "ab01", "node": node, "client": "192.0.2.9:5000", "export": "logged"}
-    r.hset(sessions_key(node), "ab01", json.dumps(session))
+    web_redis.hset(sessions_key(node), "ab01", json.dumps(session))
     assert api.delete("/api/v1/sessions/ab01/").status_code == 202
-    assert r.smembers(kicks_key(node)) == {"ab01"}
+    assert web_redis.smembers(kicks_key(node)) == {"ab01"}
     html = rows(staff_client)
     assert "Ended session ab01 of client 192.0.2.9:5000 on export &#x27;logged&#x27;" in html
     entry = html[: html.index("</tr>", html.index("Ended session"))]

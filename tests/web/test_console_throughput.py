@@ -5,90 +5,76 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from exports_app.services import throughput
 from exports_app.templatetags.console import throughput_chart
 from nbdworker.contract.snapshot import sessions_key
-from tests.support.redisserver import PrivateRedis, private_redis
 
 MiB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory) -> Iterator[PrivateRedis]:
-    with private_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-@pytest.fixture
-def r(redis_server, settings):
-    settings.REDIS_URL = redis_server.url
-    client = redis_server.client()
-    client.flushdb()
-    return client
-
-
-def put_session(r, node: str, sid: str, export: str, read: int, written: int, since: str) -> None:
+def put_session(
+    web_redis, node: str, sid: str, export: str, read: int, written: int, since: str
+) -> None:
     session = {"id": sid, "export": export, "bytes_read": read, "bytes_written": written,
                "connected_since": since}  # fmt: skip
-    r.hset(sessions_key(node), sid, json.dumps(session))
+    web_redis.hset(sessions_key(node), sid, json.dumps(session))
 
 
-def sample(r, now: float) -> bool:
-    r.delete(throughput.LOCK_KEY)  # each call is a new interval
-    return throughput.sample_once(["n1"], now=now, client=r)
+def sample(web_redis, now: float) -> bool:
+    web_redis.delete(throughput.LOCK_KEY)  # each call is a new interval
+    return throughput.sample_once(["n1"], now=now, client=web_redis)
 
 
-def test_rates_come_from_counter_growth_between_samples(r) -> None:
-    put_session(r, "n1", "s1", "disk", 100 * MiB, 0, "2020-01-01T00:00:00Z")
-    assert sample(r, 1000.0)
-    assert r.llen(throughput.node_key("n1")) == 0  # one sample gives no rate yet
-    put_session(r, "n1", "s1", "disk", 200 * MiB, 10 * MiB, "2020-01-01T00:00:00Z")
-    sample(r, 1010.0)
-    assert throughput.series(throughput.node_key("n1"), now=1010.0, client=r) == [
+def test_rates_come_from_counter_growth_between_samples(web_redis) -> None:
+    put_session(web_redis, "n1", "s1", "disk", 100 * MiB, 0, "2020-01-01T00:00:00Z")
+    assert sample(web_redis, 1000.0)
+    assert web_redis.llen(throughput.node_key("n1")) == 0  # one sample gives no rate yet
+    put_session(web_redis, "n1", "s1", "disk", 200 * MiB, 10 * MiB, "2020-01-01T00:00:00Z")
+    sample(web_redis, 1010.0)
+    assert throughput.series(throughput.node_key("n1"), now=1010.0, client=web_redis) == [
         (1010.0, 10 * MiB, 1 * MiB)
     ]
-    assert throughput.series(throughput.export_key("n1", "disk"), now=1010.0, client=r) == [
+    assert throughput.series(throughput.export_key("n1", "disk"), now=1010.0, client=web_redis) == [
         (1010.0, 10 * MiB, 1 * MiB)
     ]
 
 
-def test_a_new_session_counts_from_zero_only_if_it_connected_since(r) -> None:
-    sample(r, 1000.0)
-    put_session(r, "n1", "new", "a", 50 * MiB, 0, "1970-01-01T00:16:45Z")  # t=1005
-    put_session(r, "n1", "old", "b", 999 * MiB, 0, "1970-01-01T00:10:00Z")  # before t=1000
-    sample(r, 1010.0)
-    assert throughput.series(throughput.export_key("n1", "a"), now=1010.0, client=r) == [
+def test_a_new_session_counts_from_zero_only_if_it_connected_since(web_redis) -> None:
+    sample(web_redis, 1000.0)
+    put_session(web_redis, "n1", "new", "a", 50 * MiB, 0, "1970-01-01T00:16:45Z")  # t=1005
+    put_session(web_redis, "n1", "old", "b", 999 * MiB, 0, "1970-01-01T00:10:00Z")  # before t=1000
+    sample(web_redis, 1010.0)
+    assert throughput.series(throughput.export_key("n1", "a"), now=1010.0, client=web_redis) == [
         (1010.0, 5 * MiB, 0.0)
     ]
-    assert throughput.series(throughput.export_key("n1", "b"), now=1010.0, client=r) == [
+    assert throughput.series(throughput.export_key("n1", "b"), now=1010.0, client=web_redis) == [
         (1010.0, 0.0, 0.0)
     ]
 
 
-def test_one_sample_per_interval_across_processes(r) -> None:
-    assert throughput.sample_once(["n1"], now=1000.0, client=r)
-    assert not throughput.sample_once(["n1"], now=1001.0, client=r)
+def test_one_sample_per_interval_across_processes(web_redis) -> None:
+    assert throughput.sample_once(["n1"], now=1000.0, client=web_redis)
+    assert not throughput.sample_once(["n1"], now=1001.0, client=web_redis)
 
 
-def test_ring_buffers_are_bounded(r, monkeypatch) -> None:
+def test_ring_buffers_are_bounded(web_redis, monkeypatch) -> None:
     monkeypatch.setattr(throughput, "HISTORY", 5)
     for i in range(12):
-        put_session(r, "n1", "s1", "disk", i * MiB, 0, "2020-01-01T00:00:00Z")
-        sample(r, 1000.0 + 10 * i)
-    assert r.llen(throughput.node_key("n1")) == 5
-    assert r.ttl(throughput.node_key("n1")) > 0
+        put_session(web_redis, "n1", "s1", "disk", i * MiB, 0, "2020-01-01T00:00:00Z")
+        sample(web_redis, 1000.0 + 10 * i)
+    assert web_redis.llen(throughput.node_key("n1")) == 5
+    assert web_redis.ttl(throughput.node_key("n1")) > 0
 
 
-def test_a_gap_gives_no_rate(r) -> None:
-    put_session(r, "n1", "s1", "disk", 0, 0, "2020-01-01T00:00:00Z")
-    sample(r, 1000.0)
-    put_session(r, "n1", "s1", "disk", 500 * MiB, 0, "2020-01-01T00:00:00Z")
-    sample(r, 1000.0 + 10 * throughput.SAMPLE_SECONDS)
-    assert r.llen(throughput.node_key("n1")) == 0
+def test_a_gap_gives_no_rate(web_redis) -> None:
+    put_session(web_redis, "n1", "s1", "disk", 0, 0, "2020-01-01T00:00:00Z")
+    sample(web_redis, 1000.0)
+    put_session(web_redis, "n1", "s1", "disk", 500 * MiB, 0, "2020-01-01T00:00:00Z")
+    sample(web_redis, 1000.0 + 10 * throughput.SAMPLE_SECONDS)
+    assert web_redis.llen(throughput.node_key("n1")) == 0
 
 
 def test_chart_is_inline_svg_with_a_summary() -> None:
@@ -101,10 +87,12 @@ def test_chart_is_inline_svg_with_a_summary() -> None:
 
 
 @pytest.mark.django_db
-def test_dashboard_charts_nodes_and_busiest_exports(r, admin_client, default_node) -> None:
+def test_dashboard_charts_nodes_and_busiest_exports(web_redis, admin_client, default_node) -> None:
     key = throughput.export_key(default_node.name, "busy disk")
-    r.rpush(key, json.dumps([time.time() - 5, 3 * MiB, 0]))
-    r.rpush(throughput.node_key(default_node.name), json.dumps([time.time() - 5, 3 * MiB, 0]))
+    web_redis.rpush(key, json.dumps([time.time() - 5, 3 * MiB, 0]))
+    web_redis.rpush(
+        throughput.node_key(default_node.name), json.dumps([time.time() - 5, 3 * MiB, 0])
+    )
     html = admin_client.get("/admin/console/section/throughput/").content.decode()
     assert f"node {default_node.name}" in html
     assert "busy disk" in html and html.count("<svg") == 2

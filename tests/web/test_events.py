@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -18,24 +17,9 @@ from exports_app.models import Certificate, Export, Job
 from exports_app.services import events, observer
 from exports_app.tasks import fail_job
 from nbdworker.contract.snapshot import heartbeat_key, sessions_key
-from tests.support.redisserver import PrivateRedis, private_redis
 
 EVENTS = "/api/v1/events/"
 STREAM = "/api/v1/events/stream/"
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory) -> Iterator[PrivateRedis]:
-    with private_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-@pytest.fixture
-def r(redis_server, settings):
-    settings.REDIS_URL = redis_server.url
-    client = redis_server.client()
-    client.flushdb()
-    return client
 
 
 @pytest.fixture
@@ -44,11 +28,11 @@ def committed(django_capture_on_commit_callbacks):
     return lambda: django_capture_on_commit_callbacks(execute=True)
 
 
-def recorded(r) -> list[dict]:
-    return [json.loads(f["event"]) for _, f in r.xrange(events.EVENT_STREAM)]
+def recorded(web_redis) -> list[dict]:
+    return [json.loads(f["event"]) for _, f in web_redis.xrange(events.EVENT_STREAM)]
 
 
-def test_export_state_changes_are_recorded(r, default_node, committed) -> None:
+def test_export_state_changes_are_recorded(web_redis, default_node, committed) -> None:
     with committed():
         export = Export.objects.create(node=default_node, name="disk1", size=1 << 20)
     pk = export.pk
@@ -62,23 +46,23 @@ def test_export_state_changes_are_recorded(r, default_node, committed) -> None:
         export.delete()
     states = [
         (e["data"]["old"], e["data"]["new"])
-        for e in recorded(r)
+        for e in recorded(web_redis)
         if e["kind"] == "export.state_changed"
     ]
     assert states == [(None, "provisioning"), ("provisioning", "ready"), ("ready", None)]
-    assert recorded(r)[0]["object"] == {"type": "export", "id": pk, "name": "disk1"}
+    assert recorded(web_redis)[0]["object"] == {"type": "export", "id": pk, "name": "disk1"}
 
 
-def test_nothing_is_recorded_on_rollback(r, default_node, committed) -> None:
+def test_nothing_is_recorded_on_rollback(web_redis, default_node, committed) -> None:
     from django.db import transaction
 
     with committed(), pytest.raises(RuntimeError), transaction.atomic():
         Export.objects.create(node=default_node, name="rolled-back", size=1 << 20)
         raise RuntimeError
-    assert recorded(r) == []
+    assert recorded(web_redis) == []
 
 
-def test_a_failed_job_is_an_event(r, default_node, committed) -> None:
+def test_a_failed_job_is_an_event(web_redis, default_node, committed) -> None:
     with committed():
         export = Export.objects.create(node=default_node, name="disk2", size=1 << 20)
         job = Job.objects.create(
@@ -86,26 +70,26 @@ def test_a_failed_job_is_an_event(r, default_node, committed) -> None:
         )
     with committed():
         fail_job(job.pk, "disk full")
-    failed = [e for e in recorded(r) if e["kind"] == "job.failed"]
+    failed = [e for e in recorded(web_redis) if e["kind"] == "job.failed"]
     assert len(failed) == 1
     assert failed[0]["object"]["id"] == job.pk
     assert failed[0]["data"]["error"] == "disk full"
     assert failed[0]["data"]["export"] == export.pk
 
 
-def test_revoking_a_certificate_is_one_event(r, api, client_certificate, committed) -> None:
+def test_revoking_a_certificate_is_one_event(web_redis, api, client_certificate, committed) -> None:
     url = f"/api/v1/certificates/{client_certificate.pk}/revoke/"
     with committed():
         assert api.post(url, {"reason": "laptop lost"}).status_code == 200
     with committed():
         api.post(url, {"reason": "again"})  # already revoked: no second event
-    revoked = [e for e in recorded(r) if e["kind"] == "certificate.revoked"]
+    revoked = [e for e in recorded(web_redis) if e["kind"] == "certificate.revoked"]
     assert len(revoked) == 1
     assert revoked[0]["data"]["serial"] == client_certificate.serial
     assert revoked[0]["data"]["reason"] == "laptop lost"
 
 
-def test_certificates_about_to_expire_are_announced_once(r, authority, committed) -> None:
+def test_certificates_about_to_expire_are_announced_once(web_redis, authority, committed) -> None:
     from exports_app.choices import CertificateKind
     from exports_app.services import ca
 
@@ -115,7 +99,7 @@ def test_certificates_about_to_expire_are_announced_once(r, authority, committed
         assert observer.check_expiry() == 1
     with committed():
         assert observer.check_expiry() == 0
-    expiring = [e for e in recorded(r) if e["kind"] == "certificate.expiring"]
+    expiring = [e for e in recorded(web_redis) if e["kind"] == "certificate.expiring"]
     assert [e["object"]["id"] for e in expiring] == [soon.pk]
 
 
@@ -126,22 +110,24 @@ def _session(sid: str, export: str) -> str:
     )  # fmt: skip
 
 
-def test_observer_turns_heartbeats_and_sessions_into_events(r, default_node, committed) -> None:
+def test_observer_turns_heartbeats_and_sessions_into_events(
+    web_redis, default_node, committed
+) -> None:
     name = default_node.name
     with committed():
         assert observer.observe_workers()  # the first look only records
-    r.set(heartbeat_key(name), json.dumps({"node": name, "generation": 1}), ex=60)
-    r.hset(sessions_key(name), "s1", _session("s1", "disk1"))
+    web_redis.set(heartbeat_key(name), json.dumps({"node": name, "generation": 1}), ex=60)
+    web_redis.hset(sessions_key(name), "s1", _session("s1", "disk1"))
     with committed():
         assert observer.observe_workers()
-    r.hdel(sessions_key(name), "s1")
-    r.hset(sessions_key(name), "s2", _session("s2", "disk2"))
+    web_redis.hdel(sessions_key(name), "s1")
+    web_redis.hset(sessions_key(name), "s2", _session("s2", "disk2"))
     with committed():
         assert observer.observe_workers()
-    r.delete(heartbeat_key(name), sessions_key(name))
+    web_redis.delete(heartbeat_key(name), sessions_key(name))
     with committed():
         assert observer.observe_workers()
-    seen = [(e["kind"], e["object"].get("id") or e["object"]["name"]) for e in recorded(r)]
+    seen = [(e["kind"], e["object"].get("id") or e["object"]["name"]) for e in recorded(web_redis)]
     assert seen == [
         ("node.online", name),
         ("session.opened", "s1"),
@@ -152,27 +138,27 @@ def test_observer_turns_heartbeats_and_sessions_into_events(r, default_node, com
     ]
 
 
-def test_observer_runs_once_at_a_time(r, default_node) -> None:
-    r.set(observer.LOCK_KEY, "another run", ex=30)
+def test_observer_runs_once_at_a_time(web_redis, default_node) -> None:
+    web_redis.set(observer.LOCK_KEY, "another run", ex=30)
     assert observer.observe_workers() is False
 
 
-def test_unreachable_redis_is_not_a_node_going_offline(r, default_node, settings) -> None:
+def test_unreachable_redis_is_not_a_node_going_offline(web_redis, default_node, settings) -> None:
     name = default_node.name
-    r.set(heartbeat_key(name), json.dumps({"node": name}), ex=60)
+    web_redis.set(heartbeat_key(name), json.dumps({"node": name}), ex=60)
     observer.observe_workers()
     url = settings.REDIS_URL
     settings.REDIS_URL = "redis://127.0.0.1:1/0"
     assert observer.observe_workers() is False
     settings.REDIS_URL = url
-    assert recorded(r) == []
+    assert recorded(web_redis) == []
 
 
 # -- reading them back ---------------------------------------------------------------------------
 
 
 @pytest.fixture
-def some_events(r, default_node, client_certificate, committed) -> None:
+def some_events(web_redis, default_node, client_certificate, committed) -> None:
     with committed():
         Export.objects.create(node=default_node, name="disk3", size=1 << 20)
     with committed():
@@ -199,7 +185,7 @@ def test_events_list_shows_only_what_the_user_may_view(make_user, token_client, 
     assert nobody.get(STREAM, HTTP_ACCEPT="text/event-stream").status_code == 403
 
 
-def test_events_need_authentication(anon_client, r) -> None:
+def test_events_need_authentication(anon_client, web_redis) -> None:
     assert anon_client.get(EVENTS).status_code == 401
     assert anon_client.get(STREAM, HTTP_ACCEPT="text/event-stream").status_code == 401
 
@@ -241,13 +227,15 @@ def test_stream_without_an_id_starts_with_the_next_event(api, some_events, setti
     assert _frames(api.get(STREAM)) == []
 
 
-def test_stream_refuses_a_malformed_last_event_id(api, r) -> None:
+def test_stream_refuses_a_malformed_last_event_id(api, web_redis) -> None:
     response = api.get(STREAM, HTTP_LAST_EVENT_ID="../../etc", HTTP_ACCEPT="application/json")
     assert response.status_code == 400
     assert "Last-Event-ID" in response.json()
 
 
-def test_open_streams_are_capped_per_user_and_in_all(make_user, token_client, r, settings) -> None:
+def test_open_streams_are_capped_per_user_and_in_all(
+    make_user, token_client, web_redis, settings
+) -> None:
     settings.NBDWEB_EVENT_STREAM_MAX_SECONDS = 0.2
     settings.NBDWEB_EVENT_STREAMS_PER_USER = 2
     settings.NBDWEB_EVENT_STREAMS_TOTAL = 3
@@ -268,13 +256,13 @@ def test_open_streams_are_capped_per_user_and_in_all(make_user, token_client, r,
     assert open_streams[-1].status_code == 200
     for response in open_streams:
         response.close()
-    assert r.zcard(event_api.STREAM_SLOTS_KEY) == 0
+    assert web_redis.zcard(event_api.STREAM_SLOTS_KEY) == 0
 
 
-def test_slots_of_a_dead_process_lapse(make_user, token_client, r, settings) -> None:
+def test_slots_of_a_dead_process_lapse(make_user, token_client, web_redis, settings) -> None:
     settings.NBDWEB_EVENT_STREAMS_TOTAL = 1
     # A slot that lapsed a second ago, as a crashed web process leaves it.
-    r.zadd(event_api.STREAM_SLOTS_KEY, {"crashed": time.time() - 1})
+    web_redis.zadd(event_api.STREAM_SLOTS_KEY, {"crashed": time.time() - 1})
     settings.NBDWEB_EVENT_STREAM_MAX_SECONDS = 0.2
     viewer = token_client(make_user("exports_app.view_export"))
     response = viewer.get(STREAM)

@@ -9,7 +9,6 @@ must leave no Job row at all.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
@@ -20,7 +19,6 @@ from exports_app.models import Export, Job
 from exports_app.tasks import run_job
 from nbdworker.contract.snapshot import heartbeat_key, sessions_key
 from tests.support.adminforms import export_add_form
-from tests.support.redisserver import PrivateRedis, private_redis
 
 pytestmark = pytest.mark.django_db
 
@@ -31,20 +29,11 @@ IN_USE = "1 live session(s) use the export; a shrink needs none."
 BEING_DELETED = "The export is being deleted."
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory) -> Iterator[PrivateRedis]:
-    with private_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
 @pytest.fixture
-def worker_redis(redis_server, settings):
+def worker_redis(web_redis, settings):
     """The Redis the web side reads sessions from, with a live heartbeat of the default node."""
-    settings.REDIS_URL = redis_server.url
-    client = redis_server.client()
-    client.flushdb()
-    client.set(heartbeat_key(settings.NBDWORKER_NODE), json.dumps({"generation": 1}), ex=60)
-    return client
+    web_redis.set(heartbeat_key(settings.NBDWORKER_NODE), json.dumps({"generation": 1}), ex=60)
+    return web_redis
 
 
 @pytest.fixture

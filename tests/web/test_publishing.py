@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 
 import pytest
 from django.db import transaction
@@ -24,21 +23,12 @@ from nbdworker.contract.snapshot import (
     published_key,
     verify_snapshot,
 )
-from tests.support.redisserver import PrivateRedis, private_redis
 
 pytestmark = pytest.mark.django_db(transaction=True, serialized_rollback=True)
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory) -> Iterator[PrivateRedis]:
-    with private_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
 @pytest.fixture(autouse=True)
-def use_private_redis(redis_server, settings):
-    settings.REDIS_URL = redis_server.url
-    redis_server.client().flushdb()
+def use_private_redis(web_redis):
     publishing._retry.clear()
     yield
     publishing._retry.clear()

@@ -5,7 +5,6 @@ in tests/e2e/test_config_distribution.py)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 
@@ -17,23 +16,8 @@ from nbdworker.contract.snapshot import (
     published_key,
     sessions_key,
 )
-from tests.support.redisserver import PrivateRedis, private_redis
 
 SESSIONS = "/api/v1/sessions/"
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory) -> Iterator[PrivateRedis]:
-    with private_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-@pytest.fixture
-def r(redis_server, settings):
-    settings.REDIS_URL = redis_server.url
-    client = redis_server.client()
-    client.flushdb()
-    return client
 
 
 def session(sid: str, node: str, export: str, since: str = "2026-01-01T00:00:00Z") -> dict:
@@ -54,7 +38,7 @@ def session(sid: str, node: str, export: str, since: str = "2026-01-01T00:00:00Z
 
 
 @pytest.fixture
-def live(r, default_node, storage_root) -> WorkerNode:
+def live(web_redis, default_node, storage_root) -> WorkerNode:
     """Two nodes with a heartbeat; three sessions between them."""
     other = WorkerNode.objects.create(
         name="other",
@@ -63,15 +47,17 @@ def live(r, default_node, storage_root) -> WorkerNode:
         tls_policy=default_node.tls_policy,
     )
     for node in (default_node, other):
-        r.set(heartbeat_key(node.name), json.dumps({"node": node.name, "generation": 5}), ex=60)
-    r.hset(
+        web_redis.set(
+            heartbeat_key(node.name), json.dumps({"node": node.name, "generation": 5}), ex=60
+        )
+    web_redis.hset(
         sessions_key(default_node.name),
         mapping={
             "aa01": json.dumps(session("aa01", default_node.name, "disk1")),
             "aa02": json.dumps(session("aa02", default_node.name, "disk2", "2026-01-02T00:00:00Z")),
         },
     )
-    r.hset(sessions_key("other"), "bb01", json.dumps(session("bb01", "other", "disk1")))
+    web_redis.hset(sessions_key("other"), "bb01", json.dumps(session("bb01", "other", "disk1")))
     return other
 
 
@@ -110,9 +96,9 @@ def test_the_list_is_paginated_like_every_other(api, live) -> None:
     assert [s["id"] for s in rest["results"]] == ["aa02"] and rest["next"] is None
 
 
-def test_an_offline_workers_sessions_are_unknown_not_none(api, live, r) -> None:
+def test_an_offline_workers_sessions_are_unknown_not_none(api, live, web_redis) -> None:
     # The node's worker stopped: its heartbeat expired, its last session entry lingers.
-    r.delete(heartbeat_key("other"))
+    web_redis.delete(heartbeat_key("other"))
     body = api.get(SESSIONS).json()
     assert body["unknown_nodes"] == ["other"]
     assert sorted(s["id"] for s in body["results"]) == ["aa01", "aa02"]
@@ -120,15 +106,17 @@ def test_an_offline_workers_sessions_are_unknown_not_none(api, live, r) -> None:
     assert (only_other["count"], only_other["unknown_nodes"]) == (0, ["other"])
 
 
-def test_kicking_needs_change_export(make_user, token_client, live, r) -> None:
+def test_kicking_needs_change_export(make_user, token_client, live, web_redis) -> None:
     viewer = token_client(make_user("exports_app.view_export"))
     assert viewer.delete(f"{SESSIONS}aa01/").status_code == 403
-    assert r.smembers(kicks_key("default")) == set()
+    assert web_redis.smembers(kicks_key("default")) == set()
 
 
-def test_kick_asks_the_sessions_worker_and_notifies_it(make_user, token_client, live, r) -> None:
+def test_kick_asks_the_sessions_worker_and_notifies_it(
+    make_user, token_client, live, web_redis
+) -> None:
     editor = token_client(make_user("exports_app.view_export", "exports_app.change_export"))
-    pubsub = r.pubsub(ignore_subscribe_messages=True)
+    pubsub = web_redis.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(KICK_CHANNEL)
     try:
         assert editor.delete(f"{SESSIONS}bb01/").status_code == 202
@@ -138,9 +126,9 @@ def test_kick_asks_the_sessions_worker_and_notifies_it(make_user, token_client, 
     finally:
         pubsub.close()
     assert message["data"] == "other"
-    assert r.smembers(kicks_key("other")) == {"bb01"}
-    assert r.ttl(kicks_key("other")) > 0
-    assert r.smembers(kicks_key("default")) == set()
+    assert web_redis.smembers(kicks_key("other")) == {"bb01"}
+    assert web_redis.ttl(kicks_key("other")) > 0
+    assert web_redis.smembers(kicks_key("default")) == set()
 
 
 def test_kicking_an_unknown_session_is_404(api, live) -> None:
@@ -156,16 +144,16 @@ def test_redis_down_is_503_not_500(api, live, settings) -> None:
 # -- node status ---------------------------------------------------------------------------------
 
 
-def test_node_status_online_offline_and_current(api, r, default_node, live) -> None:
-    r.set(published_key(default_node.name), 7)  # newer than the heartbeat's 5
-    r.set(published_key("other"), 5)
+def test_node_status_online_offline_and_current(api, web_redis, default_node, live) -> None:
+    web_redis.set(published_key(default_node.name), 7)  # newer than the heartbeat's 5
+    web_redis.set(published_key("other"), 5)
     offline = WorkerNode.objects.create(
         name="gone",
         listen="127.0.0.1:10811",
         storage_root=default_node.storage_root,
         tls_policy=default_node.tls_policy,
     )
-    r.set(published_key("gone"), 3)
+    web_redis.set(published_key("gone"), 3)
     nodes = {n["name"]: n["status"] for n in api.get("/api/v1/nodes/").json()["results"]}
     assert nodes[default_node.name]["status"] == "online"
     assert nodes[default_node.name]["generation_applied"] == 5
@@ -207,8 +195,10 @@ def admin_client_for(client, make_user):
     return login
 
 
-def test_admin_node_list_shows_worker_status(admin_client_for, live, r, default_node) -> None:
-    r.set(published_key(default_node.name), 5)
+def test_admin_node_list_shows_worker_status(
+    admin_client_for, live, web_redis, default_node
+) -> None:
+    web_redis.set(published_key(default_node.name), 5)
     page = admin_client_for(superuser=True).get("/admin/exports_app/workernode/")
     assert page.status_code == 200
     html = page.content.decode()
@@ -216,7 +206,7 @@ def test_admin_node_list_shows_worker_status(admin_client_for, live, r, default_
     assert "generation" not in html.lower()
 
 
-def test_admin_sessions_page_lists_and_ends_sessions(admin_client_for, live, r) -> None:
+def test_admin_sessions_page_lists_and_ends_sessions(admin_client_for, live, web_redis) -> None:
     client = admin_client_for(superuser=True)
     page = client.get(ADMIN_SESSIONS, {"node": "other"})
     text = page.content.decode()
@@ -225,10 +215,12 @@ def test_admin_sessions_page_lists_and_ends_sessions(admin_client_for, live, r) 
     assert "End session" in text
     response = client.post(f"{ADMIN_SESSIONS}?node=other", {"end": "bb01"})
     assert response.status_code == 302
-    assert r.smembers(kicks_key("other")) == {"bb01"}
+    assert web_redis.smembers(kicks_key("other")) == {"bb01"}
 
 
-def test_admin_sessions_page_needs_the_export_permissions(admin_client_for, live, r) -> None:
+def test_admin_sessions_page_needs_the_export_permissions(
+    admin_client_for, live, web_redis
+) -> None:
     assert admin_client_for().get(ADMIN_SESSIONS).status_code == 403
     viewer = admin_client_for("exports_app.view_export")
     page = viewer.get(ADMIN_SESSIONS)
@@ -236,4 +228,4 @@ def test_admin_sessions_page_needs_the_export_permissions(admin_client_for, live
     assert "aa01" in page.content.decode()
     assert "End session" not in page.content.decode()
     assert viewer.post(ADMIN_SESSIONS, {"end": "aa01"}).status_code == 403
-    assert r.smembers(kicks_key("default")) == set()
+    assert web_redis.smembers(kicks_key("default")) == set()
