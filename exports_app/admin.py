@@ -36,7 +36,7 @@ from exports_app.models import (
     WorkerNode,
 )
 from exports_app.models.tls import OPTIONALTLS_WARNING
-from exports_app.services import bundles, ca, exports, provisioning, webhooks
+from exports_app.services import bundles, ca, export_states, exports, provisioning, webhooks
 from exports_app.services.certificates import NewAuthority, NewCertificate
 from exports_app.validators import parse_size, validate_no_control_characters
 
@@ -216,7 +216,7 @@ class ExportForm(EscapedHelpTextMixin, forms.ModelForm):
         # construct_instance() has not run yet: self.instance still holds the stored size.
         new_size = cleaned.get("size")
         try:
-            exports.check_changeable(self.instance)
+            export_states.check_changeable(self.instance)
             if new_size is not None:
                 exports.check_resize(self.instance, new_size, cleaned.get("force", False))
         except ValidationError as exc:
@@ -394,8 +394,10 @@ class ExportAdmin(ExportPageAdminMixin, SimpleHistoryAdmin):
             for export in queryset:
                 try:
                     provisioning.request_verify(export)
-                except provisioning.JobRefused as exc:
-                    self.message_user(request, f"{export}: {exc}", messages.ERROR)
+                except ValidationError as exc:
+                    self.message_user(
+                        request, f"{export}: {' '.join(exc.messages)}", messages.ERROR
+                    )
                     continue
                 requested += 1
         self.message_user(request, f"Verify requested for {requested} export(s).", messages.INFO)

@@ -1,5 +1,7 @@
 """Model signals that emit events (`services.events.emit`) for changes any path can make: an
-export's state (the API, the admin and the jobs all save it) and a certificate's revocation.
+export's state (the API, the admin and the jobs all save it, through
+services.export_states.set_state or by making or deleting the export) and a certificate's
+revocation. They are the only source of `export.state_changed`: one event per change.
 
 Like exports_app.signals, a path cannot forget them; bulk `QuerySet.update()` bypasses them.
 """

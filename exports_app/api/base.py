@@ -15,6 +15,8 @@ from rest_framework.response import Response
 from rest_framework.routers import APIRootView, DefaultRouter
 from rest_framework.viewsets import ModelViewSet
 
+from exports_app.services.export_states import StateConflict
+
 from .concurrency import ETagMixin, IdempotentPostsMixin
 from .fields import StrictModelSerializer
 
@@ -34,7 +36,11 @@ class Conflict(APIException):
     default_code = "conflict"
 
 
-def django_errors_to_drf(exc: DjangoValidationError) -> DRFValidationError:
+def django_errors_to_drf(exc: DjangoValidationError) -> APIException:
+    """The API's answer to a service's refusal: 409 when the object's state forbids it, else
+    400 naming the fields."""
+    if isinstance(exc, StateConflict):
+        return Conflict(" ".join(exc.messages))
     if hasattr(exc, "error_dict"):
         detail = {
             ("non_field_errors" if field == "__all__" else field): messages

@@ -213,8 +213,8 @@ class ExportJobActions:
         with transaction.atomic():
             try:
                 provisioning.request_verify(export)
-            except provisioning.JobRefused as exc:
-                raise ValidationError({"non_field_errors": [str(exc)]}) from None
+            except DjangoValidationError as exc:
+                raise django_errors_to_drf(exc) from None
         return self._accepted(export.pk)
 
     def _accepted(self, pk: int) -> Response:

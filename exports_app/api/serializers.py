@@ -382,7 +382,7 @@ class ExportSerializer(ValidatedModelSerializer):
                 self._clone_source(attrs)
         else:
             try:
-                exports.check_changeable(instance)
+                export_states.check_changeable(instance)
             except DjangoValidationError as exc:
                 raise django_errors_to_drf(exc) from None
             errors = {}

@@ -9,16 +9,14 @@ While a job works on the image the export shows that job's state, and what the j
 (the size of a resize) is stored only when it has succeeded. Jobs of one export run in order:
 when one ends, the export shows the state of the next one waiting, else `ready`.
 
-`export_state_changed` is sent (after the transaction commits) for every change made here, with
-`export`, `old_state` and `new_state`: the one hook for anything that reports state changes.
+Every change is saved with the model, so the one source of `export.state_changed` events is
+the Export model signals in exports_app/event_signals.py: they also see an export made or
+deleted, and whatever path saves the state (no second announcement is sent from here).
 """
 
 from __future__ import annotations
 
-from functools import partial
-
-from django.db import transaction
-from django.dispatch import Signal
+from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 
 from exports_app.choices import ExportState, JobKind, JobState
 from exports_app.models import Export, Job
@@ -26,14 +24,12 @@ from exports_app.models import Export, Job
 __all__ = [
     "JOB_STATES",
     "SERVED_STATES",
-    "export_state_changed",
+    "StateConflict",
+    "check_changeable",
     "job_requested",
     "set_state",
     "state_after_job",
 ]
-
-# sender=Export; export, old_state, new_state.
-export_state_changed = Signal()
 
 # The export's state while a job of each kind runs (or waits to run).
 JOB_STATES = {
@@ -48,22 +44,22 @@ JOB_STATES = {
 SERVED_STATES = frozenset({ExportState.READY, ExportState.RESIZING, ExportState.VERIFYING})
 
 
+class StateConflict(ValidationError):
+    """Refused because of the export's state, not the input: the API answers 409 Conflict; a
+    form or an admin action shows the message like any other refusal."""
+
+
+def check_changeable(export: Export) -> None:
+    """An export being deleted takes no more changes or jobs: its delete job owns it now."""
+    if export.state == ExportState.DELETING:
+        raise StateConflict({NON_FIELD_ERRORS: ["The export is being deleted."]})
+
+
 def set_state(export: Export, state: str, fields: tuple[str, ...] | list[str] = ()) -> None:
-    """Save `export` with `state` (and `fields`, already set on it); announce the change once
-    the transaction commits."""
-    old_state = Export.objects.filter(pk=export.pk).values_list("state", flat=True).first()
+    """Save `export` with `state` (and `fields`, already set on it). The save is what reports
+    the change (exports_app/event_signals.py)."""
     export.state = state
     export.save(update_fields=["state", *fields, "last_updated"])
-    if old_state != state:
-        transaction.on_commit(
-            partial(
-                export_state_changed.send,
-                sender=Export,
-                export=export,
-                old_state=old_state,
-                new_state=state,
-            )
-        )
 
 
 def _unfinished_jobs(export: Export):

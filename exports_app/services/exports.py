@@ -1,8 +1,9 @@
 """Changes to an export, each rule written once for the API and the admin.
 
 The checks raise Django's `ValidationError` keyed by field: the API turns it into a 400 with
-field errors (`exports_app.api.base.django_errors_to_drf`), the admin into form errors or an
-action's message. The save functions save the export and request its job in one transaction,
+field errors (`exports_app.api.base.django_errors_to_drf`), or a 409 when the export's state
+forbids the change (`export_states.StateConflict`), the admin into form errors or an action's
+message. The save functions save the export and request its job in one transaction,
 so the job's message is sent only once both are committed (`exports_app.services.provisioning`).
 """
 
@@ -10,15 +11,14 @@ from __future__ import annotations
 
 import logging
 
-from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
+from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from exports_app.choices import ExportState
 from exports_app.models import Export, Job
-from exports_app.services import export_usage, provisioning
+from exports_app.services import export_states, export_usage, provisioning
 
 __all__ = [
-    "check_changeable",
     "check_resize",
     "create_export",
     "import_export",
@@ -27,12 +27,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def check_changeable(export: Export) -> None:
-    """An export being deleted takes no more changes: its delete job owns it now."""
-    if export.state == ExportState.DELETING:
-        raise ValidationError({NON_FIELD_ERRORS: ["The export is being deleted."]})
 
 
 def check_resize(
@@ -96,7 +90,7 @@ def save_export(export: Export, old_size: int, force: bool = False) -> Job | Non
 def resize_export(export: Export, new_size: int, force: bool = False) -> Job:
     """Check, save and request the resize of `export` to `new_size` bytes. On a refusal the
     export is left as it was."""
-    check_changeable(export)
+    export_states.check_changeable(export)
     if new_size == export.size:
         raise ValidationError({"size": ["The export already has this size."]})
     check_resize(export, new_size, force)

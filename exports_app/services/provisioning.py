@@ -116,8 +116,7 @@ def request_resize(export: Export, new_size: int, force: bool = False) -> Job:
 
 def request_verify(export: Export) -> Job:
     """Compute the sha256 of the image's contents into `export.content_sha256`."""
-    if export.state == ExportState.DELETING:
-        raise JobRefused("The export is being deleted.")
+    export_states.check_changeable(export)
     job = _enqueue(export, JobKind.VERIFY)
     export_states.job_requested(export, job)
     return job

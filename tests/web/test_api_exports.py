@@ -174,7 +174,7 @@ def test_delete_answers_202_when_a_job_finishes_it(api, default_node, monkeypatc
     assert response.status_code == 202
     assert response.json()["state"] == ExportState.DELETING
     # A deleting export takes no more edits.
-    assert api.patch(f"{URL}{export.pk}/", {"description": "x"}).status_code == 400
+    assert api.patch(f"{URL}{export.pk}/", {"description": "x"}).status_code == 409
 
 
 def test_longest_name_is_accepted_and_unique(api, default_node):

@@ -117,6 +117,21 @@ def test_every_operation_documents_the_one_error_shape(schema):
                 assert response["description"]
 
 
+def test_changes_refused_by_an_exports_state_document_409(schema):
+    # An export being deleted answers 409 to these (tests/web/test_export_rules.py).
+    paths = schema["paths"]
+    for path, method in [
+        ("/api/v1/exports/{id}/", "patch"),
+        ("/api/v1/exports/{id}/resize/", "post"),
+        ("/api/v1/exports/{id}/verify/", "post"),
+    ]:
+        conflict = paths[path][method]["responses"]["409"]
+        assert conflict["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/Error"
+        }
+        assert "being deleted" in conflict["description"]
+
+
 def test_operations_are_tagged_by_resource_and_put_is_gone(schema):
     tags = {tag for _, _, op in operations(schema) for tag in op["tags"]}
     assert tags == {

@@ -51,20 +51,24 @@ def connect_client(worker_redis, export: Export) -> None:
 Outcome = tuple[bool, list[str]]
 
 
+def api_outcome(response, success: int) -> Outcome:
+    """Bad input is a 400 naming fields; a conflict with the export's state a 409 `detail`."""
+    assert response.status_code in (success, 400, 409), response.content
+    body = response.json()
+    if response.status_code == 409:
+        return False, [body["detail"]]
+    errors = [] if response.status_code == success else [m for ms in body.values() for m in ms]
+    return response.status_code == success, errors
+
+
 def api_patch(api, admin_client, export: Export, size: int, force: bool) -> Outcome:
     response = api.patch(f"{EXPORTS}{export.pk}/", {"size": size, "force": force}, format="json")
-    assert response.status_code in (200, 400), response.content
-    body = response.json()
-    errors = [] if response.status_code == 200 else [m for ms in body.values() for m in ms]
-    return response.status_code == 200, errors
+    return api_outcome(response, 200)
 
 
 def api_resize(api, admin_client, export: Export, size: int, force: bool) -> Outcome:
     response = api.post(f"{EXPORTS}{export.pk}/resize/", {"size": size, "force": force})
-    assert response.status_code in (202, 400), response.content
-    body = response.json()
-    errors = [] if response.status_code == 202 else [m for ms in body.values() for m in ms]
-    return response.status_code == 202, errors
+    return api_outcome(response, 202)
 
 
 def admin_change_form(api, admin_client, export: Export, size: int, force: bool) -> Outcome:
@@ -147,6 +151,23 @@ def test_an_export_being_deleted_takes_no_resize(api, admin_client, export, chan
     assert any(BEING_DELETED in m for m in shown), shown
     export.refresh_from_db()
     assert export.size == MiB
+    assert not Job.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("patch", "{id}/", {"description": "late"}),
+        ("post", "{id}/resize/", {"size": "2M"}),
+        ("post", "{id}/verify/", None),
+    ],
+)
+def test_a_change_to_an_export_being_deleted_is_a_409_conflict(api, export, method, path, body):
+    Export.objects.filter(pk=export.pk).update(state=ExportState.DELETING)
+    response = getattr(api, method)(f"{EXPORTS}{path.format(id=export.pk)}", body, format="json")
+    assert response.status_code == 409, response.content
+    # The documented error shape of a 409 (exports_app/api/schema.py's Error).
+    assert response.json() == {"detail": BEING_DELETED}
     assert not Job.objects.exists()
 
 

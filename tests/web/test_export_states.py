@@ -1,17 +1,18 @@
 """States tell the truth: an export being resized, cloned or verified shows it, its size
 changes only when the resize job has run, it stays served meanwhile, and every change is
-announced through exports_app.services.export_states.export_state_changed. The jobs run
+one `export.state_changed` event (exports_app/event_signals.py, the only source). The jobs run
 in-process here (`run_job.apply`); tests/e2e/ runs them on a real Celery worker."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import pytest
 
 from exports_app.choices import ExportState, JobState
 from exports_app.models import Export, Job
-from exports_app.services import export_states, provisioning
+from exports_app.services import events, provisioning
 from exports_app.services.publishing import build_config
 from exports_app.tasks import run_job
 
@@ -35,16 +36,18 @@ def ready(default_node):
 
 
 @pytest.fixture
-def changes(django_capture_on_commit_callbacks):
-    """The (old, new) state pairs announced while the test runs."""
-    seen: list[tuple[str | None, str]] = []
+def changes(web_redis) -> Callable[[], list[tuple[str | None, str | None]]]:
+    """The (old, new) states of the `export.state_changed` events recorded so far (in the
+    Redis stream webhooks and the event stream read), of the callbacks a test ran."""
 
-    def record(sender, export, old_state, new_state, **kwargs):
-        seen.append((old_state, new_state))
+    def recorded() -> list[tuple[str | None, str | None]]:
+        return [
+            (event.data["old"], event.data["new"])
+            for event in events.read_after("0-0", 1000)
+            if event.kind == "export.state_changed"
+        ]
 
-    export_states.export_state_changed.connect(record)
-    yield seen
-    export_states.export_state_changed.disconnect(record)
+    return recorded
 
 
 def run(job_id: int) -> Job:
@@ -73,7 +76,7 @@ def test_a_resize_shows_resizing_at_the_old_size_until_its_job_has_run(
     with django_capture_on_commit_callbacks(execute=True):
         assert run(body["job"]).state == JobState.SUCCEEDED
     assert state_and_size(export) == (ExportState.READY, 2 * MiB)
-    assert changes == [("ready", "resizing"), ("resizing", "ready")]
+    assert changes() == [("ready", "resizing"), ("resizing", "ready")]
 
 
 def test_verify_shows_verifying_and_jobs_in_a_row_show_the_next_ones_state(

@@ -184,7 +184,7 @@ def test_delete_answers_202_deleting_with_a_delete_job(api, ready):
     assert api.delete(f"{EXPORTS}{export.pk}/").status_code == 202
     assert Job.objects.filter(kind=JobKind.DELETE).count() == 1
     # And a deleting export takes no other job.
-    assert api.post(f"{EXPORTS}{export.pk}/verify/").status_code == 400
+    assert api.post(f"{EXPORTS}{export.pk}/verify/").status_code == 409
 
 
 def test_delete_with_a_bad_wipe_value_is_400_and_changes_nothing(api, ready):
