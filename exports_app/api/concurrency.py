@@ -2,12 +2,16 @@
 concurrency: every object answer carries an `ETag`, and a PATCH or
 DELETE with `If-Match` goes ahead only while the object is still that version (RFC 9110
 §13.1.1), else 412. The check and the write run in one transaction with the row locked, so
-two clients that read the same version cannot both change it.
+two clients that read the same version cannot both change it. A GET whose `If-None-Match`
+names the current ETag answers 304 (Django's ConditionalGetMiddleware, which also gives lists
+an ETag of their body).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+from typing import Any
 
 from django.db import models, transaction
 from rest_framework import status
@@ -39,12 +43,15 @@ class PreconditionFailed(APIException):
     default_code = "precondition_failed"
 
 
-def object_etag(obj: models.Model) -> str:
-    """A strong ETag of the stored object: a digest of every column, so any saved change (and
-    only a saved change) gives a new one."""
+def object_etag(obj: models.Model, representation: Any = None) -> str:
+    """A strong ETag of the stored object and of its API representation: a digest of every
+    column and of the answer's body, so any saved change gives a new one, and so does a change
+    the answer shows from elsewhere (the node's name, the latest job) that a 304 must not
+    hide."""
     digest = hashlib.sha256(obj._meta.label.encode())
     for field in obj._meta.concrete_fields:
         digest.update(f"\0{field.attname}={getattr(obj, field.attname)!r}".encode())
+    digest.update(b"\0" + json.dumps(representation, sort_keys=True, default=str).encode())
     return f'"{digest.hexdigest()[:32]}"'
 
 
@@ -70,9 +77,12 @@ class ETagMixin:
             # Lock, then read again: nobody can change the row between the check and the write.
             list(type(obj)._default_manager.select_for_update().filter(pk=obj.pk).values("pk"))
             obj = super().get_object()
-        if not if_match_allows(self.request.headers.get("If-Match"), object_etag(obj)):
+        if not if_match_allows(self.request.headers.get("If-Match"), self.current_etag(obj)):
             raise PreconditionFailed()
         return obj
+
+    def current_etag(self, obj: models.Model) -> str:
+        return object_etag(obj, self.get_serializer(obj).data)
 
     def finalize_response(self, request, response, *args, **kwargs):
         response = super().finalize_response(request, response, *args, **kwargs)
@@ -83,10 +93,11 @@ class ETagMixin:
             and isinstance(data, dict)
             and "id" in data
         ):
-            # Read again: a service may have changed the row after the serializer saw it.
-            obj = self.get_queryset().model._default_manager.filter(pk=data["id"]).first()
+            # Read again (as a GET reads it): a service may have changed the row after the
+            # serializer saw it.
+            obj = self.get_queryset().filter(pk=data["id"]).first()
             if obj is not None:
-                response["ETag"] = object_etag(obj)
+                response["ETag"] = self.current_etag(obj)
         return response
 
 

@@ -49,7 +49,14 @@ ERROR_DESCRIPTIONS = {
 ETAG_HEADER = {
     "schema": {"type": "string"},
     "description": "The object's version. Send it back in If-Match to change or delete only "
-    "the version you read.",
+    "the version you read, or in If-None-Match to read it again only if it changed.",
+}
+
+# A list's (or another answer's) ETag: a digest of the body, for If-None-Match only.
+ANSWER_ETAG_HEADER = {
+    "schema": {"type": "string"},
+    "description": "This answer's version. Send it in If-None-Match to get a 304 (no body) "
+    "while the answer is unchanged.",
 }
 
 IF_MATCH = {
@@ -59,6 +66,20 @@ IF_MATCH = {
     "schema": {"type": "string"},
     "description": "An ETag from an earlier answer: the change is made only if the object is "
     "still that version (412 otherwise). `*` or no header: whatever the version.",
+}
+
+IF_NONE_MATCH = {
+    "name": "If-None-Match",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "ETags from earlier answers: while the answer would still be one of those "
+    "versions it is a 304 with no body (keep what you have).",
+}
+
+NOT_MODIFIED = {
+    "description": "Not modified: If-None-Match names the current version. No body.",
+    "headers": {"ETag": ANSWER_ETAG_HEADER},
 }
 
 IDEMPOTENCY_KEY = {
@@ -150,6 +171,9 @@ class NBDWebAutoSchema(AutoSchema):
             parameters.append(dict(IF_MATCH))
         if self._takes_idempotency_key():
             parameters.append(dict(IDEMPOTENCY_KEY))
+        if self._answers_not_modified(operation):
+            parameters.append(dict(IF_NONE_MATCH))
+            operation["responses"]["304"] = dict(NOT_MODIFIED)
         if not parameters:
             del operation["parameters"]
         responses = operation["responses"]
@@ -165,13 +189,22 @@ class NBDWebAutoSchema(AutoSchema):
             )
         return operation
 
+    def _answers_not_modified(self, operation: dict) -> bool:
+        # Every GET with a body (nbdweb.settings: ConditionalGetMiddleware; objects by their
+        # ETag, lists and other answers by a digest of the body).
+        return self.method == "GET" and "content" in operation["responses"].get("200", {})
+
     def _add_etag_headers(self, responses: dict) -> None:
         action = getattr(self.view, "action", None)
-        if action not in ("retrieve", "create", "partial_update", "update"):
+        if action in ("retrieve", "create", "partial_update", "update"):
+            header = ETAG_HEADER
+        elif self.method == "GET":
+            header = ANSWER_ETAG_HEADER
+        else:
             return
         for code, response in responses.items():
             if code.startswith("2") and "content" in response:
-                response.setdefault("headers", {})["ETag"] = dict(ETAG_HEADER)
+                response.setdefault("headers", {})["ETag"] = dict(header)
 
     def _error_codes(self, operation: dict) -> list[str]:
         codes = ["401", "403"]

@@ -81,3 +81,39 @@ def test_put_is_not_offered(api, export):
     response = api.put(url, {"name": "etag1", "size": "2G"}, format="json")
     assert response.status_code == 405
     assert "PUT" not in response["Allow"]
+
+
+def test_a_get_whose_if_none_match_names_the_current_version_is_304(api, export):
+    url = f"{EXPORTS}{export['id']}/"
+    etag = api.get(url)["ETag"]
+    unchanged = api.get(url, HTTP_IF_NONE_MATCH=etag)
+    assert unchanged.status_code == 304
+    assert unchanged.content == b""
+    assert unchanged["ETag"] == etag
+    assert api.get(url, HTTP_IF_NONE_MATCH=f'"other", {etag}').status_code == 304
+    api.patch(url, {"description": "changed"}, format="json")
+    changed = api.get(url, HTTP_IF_NONE_MATCH=etag)
+    assert changed.status_code == 200
+    assert changed.json()["description"] == "changed"
+
+
+def test_the_etag_follows_what_the_answer_shows_not_only_the_row(api, export):
+    # Renaming the node changes the export's `node_name` but no column of the export: a client
+    # holding the old version must get the new answer, not a 304.
+    url = f"{EXPORTS}{export['id']}/"
+    etag = api.get(url)["ETag"]
+    WorkerNode.objects.filter(pk=export["node"]).update(name="renamed")
+    fresh = api.get(url, HTTP_IF_NONE_MATCH=etag)
+    assert fresh.status_code == 200
+    assert fresh.json()["node_name"] == "renamed"
+    assert fresh["ETag"] != etag
+
+
+def test_a_list_has_an_etag_and_answers_304_while_it_is_unchanged(api, export):
+    listed = api.get(EXPORTS)
+    etag = listed["ETag"]
+    assert api.get(EXPORTS, HTTP_IF_NONE_MATCH=etag).status_code == 304
+    api.post(EXPORTS, {"name": "etag2", "size": "1G"}, format="json")
+    grown = api.get(EXPORTS, HTTP_IF_NONE_MATCH=etag)
+    assert grown.status_code == 200
+    assert grown.json()["count"] == 2

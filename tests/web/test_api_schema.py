@@ -156,6 +156,16 @@ def test_object_writes_take_if_match_and_reads_return_an_etag(schema):
     assert "ETag" in item["get"]["responses"]["200"]["headers"]
 
 
+def test_every_read_takes_if_none_match_and_documents_304(schema):
+    reads = [(path, op) for path, method, op in operations(schema) if method == "get"]
+    assert len(reads) > 10
+    for path, operation in reads:
+        names = [p["name"] for p in operation.get("parameters", [])]
+        assert "If-None-Match" in names, path
+        assert "content" not in operation["responses"]["304"], path
+        assert "ETag" in operation["responses"]["200"]["headers"], path
+
+
 def test_posts_that_create_or_start_jobs_take_an_idempotency_key(schema):
     for path in ("/api/v1/exports/", "/api/v1/exports/{id}/resize/", "/api/v1/jobs/{id}/retry/"):
         operation = schema["paths"][path]["post"]
