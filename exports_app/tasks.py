@@ -46,11 +46,11 @@ from exports_app.services import (
     exports,
     images,
     observer,
+    publisher,
     storage,
     webhooks,
 )
 from exports_app.services.audit import job_actor
-from exports_app.services.publishing import schedule_publish
 
 __all__ = [
     "PROGRESS_MIN_INTERVAL",
@@ -60,6 +60,7 @@ __all__ = [
     "deliver_webhook",
     "fail_job",
     "observe_workers",
+    "publish_pending",
     "requeue_interrupted_jobs",
     "run_job",
 ]
@@ -298,7 +299,6 @@ def fail_job(job_id: int, error: str) -> None:
         export._change_reason = job_actor(job)  # the audit trail's actor
         state = export_states.state_after_job(export, job, succeeded=False)
         export_states.set_state(export, state, ["last_error"])
-        schedule_publish(export.node)
 
 
 def _succeed(job: Job, changes: dict | None) -> None:
@@ -315,7 +315,6 @@ def _succeed(job: Job, changes: dict | None) -> None:
                 setattr(export, field, value)
             state = export_states.state_after_job(export, job, succeeded=True)
             export_states.set_state(export, state, list(changes))
-        schedule_publish(job.node)
 
 
 def _has_earlier_unfinished_job(job: Job) -> bool:
@@ -441,6 +440,12 @@ def deliver_webhook(self, delivery_id: int) -> str:
 def observe_workers() -> None:
     """Node online/offline and session opened/ended events (Celery beat, every few seconds)."""
     observer.observe_workers()
+
+
+@shared_task(name="exports_app.publish_pending", ignore_result=True)
+def publish_pending() -> None:
+    """Publish the nodes whose changes a dead publisher left (Celery beat, every few seconds)."""
+    publisher.publish_pending()
 
 
 @shared_task(name="exports_app.check_certificate_expiry", ignore_result=True)

@@ -325,6 +325,13 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": NBDWEB_OBSERVE_INTERVAL,
         "options": {"queue": NBDWEB_EVENTS_QUEUE, "expires": NBDWEB_OBSERVE_INTERVAL * 2},
     },
+    # Catches up the nodes whose publisher died after their change committed
+    # (exports_app/services/publisher.py); a live publisher is not waited for.
+    "publish-pending": {
+        "task": "exports_app.publish_pending",
+        "schedule": NBDWEB_OBSERVE_INTERVAL,
+        "options": {"queue": NBDWEB_EVENTS_QUEUE, "expires": NBDWEB_OBSERVE_INTERVAL * 2},
+    },
     "check-certificate-expiry": {
         "task": "exports_app.check_certificate_expiry",
         "schedule": 3600.0,

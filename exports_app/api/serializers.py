@@ -75,7 +75,9 @@ class NodeStatusSerializer(serializers.Serializer):
         allow_null=True, help_text="The latest config generation published for the node."
     )
     current = serializers.BooleanField(
-        allow_null=True, help_text="Whether the worker runs the latest published generation."
+        allow_null=True,
+        help_text="Whether the worker runs the latest published generation and no change "
+        "is waiting to be published.",
     )
     heartbeat = serializers.DictField(
         allow_null=True, help_text="The worker's last heartbeat (version, uptime, sessions...)."

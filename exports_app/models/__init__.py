@@ -5,6 +5,7 @@ from exports_app.models.exports import Export
 from exports_app.models.idempotency import IdempotencyKey
 from exports_app.models.jobs import Job
 from exports_app.models.nodes import WorkerNode
+from exports_app.models.publishing import PendingPublish
 from exports_app.models.tls import TLSPolicy
 from exports_app.models.webhooks import WebhookDelivery, WebhookSubscription
 
@@ -14,6 +15,7 @@ __all__ = [
     "Export",
     "IdempotencyKey",
     "Job",
+    "PendingPublish",
     "TLSPolicy",
     "WebhookDelivery",
     "WebhookSubscription",

@@ -1,51 +1,43 @@
-"""Publishing worker configuration: the one entry point every change goes through.
+"""Publishing worker configuration: building a node's config and storing it in Redis.
 
-`schedule_publish(node)` is called for every change to what a node's worker serves. The model
-signals in `exports_app.signals` call it on every save and delete of an export, a node, a TLS
-policy, a certificate or a CA (API, admin, jobs and services alike), so no caller has to
-remember; a job or service may still call it explicitly, it costs nothing extra.
+Called out of band by the publisher (`exports_app.services.publisher`, which marks changes and
+decides when), never on a request thread. Publishing one node (`publish_node`), under the
+node's lock in Redis (``nbdweb:publisher-lock:<node>``: one publisher per node across every
+process and host):
 
-Within one transaction the affected nodes are collected and published by a single
-`transaction.on_commit` callback: publish after commit, never before, and nothing at all when
-the transaction rolls back.
-
-Publishing one node (`publish_nodes`):
-
-1. take the next generation: ``max(stored + 1, now in milliseconds)`` in
+1. read the newest dirty marker (`PendingPublish`) of the node;
+2. take the next generation: ``max(stored + 1, now in milliseconds)`` in
    ``nbdweb:config-generation:<node>`` (a WATCH/MULTI transaction). It only grows across web
    restarts, and even when Redis loses its data the clock keeps it above anything published
    before;
-2. build the node's full `WorkerConfig` from the database (ready, enabled exports; the TLS
+3. build the node's full `WorkerConfig` from the database (ready, enabled exports; the TLS
    policy with the decrypted server key, trusted CAs and revoked serials), validate it with the
    worker's own parser, sign it with the node's own key (`services.nodekeys`, derived from the
    master secret: no other node's worker can forge or open it; `nbdworker.contract.snapshot`);
-3. store it at ``nbdweb:config:<node>`` only if its generation is above the stored one (two web
-   processes racing cannot put an older snapshot back), then PUBLISH
-   ``nbdweb:config-changed <node>:<generation>``.
+4. store it at ``nbdweb:config:<node>`` only if its generation is above the stored one (two
+   publishers racing cannot put an older snapshot back), then PUBLISH
+   ``nbdweb:config-changed <node>:<generation>``;
+5. delete the markers up to the one read in 1 (later ones are the next publish's).
 
-A Redis outage never fails the request that made the change: the error is logged and the node is
-remembered. A background thread of this process retries the remembered nodes with backoff
-(0.5 s doubling to 10 s) until Redis answers, and the next publish of any node retries them too.
-Every publish builds the full snapshot, so any later publish of a node carries all earlier
-changes. If the web process ends before Redis is back, ``manage.py publish_config`` republishes
-every node; `/api/v1/nodes/` shows a node whose worker runs an older generation than the latest
-as not current.
+A Redis error leaves the markers in place (the publisher tries again). `/api/v1/nodes/` shows a
+node whose worker runs an older generation than the latest, or that has markers, as not current.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import threading
+import secrets
 import time
 from collections.abc import Iterable
 from functools import lru_cache
 
 import redis
 from django.conf import settings
-from django.db import connections, transaction
+from django.db.models import Max
 
 from exports_app.choices import TLSMode
-from exports_app.models import Export, WorkerNode
+from exports_app.models import Export, PendingPublish, WorkerNode
 from exports_app.services import export_states
 from exports_app.services.nodekeys import node_key
 from nbdworker.contract.config import ConfigError, WorkerConfig, tls_refusal
@@ -59,11 +51,13 @@ from nbdworker.contract.snapshot import (
 )
 
 __all__ = [
+    "NodeBusy",
     "PublishError",
     "build_config",
+    "lock_key",
+    "publish_node",
     "publish_nodes",
     "redis_client",
-    "schedule_publish",
 ]
 
 log = logging.getLogger("exports_app.publishing")
@@ -225,117 +219,84 @@ def _publish_one(client: redis.Redis, node: WorkerNode) -> int | None:
     return generation
 
 
-# Nodes whose last publish hit a Redis error, retried by the next publish in this process and
-# by the retry thread.
-_retry_lock = threading.Lock()
-_retry: set[int] = set()
-_retry_thread: threading.Thread | None = None
-RETRY_FIRST_DELAY = 0.5
-RETRY_MAX_DELAY = 10.0
+# -- one publisher per node -------------------------------------------------------------------
+
+# Held while a node is published, by whichever process publishes it. A publisher that dies
+# holding it delays that node by this long at most; no publish of a real node takes near it.
+LOCK_TTL_MS = 15_000
+# Compare-and-delete: a publisher releases only the lock it holds (not one taken after its own
+# expired).
+_RELEASE_LUA = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
 
 
-def _retry_loop() -> None:
-    global _retry_thread
-    delay = RETRY_FIRST_DELAY
-    try:
-        while True:
-            # A backoff between attempts, not a synchronisation: Redis is down, nothing to wait on.
-            time.sleep(delay)
-            with _retry_lock:
-                if not _retry:
-                    _retry_thread = None
-                    return
-            publish_nodes(())
-            delay = min(delay * 2, RETRY_MAX_DELAY)
-    finally:
-        connections.close_all()  # this thread's own database connections
+def lock_key(node: str) -> str:
+    """The publisher lock of one node (web side only)."""
+    return f"nbdweb:publisher-lock:{node}"
 
 
-def _schedule_retry(node_id: int) -> None:
-    global _retry_thread
-    with _retry_lock:
-        _retry.add(node_id)
-        if _retry_thread is None:
-            _retry_thread = threading.Thread(
-                target=_retry_loop, name="nbdweb-publish-retry", daemon=True
-            )
-            _retry_thread.start()
+class NodeBusy(Exception):
+    """Another publisher holds the node's lock (it publishes what is pending when done)."""
 
 
-def publish_nodes(node_ids: Iterable[int]) -> dict[str, int | None]:
-    """Publish the given nodes now (plus any whose last publish failed). Never raises: errors
-    are logged. Returns {node name: generation published, or None}."""
-    with _retry_lock:
-        wanted = set(node_ids) | _retry
-        _retry.clear()
-    results: dict[str, int | None] = {}
+def _acquire(client: redis.Redis, node: str, wait: float) -> str:
+    token = secrets.token_hex(16)
+    deadline = time.monotonic() + wait
+    while not client.set(lock_key(node), token, nx=True, px=LOCK_TTL_MS):
+        if time.monotonic() >= deadline:
+            raise NodeBusy(node)
+        # Waiting for another process to finish its publish: nothing to be notified by.
+        time.sleep(0.01)
+    return token
+
+
+def publish_node(node_id: int, *, only_pending: bool, lock_wait: float = 0.0) -> int | None:
+    """Publish one node's config now, under its lock, and clear the markers it includes.
+
+    `only_pending`: publish only if the node has markers (another publisher may have sent them
+    already). Returns the generation published, or None (nothing pending, node gone, or a config
+    that cannot be built: logged, markers cleared, since only a new change can mend it). Raises
+    NodeBusy, or redis.RedisError with the markers kept for the next attempt.
+    """
+    if only_pending and not PendingPublish.objects.filter(node_id=node_id).exists():
+        return None  # another publisher sent it already (checked again under the lock)
+    node = WorkerNode.objects.select_related("tls_policy").filter(pk=node_id).first()
+    if node is None:
+        return None
     client = redis_client()
-    redis_down: redis.RedisError | None = None
-    for node in WorkerNode.objects.filter(pk__in=wanted).select_related("tls_policy"):
-        results[node.name] = None
-        if redis_down is None:
-            try:
-                results[node.name] = _publish_one(client, node)
-                continue
-            except redis.RedisError as exc:
-                redis_down = exc  # the other nodes wait too: no connect timeout per node
-            except PublishError as exc:
-                log.error("node %s: config not published: %s", node.name, exc)
-                continue
-        log.error(
-            "node %s: config not published, Redis unavailable (retrying): %s", node.name, redis_down
-        )
-        _schedule_retry(node.pk)
+    token = _acquire(client, node.name, lock_wait)
+    try:
+        # Markers first, then the database: every change marked up to `newest` committed before
+        # the config is read, so the published config includes it.
+        newest = PendingPublish.objects.filter(node_id=node_id).aggregate(Max("id"))["id__max"]
+        if newest is None and only_pending:
+            return None
+        try:
+            generation = _publish_one(client, node)
+        except PublishError as exc:
+            log.error("node %s: config not published: %s", node.name, exc)
+            generation = None
+        if newest is not None:
+            PendingPublish.objects.filter(node_id=node_id, id__lte=newest).delete()
+        return generation
+    finally:
+        with contextlib.suppress(redis.RedisError):
+            client.eval(_RELEASE_LUA, 1, lock_key(node.name), token)
+
+
+def publish_nodes(node_ids: Iterable[int], lock_wait: float = 10.0) -> dict[str, int | None]:
+    """Publish the given nodes now, in this thread, pending changes or not (`manage.py
+    publish_config`). Never raises: errors are logged. Returns {node name: generation, or None}.
+    """
+    results: dict[str, int | None] = {}
+    for node_id, name in WorkerNode.objects.filter(pk__in=set(node_ids)).values_list("pk", "name"):
+        results[name] = None
+        try:
+            results[name] = publish_node(node_id, only_pending=False, lock_wait=lock_wait)
+        except NodeBusy:
+            log.error("node %s: config not published, its publisher lock stays taken", name)
+        except redis.RedisError as exc:
+            log.error("node %s: config not published, Redis unavailable: %s", name, exc)
     return results
-
-
-# -- scheduling -------------------------------------------------------------------------------
-
-
-class _Batch:
-    """The nodes to publish when the current transaction commits."""
-
-    def __init__(self, savepoints: tuple[str, ...]) -> None:
-        self.savepoints = savepoints
-        self.node_ids: set[int] = set()
-
-    def flush(self) -> None:
-        publish_nodes(self.node_ids)
-
-
-_local = threading.local()
-
-
-def _node_ids(nodes: object | Iterable[object]) -> set[int]:
-    if isinstance(nodes, WorkerNode | int):
-        nodes = [nodes]
-    ids: set[int] = set()
-    for node in nodes:  # type: ignore[union-attr]
-        ids.add(node.pk if isinstance(node, WorkerNode) else int(node))
-    return ids
-
-
-def schedule_publish(nodes: object | Iterable[object]) -> None:
-    """Publish the config of `nodes` (a WorkerNode, a node id, or several) once the transaction
-    commits; at once outside a transaction."""
-    ids = _node_ids(nodes)
-    if not ids:
-        return
-    connection = transaction.get_connection()
-    if not connection.in_atomic_block:
-        publish_nodes(ids)
-        return
-    savepoints = tuple(connection.savepoint_ids)
-    batch: _Batch | None = getattr(_local, "batch", None)
-    # Reuse the pending batch only while its callback is still queued (a rollback drops it) and
-    # it was queued in this savepoint or an enclosing one (so it cannot be rolled back while
-    # this change survives). Otherwise start another; at worst a node is published twice.
-    if (
-        batch is None
-        or savepoints[: len(batch.savepoints)] != batch.savepoints
-        or not any(func == batch.flush for _, func, _ in connection.run_on_commit)
-    ):
-        batch = _Batch(savepoints)
-        _local.batch = batch
-        transaction.on_commit(batch.flush, robust=True)
-    batch.node_ids |= ids

@@ -3,7 +3,8 @@ ending a session.
 
 * a node is online while its heartbeat key exists (the worker refreshes it every 2 s, it
   expires after 6 s); the heartbeat carries the generation the worker applied, compared with
-  the latest published one (`services.publishing`);
+  the latest published one (`services.publishing`); a node with a change not yet published
+  (a `PendingPublish` marker) is not current either;
 * sessions are read from each node's hash; ending one adds its id to the node's kick set and
   notifies the node, whose worker ends it gracefully (requests in flight are answered).
 """
@@ -17,7 +18,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from exports_app.models import Export, WorkerNode
+from exports_app.models import Export, PendingPublish, WorkerNode
 from exports_app.services.audit import record_event
 from exports_app.services.publishing import redis_client
 from nbdworker.contract.snapshot import (
@@ -82,6 +83,11 @@ def node_statuses(names: Iterable[str]) -> dict[str, dict[str, Any]]:
             }
             for name in names
         }
+    pending = set(
+        PendingPublish.objects.filter(node__name__in=names)
+        .values_list("node__name", flat=True)
+        .distinct()
+    )
     result = {}
     for i, name in enumerate(names):
         heartbeat = _json(replies[2 * i])
@@ -93,7 +99,9 @@ def node_statuses(names: Iterable[str]) -> dict[str, dict[str, Any]]:
             "generation_applied": applied,
             "generation_published": latest,
             # Nothing published yet is current too: the worker serves the empty config.
-            "current": None if applied is None else (latest is None or applied >= latest),
+            "current": None
+            if applied is None
+            else (name not in pending and (latest is None or applied >= latest)),
             "heartbeat": heartbeat,
         }
     return result

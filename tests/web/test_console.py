@@ -13,7 +13,7 @@ import pytest
 from django.utils import timezone
 
 from exports_app.choices import CertificateKind, ExportState, JobKind, JobState
-from exports_app.models import Certificate, Export, Job, WorkerNode
+from exports_app.models import Certificate, Export, Job, PendingPublish, WorkerNode
 from exports_app.services import ca
 from nbdworker.contract.snapshot import heartbeat_key, kicks_key, published_key, sessions_key
 
@@ -85,6 +85,8 @@ def session(sid: str, node: str, export: str, bytes_read: int = 12288) -> str:
 
 @pytest.fixture
 def live(web_redis, default_node) -> WorkerNode:
+    # The fixtures' changes count as published (this test's transaction never commits).
+    PendingPublish.objects.all().delete()
     web_redis.set(heartbeat_key(default_node.name), heartbeat(default_node.name), ex=60)
     web_redis.set(published_key(default_node.name), 5)
     web_redis.hset(

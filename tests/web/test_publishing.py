@@ -1,10 +1,11 @@
-"""exports_app/services/publishing.py and exports_app/signals.py against a private Redis: what a
-node's snapshot holds for each model state, that it is published only after commit (nothing on
-rollback), once per node per transaction, signed, with a growing generation, and that a Redis
-outage never fails the change."""
+"""exports_app/services/publishing.py, publisher.py and exports_app/signals.py against a private
+Redis: what a node's snapshot holds for each model state, that it is published only after commit
+(nothing on rollback), out of band, once per node per transaction, only for changes the worker
+sees, signed, with a growing generation, and that a Redis outage never fails the change."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -12,14 +13,15 @@ import pytest
 from django.db import transaction
 
 from exports_app.choices import ClientVerification, ExportState, TLSMode
-from exports_app.models import Export, TLSPolicy, WorkerNode
-from exports_app.services import ca, publishing
+from exports_app.models import Export, PendingPublish, TLSPolicy, WorkerNode
+from exports_app.services import ca, publisher, publishing
 from exports_app.services.nodekeys import node_key
 from nbdworker.contract.config import WorkerConfig
 from nbdworker.contract.snapshot import (
     CHANNEL,
     config_key,
     generation_key,
+    heartbeat_key,
     published_key,
     verify_snapshot,
 )
@@ -29,20 +31,22 @@ pytestmark = pytest.mark.django_db(transaction=True, serialized_rollback=True)
 
 @pytest.fixture(autouse=True)
 def use_private_redis(web_redis):
-    publishing._retry.clear()
     yield
-    publishing._retry.clear()
+    publisher.drain()  # no publish of this test runs on into the next
 
 
 @pytest.fixture
 def r(redis_server, default_node):
     """The private Redis, emptied after the fixtures' own saves published."""
     client = redis_server.client()
+    publisher.drain()
     client.flushdb()
     return client
 
 
 def published(r, node: WorkerNode) -> WorkerConfig | None:
+    """The node's snapshot once every committed change is published."""
+    publisher.drain()
     data = r.get(config_key(node.name))
     if data is None:
         return None
@@ -111,6 +115,7 @@ def test_the_redis_value_holds_no_pem_private_key(r, tls_node, server_certificat
     """The server key travels sealed for the node's worker (nbdworker/contract/sealed.py):
     whoever reads Redis gets no private key; the worker, holding the config secret, does."""
     node = tls_node(TLSMode.FORCEDTLS)
+    publisher.drain()
     raw = r.get(config_key(node.name))
     assert "PRIVATE KEY" not in raw
     assert "nbdweb-sealed-v1:" in raw
@@ -145,6 +150,7 @@ def test_a_policy_change_republishes_every_node_using_it(r, default_node, storag
         storage_root=str(storage_root),
         tls_policy=TLSPolicy.objects.create(name="other-policy"),
     )
+    publisher.drain()
     r.flushdb()
     policy = default_node.tls_policy
     policy.min_tls_version = "1.3"
@@ -187,9 +193,10 @@ def test_a_rolled_back_transaction_publishes_nothing(r, default_node) -> None:
     with pytest.raises(Abort), transaction.atomic():
         make_export(default_node, "never")
         raise Abort
+    assert not PendingPublish.objects.exists()
     assert r.get(config_key(default_node.name)) is None
     assert r.get(generation_key(default_node.name)) is None
-    # The next transaction still publishes (the dropped batch is not reused).
+    # The next transaction still publishes.
     make_export(default_node, "later")
     assert [e.name for e in published(r, default_node).exports] == ["later"]
 
@@ -204,22 +211,14 @@ def test_a_rolled_back_savepoint_does_not_lose_the_outer_change(r, default_node)
 
 
 def test_one_publish_per_node_per_transaction(r, default_node) -> None:
-    pubsub = r.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(CHANNEL)
-    try:
+    def one_transaction() -> None:
         with transaction.atomic():
             for i in range(5):
                 make_export(default_node, f"d{i}")
-            default_node.description = "touched"
+            default_node.storage_root = default_node.storage_root + "/"
             default_node.save()
-        # A sentinel published after the commit marks the end of what the commit published.
-        r.publish(CHANNEL, "end")
-        notices = []
-        while (message := pubsub.get_message(timeout=10)) is None or message["data"] != "end":
-            if message is not None:
-                notices.append(message["data"])
-    finally:
-        pubsub.close()
+
+    notices = notices_of(r, one_transaction)
     config = published(r, default_node)
     assert notices == [f"{default_node.name}:{config.generation}"]
     assert len(config.exports) == 5
@@ -236,24 +235,30 @@ def test_generation_grows_even_after_redis_lost_its_counter(r, default_node) -> 
 # -- Redis outage ---------------------------------------------------------------------------------
 
 
-def test_redis_outage_fails_no_request_and_the_next_publish_catches_up(
+def test_redis_outage_fails_no_request_and_the_change_is_published_when_redis_is_back(
     r, default_node, api, settings, caplog, redis_server
 ) -> None:
-    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+    redis_server.stop()
     with caplog.at_level(logging.ERROR, logger="exports_app.publishing"):
         response = api.post(
             "/api/v1/nodes/",
             {"name": "other", "listen": "127.0.0.1:10812", "storage_root": "/srv/other"},
         )
-    assert response.status_code == 201, response.content
-    assert "Redis unavailable" in caplog.text
-    make_export(default_node, "during-outage")  # also only logged
-
-    settings.REDIS_URL = redis_server.url
-    other = WorkerNode.objects.get(name="other")
-    other.description = "after the outage"
-    other.save()
-    # The node changed during the outage is published with the next publish of any node.
+        assert response.status_code == 201, response.content
+        make_export(default_node, "during-outage")
+        # The markers stay until a publish has stored what they mark.
+        other = WorkerNode.objects.get(name="other")
+        assert PendingPublish.objects.filter(node__in=[default_node, other]).count() == 2
+        deadline = time.monotonic() + 10
+        while "retrying" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert "retrying" in caplog.text
+    redis_server.start()
+    # No further change: the publisher thread tries again and publishes both once Redis answers.
+    deadline = time.monotonic() + 20
+    while PendingPublish.objects.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not PendingPublish.objects.exists(), "the publisher did not catch up"
     assert [e.name for e in published(r, default_node).exports] == ["during-outage"]
     assert published(r, other) is not None
 
@@ -262,19 +267,154 @@ def test_publish_config_command_republishes_every_node(r, default_node) -> None:
     from django.core.management import call_command
 
     make_export(default_node, "a")
+    publisher.drain()
     r.flushdb()
     call_command("publish_config")
     assert [e.name for e in published(r, default_node).exports] == ["a"]
 
 
-def test_a_failed_publish_is_retried_in_the_background(r, default_node, redis_server) -> None:
-    redis_server.stop()
-    make_export(default_node, "queued")  # the publish fails and is only logged
-    assert publishing._retry == {default_node.pk}
-    redis_server.start()
-    # No further change: the retry thread publishes once Redis answers again.
-    deadline = time.monotonic() + 20
-    while (config := published(r, default_node)) is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert config is not None, "the retry thread did not publish"
-    assert [e.name for e in config.exports] == ["queued"]
+# -- out of band ---------------------------------------------------------------------------------
+
+
+def hold_publisher_lock(r, node: WorkerNode, ttl_ms: int = 60_000) -> None:
+    """Another publisher (of another process, or one that died) holds the node's lock."""
+    deadline = time.monotonic() + 10
+    # This process's publisher thread may be looking at the node's markers right now.
+    while not r.set(publishing.lock_key(node.name), "someone-else", nx=True, px=ttl_ms):
+        assert time.monotonic() < deadline, "the publisher lock stayed taken"
+        time.sleep(0.01)
+
+
+def notices_of(r, action) -> list[str]:
+    """The notices published on CHANNEL while `action()` runs and every change is published."""
+    pubsub = r.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(CHANNEL)
+    try:
+        action()
+        publisher.drain()
+        # A sentinel published after the drain marks the end of what the change published.
+        r.publish(CHANNEL, "end")
+        notices = []
+        while (message := pubsub.get_message(timeout=10)) is None or message["data"] != "end":
+            if message is not None:
+                notices.append(message["data"])
+    finally:
+        pubsub.close()
+    return notices
+
+
+def test_a_request_returns_without_waiting_for_its_publish(r, default_node, api) -> None:
+    export = make_export(default_node, "disk")
+    applied = published(r, default_node).generation
+    # A worker running the latest published generation.
+    r.set(heartbeat_key(default_node.name), json.dumps({"generation": applied}))
+    assert api.get(f"/api/v1/nodes/{default_node.pk}/").json()["status"]["current"] is True
+    hold_publisher_lock(r, default_node)
+    try:
+        response = api.patch(f"/api/v1/exports/{export.pk}/", {"read_only": True}, format="json")
+        assert response.status_code == 200, response.content
+        # Committed and answered while the node's publisher is busy: the change is marked,
+        # the node reads as not current, the worker's config is still the old one.
+        assert PendingPublish.objects.filter(node=default_node).exists()
+        assert int(r.get(published_key(default_node.name))) == applied
+        status = api.get(f"/api/v1/nodes/{default_node.pk}/").json()["status"]
+        assert status["current"] is False
+    finally:
+        r.delete(publishing.lock_key(default_node.name))
+    assert published(r, default_node).exports[0].read_only is True
+    assert not PendingPublish.objects.exists()
+
+
+def test_changes_made_while_a_publish_runs_go_out_as_one(r, default_node) -> None:
+    def five_changes() -> None:
+        hold_publisher_lock(r, default_node)
+        for i in range(5):  # five transactions
+            make_export(default_node, f"d{i}")
+        r.delete(publishing.lock_key(default_node.name))
+
+    notices = notices_of(r, five_changes)
+    config = published(r, default_node)
+    assert notices == [f"{default_node.name}:{config.generation}"]
+    assert len(config.exports) == 5
+
+
+def test_a_publisher_that_died_holding_the_lock_delays_but_loses_nothing(r, default_node) -> None:
+    hold_publisher_lock(r, default_node, ttl_ms=300)  # its holder is gone: the lock expires
+    make_export(default_node, "survives")
+    assert [e.name for e in published(r, default_node).exports] == ["survives"]
+
+
+def test_the_beat_sweep_publishes_what_a_dead_process_left(r, default_node) -> None:
+    # A process that committed its change and died before waking its publisher leaves only
+    # the marker.
+    Export.objects.filter(pk=make_export(default_node, "x", enabled=False).pk).update(enabled=True)
+    PendingPublish.objects.create(node=default_node)
+    from exports_app.tasks import publish_pending
+
+    publish_pending()
+    # Published by the sweep (or, had it found the lock taken, by the holder on release).
+    deadline = time.monotonic() + 10
+    while PendingPublish.objects.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not PendingPublish.objects.exists()
+    data = r.get(config_key(default_node.name))
+    config = verify_snapshot(data, node_key(default_node.name), node=default_node.name)
+    assert [e.name for e in config.exports] == ["x"]
+
+
+# -- only what the worker sees -----------------------------------------------------------------
+
+
+def test_a_policy_description_edit_publishes_nothing(r, default_node) -> None:
+    policy = default_node.tls_policy
+
+    def edit() -> None:
+        policy.description = "cosmetic"
+        policy.save()
+        default_node.description = "cosmetic too"
+        default_node.save()
+
+    assert notices_of(r, edit) == []
+    assert r.get(config_key(default_node.name)) is None
+
+
+def test_an_export_the_worker_does_not_serve_publishes_nothing(r, default_node) -> None:
+    def edits() -> None:
+        export = make_export(default_node, "off", enabled=False)
+        export.description = "still off"
+        export.save()
+        make_export(default_node, "new", state=ExportState.PROVISIONING)
+        export.delete()
+
+    assert notices_of(r, edits) == []
+
+
+def test_a_served_exports_description_and_size_publish(r, default_node) -> None:
+    export = make_export(default_node, "disk")
+    publisher.drain()
+
+    def describe() -> None:
+        export.description = "the worker serves this text"
+        export.save()
+
+    assert len(notices_of(r, describe)) == 1
+    assert published(r, default_node).exports[0].description == "the worker serves this text"
+
+    def grow() -> None:
+        export.size = 2 << 20  # a resize job's end: the worker must read the new size
+        export.save()
+
+    assert len(notices_of(r, grow)) == 1
+
+
+def test_a_create_publishes_once_when_its_image_is_ready(r, default_node) -> None:
+    from exports_app.services import export_states
+
+    def create_then_ready() -> None:
+        export = make_export(default_node, "fresh", state=ExportState.PROVISIONING)
+        publisher.drain()
+        export_states.set_state(export, ExportState.READY)
+
+    notices = notices_of(r, create_then_ready)
+    assert len(notices) == 1
+    assert [e.name for e in published(r, default_node).exports] == ["fresh"]

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from exports_app.models import WorkerNode
+from exports_app.models import PendingPublish, WorkerNode
 from nbdworker.contract.snapshot import (
     KICK_CHANNEL,
     heartbeat_key,
@@ -46,6 +46,8 @@ def live(web_redis, default_node, storage_root) -> WorkerNode:
         storage_root=str(storage_root),
         tls_policy=default_node.tls_policy,
     )
+    # The fixtures' changes count as published (this test's transaction never commits).
+    PendingPublish.objects.all().delete()
     for node in (default_node, other):
         web_redis.set(
             heartbeat_key(node.name), json.dumps({"node": node.name, "generation": 5}), ex=60

@@ -1,7 +1,7 @@
 """`manage.py publish_config [NODE ...]`: publish the config of every node (or those named) now.
 
-For catching up after a Redis outage that outlived the web process (publishes that failed are
-otherwise retried by the next publish of the same process), or after restoring Redis.
+For catching up after restoring Redis from a backup, or to republish a node whole (changes
+are otherwise published out of band, and retried, by services.publisher).
 """
 
 from django.core.management.base import BaseCommand, CommandError
