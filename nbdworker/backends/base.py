@@ -90,6 +90,19 @@ class Backend:
         """
         return [(length, 0)]
 
+    def hole_check(self, offset: int, length: int) -> list[Extent] | None:
+        """The extents a structured read of the range is checked against for holes, or None
+        when checking is not worth it here (a backend that measured it slow); may raise
+        OSError."""
+        return self.extents(offset, length) if self.can_extents else None
+
+    def sendfile_refused(self, exc: OSError) -> None:
+        """`os.sendfile` from `sendfile_fd` failed as unsupported: stop offering it."""
+
+    def fast_paths(self) -> dict[str, str]:
+        """What the backend decided about its optional fast paths, for logs and metrics."""
+        return {}
+
     def size_changed(self) -> bool:
         """Whether the storage no longer has the size it was opened with (a resize job): the
         server then opens it again for new connections, live ones keep theirs."""

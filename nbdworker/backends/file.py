@@ -3,7 +3,9 @@
 Sparse-aware: `SEEK_DATA`/`SEEK_HOLE` answer block status and sparse reads (probed per request,
 never over the whole image on open, which would make every connect slow on big images);
 `fallocate` punches holes for TRIM and zeroes ranges for WRITE_ZEROES; `fdatasync` makes FLUSH
-and FUA durable.
+and FUA durable. The fast paths that a filesystem may refuse or make slow (the hole check of
+reads, `RWF_NOWAIT`, `sendfile`) are measured as they are used and given up where they do not
+pay (nbdworker/backends/probes.py).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import logging
 import os
 import stat
 import threading
+import time
 
 from nbdworker.backends.base import STATE_HOLE, STATE_ZERO, Backend, Extent
+from nbdworker.backends.probes import NOWAIT_REFUSED, HoleCheckCost, ReadCost, filesystem_type
 
 __all__ = ["FileBackend"]
 
@@ -32,6 +36,8 @@ MAX_EXTENTS = 1 << 20
 ZERO_CHUNK = 1 << 20
 
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.ENODEV)
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
+_now = time.perf_counter_ns
 
 
 def _load_fallocate():
@@ -98,10 +104,19 @@ class FileBackend(Backend):
         self._lock = threading.Lock()
         self._closed = False
         self._probe = bytearray(4096)
+        kind = "block device" if self.is_block else filesystem_type(fd)
+        self.label = f"{path} ({kind})"  # for the log lines of its decisions
+        self._holes = HoleCheckCost(self.label)
+        # RWF_NOWAIT until the file refuses it; then reads go by what they cost (ReadCost).
+        self._nowait = _RWF_NOWAIT is not None
+        self._read_cost: ReadCost | None = None if self._nowait else ReadCost()
+        self._sendfile_ok = True
 
     # -- reads --------------------------------------------------------------------------------
 
     def pread(self, buf: memoryview, offset: int) -> None:
+        cost = self._read_cost
+        start = _now() if cost is not None else 0
         done = 0
         want = len(buf)
         while done < want:
@@ -109,19 +124,55 @@ class FileBackend(Backend):
             if n == 0:
                 raise OSError(errno.EIO, "short read: image shrank underneath the export")
             done += n
+        if cost is not None:
+            cost.took(_now() - start, want)
 
     def pread_nowait(self, buf: memoryview, offset: int) -> int:
         # RWF_NOWAIT reads only what is already in the page cache and fails with EAGAIN rather
         # than wait for the disk, so the event loop can serve hot data without a thread hop.
-        try:
-            return os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
-        except OSError:
+        if self._nowait:
+            try:
+                return os.preadv(self.fd, [buf], offset, _RWF_NOWAIT)
+            except OSError as exc:
+                if exc.errno not in NOWAIT_REFUSED:
+                    return 0
+                self._nowait_refused(exc)
+        return self._read_measured(buf, offset)
+
+    def _read_measured(self, buf: memoryview, offset: int) -> int:
+        """Without RWF_NOWAIT: an ordinary read, inline while reads have been fast."""
+        cost = self._read_cost
+        if cost is None or not cost.inline():
             return 0
+        start = _now()
+        try:
+            n = os.preadv(self.fd, [buf], offset)
+        except OSError:
+            return 0  # the pool reads it again and answers the error
+        cost.took(_now() - start, n)
+        return n
+
+    def _nowait_refused(self, exc: OSError) -> None:
+        if self._nowait:
+            self._nowait = False
+            self._read_cost = ReadCost()
+            log.info(
+                "%s: RWF_NOWAIT refused (%s): reads go inline or to the pool by what they cost",
+                self.label,
+                exc.strerror or exc,
+            )
 
     def read_bytes(self, offset: int, length: int) -> bytes:
+        cost = self._read_cost
+        start = _now() if cost is not None else 0
         data = os.pread(self.fd, length, offset)
-        if len(data) == length:
-            return data
+        if len(data) != length:
+            data = self._read_rest(data, offset, length)
+        if cost is not None:
+            cost.took(_now() - start, length)
+        return data
+
+    def _read_rest(self, data: bytes, offset: int, length: int) -> bytes:
         parts = [data]
         got = len(data)
         while got < length:
@@ -137,14 +188,41 @@ class FileBackend(Backend):
         # the tail is resident the rest almost always is too. A miss only costs a thread hop.
         probe = self._probe
         start = max(offset, offset + length - len(probe))
+        if self._nowait:
+            try:
+                return os.preadv(self.fd, [probe], start, _RWF_NOWAIT) > 0
+            except OSError as exc:
+                if exc.errno not in NOWAIT_REFUSED:
+                    return False
+                self._nowait_refused(exc)
+        # Without RWF_NOWAIT the probe is an ordinary read of that page, timed: a page copied
+        # from memory takes about a microsecond, one read from storage far more.
+        cost = self._read_cost
+        if cost is None or not cost.inline():
+            return False
+        began = _now()
         try:
-            return os.preadv(self.fd, [probe], start, os.RWF_NOWAIT) > 0
+            n = os.preadv(self.fd, [probe], start)
         except OSError:
             return False
+        return cost.took(_now() - began, n) and n > 0
 
     @property
-    def sendfile_fd(self) -> int:
-        return self.fd
+    def sendfile_fd(self) -> int | None:
+        return self.fd if self._sendfile_ok else None
+
+    def sendfile_refused(self, exc: OSError) -> None:
+        if self._sendfile_ok:
+            self._sendfile_ok = False
+            log.info("%s: sendfile refused (%s): reads are sent from memory", self.label, exc)
+
+    def fast_paths(self) -> dict[str, str]:
+        cost = self._read_cost
+        return {
+            "hole_check": self._holes.describe() if self._seek_ok else "off (unsupported)",
+            "reads": "RWF_NOWAIT" if cost is None else cost.describe(),
+            "sendfile": "on" if self._sendfile_ok else "off (refused)",
+        }
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -247,6 +325,15 @@ class FileBackend(Backend):
             self._seek_ok = False
             return [(end - offset, 0)]
         return result
+
+    def hole_check(self, offset: int, length: int) -> list[Extent] | None:
+        holes = self._holes
+        if not holes.enabled or not self._seek_ok:
+            return None
+        start = _now()
+        extents = self.extents(offset, length)
+        holes.took(_now() - start)
+        return extents
 
     def size_changed(self) -> bool:
         # A block device's size is the device's; a file's is whatever a resize job made it.

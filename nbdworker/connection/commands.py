@@ -150,14 +150,9 @@ class Commands:
             )
             return
         backend = self.backend
-        if (
-            self.structured
-            and length >= SPARSE_READ_MIN
-            and backend.can_extents
-            and not req.flags & FLAG_DF
-        ):
+        if self.structured and length >= SPARSE_READ_MIN and not req.flags & FLAG_DF:
             try:
-                extents = backend.extents(req.offset, length)
+                extents = backend.hole_check(req.offset, length)
             except OSError:
                 extents = None
             if extents and (len(extents) > 1 or extents[0][1] & STATE_HOLE):
@@ -177,7 +172,7 @@ class Commands:
                 if fd is not None and sink.sends_files:
                     # Straight from the page cache to the socket: the two copies of pread +
                     # send were ~60% of the worker's CPU on nbdcopy reads.
-                    sink.write_file(header, fd, offset, length)
+                    sink.write_file(header, fd, offset, length, backend.sendfile_refused)
                     return
                 sink.write_lines([header, backend.read_bytes(offset, length)])
             else:

@@ -14,6 +14,7 @@ tells its owner when too much is unsent through `on_full` (the pump stops dispat
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 from collections import deque
@@ -53,7 +54,16 @@ class ReplySink:
     def write_lines(self, lines: list[bytes]) -> None:
         raise NotImplementedError
 
-    def write_file(self, header: bytes, fd: int, offset: int, length: int) -> None:
+    def write_file(
+        self,
+        header: bytes,
+        fd: int,
+        offset: int,
+        length: int,
+        refused: Callable[[OSError], None] | None = None,
+    ) -> None:
+        """`refused(exc)` is told when `fd` turns out not to support sendfile (the range is
+        then read and sent from memory)."""
         raise NotImplementedError
 
     def flush(self) -> None:
@@ -127,10 +137,17 @@ class SocketSink(ReplySink):
         for data in lines:
             self.write(data)
 
-    def write_file(self, header: bytes, fd: int, offset: int, length: int) -> None:
+    def write_file(
+        self,
+        header: bytes,
+        fd: int,
+        offset: int,
+        length: int,
+        refused: Callable[[OSError], None] | None = None,
+    ) -> None:
         writer = self.writer
         writer.write(header)
-        writer.write_file(fd, offset, length)
+        writer.write_file(fd, offset, length, refused)
         if writer.pending > WRITE_HIGH_WATER:
             self.on_full()
 
@@ -156,15 +173,23 @@ _IOV_MAX = 1024
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 
 
+# sendfile's answer when the file cannot be sent that way (its filesystem has no splice_read).
+_SENDFILE_REFUSED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+
 class FileRange:
-    """`length` bytes of the file `fd` from `offset`, to be sent with sendfile."""
+    """`length` bytes of the file `fd` from `offset`, to be sent with sendfile; `refused(exc)`
+    is told if the file cannot be."""
 
-    __slots__ = ("fd", "length", "offset")
+    __slots__ = ("fd", "length", "offset", "refused")
 
-    def __init__(self, fd: int, offset: int, length: int) -> None:
+    def __init__(
+        self, fd: int, offset: int, length: int, refused: Callable[[OSError], None] | None
+    ) -> None:
         self.fd = fd
         self.offset = offset
         self.length = length
+        self.refused = refused
 
     def __len__(self) -> int:
         return self.length
@@ -203,10 +228,16 @@ class SocketWriter:
         self._queue.append(data)
         self.pending += len(data)
 
-    def write_file(self, fd: int, offset: int, length: int) -> None:
+    def write_file(
+        self,
+        fd: int,
+        offset: int,
+        length: int,
+        refused: Callable[[OSError], None] | None = None,
+    ) -> None:
         if self._closed or length <= 0:
             return
-        self._queue.append(FileRange(fd, offset, length))
+        self._queue.append(FileRange(fd, offset, length, refused))
         self.pending += length
 
     def close(self) -> None:
@@ -230,6 +261,13 @@ class SocketWriter:
                     n = os.sendfile(fd, head.fd, head.offset, head.length)
                 except BlockingIOError:
                     return True
+                except OSError as exc:
+                    if exc.errno not in _SENDFILE_REFUSED:
+                        raise
+                    queue[0] = _read_range(head)
+                    if head.refused is not None:
+                        head.refused(exc)
+                    continue
                 if n == 0:
                     # The file ended early (the image shrank underneath the export): the reply
                     # header is already out, so the stream cannot be completed.
@@ -266,3 +304,17 @@ class SocketWriter:
                     queue[0] = memoryview(item)[n:]
                     return True
         return False
+
+
+def _read_range(head: FileRange) -> bytes:
+    """The bytes of a range that sendfile refused; raises OSError."""
+    parts = []
+    offset, left = head.offset, head.length
+    while left:
+        data = os.pread(head.fd, left, offset)
+        if not data:
+            raise OSError(errno.EIO, "image shorter than the read being sent")
+        parts.append(data)
+        offset += len(data)
+        left -= len(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)

@@ -165,3 +165,25 @@ def test_close_releases_the_duplicate_descriptor(pair):
     theirs.setblocking(True)
     theirs.settimeout(DEADLINE)
     assert theirs.recv(10) == b""
+
+
+def test_a_file_that_refuses_sendfile_is_sent_from_memory_and_reported(pair):
+    # /proc/self/cmdline reads with pread but has no splice_read: sendfile says EINVAL, as a
+    # filesystem without sendfile support would.
+    ours, theirs = pair
+    fd = os.open("/proc/self/cmdline", os.O_RDONLY)
+    try:
+        content = os.pread(fd, 1 << 16, 0)
+        assert len(content) > 10
+        refusals: list[OSError] = []
+        writer = SocketWriter(ours.fileno())
+        writer.write(b"head:")
+        writer.write_file(fd, 3, len(content) - 3, refusals.append)
+        writer.write(b":tail")
+        expected = b"head:" + content[3:] + b":tail"
+        writer.send_queued()
+        assert pump(writer, theirs, len(expected)) == expected
+        assert [exc.errno for exc in refusals] == [errno.EINVAL]
+        writer.close()
+    finally:
+        os.close(fd)
