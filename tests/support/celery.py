@@ -82,7 +82,7 @@ def database_url(settings_dict: dict) -> str:
 @dataclass
 class RunningCelery:
     proc: subprocess.Popen
-    queue: str
+    queue: str | None
     _lines: list[str] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _eof: bool = False
@@ -131,20 +131,21 @@ class RunningCelery:
 
 
 def start_celery_worker(
-    queue: str,
+    queue: str | None,
     *,
     env: dict[str, str] | None = None,
     concurrency: int = 2,
     timeout: float = STARTUP_TIMEOUT,
     hostname: str | None = None,
 ) -> RunningCelery:
-    """Start `celery -A nbdweb worker -Q queue` and wait until it is ready to take jobs.
+    """Start `celery -A nbdweb worker -Q queue` and wait until it is ready to take jobs; with
+    `queue=None`, without `-Q`, as in production (the queue of `NBDWORKER_NODE` in `env`).
 
     `hostname`: the Celery node name (default: a new one), the same again to restart "the same"
     worker after killing it."""
     argv = [
         sys.executable, "-m", "celery", "-A", "nbdweb", "worker",
-        "--queues", queue,
+        *(["--queues", queue] if queue is not None else []),
         "--hostname", hostname or f"test-{uuid.uuid4().hex[:8]}@%h",
         "--concurrency", str(concurrency),
         "--loglevel", "INFO",

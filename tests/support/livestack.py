@@ -23,10 +23,11 @@ import pytest
 from tests.support.polling import poll
 from tests.support.redisserver import free_port
 
-__all__ = ["RunningStack", "running_stack"]
+__all__ = ["ADMIN_PASSWORD", "RunningStack", "running_stack"]
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 180.0
+ADMIN_PASSWORD = "a-long-live-stack-password"
 
 
 @dataclass
@@ -52,7 +53,7 @@ def _stack_env(data: Path) -> dict[str, str]:
         NBD_LISTEN=f"127.0.0.1:{free_port()}",
         REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",  # runstack starts a private one
         DJANGO_SUPERUSER_USERNAME="admin",
-        DJANGO_SUPERUSER_PASSWORD="a-long-live-stack-password",
+        DJANGO_SUPERUSER_PASSWORD=ADMIN_PASSWORD,
         GUNICORN_WORKERS="2",
         NBDWORKER_WORKERS="1",
     )

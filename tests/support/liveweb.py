@@ -53,14 +53,14 @@ class LiveWeb:
     def _cookie(self, name: str) -> str | None:
         return next((c.value for c in self.cookies if c.name == name), None)
 
-    def login(self) -> None:
+    def login(self, username: str = ADMIN_USER, password: str = ADMIN_PASSWORD) -> None:
         page = self._opener().open(f"{self.base_url}/admin/login/", timeout=30).read().decode()
         token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
         form = urllib.parse.urlencode(
             {
                 "csrfmiddlewaretoken": token,
-                "username": ADMIN_USER,
-                "password": ADMIN_PASSWORD,
+                "username": username,
+                "password": password,
                 "next": "/admin/",
             }
         ).encode()
