@@ -1,7 +1,8 @@
 """Where a worker started without ``--config`` gets its configuration: Redis.
 
 Notify, then pull. The web side stores the node's signed snapshot at ``nbdweb:config:<node>``
-and publishes ``<node>:<generation>`` on ``nbdweb:config-changed``. The worker:
+and publishes ``<node>:<generation>`` on the node's own channel
+``nbdweb:config-changed:<node>`` (kicks on ``nbdweb:session-kick:<node>``). The worker:
 
 * fetches the snapshot at start; if Redis cannot be reached, it starts from the last good
   snapshot cached on local disk (``<state dir>/config-<node>.json``, mode 0600, still signed and
@@ -39,11 +40,11 @@ from redis.exceptions import RedisError, ResponseError
 
 from nbdworker.contract.config import WorkerConfig
 from nbdworker.contract.snapshot import (
-    CHANNEL,
-    KICK_CHANNEL,
     MAX_SNAPSHOT_BYTES,
     SnapshotError,
+    config_channel,
     config_key,
+    kick_channel,
     parse_kick,
     parse_notice,
     verify_snapshot,
@@ -93,7 +94,7 @@ class FollowerHealth:
 def _channel_name(channel: object) -> str | None:
     if isinstance(channel, bytes):
         channel = channel.decode("utf-8", "replace")
-    return channel if channel in (CHANNEL, KICK_CHANNEL) else None
+    return channel if isinstance(channel, str) else None
 
 
 class ConfigSource:
@@ -116,6 +117,9 @@ class ConfigSource:
         self.on_kick = on_kick
         self.on_rejected = on_rejected
         self.generation = 0
+        # This node's own channels: a change to another node is never delivered here.
+        self.channel = config_channel(node)
+        self.kick_channel = kick_channel(node)
         self.connected = asyncio.Event()
         self.health = FollowerHealth()
         self._lock = asyncio.Lock()
@@ -284,14 +288,17 @@ class ConfigSource:
     async def _follow(self) -> None:
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         try:
-            await pubsub.subscribe(CHANNEL, KICK_CHANNEL)
+            await pubsub.subscribe(self.channel, self.kick_channel)
             # Subscribed first, then fetched: a change published in between is not missed.
             await self.fetch()
             self.on_kick()
             self.connected.set()
             self.health.state = "following"
             log.info(
-                "following %s for node %r (generation %d)", CHANNEL, self.node, self.generation
+                "following %s for node %r (generation %d)",
+                self.channel,
+                self.node,
+                self.generation,
             )
             while True:
                 message = await pubsub.get_message(timeout=PING_INTERVAL)
@@ -311,17 +318,17 @@ class ConfigSource:
         """Act on one message; True when it announces a newer config for this node."""
         channel = _channel_name(message.get("channel"))
         data = message.get("data")
-        if channel == KICK_CHANNEL:
+        if channel == self.kick_channel:
             node = parse_kick(data)
             if node is None:
-                self._bad_message(KICK_CHANNEL, data)
+                self._bad_message(self.kick_channel, data)
             elif node == self.node:
                 self.on_kick()
             return False
-        if channel == CHANNEL:
+        if channel == self.channel:
             notice = parse_notice(data)
             if notice is None:
-                self._bad_message(CHANNEL, data)
+                self._bad_message(self.channel, data)
                 return False
             return notice[0] == self.node and notice[1] > self.generation
         return False

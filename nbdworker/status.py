@@ -12,8 +12,8 @@ Every `interval` seconds, in one MULTI:
   (`SessionRecord.public_view`, nbdworker/session.py), rewritten whole, expiring after `ttl`.
 
 Kicks: the web side adds session ids to the set ``nbdweb:kicks:<node>`` and publishes the node's
-name on ``nbdweb:session-kick``. The worker drains the set on each notice and on every beat (a
-notice sent while it was disconnected is not lost) and ends those sessions gracefully.
+name on ``nbdweb:session-kick:<node>``. The worker drains the set on each notice and on every
+beat (a notice sent while it was disconnected is not lost) and ends those sessions gracefully.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ process and host):
    master secret: no other node's worker can forge or open it; `nbdworker.contract.snapshot`);
 4. store it at ``nbdweb:config:<node>`` only if its generation is above the stored one (two
    publishers racing cannot put an older snapshot back), then PUBLISH
-   ``nbdweb:config-changed <node>:<generation>``;
+   ``nbdweb:config-changed:<node>`` ``<node>:<generation>``;
 5. delete the markers up to the one read in 1 (later ones are the next publish's).
 
 A Redis error leaves the markers in place (the publisher tries again). `/api/v1/nodes/` shows a
@@ -43,7 +43,7 @@ from exports_app.services.nodekeys import node_key
 from nbdworker.contract.config import ConfigError, WorkerConfig, tls_refusal
 from nbdworker.contract.redisconn import connect
 from nbdworker.contract.snapshot import (
-    CHANNEL,
+    config_channel,
     config_key,
     generation_key,
     published_key,
@@ -197,7 +197,7 @@ def _store(client: redis.Redis, node: str, generation: int, envelope: str) -> bo
         if stored:
             pipe.set(config_key(node), envelope)
             pipe.set(published_key(node), generation)
-            pipe.publish(CHANNEL, f"{node}:{generation}")
+            pipe.publish(config_channel(node), f"{node}:{generation}")
 
     client.transaction(step, published_key(node))
     return stored

@@ -22,8 +22,8 @@ from exports_app.models import Export, PendingPublish, WorkerNode
 from exports_app.services.audit import record_event
 from exports_app.services.publishing import redis_client
 from nbdworker.contract.snapshot import (
-    KICK_CHANNEL,
     heartbeat_key,
+    kick_channel,
     kicks_key,
     published_key,
     sessions_key,
@@ -170,7 +170,7 @@ def kick_session(node: str, session_id: str) -> None:
         with redis_client().pipeline(transaction=True) as pipe:
             pipe.sadd(kicks_key(node), session_id)
             pipe.expire(kicks_key(node), KICK_TTL)
-            pipe.publish(KICK_CHANNEL, node)
+            pipe.publish(kick_channel(node), node)
             pipe.execute()
     except RedisError as exc:
         raise StatusUnavailable(str(exc)) from exc

@@ -36,17 +36,17 @@ from nbdworker.contract.sealed import SealError, is_sealed, open_sealed, seal
 
 __all__ = [
     "ALGORITHM",
-    "CHANNEL",
     "FORMAT",
-    "KICK_CHANNEL",
     "MAX_SNAPSHOT_BYTES",
     "SecretError",
     "SnapshotError",
     "canonical_json",
+    "config_channel",
     "config_key",
     "generation_key",
     "heartbeat_key",
     "key_id",
+    "kick_channel",
     "kicks_key",
     "load_secret",
     "parse_kick",
@@ -59,10 +59,6 @@ __all__ = [
 
 FORMAT = "nbdweb-config-v1"
 ALGORITHM = "HMAC-SHA256"
-# Redis names shared by both sides (docs/architecture.md). Notices on CHANNEL are
-# "<node>:<generation>"; on KICK_CHANNEL "<node>" (the session ids wait in kicks_key).
-CHANNEL = "nbdweb:config-changed"
-KICK_CHANNEL = "nbdweb:session-kick"
 # A snapshot far bigger than any real node's config is refused before it is hashed or parsed.
 MAX_SNAPSHOT_BYTES = 64 << 20
 
@@ -81,6 +77,20 @@ class SnapshotError(ValueError):
 
 class SecretError(RuntimeError):
     """No usable NBDWEB_CONFIG_SECRET."""
+
+
+# Redis names shared by both sides (docs/architecture.md). One notice channel of each kind per
+# node, so a change to many nodes reaches each worker once, not every worker once per node.
+
+
+def config_channel(node: str) -> str:
+    """The node's config notices, ``<node>:<generation>`` (web → worker)."""
+    return f"nbdweb:config-changed:{node}"
+
+
+def kick_channel(node: str) -> str:
+    """The node's kick notices, ``<node>``: drain kicks_key now (web → worker)."""
+    return f"nbdweb:session-kick:{node}"
 
 
 def config_key(node: str) -> str:

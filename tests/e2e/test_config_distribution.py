@@ -26,7 +26,7 @@ from exports_app.models import Export, TLSPolicy, WorkerNode
 from exports_app.services.nodekeys import node_key
 from nbdworker.contract.config import WorkerConfig
 from nbdworker.contract.nodekey import NODE_KEY_ENV
-from nbdworker.contract.snapshot import CHANNEL, config_key, sign_snapshot
+from nbdworker.contract.snapshot import config_channel, config_key, sign_snapshot
 from nbdworker.protocol import Command, Errno, Reply
 from tests.support.polling import poll as wait_for
 from tests.support.rawclient import RawClient
@@ -279,14 +279,14 @@ def test_forged_and_older_snapshots_are_ignored(stack) -> None:
         {**current.to_dict(), "generation": current.generation + 1000, "exports": []}
     )
     r.set(config_key(stack.node.name), sign_snapshot(forged, "not-the-secret"))
-    r.publish(CHANNEL, f"{stack.node.name}:{forged.generation}")
+    r.publish(config_channel(stack.node.name), f"{stack.node.name}:{forged.generation}")
     worker.wait_for_log(r"config from Redis rejected: signed with another key")
 
     older = WorkerConfig.from_dict(
         {**current.to_dict(), "generation": current.generation - 1, "exports": []}
     )
     r.set(config_key(stack.node.name), sign_snapshot(older, node_key(stack.node.name)))
-    r.publish(CHANNEL, f"{stack.node.name}:{current.generation + 2000}")
+    r.publish(config_channel(stack.node.name), f"{stack.node.name}:{current.generation + 2000}")
     worker.wait_for_log(r"config from Redis rejected: generation \d+ is older")
     assert stack.listing() == {"real": ""}
 
@@ -318,7 +318,7 @@ def test_snapshot_naming_a_path_outside_the_storage_roots_is_refused(stack, tmp_
     )
     r = stack.redis.client()
     r.set(config_key(stack.node.name), sign_snapshot(evil, node_key(stack.node.name)))
-    r.publish(CHANNEL, f"{stack.node.name}:{evil.generation}")
+    r.publish(config_channel(stack.node.name), f"{stack.node.name}:{evil.generation}")
     worker.wait_for_log(rf"export 'evil' refused: {outside} is not under a storage root")
     worker.wait_for_log(r"export 'passwd' refused: /etc/passwd is not under a storage root")
     worker.wait_for_log(rf"config generation {evil.generation} applied: 1 export")

@@ -18,7 +18,7 @@ from exports_app.services import ca, publisher, publishing
 from exports_app.services.nodekeys import node_key
 from nbdworker.contract.config import WorkerConfig
 from nbdworker.contract.snapshot import (
-    CHANNEL,
+    config_channel,
     config_key,
     generation_key,
     heartbeat_key,
@@ -137,6 +137,34 @@ def test_a_tls_required_export_left_under_optionaltls_is_published_and_flagged(
     assert "'plain'" not in caplog.text
 
 
+def test_each_node_hears_only_of_its_own_changes(r, default_node, storage_root) -> None:
+    """One channel per node: a policy shared by two nodes sends one notice on each node's
+    channel, naming that node; an export change reaches its own node's channel alone."""
+    other = WorkerNode.objects.create(
+        name="second",
+        listen="127.0.0.1:10810",
+        storage_root=str(storage_root),
+        tls_policy=default_node.tls_policy,
+    )
+    publisher.drain()
+    policy = default_node.tls_policy
+
+    def policy_and_export() -> None:
+        policy.min_tls_version = "1.3"
+        policy.save()
+        publisher.drain()
+        make_export(other, "elsewhere")
+
+    on_second: list[str] = []
+
+    def watching_second() -> None:
+        on_second.extend(notices_of(r, other, policy_and_export))
+
+    on_default = notices_of(r, default_node, watching_second)
+    assert [n.split(":")[0] for n in on_default] == [default_node.name]
+    assert [n.split(":")[0] for n in on_second] == ["second", "second"]
+
+
 def test_a_policy_change_republishes_every_node_using_it(r, default_node, storage_root) -> None:
     other = WorkerNode.objects.create(
         name="second",
@@ -218,7 +246,7 @@ def test_one_publish_per_node_per_transaction(r, default_node) -> None:
             default_node.storage_root = default_node.storage_root + "/"
             default_node.save()
 
-    notices = notices_of(r, one_transaction)
+    notices = notices_of(r, default_node, one_transaction)
     config = published(r, default_node)
     assert notices == [f"{default_node.name}:{config.generation}"]
     assert len(config.exports) == 5
@@ -285,15 +313,15 @@ def hold_publisher_lock(r, node: WorkerNode, ttl_ms: int = 60_000) -> None:
         time.sleep(0.01)
 
 
-def notices_of(r, action) -> list[str]:
-    """The notices published on CHANNEL while `action()` runs and every change is published."""
+def notices_of(r, node: WorkerNode, action) -> list[str]:
+    """The notices on `node`'s channel while `action()` runs and every change is published."""
     pubsub = r.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(CHANNEL)
+    pubsub.subscribe(config_channel(node.name))
     try:
         action()
         publisher.drain()
         # A sentinel published after the drain marks the end of what the change published.
-        r.publish(CHANNEL, "end")
+        r.publish(config_channel(node.name), "end")
         notices = []
         while (message := pubsub.get_message(timeout=10)) is None or message["data"] != "end":
             if message is not None:
@@ -332,7 +360,7 @@ def test_changes_made_while_a_publish_runs_go_out_as_one(r, default_node) -> Non
             make_export(default_node, f"d{i}")
         r.delete(publishing.lock_key(default_node.name))
 
-    notices = notices_of(r, five_changes)
+    notices = notices_of(r, default_node, five_changes)
     config = published(r, default_node)
     assert notices == [f"{default_node.name}:{config.generation}"]
     assert len(config.exports) == 5
@@ -374,7 +402,7 @@ def test_a_policy_description_edit_publishes_nothing(r, default_node) -> None:
         default_node.description = "cosmetic too"
         default_node.save()
 
-    assert notices_of(r, edit) == []
+    assert notices_of(r, default_node, edit) == []
     assert r.get(config_key(default_node.name)) is None
 
 
@@ -386,7 +414,7 @@ def test_an_export_the_worker_does_not_serve_publishes_nothing(r, default_node) 
         make_export(default_node, "new", state=ExportState.PROVISIONING)
         export.delete()
 
-    assert notices_of(r, edits) == []
+    assert notices_of(r, default_node, edits) == []
 
 
 def test_a_served_exports_description_and_size_publish(r, default_node) -> None:
@@ -397,14 +425,14 @@ def test_a_served_exports_description_and_size_publish(r, default_node) -> None:
         export.description = "the worker serves this text"
         export.save()
 
-    assert len(notices_of(r, describe)) == 1
+    assert len(notices_of(r, default_node, describe)) == 1
     assert published(r, default_node).exports[0].description == "the worker serves this text"
 
     def grow() -> None:
         export.size = 2 << 20  # a resize job's end: the worker must read the new size
         export.save()
 
-    assert len(notices_of(r, grow)) == 1
+    assert len(notices_of(r, default_node, grow)) == 1
 
 
 def test_a_create_publishes_once_when_its_image_is_ready(r, default_node) -> None:
@@ -415,6 +443,6 @@ def test_a_create_publishes_once_when_its_image_is_ready(r, default_node) -> Non
         publisher.drain()
         export_states.set_state(export, ExportState.READY)
 
-    notices = notices_of(r, create_then_ready)
+    notices = notices_of(r, default_node, create_then_ready)
     assert len(notices) == 1
     assert [e.name for e in published(r, default_node).exports] == ["fresh"]

@@ -10,8 +10,8 @@ import pytest
 
 from exports_app.models import PendingPublish, WorkerNode
 from nbdworker.contract.snapshot import (
-    KICK_CHANNEL,
     heartbeat_key,
+    kick_channel,
     kicks_key,
     published_key,
     sessions_key,
@@ -119,7 +119,7 @@ def test_kick_asks_the_sessions_worker_and_notifies_it(
 ) -> None:
     editor = token_client(make_user("exports_app.view_export", "exports_app.change_export"))
     pubsub = web_redis.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(KICK_CHANNEL)
+    pubsub.subscribe(kick_channel("other"))
     try:
         assert editor.delete(f"{SESSIONS}bb01/").status_code == 202
         message = None

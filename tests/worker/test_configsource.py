@@ -19,11 +19,11 @@ from nbdworker.configsource import ConfigSource
 from nbdworker.contract.config import WorkerConfig
 from nbdworker.contract.nodekey import NODE_KEY_ENV, derive_node_key
 from nbdworker.contract.snapshot import (
-    CHANNEL,
-    KICK_CHANNEL,
     MAX_SNAPSHOT_BYTES,
+    config_channel,
     config_key,
     heartbeat_key,
+    kick_channel,
     sign_snapshot,
 )
 from tests.support.metrics import scrape, value
@@ -182,7 +182,7 @@ def test_follows_notices_and_refuses_forged_older_and_foreign(shared_redis, node
 
     def publish(envelope: str, generation: int) -> None:
         r.set(config_key(node), envelope)
-        r.publish(CHANNEL, f"{node}:{generation}")
+        r.publish(config_channel(node), f"{node}:{generation}")
 
     async def main() -> None:
         source = make_source(shared_redis.url, node, tmp_path / "state", rec)
@@ -288,13 +288,13 @@ def follower_env(server: PrivateRedis, node: str, tmp_path: Path) -> dict[str, s
 # str.isdigit() but int() refuses it; int() refuses more than 4300 digits; bytes that are not
 # UTF-8 made the kick handler's decode raise).
 BAD_MESSAGES = [
-    (CHANNEL, "{node}:\u00b2"),
-    (CHANNEL, "{node}:\u0663\u0663"),
-    (CHANNEL, "{node}:" + "9" * 5000),
-    (CHANNEL, b"\xff\xfe:\x80"),
-    (CHANNEL, b"{node}:\xff"),
-    (KICK_CHANNEL, b"\xff\xfe\x80"),
-    (KICK_CHANNEL, b""),
+    (config_channel, "{node}:\u00b2"),
+    (config_channel, "{node}:\u0663\u0663"),
+    (config_channel, "{node}:" + "9" * 5000),
+    (config_channel, b"\xff\xfe:\x80"),
+    (config_channel, b"{node}:\xff"),
+    (kick_channel, b"\xff\xfe\x80"),
+    (kick_channel, b""),
 ]
 
 
@@ -320,19 +320,20 @@ def test_malformed_notices_are_counted_and_later_configs_still_apply(
                 message = message.format(node=node)
             else:
                 message = message.replace(b"{node}", node.encode())
-            raw.publish(channel, message)
+            raw.publish(channel(node), message)
         r.set(config_key(node), snapshot(node, 2, "a", "b"))
-        r.publish(CHANNEL, f"{node}:2")
+        r.publish(config_channel(node), f"{node}:2")
         poll(
             lambda: value(scrape(worker), "nbdworker_config_generation") == 2,
             "generation 2 applied after the bad messages",
         )
         samples = scrape(worker)
+        channels = (config_channel(node), kick_channel(node))
         rejected = {
             ch: value(samples, "nbdworker_pubsub_messages_rejected_total", channel=ch)
-            for ch in (CHANNEL, KICK_CHANNEL)
+            for ch in channels
         }
-        assert rejected == {CHANNEL: 5, KICK_CHANNEL: 2}, rejected
+        assert rejected == dict(zip(channels, (5, 2), strict=True)), rejected
         assert value(samples, "nbdworker_config_follower_up") == 1
         assert value(samples, "nbdworker_config_follower_restarts_total") == 0
         assert worker.log.count("ignored a malformed message on nbdweb:") == 7, worker.log
@@ -368,12 +369,12 @@ def test_a_follower_that_fails_unexpectedly_is_restarted_and_counted(
         task = asyncio.create_task(source.run())
         try:
             await asyncio.wait_for(source.connected.wait(), WAIT)
-            r.publish(KICK_CHANNEL, node)
+            r.publish(kick_channel(node), node)
             await until(lambda: source.health.restarts == 1, "the restart")
             assert "RuntimeError" in (source.health.last_error or "")
             await asyncio.wait_for(source.connected.wait(), WAIT)
             r.set(config_key(node), snapshot(node, 2, "a", "b"))
-            r.publish(CHANNEL, f"{node}:2")
+            r.publish(config_channel(node), f"{node}:2")
             await until(lambda: rec.applied, "generation 2 after the restart")
             assert source.health.state == "following"
         finally:

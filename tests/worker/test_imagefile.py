@@ -17,7 +17,7 @@ import pytest
 from nbdworker.contract.config import ConfigError, ExportConfig, WorkerConfig
 from nbdworker.contract.imageidentity import OWNER_XATTR, identity_of
 from nbdworker.contract.nodekey import derive_node_key
-from nbdworker.contract.snapshot import CHANNEL, config_key, sign_snapshot
+from nbdworker.contract.snapshot import config_channel, config_key, sign_snapshot
 from nbdworker.protocol import Reply
 from nbdworker.server import _open_backend
 from nbdworker.settings import WorkerSettings
@@ -276,7 +276,7 @@ def test_configs_applied_while_a_directory_flips_never_serve_the_outside_file(tm
                 for generation in range(2, RELOADS + 2):
                     start = worker.log_lines()
                     r.set(config_key(node), config(generation))
-                    r.publish(CHANNEL, f"{node}:{generation}")
+                    r.publish(config_channel(node), f"{node}:{generation}")
                     worker.wait_for_log(rf"config generation {generation} applied", start=start)
                     for i in range(RELOAD_EXPORTS):
                         with RawClient(worker.host, worker.port) as c:

@@ -29,6 +29,7 @@ from nbdworker.contract.sealed import SealError, open_sealed, seal
 from nbdworker.contract.snapshot import (
     SecretError,
     SnapshotError,
+    config_channel,
     config_key,
     key_id,
     sign_snapshot,
@@ -205,7 +206,7 @@ def test_worker_process_gets_its_node_key_and_serving_processes_no_secret(tmp_pa
             worker.wait_for_log(r"can read the master config secret")
             worker.wait_for_log(r"following nbdweb:config-changed")
             r.set(config_key("a"), sign_snapshot(config_for("b", 2), derive_node_key(MASTER, "b")))
-            r.publish("nbdweb:config-changed", "a:2")
+            r.publish(config_channel("a"), "a:2")
             worker.wait_for_log(r"rejected: signed with another key .* names node 'b'")
             poll(
                 lambda: value(

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from nbdworker.contract.snapshot import KICK_CHANNEL, heartbeat_key, kicks_key
+from nbdworker.contract.snapshot import heartbeat_key, kick_channel, kicks_key
 from tests.support.polling import poll
 from tests.support.redisserver import PrivateRedis, private_redis
 from tests.support.worker import run_worker
@@ -38,7 +38,7 @@ def test_a_malformed_kick_id_does_not_stop_the_heartbeat(redis_server, tmp_path)
     with run_worker(None, workdir=tmp_path / "w", storage_root=tmp_path, env=env) as worker:
         worker.wait_for_log(r"following nbdweb:config-changed")
         raw.sadd(kicks_key(node), b"\xff\xfe", b"ok-looking-id")
-        raw.publish(KICK_CHANNEL, node)
+        raw.publish(kick_channel(node), node)
         worker.wait_for_log(r"kick set: ignored 1 malformed session id\(s\)")
         first = json.loads(raw.get(heartbeat_key(node)) or "{}").get("uptime", 0.0)
 
