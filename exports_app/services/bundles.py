@@ -35,13 +35,27 @@ def _ca_pems(certificate: Certificate, node: WorkerNode) -> list[str]:
     return pems
 
 
+def _nbdinfo_tls(host: str, port: int, export_name: str, tls_dir: str) -> str:
+    # Double quotes, so that a shell expands $PWD in `tls_dir`; the rest of the URI is
+    # percent-encoded and has nothing a shell would expand.
+    uri_host = f"[{host}]" if ":" in host else host
+    name = quote(export_name, safe="")
+    return f'nbdinfo "nbds://{uri_host}:{port}/{name}?tls-certificates={tls_dir}"'
+
+
+def _nbd_client_tls_options(host: str, tls_dir: str) -> str:
+    # The long names: Debian's nbd-client 3.24 does not take the short -F (certfile).
+    return (
+        f"--enable-tls --certfile {tls_dir}/client-cert.pem --keyfile {tls_dir}/client-key.pem "
+        f"--cacertfile {tls_dir}/ca-cert.pem --tlshostname {host}"
+    )
+
+
 def _readme(
     certificate: Certificate, node: WorkerNode, export_name: str, has_server_ca: bool
 ) -> str:
     host, port = node.client_address
-    uri_host = f"[{host}]" if ":" in host else host
     dir_placeholder = "$PWD/nbd-tls"
-    quoted_name = quote(export_name, safe="")
     qemu_json = json.dumps(
         {
             "driver": "nbd",
@@ -76,13 +90,11 @@ def _readme(
         f"    {shlex.quote('json:' + qemu_json)}",
         "",
         "nbdinfo (libnbd):",
-        "  nbdinfo "
-        + shlex.quote(f"nbds://{uri_host}:{port}/{quoted_name}?tls-certificates={dir_placeholder}"),
+        f"  {_nbdinfo_tls(host, port, export_name, dir_placeholder)}",
         "",
-        "nbd-client (Linux kernel client, as root):",
-        f"  nbd-client -N {shlex.quote(export_name)} {host} {port} /dev/nbd0 -x \\",
-        f"    -F {dir_placeholder}/client-cert.pem -K {dir_placeholder}/client-key.pem \\",
-        f"    -A {dir_placeholder}/ca-cert.pem -H {host}",
+        "nbd-client (Linux kernel client, as root, with the nbd module loaded):",
+        f"  nbd-client -N {shlex.quote(export_name)} {host} {port} /dev/nbd0 \\",
+        f"    {_nbd_client_tls_options(host, dir_placeholder)}",
         "",
         "The server's certificate must name the host you dial in its subjectAltName.",
     ]
@@ -162,15 +174,10 @@ def client_commands(export: Export, tls_dir: str = "$PWD/nbd-tls") -> list[tuple
             f"qemu-img info --object tls-creds-x509,id=tls0,endpoint=client,dir={tls_dir} "
             f"--image-opts {shlex.quote(image_opts + ',tls-creds=tls0')}",
         ),
-        (
-            "nbdinfo",
-            "nbdinfo "
-            + shlex.quote(f"nbds://{uri_host}:{port}/{quoted_name}?tls-certificates={tls_dir}"),
-        ),
+        ("nbdinfo", _nbdinfo_tls(host, port, export.name, tls_dir)),
         (
             "nbd-client",
-            f"nbd-client -N {shlex.quote(export.name)} {host} {port} /dev/nbd0 -x "
-            f"-F {tls_dir}/client-cert.pem -K {tls_dir}/client-key.pem "
-            f"-A {tls_dir}/ca-cert.pem -H {host}",
+            f"nbd-client -N {shlex.quote(export.name)} {host} {port} /dev/nbd0 "
+            + _nbd_client_tls_options(host, tls_dir),
         ),
     ]

@@ -5,9 +5,7 @@ connect with. A client without the bundle, or with a revoked certificate, is ref
 
 from __future__ import annotations
 
-import io
 import subprocess
-import tarfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,6 +18,16 @@ from exports_app.models import Export, TLSPolicy, WorkerNode
 from exports_app.services.nodekeys import node_key
 from nbdworker.contract.nodekey import NODE_KEY_ENV
 from nbdworker.contract.snapshot import config_key
+from tests.support.bundles import download_bundle, readme_commands, unpack_bundle
+from tests.support.kernelvm import (
+    HOST_FROM_GUEST,
+    boot,
+    build_base_initramfs,
+    require_busybox,
+    require_kernel,
+    require_qemu,
+    scenario_archive,
+)
 from tests.support.redisserver import PrivateRedis, private_redis
 from tests.support.tools import client_env, require_tool
 from tests.support.worker import RunningWorker, start_worker
@@ -43,18 +51,6 @@ def post(api: APIClient, url: str, body: dict) -> dict:
     response = api.post(url, body, format="json")
     assert response.status_code in (200, 201), response.content
     return response.json()
-
-
-def unpack_bundle(api: APIClient, certificate_id: int, export: Export, into: Path) -> Path:
-    response = api.get(f"/api/v1/certificates/{certificate_id}/bundle/?export={export.pk}")
-    assert response.status_code == 200, response.content
-    into.mkdir()
-    with tarfile.open(fileobj=io.BytesIO(response.content), mode="r:gz") as archive:
-        for member in archive.getmembers():
-            if member.isfile():
-                (into / Path(member.name).name).write_bytes(archive.extractfile(member).read())
-    assert {"ca-cert.pem", "client-cert.pem", "client-key.pem"} <= {p.name for p in into.iterdir()}
-    return into
 
 
 @pytest.fixture
@@ -129,7 +125,8 @@ def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 def test_client_bundle_from_the_api_connects_qemu_img_and_nbdinfo(api, tls_stack, tmp_path):
     worker, export, client_cert = tls_stack
-    bundle = unpack_bundle(api, client_cert["id"], export, tmp_path / "bundle")
+    bundle = tmp_path / "bundle"
+    unpack_bundle(download_bundle(api, client_cert["id"], export.pk), bundle)
     uri = f"nbds://127.0.0.1:{worker.port}/secure?tls-certificates={bundle}"
 
     size = run([require_tool("nbdinfo"), "--size", uri])
@@ -175,7 +172,8 @@ def test_server_key_sealed_in_redis_and_cache_and_the_worker_still_serves_tls(
     """Neither the Redis value nor the worker's cached copy holds the PEM private key; the
     worker opened it (it holds the config secret) and serves TLS with it."""
     worker, export, client_cert = tls_stack
-    bundle = unpack_bundle(api, client_cert["id"], export, tmp_path / "bundle")
+    bundle = tmp_path / "bundle"
+    unpack_bundle(download_bundle(api, client_cert["id"], export.pk), bundle)
     size = run(
         [
             require_tool("nbdinfo"),
@@ -196,7 +194,8 @@ def test_server_key_sealed_in_redis_and_cache_and_the_worker_still_serves_tls(
 
 def test_forcedtls_refuses_plaintext_and_revoked_client_certificates(api, tls_stack, tmp_path):
     worker, export, client_cert = tls_stack
-    bundle = unpack_bundle(api, client_cert["id"], export, tmp_path / "bundle")
+    bundle = tmp_path / "bundle"
+    unpack_bundle(download_bundle(api, client_cert["id"], export.pk), bundle)
     nbdinfo = require_tool("nbdinfo")
 
     plain = run([nbdinfo, "--size", f"nbd://127.0.0.1:{worker.port}/secure"])
@@ -216,3 +215,69 @@ def test_forcedtls_refuses_plaintext_and_revoked_client_certificates(api, tls_st
         assert time.monotonic() < deadline, "revoked certificate still served"
         time.sleep(0.05)
     assert worker.wait_for_log("revoked", timeout=5)
+
+
+GUEST_DEADLINE = 240.0
+
+
+def attach_in_a_guest(command: str, bundle: Path, workdir: Path) -> dict[str, str]:
+    """Run the README's nbd-client line as root in a VM with the kernel's nbd module
+    (tests/support/kernelvm.py), from a directory holding the unpacked bundle as `nbd-tls`; the
+    host's loopback is HOST_FROM_GUEST there, so only the address dialled is changed."""
+    require_qemu()
+    require_busybox()
+    kernel = require_kernel()
+    workdir.mkdir()
+    dialled = command.replace(" 127.0.0.1 ", f" {HOST_FROM_GUEST} ", 1)
+    assert dialled != command, command
+    script = f"""
+mkdir -p /reader && cd /reader
+timeout 60 {dialled} >/tmp/attach.out 2>&1; result nbd attach $?
+result nbd size $(blockdev --getsize64 /dev/nbd0)
+result nbd output $(tr '\\n' ' ' </tmp/attach.out)
+timeout 30 /usr/sbin/nbd-client -d /dev/nbd0 >/dev/null 2>&1; result nbd detach $?
+"""
+    files: dict[str, bytes | str] = {"scenario.sh": script}
+    for name in ("ca-cert.pem", "client-cert.pem", "client-key.pem"):
+        files[f"reader/nbd-tls/{name}"] = (bundle / name).read_bytes()
+    base = build_base_initramfs(kernel, workdir / "base.cpio.gz", require_tool("nbd-client"))
+    scenario = scenario_archive(files, workdir / "scenario.cpio.gz")
+    run = boot(kernel, [base, scenario], workdir=workdir / "vm", timeout=GUEST_DEADLINE)
+    results = {}
+    for line in run.results:
+        key, _, value = line.partition(" ")[2].partition(" ")
+        results[key] = value.strip()
+    assert "attach" in results, run.describe()
+    return results | {"console": run.describe()}
+
+
+def test_every_command_the_bundle_readme_prints_runs_against_the_worker(api, tls_stack, tmp_path):
+    worker, export, client_cert = tls_stack
+    # What the README prints is where clients dial: this worker's port.
+    WorkerNode.objects.filter(pk=export.node_id).update(public_address=f"127.0.0.1:{worker.port}")
+    data = download_bundle(api, client_cert["id"], export.pk)
+    readme = unpack_bundle(data, tmp_path / "unpacked")
+    reader = tmp_path / "reader"
+    reader.mkdir()
+    # The README's own first command unpacks it here.
+    (reader / "BUNDLE.tar.gz").write_bytes(data)
+    commands = readme_commands(readme)
+    tools = [command.split()[0] for command in commands]
+    assert tools == ["mkdir", "qemu-img", "qemu-img", "nbdinfo", "nbd-client"], readme
+
+    for command in commands[:-1]:
+        # As pasted into a shell in the reader's directory (`$PWD/nbd-tls`).
+        ran = subprocess.run(
+            ["bash", "-ec", command], cwd=reader, capture_output=True, text=True, timeout=60,
+            env=client_env(),
+        )  # fmt: skip
+        assert ran.returncode == 0, f"{command}\n{ran.stdout}\n{ran.stderr}"
+        if command.startswith("qemu-img"):
+            assert "4 MiB" in ran.stdout, ran.stdout
+        if command.startswith("nbdinfo"):
+            assert "secure" in ran.stdout, ran.stdout
+
+    attached = attach_in_a_guest(commands[-1], reader / "nbd-tls", tmp_path / "guest")
+    assert attached["attach"] == "0", attached
+    assert attached["size"] == str(4 * MiB), attached
+    assert attached["detach"] == "0", attached

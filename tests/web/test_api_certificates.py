@@ -477,7 +477,8 @@ def test_bundle_contents(api, tls_node, client_certificate, server_certificate, 
     assert "driver=nbd,host=127.0.0.1,port=10809,export=disk one,tls-creds=tls0" in readme
     assert "nbds://127.0.0.1:10809/disk%20one?tls-certificates=" in readme
     assert "json:" in readme
-    assert "nbd-client -N 'disk one' 127.0.0.1 10809 /dev/nbd0 -x" in readme
+    assert "nbd-client -N 'disk one' 127.0.0.1 10809 /dev/nbd0" in readme
+    assert "--enable-tls --certfile" in readme
 
 
 def test_bundle_refusals(api, client_certificate, server_certificate, default_node):

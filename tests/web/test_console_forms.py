@@ -161,7 +161,7 @@ def test_tls_export_page_gives_the_bundle_commands(admin_client, tls_node) -> No
     html = admin_client.get(_change_url(export)).content.decode()
     assert "TLS required" in html
     assert "nbds://127.0.0.1:10809/secure?tls-certificates=$PWD/nbd-tls" in html
-    assert "-A $PWD/nbd-tls/ca-cert.pem" in html
+    assert "--cacertfile $PWD/nbd-tls/ca-cert.pem" in html
 
 
 def test_lists_show_states_as_badges(admin_client, default_node) -> None:
