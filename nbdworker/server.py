@@ -24,6 +24,7 @@ import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from nbdworker.backendholds import BackendHolds, reusable_backend
 from nbdworker.backends import Backend, FileBackend, MemoryBackend
 from nbdworker.connection import NBDConnection
 from nbdworker.contract.config import ExportConfig, WorkerConfig, tls_refusal
@@ -173,6 +174,8 @@ class NBDServer:
         self.settings = settings
         self.shutdown_timeout = shutdown_timeout
         self.state = ServerState(WorkerConfig())
+        # Who holds each open image: closed when nobody does (nbdworker/backendholds.py).
+        self.backend_holds = BackendHolds()
         self.connections: set[NBDConnection] = set()
         # Connection counts, global and per export name, across config generations (an
         # export's max_connections is a property of the export, not of one snapshot) and
@@ -227,7 +230,9 @@ class NBDServer:
             if prev is not None and prev.config == cfg and not prev.backend.size_changed():
                 exports[cfg.name] = prev
                 continue
-            backend = _open_backend(
+            # A description or rule edit keeps the open image (one descriptor per image, not
+            # one per change); anything else opens it anew.
+            backend = reusable_backend(prev, cfg) or _open_backend(
                 cfg, self.settings, self.shared_memory, self.stats.export_refused
             )
             if backend is None:
@@ -250,8 +255,8 @@ class NBDServer:
                 backend.size,
                 ", read-only" if view.flags & TransmissionFlag.READ_ONLY else "",
             )
-        # Retired backends close when the last connection using them lets go (FileBackend
-        # closes its descriptor when collected), so nothing is closed under a live client.
+        # The backends this generation no longer serves close when the last connection using
+        # them lets go (backendholds.py), so nothing is closed under a live client.
         tls_context = None
         if config.tls.mode != "NOTLS":
             try:
@@ -260,7 +265,10 @@ class NBDServer:
                 # Never fall back to plaintext: STARTTLS will be acked and the connection dropped
                 # until a usable policy arrives.
                 log.error("TLS policy unusable, TLS connections will fail: %s", exc)
+        previous = self.state
         self.state = ServerState(config, exports, TLSMode[config.tls.mode], tls_context)
+        self.backend_holds.hold_state(self.state)
+        self.backend_holds.release_state(previous)
         log.info(
             "config generation %d applied: %d export(s) served", config.generation, len(exports)
         )

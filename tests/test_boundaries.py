@@ -243,6 +243,7 @@ NBDWORKER_LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "nbdworker.auth",
             "nbdworker.tls",
             "nbdworker.exports",
+            "nbdworker.backendholds",
             "nbdworker.session",
             "nbdworker.stats",
             "nbdworker.worker",

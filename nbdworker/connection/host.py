@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import Executor
 from typing import Any, Protocol
 
+from nbdworker.backendholds import BackendHolds
 from nbdworker.exports import ExportEntry, ServerState
 from nbdworker.settings import WorkerSettings
 from nbdworker.spin import IdleSpinner
@@ -17,6 +18,7 @@ class ConnectionHost(Protocol):
     spinner: IdleSpinner  # polls the process's sockets before the loop sleeps (spin.py)
     executor: Executor  # blocking backend calls: flush, fallocate, cold reads
     serving_threads: Executor  # one serving thread per plain connection in transmission
+    backend_holds: BackendHolds  # a connection holds its generation, then its export's backend
 
     @property
     def state(self) -> ServerState:

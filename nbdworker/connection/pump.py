@@ -19,6 +19,7 @@ MAX_INFLIGHT_BYTES) wait on the pool, or the sink has too much unsent.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol
@@ -120,6 +121,11 @@ class RequestPump:
         self.inflight = 0
         self.inflight_bytes = 0
         self.max_inflight = max_inflight
+        # Pool jobs still running (counted down in the pool thread, when the job itself ends,
+        # however its answer is delivered): the backend may be closed only at 0.
+        self.pool_running = 0
+        self.pool_lock = threading.Lock()
+        self.on_pool_idle: Callable[[], None] | None = None  # from a pool thread
         self.writing_paused = False  # the sink has too much unsent
         self.eof = False  # the client closed its side
         self.disconnecting = False  # DISC received: finish in-flight work, then close
@@ -355,7 +361,22 @@ class RequestPump:
         cost = req.length if req.command == CMD_READ or req.command == CMD_WRITE else 0
         self.inflight += 1
         self.inflight_bytes += cost
-        self.jobs.start(func, args, lambda job: self._job_done(req, job, result, cost))
+        with self.pool_lock:
+            self.pool_running += 1
+        self.jobs.start(
+            self._pooled, (func, *args), lambda job: self._job_done(req, job, result, cost)
+        )
+
+    def _pooled(self, func: Callable[..., Any], *args: Any) -> Any:
+        """In the pool thread: the job, then the count of running jobs down."""
+        try:
+            return func(*args)
+        finally:
+            with self.pool_lock:
+                self.pool_running -= 1
+                idle = self.pool_running == 0
+            if idle and self.on_pool_idle is not None:
+                self.on_pool_idle()
 
     def _job_done(self, req: Request, job: Future, result, cost: int) -> None:
         self.inflight -= 1

@@ -72,6 +72,12 @@ class NBDConnection(asyncio.BufferedProtocol):
     # -- asyncio protocol callbacks -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.state is not self.host.state:
+            # A config applied since this protocol was made (an adopted socket): nothing is
+            # negotiated yet, so it starts under the current one.
+            self.state = self.record.state = self.host.state
+        # Held until the end (connection_lost): any export of it may still be opened.
+        self.host.backend_holds.hold_state(self.state)
         self.transport = transport  # type: ignore[assignment]
         # No TCP_NODELAY here: asyncio and uvloop set it on every TCP transport they create,
         # and fetching the socket object first costs a visible share of connect latency.
@@ -160,8 +166,13 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self.linger is not None:
             self.linger.cancel()
             self.linger = None
+        holds = self.host.backend_holds
         if self.transmission is not None:
             self.transmission.lost()
+            backend = self.transmission.pump.backend
+            self.transmission.when_done(lambda: holds.release(backend))
+        else:
+            holds.release_state(self.state)
         if self.spin_fd >= 0:
             self.host.spinner.forget(self.spin_fd)
             self.spin_fd = -1
@@ -272,6 +283,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.phase = _PHASE_TRANSMISSION
         name = entry.config.name
         self.record.entry = entry
+        # From here on only this export's image is used (its hold ends in connection_lost).
+        self.host.backend_holds.hold(entry.backend)
+        self.host.backend_holds.release_state(self.state)
         self.host.export_opened(name)
         self.counted_export = name
         if self.state is not self.host.state:

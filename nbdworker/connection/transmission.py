@@ -97,6 +97,7 @@ class LoopTransmission:
         self.serving: ServingThread | None = None  # set while a serving thread has it
         self.start_timer: asyncio.TimerHandle | None = None  # see _start_serving
         self.reading_paused = False
+        self.on_done: Callable[[], None] | None = None  # see when_done
 
     # -- what the connection passes on ----------------------------------------------------------
 
@@ -150,6 +151,28 @@ class LoopTransmission:
         self.pump.stopped = True
         if self.serving is not None:
             self.serving.stop()  # the thread closes its writer
+
+    def when_done(self, callback: Callable[[], None]) -> None:
+        """After `lost`: `callback()` on the loop once nothing of this connection touches its
+        backend any more (its serving thread has ended and none of its pool jobs runs)."""
+        self.on_done = callback
+        loop = self.loop
+
+        def idle() -> None:  # in a pool thread
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nothing to close
+                loop.call_soon_threadsafe(self._check_done)
+
+        self.pump.on_pool_idle = idle
+        self._check_done()
+
+    def _check_done(self) -> None:
+        if self.on_done is None or self.serving is not None:
+            return
+        with self.pump.pool_lock:
+            if self.pump.pool_running:
+                return
+        callback, self.on_done = self.on_done, None
+        callback()
 
     # -- passes on the loop ---------------------------------------------------------------------
 
@@ -293,6 +316,7 @@ class LoopTransmission:
         assert serving is not None
         self.serving = None
         serving.release()
+        self._check_done()
         if not self.conn.in_transmission():
             return
         if outcome == "abort" or serving.stop_requested:
