@@ -9,7 +9,11 @@ Every `interval` seconds, in one MULTI:
   list of {root, total, used, free} (bytes, from statvfs) per storage root;
 * ``nbdweb:sessions:<node>`` = hash session id → JSON {id, node, client, export, tls,
   client_identity, reads, bytes_read, writes, bytes_written, requests, connected_since}
-  (`SessionRecord.public_view`, nbdworker/session.py), rewritten whole, expiring after `ttl`.
+  (`SessionRecord.public_view`, nbdworker/session.py), expiring after `ttl`. Written
+  incrementally: HSET of the sessions that appeared or changed since the last beat, HDEL of those
+  that ended. The whole hash is rewritten (DEL + HSET) at the first beat, after a failed one,
+  every `FULL_RESYNC_BEATS` beats, and at once when the hash's length after a beat is not the
+  number of live sessions (it expired or Redis lost it, e.g. a restart without persistence).
 
 Kicks: the web side adds session ids to the set ``nbdweb:kicks:<node>`` and publishes the node's
 name on ``nbdweb:session-kick:<node>``. The worker drains the set on each notice and on every
@@ -43,6 +47,9 @@ HEARTBEAT_INTERVAL = 2.0
 HEARTBEAT_TTL = 3 * HEARTBEAT_INTERVAL
 # The most kicks handled per drain (the rest wait for the next one).
 MAX_KICKS = 1000
+# A whole rewrite of the sessions hash this often (in beats) even when nothing drifted: a
+# bounded repair for anything the length check cannot see (a value changed by someone else).
+FULL_RESYNC_BEATS = 15
 
 
 def worker_version() -> str:
@@ -90,6 +97,10 @@ class StatusPublisher:
         self.storage_roots = storage_roots
         self._wake = asyncio.Event()
         self._failing = False
+        # What the sessions hash holds, as far as this publisher knows (None: unknown, the next
+        # beat rewrites it whole), and the beats since the last whole rewrite.
+        self._written: dict[str, str] | None = None
+        self._beats_since_full = 0
 
     def wake(self) -> None:
         """Beat now (a kick notice arrived, or a new config was applied)."""
@@ -104,10 +115,12 @@ class StatusPublisher:
                     log.info("heartbeat: Redis reachable again")
                 self._failing = False
             except (RedisError, OSError) as exc:
+                self._written = None  # what reached Redis is unknown: rewrite it whole
                 if not self._failing:
                     log.warning("heartbeat: Redis unavailable: %s", exc)
                 self._failing = True
             except Exception:
+                self._written = None
                 # Whatever else goes wrong in one beat, the next one is tried: a heartbeat
                 # that stops shows a serving node as offline.
                 log.exception("heartbeat failed; trying again at the next beat")
@@ -134,14 +147,37 @@ class StatusPublisher:
         }
         if stats.follower is not None:
             heartbeat["config_follower"] = stats.follower.to_dict()
+        self._beats_since_full += 1
+        full = self._written is None or self._beats_since_full >= FULL_RESYNC_BEATS
+        length = await self._write(json.dumps(heartbeat), sessions, full)
+        if not full and length != len(sessions):
+            # The hash is not what was written (it expired, or Redis lost it): rewrite it.
+            await self._write(None, sessions, full=True)
+
+    async def _write(self, heartbeat: str | None, sessions: dict[str, str], full: bool) -> int:
+        """One MULTI: the heartbeat (unless None) and the sessions hash, whole or the changes
+        since the last write. Returns the hash's length afterwards."""
         ttl_ms = int(self.ttl * 1000)
+        key = sessions_key(self.node)
+        written = {} if full or self._written is None else self._written
+        changed = {sid: value for sid, value in sessions.items() if written.get(sid) != value}
+        ended = [sid for sid in written if sid not in sessions]
         async with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(heartbeat_key(self.node), json.dumps(heartbeat), px=ttl_ms)
-            pipe.delete(sessions_key(self.node))
-            if sessions:
-                pipe.hset(sessions_key(self.node), mapping=sessions)
-                pipe.pexpire(sessions_key(self.node), ttl_ms)
-            await pipe.execute()
+            if heartbeat is not None:
+                pipe.set(heartbeat_key(self.node), heartbeat, px=ttl_ms)
+            if full:
+                pipe.delete(key)
+            if ended:
+                pipe.hdel(key, *ended)
+            if changed:
+                pipe.hset(key, mapping=changed)
+            pipe.pexpire(key, ttl_ms)
+            pipe.hlen(key)
+            replies = await pipe.execute()
+        self._written = sessions
+        if full:
+            self._beats_since_full = 0
+        return int(replies[-1])
 
     async def drain_kicks(self) -> None:
         ids = await self.client.spop(kicks_key(self.node), MAX_KICKS)
