@@ -104,9 +104,14 @@ class WorkerNodeAdmin(NodeStatusAdminMixin, SimpleHistoryAdmin):
     search_fields = ["name", "description", "listen", "storage_root"]
     readonly_fields = ["created", "last_updated", "worker_status", "live_sessions"]
 
-    @admin.display(description="exports")
+    def get_queryset(self, request):
+        # One count per listed node in the page's own query, not a query per row.
+        return super().get_queryset(request).with_export_count()
+
+    @admin.display(description="exports", ordering="export_count")
     def export_count(self, node: WorkerNode) -> int:
-        return node.exports.count()
+        count = getattr(node, "export_count", None)
+        return node.exports.count() if count is None else count
 
 
 class TLSPolicyForm(forms.ModelForm):

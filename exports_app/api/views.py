@@ -42,9 +42,9 @@ __all__ = [
 
 
 class WorkerNodeViewSet(BaseModelViewSet):
-    queryset = WorkerNode.objects.select_related("tls_policy__server_certificate").annotate(
-        export_count=Count("exports")
-    )
+    queryset = WorkerNode.objects.select_related(
+        "tls_policy__server_certificate"
+    ).with_export_count()
     serializer_class = serializers.WorkerNodeSerializer
     filterset_class = filtersets.WorkerNodeFilterSet
 

@@ -74,9 +74,7 @@ class NodeCard:
 def node_cards(nodes: list[WorkerNode] | None = None) -> list[NodeCard]:
     if nodes is None:
         nodes = list(
-            WorkerNode.objects.select_related("tls_policy")
-            .annotate(export_count=Count("exports"))
-            .order_by("name")
+            WorkerNode.objects.select_related("tls_policy").with_export_count().order_by("name")
         )
     statuses = workerstatus.node_statuses([n.name for n in nodes])
     last_seen = _remember_last_seen(statuses)

@@ -2,8 +2,11 @@
 
 from django.core.exceptions import ValidationError
 from django.db import models
+from django.db.models import Count, OuterRef, Subquery
+from django.db.models.functions import Coalesce
 from simple_history.models import HistoricalRecords
 
+from exports_app.models.exports import Export
 from exports_app.validators import (
     parse_listen_address,
     validate_listen_address,
@@ -12,6 +15,22 @@ from exports_app.validators import (
 )
 
 __all__ = ["WorkerNode"]
+
+
+class WorkerNodeQuerySet(models.QuerySet):
+    def with_export_count(self) -> "WorkerNodeQuerySet":
+        """`export_count` on each node, as a correlated subquery: counted only for the rows
+        fetched (an index count on the export's node), and left out of a paginator's COUNT(*).
+        A JOIN with COUNT and GROUP BY aggregated every export of every node on each list
+        request, and once more in the paginator's count (issue 19)."""
+        per_node = (
+            Export.objects.filter(node=OuterRef("pk"))
+            .order_by()
+            .values("node")
+            .annotate(total=Count("pk"))
+            .values("total")
+        )
+        return self.annotate(export_count=Coalesce(Subquery(per_node), 0))
 
 
 class WorkerNode(models.Model):
@@ -46,6 +65,8 @@ class WorkerNode(models.Model):
     last_updated = models.DateTimeField(auto_now=True)
 
     history = HistoricalRecords()
+
+    objects = WorkerNodeQuerySet.as_manager()
 
     class Meta:
         ordering = ["name"]

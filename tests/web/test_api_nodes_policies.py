@@ -218,3 +218,52 @@ def test_expired_server_certificate_is_refused(api, default_node, server_certifi
     response = api.patch(url, {"mode": "FORCEDTLS", "server_certificate": server_certificate.pk})
     assert response.status_code == 400
     assert "expired" in response.json()["server_certificate"][0]
+
+
+def _add_nodes(count: int, exports_each: int, policy: TLSPolicy, root) -> list[WorkerNode]:
+    first = WorkerNode.objects.count()
+    nodes = WorkerNode.objects.bulk_create(
+        WorkerNode(
+            name=f"bulk{first + i}",
+            listen=f"127.0.0.1:{20000 + first + i}",
+            storage_root=str(root),
+            tls_policy=policy,
+        )
+        for i in range(count)
+    )
+    Export.objects.bulk_create(
+        Export(node=node, name=f"e{j}", name_digest=f"{node.pk}-{j}", image_path=f"{j}.img",
+               size=512)
+        for node in nodes
+        for j in range(exports_each)
+    )  # fmt: skip
+    return nodes
+
+
+def test_the_node_list_costs_the_same_queries_for_any_number_of_nodes_and_exports(
+    api, default_node, tmp_path
+):
+    """Issue 19: the list counted every export of every node (a JOIN + GROUP BY in the page
+    query and again in the paginator's COUNT). Now a page costs a fixed number of queries,
+    whatever the fleet's size, the paginator's count never reads the exports, and each node's
+    count is its own."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    def listed() -> tuple[list[str], dict[str, int]]:
+        with CaptureQueriesContext(connection) as queries:
+            response = api.get(NODES, {"limit": 5})
+        assert response.status_code == 200
+        counts = {node["name"]: node["export_count"] for node in response.json()["results"]}
+        return [q["sql"] for q in queries.captured_queries], counts
+
+    _add_nodes(2, 3, default_node.tls_policy, tmp_path)
+    small, counts = listed()
+    assert counts == {"bulk1": 3, "bulk2": 3, "default": 0}
+    _add_nodes(30, 40, default_node.tls_policy, tmp_path)
+    large, counts = listed()
+    assert len(large) == len(small)
+    assert len(counts) == 5 and set(counts.values()) == {3, 40}
+    paginator_count = next(sql for sql in large if sql.startswith("SELECT COUNT(*)"))
+    assert "exports_app_export" not in paginator_count
+    assert api.get(f"{NODES}{default_node.pk}/").json()["export_count"] == 0
