@@ -1,4 +1,6 @@
 # One image for every nbdweb process: web (gunicorn), celery, nbdworker.
+# /data is the data dir; /srv/nbd the images of a storage node that has a volume of its own
+# (docker-compose.yml's node2): a named volume mounted on either starts owned by nbdweb.
 FROM debian:12-slim
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -11,7 +13,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --home /data --uid 10809 nbdweb \
- && mkdir -p /data/images && chown -R nbdweb:nbdweb /data
+ && mkdir -p /data/images /srv/nbd && chown -R nbdweb:nbdweb /data /srv/nbd
 
 COPY requirements.txt /tmp/requirements.txt
 RUN python3 -m venv /opt/venv \

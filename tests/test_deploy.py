@@ -1,6 +1,8 @@
-"""docker-compose.yml cannot run here (no Docker engine), so its structure is checked instead:
-the services are there, they run the very commands `make run` runs, and every variable they set
-is documented in the README."""
+"""docker-compose.yml cannot run here (no Docker engine, no Compose v2), so its structure is
+checked instead: the services are there, they run the very commands `make run` runs, every
+variable they set is documented in the README, and the two-node example (profile `two-nodes`)
+is two storage nodes: their own node names and queues, storage volumes, NBD ports, and a second
+nbdworker holding only its own node's key."""
 
 import importlib.util
 import re
@@ -12,6 +14,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_SERVICES = ("web", "celery", "beat", "nbdworker")
+# Each storage node of the example: (its Celery service, its nbdworker service).
+NODE_PAIRS = (("celery", "nbdworker"), ("celery-node2", "nbdworker-node2"))
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +77,7 @@ def test_compose_publishes_web_and_nbd_ports_and_uses_named_volumes(compose: dic
 def test_every_variable_compose_sets_is_documented_in_the_readme(compose: dict) -> None:
     readme = (ROOT / "README.md").read_text()
     documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", readme))
-    for name in APP_SERVICES:
+    for name in (*APP_SERVICES, "init-node2", "celery-node2", "nbdworker-node2"):
         env = compose["services"][name]["environment"]
         missing = set(env) - documented
         assert not missing, f"{name} sets undocumented variables: {sorted(missing)}"
@@ -83,3 +87,77 @@ def test_dockerfile_builds_from_the_pinned_requirements() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "requirements.txt" in dockerfile
     assert "debian:12" in dockerfile
+
+
+def _volume_of(service: dict, path: str) -> str:
+    """The named volume `service` sees at `path` (the mount with the longest matching target)."""
+    mounts = [volume.split(":")[:2] for volume in service.get("volumes", [])]
+    matching = [
+        (target, source) for source, target in mounts if (path + "/").startswith(target + "/")
+    ]
+    assert matching, f"{path} is on no volume"
+    return max(matching)[1]
+
+
+def test_the_two_node_example_has_two_nodes_with_their_own_queue_storage_and_port(
+    compose: dict, runstack_commands
+) -> None:
+    services = compose["services"]
+    nodes, storage_volumes, ports = [], [], []
+    for celery_name, worker_name in NODE_PAIRS:
+        celery, worker = services[celery_name], services[worker_name]
+        assert celery["command"] == runstack_commands["celery"], celery_name
+        assert worker["command"] == runstack_commands["nbdworker"], worker_name
+        # One node name per pair: the Celery worker consumes node.<name>, without -Q.
+        node = worker["environment"]["NBDWORKER_NODE"]
+        assert celery["environment"]["NBDWORKER_NODE"] == node
+        assert "-Q" not in celery["command"] and "--queues" not in celery["command"]
+        nodes.append(node)
+        # The pair shares one storage volume: Celery makes the images nbdworker serves.
+        root = worker["environment"]["NBDWORKER_STORAGE_ROOTS"]
+        assert celery["environment"]["NBDWORKER_STORAGE_ROOTS"] == root
+        assert celery["environment"]["NBDWEB_STORAGE_ROOT"] == root
+        storage_volumes.append(_volume_of(worker, root))
+        assert _volume_of(celery, root) == storage_volumes[-1], celery_name
+        ports.append(worker["ports"][0].split(":")[0])
+    assert len(set(nodes)) == len(NODE_PAIRS), f"node names {nodes}"
+    assert len({f"node.{node}" for node in nodes}) == len(NODE_PAIRS)
+    assert len(set(storage_volumes)) == len(NODE_PAIRS), f"storage volumes {storage_volumes}"
+    assert len(set(ports)) == len(NODE_PAIRS), f"NBD ports {ports}"
+    for name in ("init-node2", "celery-node2", "nbdworker-node2"):
+        assert services[name]["profiles"] == ["two-nodes"], name
+        for dependency in services[name]["depends_on"]:
+            assert dependency in services, f"{name} waits for a missing {dependency}"
+
+
+def test_node2_is_registered_and_its_nbdworker_holds_only_its_own_key(compose: dict) -> None:
+    services = compose["services"]
+    init, celery, worker = (services[n] for n in ("init-node2", "celery-node2", "nbdworker-node2"))
+    assert init["command"][:3] == ["python", "manage.py", "register_node"]
+    assert init["environment"]["NBDWORKER_NODE"] == "node2"
+    assert (
+        init["environment"]["NBDWEB_STORAGE_ROOT"] == celery["environment"]["NBDWEB_STORAGE_ROOT"]
+    )
+    # The key goes into the volume that is nbdworker-node2's data dir...
+    key_dir = init["command"][init["command"].index("--worker-data-dir") + 1]
+    assert _volume_of(init, key_dir) == _volume_of(worker, worker["environment"]["NBDWEB_DATA_DIR"])
+    # ... derived from the control plane's secrets, which init-node2 only reads.
+    control = init["environment"]["NBDWEB_DATA_DIR"]
+    assert _volume_of(init, control) == "nbdweb-data"
+    assert f"nbdweb-data:{control}:ro" in init["volumes"]
+    # nbdworker-node2 reaches Redis and nothing else of the control plane: no database, no
+    # secret, not the volume that holds the master secrets.
+    assert set(worker["environment"]) <= {
+        "NBDWEB_DATA_DIR", "NBDWORKER_NODE", "NBDWORKER_STORAGE_ROOTS", "REDIS_URL",
+        "NBD_LISTEN", "LOG_LEVEL",
+    }  # fmt: skip
+    assert not any(volume.startswith("nbdweb-data:") for volume in worker["volumes"])
+    assert set(worker["depends_on"]) == {"redis", "init-node2"}
+
+
+def test_the_image_has_the_storage_node_directories_owned_by_its_user() -> None:
+    """A named volume starts with the ownership of the image's directory it is mounted on:
+    node2's volumes go on /data and /srv/nbd, which must exist and belong to nbdweb."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "mkdir -p /data/images /srv/nbd" in dockerfile
+    assert "chown -R nbdweb:nbdweb /data /srv/nbd" in dockerfile
