@@ -265,8 +265,9 @@ async def run(
         await server.shutdown()
         return 1
     if source is not None and client is not None:
+        assert node_key is not None
         status = StatusPublisher(
-            client, server, settings.node, storage_roots=settings.storage_roots
+            client, server, settings.node, storage_roots=settings.storage_roots, key=node_key
         )
         tasks = [asyncio.create_task(source.run()), asyncio.create_task(status.run())]
     log.info("ready (node %s, config generation %d)", settings.node, config.generation)

@@ -15,6 +15,9 @@ Every `interval` seconds, in one MULTI:
   every `FULL_RESYNC_BEATS` beats, and at once when the hash's length after a beat is not the
   number of live sessions (it expired or Redis lost it, e.g. a restart without persistence).
 
+Each record is signed with the node's key (`nbdworker.contract.statusrecord`): the web side
+keeps only what this worker wrote, not what anyone else who can write to Redis puts there.
+
 Kicks: the web side adds session ids to the set ``nbdweb:kicks:<node>`` and publishes the node's
 name on ``nbdweb:session-kick:<node>``. The worker drains the set on each notice and on every
 beat (a notice sent while it was disconnected is not lost) and ends those sessions gracefully.
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -36,6 +38,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from nbdworker.contract.snapshot import heartbeat_key, kicks_key, sessions_key
+from nbdworker.contract.statusrecord import HEARTBEAT, SESSION, sign_record
 from nbdworker.worker import Worker
 
 __all__ = ["StatusPublisher", "storage_usage", "worker_version"]
@@ -88,8 +91,10 @@ class StatusPublisher:
         interval: float = HEARTBEAT_INTERVAL,
         ttl: float = HEARTBEAT_TTL,
         storage_roots: tuple[str, ...] = (),
+        key: str = "",
     ) -> None:
         self.client = client
+        self.key = key  # the node's key: signs every record
         self.source = source
         self.node = node
         self.interval = interval
@@ -131,7 +136,9 @@ class StatusPublisher:
         await self.drain_kicks()
         stats = self.source.stats
         report = await self.source.session_report(self.node)
-        sessions = {sid: json.dumps(info) for sid, info in report.items()}
+        sessions = {
+            sid: sign_record(self.key, self.node, SESSION, info) for sid, info in report.items()
+        }
         now = time.time()
         heartbeat = {
             "version": worker_version(),
@@ -149,7 +156,8 @@ class StatusPublisher:
             heartbeat["config_follower"] = stats.follower.to_dict()
         self._beats_since_full += 1
         full = self._written is None or self._beats_since_full >= FULL_RESYNC_BEATS
-        length = await self._write(json.dumps(heartbeat), sessions, full)
+        record = sign_record(self.key, self.node, HEARTBEAT, heartbeat)
+        length = await self._write(record, sessions, full)
         if not full and length != len(sessions):
             # The hash is not what was written (it expired, or Redis lost it): rewrite it.
             await self._write(None, sessions, full=True)

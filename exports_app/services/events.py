@@ -7,8 +7,10 @@ a Celery task each). The server-sent-events endpoint and `/api/v1/events/` read 
 stream, so a tool sees the same events whether it holds a connection open or takes webhooks.
 
 An event's ID is its stream ID (`<ms>-<seq>`): it grows, so a reader resumes after the last one
-it saw (`Last-Event-ID`). Emitting never fails the caller: with Redis unreachable the event is
-logged, and the webhooks still get it under a local ID.
+it saw (`Last-Event-ID`). Each entry is signed with a key of the web side's own
+(`nodekeys.web_key`): an entry anyone else who can write to Redis adds is skipped when read,
+logged and counted (`refused_events`). Emitting never fails the caller: with Redis unreachable
+the event is logged, and the webhooks still get it under a local ID.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import logging
 import re
 import uuid
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +30,9 @@ from django.db import transaction
 from django.utils import timezone
 from redis.exceptions import RedisError
 
+from exports_app.services.nodekeys import web_key
 from exports_app.services.publishing import redis_client
+from nbdworker.contract.statusrecord import RecordRefused, open_record, sign_record
 
 __all__ = [
     "EVENT_KINDS",
@@ -45,6 +50,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EVENT_STREAM = "nbdweb:events"
+_EVENTS_PURPOSE = "events"
+# Far above any event nbdweb records; a bigger entry is skipped unparsed.
+MAX_EVENT_BYTES = 64 << 10
+# Stream entries skipped as not nbdweb's, by reason, since this process started.
+refused_events: Counter[str] = Counter()
 
 # kind -> the permission a user needs to see it (the one that lists the object in the API).
 EVENT_KINDS: dict[str, str] = {
@@ -135,7 +145,10 @@ def _record(body: dict[str, Any]) -> None:
     # Imported here: webhooks imports this module for the kinds.
     from exports_app.services import webhooks
 
-    encoded = json.dumps(body, separators=(",", ":"), default=str)
+    # Plain JSON values only (what the signature covers), then signed: anyone who can write
+    # to Redis can add entries to the stream, and those are not listed (`_parse`).
+    body = json.loads(json.dumps(body, default=str))
+    encoded = sign_record(web_key(_EVENTS_PURPOSE), "web", "event", body)
     try:
         event_id = redis_client().xadd(
             EVENT_STREAM,
@@ -153,7 +166,15 @@ def _record(body: dict[str, Any]) -> None:
 
 def _parse(event_id: str, fields: dict[str, str]) -> Event | None:
     try:
-        body = json.loads(fields["event"])
+        body = open_record(
+            web_key(_EVENTS_PURPOSE), "web", "event", fields["event"], MAX_EVENT_BYTES
+        )
+    except (KeyError, TypeError, RecordRefused) as exc:
+        refused_events[getattr(exc, "reason", "malformed")] += 1
+        log.warning("event %s in %s is not one nbdweb recorded (%s); skipped",
+                    event_id, EVENT_STREAM, exc)  # fmt: skip
+        return None
+    try:
         return Event(
             id=event_id,
             kind=str(body["kind"]),

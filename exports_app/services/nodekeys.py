@@ -2,26 +2,52 @@
 only its own key (nbdworker/contract/nodekey.py).
 
 `node_key(name)` is what a node's snapshot is signed and its private key sealed with
-(services/publishing.py); `write_node_key` puts it where a worker sharing this host's data dir
-finds it (``manage.py node_key NODE --write``).
+(services/publishing.py), and its worker's status records checked with
+(services/workerstatus.py); `write_node_key` puts it where a worker sharing this host's data dir
+finds it (``manage.py node_key NODE --write``). `web_key(purpose)` is the web side's own.
 """
 
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from pathlib import Path
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from django.conf import settings
 
 from nbdweb.datadir import data_dir
 from nbdworker.contract.nodekey import derive_node_key, node_key_path
 
-__all__ = ["node_key", "write_node_key"]
+__all__ = ["node_key", "web_key", "write_node_key"]
 
 
 def node_key(node_name: str) -> str:
     """`node_name`'s key, derived from NBDWEB_CONFIG_SECRET (64 hex digits)."""
-    return derive_node_key(settings.NBDWEB_CONFIG_SECRET, node_name)
+    return _derived(settings.NBDWEB_CONFIG_SECRET, node_name)
+
+
+def web_key(purpose: str) -> str:
+    """A key of the web side's own for `purpose` (64 hex digits; no worker can derive it): it
+    signs what the web side writes to Redis and reads back (events, the observer's state)."""
+    return _web_derived(settings.NBDWEB_CONFIG_SECRET, purpose)
+
+
+@lru_cache(maxsize=16)
+def _web_derived(master: str, purpose: str) -> str:
+    info = b"nbdweb web key v1\0" + purpose.encode("utf-8")
+    return (
+        HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info)
+        .derive(master.encode("utf-8"))
+        .hex()
+    )
+
+
+@lru_cache(maxsize=1024)
+def _derived(master: str, node_name: str) -> str:
+    # Every status record read is checked with it: derive once per node.
+    return derive_node_key(master, node_name)
 
 
 def write_node_key(node_name: str, directory: Path | None = None) -> Path:

@@ -10,11 +10,17 @@ at a time holds `LOCK_KEY`, so two beat schedulers (or a slow run) never emit an
 A session that opens and ends between two runs is not seen; node status is the heartbeat's, so
 `node.offline` comes up to the heartbeat's expiry (6 s) plus one interval after the worker died.
 The first run after the observed state is lost (a Redis flush) records it and emits nothing.
+
+Bounded whatever is in Redis: the sessions read are only those the workers signed, at most
+`workerstatus.MAX_SESSIONS_PER_NODE` per node; one run emits at most `MAX_EVENTS_PER_RUN`
+session events (each may mean a webhook delivery per subscription), and the changes beyond are
+left for the next runs (not recorded as observed, so none is lost); the observed state is read
+up to `MAX_OBSERVED_BYTES` and only if signed by the web side (`nodekeys.web_key`; anything
+else counts as lost).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 from datetime import timedelta
@@ -22,11 +28,13 @@ from typing import Any
 
 from django.conf import settings
 from django.utils import timezone
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from exports_app.models import Certificate, WorkerNode
 from exports_app.services import events, workerstatus
+from exports_app.services.nodekeys import web_key
 from exports_app.services.publishing import redis_client
+from nbdworker.contract.statusrecord import RecordRefused, open_record, sign_record
 
 __all__ = ["EXPIRY_NOTICE_KEY", "LOCK_KEY", "OBSERVED_KEY", "check_expiry", "observe_workers"]
 
@@ -36,6 +44,9 @@ OBSERVED_KEY = "nbdweb:events:observed"
 LOCK_KEY = "nbdweb:events:observer-lock"
 EXPIRY_NOTICE_KEY = "nbdweb:events:expiry-notice:{pk}:{not_after}"
 LOCK_SECONDS = 30
+MAX_EVENTS_PER_RUN = 1000
+MAX_OBSERVED_BYTES = 64 << 20
+_OBSERVED_PURPOSE = "observed state"
 _SESSION_FIELDS = ("export", "client", "tls", "client_identity", "connected_since")
 
 
@@ -56,28 +67,91 @@ def _current(names: list[str]) -> dict[str, dict[str, Any]]:
     return current
 
 
-def _diff(before: dict[str, dict[str, Any]], now: dict[str, dict[str, Any]]) -> None:
+def _node_state(value: object) -> dict[str, Any]:
+    """A node's entry of the observed state as stored (anyone may have written it): online and
+    a dict of sessions, else what a node never seen has."""
+    if (
+        isinstance(value, dict)
+        and isinstance(value.get("online"), bool)
+        and isinstance(value.get("sessions"), dict)
+        and all(isinstance(v, dict) for v in value["sessions"].values())
+    ):
+        return value
+    return {"online": False, "sessions": {}}
+
+
+def _diff(before: dict[str, Any], now: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Emit the events from `before` to `now`, at most MAX_EVENTS_PER_RUN of the sessions';
+    return the state to record as observed (what was emitted: the rest waits)."""
+    budget = MAX_EVENTS_PER_RUN
+    left = 0
+    observed: dict[str, dict[str, Any]] = {}
     for name, state in now.items():
-        old = before.get(name, {"online": False, "sessions": {}})
+        old = _node_state(before.get(name))
         node = {"type": "workernode", "id": None, "name": name}
         if state["online"] and not old["online"]:
             events.emit("node.online", node, {})
+        seen = dict(old["sessions"])
         for session_id, session in state["sessions"].items():
-            if session_id not in old["sessions"]:
-                events.emit(
-                    "session.opened",
-                    {"type": "session", "id": session_id, "name": session.get("export")},
-                    {"node": name, **session},
-                )
+            if session_id in old["sessions"]:
+                continue
+            if budget <= 0:
+                left += 1
+                continue
+            budget -= 1
+            seen[session_id] = session
+            events.emit(
+                "session.opened",
+                {"type": "session", "id": session_id, "name": session.get("export")},
+                {"node": name, **session},
+            )
         for session_id, session in old["sessions"].items():
-            if session_id not in state["sessions"]:
-                events.emit(
-                    "session.ended",
-                    {"type": "session", "id": session_id, "name": session.get("export")},
-                    {"node": name, **session},
-                )
+            if session_id in state["sessions"]:
+                continue
+            if budget <= 0:
+                left += 1
+                continue
+            budget -= 1
+            del seen[session_id]
+            events.emit(
+                "session.ended",
+                {"type": "session", "id": session_id, "name": session.get("export")},
+                {"node": name, **_known_fields(session)},
+            )
         if old["online"] and not state["online"]:
             events.emit("node.offline", node, {})
+        observed[name] = {"online": state["online"], "sessions": seen}
+    if left:
+        log.warning(
+            "%d session change(s) over the %d events of one run: left for the next run",
+            left,
+            MAX_EVENTS_PER_RUN,
+        )
+    return observed
+
+
+def _known_fields(session: dict[str, Any]) -> dict[str, Any]:
+    return {k: session.get(k) for k in _SESSION_FIELDS}
+
+
+def _load_observed(client) -> dict[str, Any] | None:
+    """What the last run recorded, if this web side signed it; None (lost: this run records
+    and emits nothing) for anything else: it would otherwise invent `session.ended` events."""
+    try:
+        # One byte over the bound is enough to refuse it.
+        raw = client.getrange(OBSERVED_KEY, 0, MAX_OBSERVED_BYTES)
+    except ResponseError as exc:  # another type stored there: overwritten by this run
+        log.warning("the observed state is unreadable (%s): taken as lost", exc)
+        return None
+    if not raw:
+        return None
+    try:
+        return open_record(
+            web_key(_OBSERVED_PURPOSE), "web", "observed", raw, max_bytes=MAX_OBSERVED_BYTES
+        )
+    except RecordRefused as exc:
+        log.warning("the observed state is refused (%s): taken as lost", exc)
+        return None
 
 
 def observe_workers() -> bool:
@@ -89,16 +163,11 @@ def observe_workers() -> bool:
         if not client.set(LOCK_KEY, token, nx=True, ex=LOCK_SECONDS):
             return False
         names = list(WorkerNode.objects.order_by("name").values_list("name", flat=True))
-        raw = client.get(OBSERVED_KEY)
+        before = _load_observed(client)
         now = _current(names)
-        if raw is not None:
-            try:
-                before = json.loads(raw)
-            except ValueError:
-                before = None
-            if isinstance(before, dict):
-                _diff(before, now)
-        client.set(OBSERVED_KEY, json.dumps(now, default=str))
+        if before is not None:
+            now = _diff(before, now)
+        client.set(OBSERVED_KEY, sign_record(web_key(_OBSERVED_PURPOSE), "web", "observed", now))
     except (RedisError, workerstatus.StatusUnavailable) as exc:
         log.warning("cannot observe the workers: %s", exc)
         return False

@@ -79,6 +79,9 @@ def _client(url: str) -> redis.Redis:
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
         socket_timeout=REDIS_TIMEOUT,
         decode_responses=True,
+        # Anyone who can write to Redis can store bytes that are not UTF-8: decoding them must
+        # not raise (it would fail the request); they are refused as malformed where read.
+        encoding_errors="replace",
     )
 
 

@@ -7,19 +7,29 @@ ending a session.
   (a `PendingPublish` marker) is not current either;
 * sessions are read from each node's hash; ending one adds its id to the node's kick set and
   notifies the node, whose worker ends it gracefully (requests in flight are answered).
+
+Anyone who can write to Redis can write these keys too. So only records signed with the node's
+key are believed (`nbdworker.contract.statusrecord`; a refused one is logged and counted in
+`refused_records`), and nothing is read unbounded: a heartbeat is read up to
+`MAX_RECORD_BYTES`; a node's sessions only when there are at most `MAX_SESSIONS_PER_NODE` of
+them taking no more room in Redis than that many sessions take (`SESSION_ROOM` each, at most
+`MAX_SESSIONS_BYTES`), else the node's sessions are refused whole, logged; a key of the wrong
+type or bytes that are not UTF-8 are a refused record, not an error.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import time
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from exports_app.models import Export, PendingPublish, WorkerNode
 from exports_app.services.audit import record_event
+from exports_app.services.nodekeys import node_key
 from exports_app.services.publishing import redis_client
 from nbdworker.contract.snapshot import (
     heartbeat_key,
@@ -28,9 +38,18 @@ from nbdworker.contract.snapshot import (
     published_key,
     sessions_key,
 )
+from nbdworker.contract.statusrecord import (
+    HEARTBEAT,
+    MAX_RECORD_BYTES,
+    SESSION,
+    RecordRefused,
+    open_record,
+)
 
 __all__ = [
     "KICK_TTL",
+    "MAX_SESSIONS_BYTES",
+    "MAX_SESSIONS_PER_NODE",
     "StatusUnavailable",
     "end_session",
     "find_session",
@@ -38,6 +57,7 @@ __all__ = [
     "list_sessions",
     "node_statuses",
     "offline_nodes",
+    "refused_records",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,14 +70,53 @@ class StatusUnavailable(Exception):
     """Redis cannot be reached: the workers' state is unknown."""
 
 
-def _json(raw: str | None) -> dict[str, Any] | None:
-    if raw is None:
+# A node's worker reports one session per connection: far fewer than this (its connection
+# limit), in far less room. Above either bound the hash is not read at all.
+MAX_SESSIONS_PER_NODE = 16384
+MAX_SESSIONS_BYTES = 32 << 20
+# Room one session may take in Redis (a real record is under 2 KiB): a hash bigger than its
+# count allows holds something no worker wrote, and is not read.
+SESSION_ROOM = 4096
+_GENERATION_DIGITS = 20
+# Refused records, by reason, since this process started (logged too, at most once a minute
+# per node and reason).
+refused_records: Counter[str] = Counter()
+_last_logged: dict[tuple[str, str], float] = {}
+
+
+def _refused(node: str, what: str, reason: str, detail: str, count: int = 1) -> None:
+    refused_records[reason] += count
+    now = time.monotonic()
+    if now - _last_logged.get((node, reason), -60.0) >= 60.0:
+        _last_logged[(node, reason)] = now
+        log.warning("node %s: %s refused (%s): %s", node, what, reason, detail)
+
+
+def _record(node: str, kind: str, raw: object, what: str) -> dict[str, Any] | None:
+    """The record `node`'s worker signed, or None (logged and counted)."""
+    if isinstance(raw, ResponseError):  # e.g. WRONGTYPE: someone stored another type there
+        _refused(node, what, "malformed", str(raw))
+        return None
+    if not isinstance(raw, str | bytes):
+        _refused(node, what, "malformed", type(raw).__name__)
         return None
     try:
-        value = json.loads(raw)
-    except ValueError:
+        return open_record(node_key(node), node, kind, raw)
+    except RecordRefused as exc:
+        _refused(node, what, exc.reason, str(exc))
         return None
-    return value if isinstance(value, dict) else None
+
+
+def _generation(raw: object) -> int | None:
+    """A stored generation: ASCII digits only (anyone may have written anything there)."""
+    if (
+        isinstance(raw, str)
+        and 0 < len(raw) <= _GENERATION_DIGITS
+        and raw.isascii()
+        and raw.isdigit()
+    ):
+        return int(raw)
+    return None
 
 
 def node_statuses(names: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -68,9 +127,11 @@ def node_statuses(names: Iterable[str]) -> dict[str, dict[str, Any]]:
     try:
         with redis_client().pipeline(transaction=False) as pipe:
             for name in names:
-                pipe.get(heartbeat_key(name))
+                # One byte over the bound is enough to refuse it.
+                pipe.getrange(heartbeat_key(name), 0, MAX_RECORD_BYTES)
                 pipe.get(published_key(name))
-            replies = pipe.execute()
+            replies = pipe.execute(raise_on_error=False)
+        _raise_connection_errors(replies)
     except RedisError as exc:
         log.warning("cannot read the workers' status: %s", exc)
         return {
@@ -90,10 +151,12 @@ def node_statuses(names: Iterable[str]) -> dict[str, dict[str, Any]]:
     )
     result = {}
     for i, name in enumerate(names):
-        heartbeat = _json(replies[2 * i])
-        published = replies[2 * i + 1]
+        raw = replies[2 * i]
+        heartbeat = _record(name, HEARTBEAT, raw, "heartbeat") if raw != "" else None
         applied = heartbeat.get("generation") if heartbeat else None
-        latest = int(published) if published is not None else None
+        if isinstance(applied, bool) or not isinstance(applied, int):
+            applied = None
+        latest = _generation(replies[2 * i + 1])
         result[name] = {
             "status": "online" if heartbeat else "offline",
             "generation_applied": applied,
@@ -112,22 +175,70 @@ def list_sessions(nodes: Iterable[str]) -> list[dict[str, Any]]:
     names = list(nodes)
     if not names:
         return []
+    client = redis_client()
     try:
-        with redis_client().pipeline(transaction=False) as pipe:
+        # How many, and how big, before anything is read.
+        with client.pipeline(transaction=False) as pipe:
             for name in names:
-                pipe.hvals(sessions_key(name))
-            replies = pipe.execute()
+                pipe.hlen(sessions_key(name))
+                pipe.memory_usage(sessions_key(name), samples=0)
+            sizes = pipe.execute(raise_on_error=False)
+        _raise_connection_errors(sizes)
+        readable = []
+        for i, name in enumerate(names):
+            count, size = sizes[2 * i], sizes[2 * i + 1]
+            if isinstance(count, ResponseError) or isinstance(size, ResponseError):
+                error = count if isinstance(count, ResponseError) else size
+                _refused(name, "sessions", "malformed", str(error))
+            elif count > MAX_SESSIONS_PER_NODE:
+                _refused(
+                    name,
+                    "sessions",
+                    "too_many",
+                    f"{count} sessions, over {MAX_SESSIONS_PER_NODE}: none read",
+                    count,
+                )
+            elif (size or 0) > min(MAX_SESSIONS_BYTES, SESSION_ROOM * (count + 16)):
+                _refused(
+                    name,
+                    "sessions",
+                    "too_large",
+                    f"{count} sessions in {size} bytes, more than sessions take: none read",
+                    count,
+                )
+            elif count:
+                readable.append(name)
+        with client.pipeline(transaction=False) as pipe:
+            for name in readable:
+                pipe.hgetall(sessions_key(name))
+            replies = pipe.execute(raise_on_error=False)
+        _raise_connection_errors(replies)
     except RedisError as exc:
         raise StatusUnavailable(str(exc)) from exc
     sessions = []
-    for name, values in zip(names, replies, strict=True):
-        for raw in values:
-            session = _json(raw)
-            if session is not None and "id" in session:
-                session["node"] = name
-                sessions.append(session)
+    for name, fields in zip(readable, replies, strict=True):
+        if not isinstance(fields, dict):
+            _refused(name, "sessions", "malformed", str(fields))
+            continue
+        for session_id, raw in fields.items():
+            session = _record(name, SESSION, raw, "a session record")
+            if session is None:
+                continue
+            if session.get("id") != session_id:
+                _refused(name, "a session record", "malformed", "its id is not its field's")
+                continue
+            session["node"] = name
+            sessions.append(session)
     sessions.sort(key=lambda s: (str(s.get("connected_since", "")), str(s["id"])))
     return sessions
+
+
+def _raise_connection_errors(replies: list[Any]) -> None:
+    """A pipeline run with raise_on_error=False: a reply that is an error about a key (a
+    hostile value: WRONGTYPE) is that key's problem; any other error is Redis's."""
+    for reply in replies:
+        if isinstance(reply, RedisError) and not isinstance(reply, ResponseError):
+            raise reply
 
 
 def offline_nodes(nodes: Iterable[str]) -> list[str]:
@@ -153,12 +264,15 @@ def find_session(session_id: str, nodes: Iterable[str]) -> dict[str, Any] | None
         with redis_client().pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.hget(sessions_key(name), session_id)
-            replies = pipe.execute()
+            replies = pipe.execute(raise_on_error=False)
+        _raise_connection_errors(replies)
     except RedisError as exc:
         raise StatusUnavailable(str(exc)) from exc
     for name, raw in zip(names, replies, strict=True):
-        session = _json(raw)
-        if session is not None:
+        if raw is None:
+            continue
+        session = _record(name, SESSION, raw, "a session record")
+        if session is not None and session.get("id") == session_id:
             session["node"] = name
             return session
     return None

@@ -16,6 +16,7 @@ from exports_app.choices import CertificateKind, ExportState, JobKind, JobState
 from exports_app.models import Certificate, Export, Job, PendingPublish, WorkerNode
 from exports_app.services import ca
 from nbdworker.contract.snapshot import heartbeat_key, kicks_key, published_key, sessions_key
+from tests.support.workerrecords import heartbeat_record, session_record
 
 DASHBOARD = "/admin/"
 
@@ -44,7 +45,8 @@ def staff(client, make_user):
 
 
 def heartbeat(node: str, generation: int = 5, **extra) -> str:
-    return json.dumps(
+    return heartbeat_record(
+        node,
         {
             "version": "0.1.0",
             "node": node,
@@ -56,12 +58,13 @@ def heartbeat(node: str, generation: int = 5, **extra) -> str:
                 {"root": "/srv/images", "total": 100 << 30, "used": 25 << 30, "free": 70 << 30}
             ],
             **extra,
-        }
+        },
     )
 
 
 def session(sid: str, node: str, export: str, bytes_read: int = 12288) -> str:
-    return json.dumps(
+    return session_record(
+        node,
         {
             "id": sid,
             "node": node,
@@ -79,7 +82,7 @@ def session(sid: str, node: str, export: str, bytes_read: int = 12288) -> str:
             "bytes_written": 4096,
             "requests": 4,
             "connected_since": "2026-01-01T00:00:00Z",
-        }
+        },
     )
 
 

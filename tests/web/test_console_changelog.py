@@ -4,8 +4,6 @@ as the actor, session kicks and node TLS policy changes, each with a field-by-fi
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 
@@ -13,6 +11,7 @@ from exports_app.choices import JobKind
 from exports_app.models import Export, Job, TLSPolicy
 from exports_app.tasks import fail_job
 from nbdworker.contract.snapshot import heartbeat_key, kicks_key, sessions_key
+from tests.support.workerrecords import heartbeat_record, session_record
 
 pytestmark = pytest.mark.django_db
 
@@ -77,9 +76,11 @@ def test_a_jobs_state_change_has_the_job_as_actor(staff_client, export) -> None:
 
 def test_a_session_kick_is_an_event_with_its_user(api, superuser, staff_client, export, web_redis):
     node = export.node.name
-    web_redis.set(heartbeat_key(node), json.dumps({"node": node, "generation": 1}), ex=60)
+    web_redis.set(
+        heartbeat_key(node), heartbeat_record(node, {"node": node, "generation": 1}), ex=60
+    )
     session = {"id": "ab01", "node": node, "client": "192.0.2.9:5000", "export": "logged"}
-    web_redis.hset(sessions_key(node), "ab01", json.dumps(session))
+    web_redis.hset(sessions_key(node), "ab01", session_record(node, session))
     assert api.delete("/api/v1/sessions/ab01/").status_code == 202
     assert web_redis.smembers(kicks_key(node)) == {"ab01"}
     html = rows(staff_client)

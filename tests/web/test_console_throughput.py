@@ -11,6 +11,7 @@ import pytest
 from exports_app.services import throughput
 from exports_app.templatetags.console import throughput_chart
 from nbdworker.contract.snapshot import sessions_key
+from tests.support.workerrecords import session_record
 
 MiB = 1 << 20
 
@@ -20,7 +21,7 @@ def put_session(
 ) -> None:
     session = {"id": sid, "export": export, "bytes_read": read, "bytes_written": written,
                "connected_since": since}  # fmt: skip
-    web_redis.hset(sessions_key(node), sid, json.dumps(session))
+    web_redis.hset(sessions_key(node), sid, session_record(node, session))
 
 
 def sample(web_redis, now: float) -> bool:

@@ -17,6 +17,7 @@ from exports_app.models import Certificate, Export, Job
 from exports_app.services import events, observer
 from exports_app.tasks import fail_job
 from nbdworker.contract.snapshot import heartbeat_key, sessions_key
+from tests.support.workerrecords import heartbeat_record, session_record
 
 EVENTS = "/api/v1/events/"
 STREAM = "/api/v1/events/stream/"
@@ -103,8 +104,9 @@ def test_certificates_about_to_expire_are_announced_once(web_redis, authority, c
     assert [e["object"]["id"] for e in expiring] == [soon.pk]
 
 
-def _session(sid: str, export: str) -> str:
-    return json.dumps(
+def _session(node: str, sid: str, export: str) -> str:
+    return session_record(
+        node,
         {"id": sid, "export": export, "client": "127.0.0.1:5000", "tls": False,
          "client_identity": None, "connected_since": "2026-01-01T00:00:00Z"}
     )  # fmt: skip
@@ -116,12 +118,14 @@ def test_observer_turns_heartbeats_and_sessions_into_events(
     name = default_node.name
     with committed():
         assert observer.observe_workers()  # the first look only records
-    web_redis.set(heartbeat_key(name), json.dumps({"node": name, "generation": 1}), ex=60)
-    web_redis.hset(sessions_key(name), "s1", _session("s1", "disk1"))
+    web_redis.set(
+        heartbeat_key(name), heartbeat_record(name, {"node": name, "generation": 1}), ex=60
+    )
+    web_redis.hset(sessions_key(name), "s1", _session(name, "s1", "disk1"))
     with committed():
         assert observer.observe_workers()
     web_redis.hdel(sessions_key(name), "s1")
-    web_redis.hset(sessions_key(name), "s2", _session("s2", "disk2"))
+    web_redis.hset(sessions_key(name), "s2", _session(name, "s2", "disk2"))
     with committed():
         assert observer.observe_workers()
     web_redis.delete(heartbeat_key(name), sessions_key(name))
@@ -145,7 +149,7 @@ def test_observer_runs_once_at_a_time(web_redis, default_node) -> None:
 
 def test_unreachable_redis_is_not_a_node_going_offline(web_redis, default_node, settings) -> None:
     name = default_node.name
-    web_redis.set(heartbeat_key(name), json.dumps({"node": name}), ex=60)
+    web_redis.set(heartbeat_key(name), heartbeat_record(name, {"node": name}), ex=60)
     observer.observe_workers()
     url = settings.REDIS_URL
     settings.REDIS_URL = "redis://127.0.0.1:1/0"

@@ -8,8 +8,6 @@ must leave no Job row at all.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.messages import get_messages
@@ -19,6 +17,7 @@ from exports_app.models import Export, Job
 from exports_app.tasks import run_job
 from nbdworker.contract.snapshot import heartbeat_key, sessions_key
 from tests.support.adminforms import export_add_form
+from tests.support.workerrecords import heartbeat_record, session_record
 
 pytestmark = pytest.mark.django_db
 
@@ -32,7 +31,8 @@ BEING_DELETED = "The export is being deleted."
 @pytest.fixture
 def worker_redis(web_redis, settings):
     """The Redis the web side reads sessions from, with a live heartbeat of the default node."""
-    web_redis.set(heartbeat_key(settings.NBDWORKER_NODE), json.dumps({"generation": 1}), ex=60)
+    node = settings.NBDWORKER_NODE
+    web_redis.set(heartbeat_key(node), heartbeat_record(node, {"generation": 1}), ex=60)
     return web_redis
 
 
@@ -44,7 +44,7 @@ def export(default_node, worker_redis) -> Export:
 def connect_client(worker_redis, export: Export) -> None:
     """What nbdworker/status.py publishes for one session on `export`."""
     entry = {"id": "s1", "node": export.node.name, "export": export.name, "client": "127.0.0.1:1"}
-    worker_redis.hset(sessions_key(export.node.name), "s1", json.dumps(entry))
+    worker_redis.hset(sessions_key(export.node.name), "s1", session_record(export.node.name, entry))
 
 
 # Each way of changing the size: (accepted, every message shown to the user).

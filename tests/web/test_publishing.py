@@ -5,7 +5,6 @@ sees, signed, with a growing generation, and that a Redis outage never fails the
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -25,6 +24,7 @@ from nbdworker.contract.snapshot import (
     published_key,
     verify_snapshot,
 )
+from tests.support.workerrecords import heartbeat_record
 
 pytestmark = pytest.mark.django_db(transaction=True, serialized_rollback=True)
 
@@ -335,7 +335,8 @@ def test_a_request_returns_without_waiting_for_its_publish(r, default_node, api)
     export = make_export(default_node, "disk")
     applied = published(r, default_node).generation
     # A worker running the latest published generation.
-    r.set(heartbeat_key(default_node.name), json.dumps({"generation": applied}))
+    beat = heartbeat_record(default_node.name, {"generation": applied})
+    r.set(heartbeat_key(default_node.name), beat)
     assert api.get(f"/api/v1/nodes/{default_node.pk}/").json()["status"]["current"] is True
     hold_publisher_lock(r, default_node)
     try:

@@ -4,8 +4,6 @@ in tests/e2e/test_config_distribution.py)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from exports_app.models import PendingPublish, WorkerNode
@@ -16,6 +14,7 @@ from nbdworker.contract.snapshot import (
     published_key,
     sessions_key,
 )
+from tests.support.workerrecords import heartbeat_record, session_record
 
 SESSIONS = "/api/v1/sessions/"
 
@@ -37,6 +36,10 @@ def session(sid: str, node: str, export: str, since: str = "2026-01-01T00:00:00Z
     }
 
 
+def signed(node: str, sid: str, export: str, *since: str) -> str:
+    return session_record(node, session(sid, node, export, *since))
+
+
 @pytest.fixture
 def live(web_redis, default_node, storage_root) -> WorkerNode:
     """Two nodes with a heartbeat; three sessions between them."""
@@ -49,17 +52,16 @@ def live(web_redis, default_node, storage_root) -> WorkerNode:
     # The fixtures' changes count as published (this test's transaction never commits).
     PendingPublish.objects.all().delete()
     for node in (default_node, other):
-        web_redis.set(
-            heartbeat_key(node.name), json.dumps({"node": node.name, "generation": 5}), ex=60
-        )
+        beat = heartbeat_record(node.name, {"node": node.name, "generation": 5})
+        web_redis.set(heartbeat_key(node.name), beat, ex=60)
     web_redis.hset(
         sessions_key(default_node.name),
         mapping={
-            "aa01": json.dumps(session("aa01", default_node.name, "disk1")),
-            "aa02": json.dumps(session("aa02", default_node.name, "disk2", "2026-01-02T00:00:00Z")),
+            "aa01": signed(default_node.name, "aa01", "disk1"),
+            "aa02": signed(default_node.name, "aa02", "disk2", "2026-01-02T00:00:00Z"),
         },
     )
-    web_redis.hset(sessions_key("other"), "bb01", json.dumps(session("bb01", "other", "disk1")))
+    web_redis.hset(sessions_key("other"), "bb01", signed("other", "bb01", "disk1"))
     return other
 
 
