@@ -226,6 +226,17 @@ def test_stream_resumes_after_last_event_id_and_filters(
     assert [f["event"] for f in only_certs] == ["certificate.revoked"]
 
 
+def test_stream_ends_at_its_deadline_and_says_when_to_reconnect(api, web_redis, settings):
+    # A stream holds a gunicorn thread: it ends after NBDWEB_EVENT_STREAM_MAX_SECONDS, and
+    # its first frame tells EventSource how soon to come back (with Last-Event-ID).
+    settings.NBDWEB_EVENT_STREAM_MAX_SECONDS = 0.3
+    response = api.get(STREAM, HTTP_ACCEPT="text/event-stream")
+    assert response.status_code == 200
+    text = b"".join(response.streaming_content).decode()
+    assert text.startswith(f"retry: {event_api.RECONNECT_MS}\n\n"), text
+    assert event_api.RECONNECT_MS <= 10_000
+
+
 def test_stream_without_an_id_starts_with_the_next_event(api, some_events, settings) -> None:
     settings.NBDWEB_EVENT_STREAM_MAX_SECONDS = 0.3
     assert _frames(api.get(STREAM)) == []
