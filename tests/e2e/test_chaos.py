@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -24,8 +23,14 @@ from exports_app.choices import ExportState, JobState
 from exports_app.models import Export, Job, TLSPolicy, WorkerNode
 from exports_app.services import images
 from tests.e2e.test_jobs import EXPORTS, JOB_TIMEOUT, MiB, create_export, fill, partials
-from tests.e2e.test_runstack import ROOT, Stack, descendants, free_port, http_status
 from tests.support.celery import database_url, start_celery_worker
+from tests.support.livestack import (
+    StartedStack,
+    create_api_token,
+    descendants,
+    http_status,
+    started_stack,
+)
 from tests.support.polling import poll
 from tests.support.postgres import PrivatePostgres, private_postgres
 from tests.support.redisserver import PrivateRedis, private_redis
@@ -152,7 +157,9 @@ class NBDReader(threading.Thread):
 
 
 class ChaosStack:
-    def __init__(self, stack: Stack, api: Api, redis: PrivateRedis, pg: PrivatePostgres) -> None:
+    def __init__(
+        self, stack: StartedStack, api: Api, redis: PrivateRedis, pg: PrivatePostgres
+    ) -> None:
         self.stack = stack
         self.api = api
         self.redis = redis
@@ -186,58 +193,13 @@ def chaos_stack(tmp_path: Path) -> Iterator[ChaosStack]:
         private_postgres() as pg,
     ):
         database = pg.create_database("nbdweb")
-        http, nbd = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if key not in {"SECRET_KEY", "DJANGO_SETTINGS_MODULE"}
-            and not key.startswith(("NBDW", "REDIS_", "DATABASE_"))
-        }
-        env.update(
-            NBDWEB_DATA_DIR=str(tmp_path / "data"),
-            NBDWEB_HTTP_ADDR=http,
-            NBD_LISTEN=nbd,
-            REDIS_URL=redis_server.url,
-            DATABASE_URL=database,
-            DJANGO_SUPERUSER_USERNAME="admin",
-            DJANGO_SUPERUSER_PASSWORD="a-long-test-password",
-            GUNICORN_WORKERS="1",
-        )
-        proc = subprocess.Popen(
-            [sys.executable, "scripts/runstack.py"],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        stack = Stack(proc, http, nbd)
-        try:
-            stack.wait_for(
-                lambda: http_status(f"http://{http}/api/v1/") is not None, "the web answering"
-            )
+        with started_stack(
+            tmp_path, {"REDIS_URL": redis_server.url, "DATABASE_URL": database}
+        ) as stack:
+            stack.wait_for(lambda: http_status(stack.api) is not None, "the web answering")
             stack.wait_for(lambda: any(" ready." in line for line in stack.lines), "celery ready")
-            result = subprocess.run(
-                [sys.executable, "manage.py", "create_api_token", "admin"],
-                cwd=ROOT,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            assert result.returncode == 0, result.stderr
-            api = Api(f"http://{http}/api/v1/", result.stdout.splitlines()[-1])
+            api = Api(stack.api, create_api_token(stack.env))
             yield ChaosStack(stack, api, redis_server, pg)
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    for pid in descendants(proc.pid):
-                        os.kill(pid, signal.SIGKILL)
-                    proc.kill()
-                    proc.wait()
 
 
 def _cmdline(pid: int) -> bytes:

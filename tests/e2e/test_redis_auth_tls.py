@@ -7,10 +7,7 @@ its config from it: an export made through the API is served, and its node shows
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.e2e.test_runstack import ROOT, Stack, descendants, free_port, http_status
+from tests.support.livestack import StartedStack, create_api_token, http_status, started_stack
 from tests.support.pki import make_pki
 from tests.support.redisserver import PrivateRedis, private_redis
 from tests.support.tools import require_tool
@@ -56,52 +53,14 @@ def test_unauthenticated_and_plaintext_clients_are_refused(tls_redis: PrivateRed
 
 
 @pytest.fixture
-def stack(tmp_path: Path, tls_redis: PrivateRedis) -> Iterator[Stack]:
-    http = f"127.0.0.1:{free_port()}"
-    nbd = f"127.0.0.1:{free_port()}"
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key
-        not in {"DATABASE_URL", "SECRET_KEY", "NBDWEB_CONFIG_SECRET", "DJANGO_SETTINGS_MODULE"}
-        and not key.startswith("NBDW")
-        and not key.startswith("REDIS_")
-    }
-    env.update(
-        NBDWEB_DATA_DIR=str(tmp_path / "data"),
-        NBDWEB_HTTP_ADDR=http,
-        NBD_LISTEN=nbd,
-        REDIS_URL=tls_redis.url,
-        **tls_redis.client_env,
-        DJANGO_SUPERUSER_USERNAME="admin",
-        DJANGO_SUPERUSER_PASSWORD="a-long-test-password",
-        GUNICORN_WORKERS="1",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "scripts/runstack.py"],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    running = Stack(proc, http, nbd)
-    running.env = env
-    try:
+def stack(tmp_path: Path, tls_redis: PrivateRedis) -> Iterator[StartedStack]:
+    with started_stack(tmp_path, {"REDIS_URL": tls_redis.url, **tls_redis.client_env}) as running:
         yield running
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                for pid in descendants(proc.pid):
-                    os.kill(pid, signal.SIGKILL)
-                proc.kill()
-                proc.wait()
 
 
-def test_whole_stack_over_rediss_with_an_acl_user(stack: Stack, tls_redis: PrivateRedis) -> None:
+def test_whole_stack_over_rediss_with_an_acl_user(
+    stack: StartedStack, tls_redis: PrivateRedis
+) -> None:
     nbdinfo = require_tool("nbdinfo")
     api = f"http://{stack.http}/api/v1/"
     stack.wait_for(lambda: http_status(api) is not None, "the web server answering")
@@ -109,16 +68,7 @@ def test_whole_stack_over_rediss_with_an_acl_user(stack: Stack, tls_redis: Priva
     assert not any("private redis-server" in line for line in stack.lines)
     stack.wait_for(lambda: any(" ready." in line for line in stack.lines), "celery ready")
 
-    result = subprocess.run(
-        [sys.executable, "manage.py", "create_api_token", "admin"],
-        cwd=ROOT,
-        env=stack.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    token = result.stdout.splitlines()[-1]
+    token = create_api_token(stack.env)
     headers = {"Authorization": f"Token {token}", "Content-Type": "application/json"}
     request = urllib.request.Request(
         f"{api}exports/", data=b'{"name": "overtls", "size": "1M"}', headers=headers

@@ -4,13 +4,11 @@ behind after SIGTERM."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,131 +18,27 @@ from pathlib import Path
 import pytest
 
 from nbdworker.supervisor import SERVING_ENV
+from tests.support.livestack import (
+    ROOT,
+    StartedStack,
+    alive,
+    create_api_token,
+    descendants,
+    http_status,
+    started_stack,
+)
+from tests.support.redisserver import free_port
 from tests.support.tools import require_tool
-
-ROOT = Path(__file__).resolve().parents[2]
-START_TIMEOUT = 120.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid`, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-class Stack:
-    def __init__(self, proc: subprocess.Popen, http: str, nbd: str) -> None:
-        self.proc = proc
-        self.http = http
-        self.nbd = nbd
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for raw in self.proc.stdout:
-            self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-
-    def output(self) -> str:
-        return "\n".join(self.lines[-80:])
-
-    def wait_for(self, predicate, what: str, timeout: float = START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            if self.proc.poll() is not None:
-                pytest.fail(
-                    f"make run exited ({self.proc.returncode}) before {what}:\n{self.output()}"
-                )
-            time.sleep(0.2)
-        pytest.fail(f"{what} did not happen within {timeout:.0f}s:\n{self.output()}")
-
-
-def http_status(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return None
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    http = f"127.0.0.1:{free_port()}"
-    nbd = f"127.0.0.1:{free_port()}"
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key
-        not in {"DATABASE_URL", "SECRET_KEY", "NBDWEB_CONFIG_SECRET", "DJANGO_SETTINGS_MODULE"}
-        and not key.startswith("NBDW")
-    }
-    env.update(
-        NBDWEB_DATA_DIR=str(tmp_path / "data"),
-        NBDWEB_HTTP_ADDR=http,
-        NBD_LISTEN=nbd,
-        # Nothing listens there: runstack must start its private redis-server.
-        REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
-        DJANGO_SUPERUSER_USERNAME="admin",
-        DJANGO_SUPERUSER_PASSWORD="a-long-test-password",
-        GUNICORN_WORKERS="1",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "scripts/runstack.py"],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    running = Stack(proc, http, nbd)
-    try:
+def stack(tmp_path: Path) -> Iterator[StartedStack]:
+    # Nothing listens at stack_env's REDIS_URL: runstack must start its private redis-server.
+    with started_stack(tmp_path) as running:
         yield running
-    finally:
-        if proc.poll() is None:
-            # Children first: once runstack is gone they belong to init and a Celery worker
-            # whose Redis died with it would wait for it forever.
-            for pid in descendants(proc.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.kill()
-            proc.wait()
 
 
-def test_make_run_serves_http_and_nbd_and_stops_cleanly(stack: Stack) -> None:
+def test_make_run_serves_http_and_nbd_and_stops_cleanly(stack: StartedStack) -> None:
     nbdinfo = require_tool("nbdinfo")
     api = f"http://{stack.http}/api/v1/"
     stack.wait_for(lambda: http_status(api) is not None, "the web server answering")
@@ -228,7 +122,7 @@ def _role(pid: int) -> str | None:
     return None
 
 
-def test_make_run_gives_each_process_only_the_secrets_it_uses(stack: Stack, tmp_path: Path):
+def test_make_run_gives_each_process_only_the_secrets_it_uses(stack: StartedStack, tmp_path: Path):
     """The web gets all three secrets, Celery the config secret and the key-encryption key,
     nbdworker its node's key alone (not the master secret) and its serving processes nothing,
     Redis none; none may read the others from the data dir
@@ -283,16 +177,7 @@ def test_make_run_gives_each_process_only_the_secrets_it_uses(stack: Stack, tmp_
         if key not in {"DATABASE_URL", "DJANGO_SETTINGS_MODULE"} and not key.startswith("NBDW")
     }
     manage_env["NBDWEB_DATA_DIR"] = str(data)
-    result = subprocess.run(
-        [sys.executable, "manage.py", "create_api_token", "admin"],
-        cwd=ROOT,
-        env=manage_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    token = result.stdout.splitlines()[-1]
+    token = create_api_token(manage_env)
     request = urllib.request.Request(
         f"{api}exports/",
         data=b'{"name": "disk1", "size": "1M"}',
