@@ -119,10 +119,17 @@ class LoopTransmission:
         self.process()
 
     def pause_writing(self) -> None:
+        if self.serving is not None:
+            return  # see resume_writing
         self.pump.writing_paused = True
         self._update_reading()
 
     def resume_writing(self) -> None:
+        if self.serving is not None:
+            # A late call from the transport (its last write completed after the hand-over):
+            # the serving thread owns the pump and its own queue decides (serving.py); a
+            # dispatch here would race with the thread's.
+            return
         self.pump.writing_paused = False
         self._update_reading()
         if self.conn.in_transmission():
@@ -282,6 +289,12 @@ class LoopTransmission:
             # Replies are still in the transport: nothing may overtake them.
             self.start_timer = self.loop.call_later(0.001, self._start_serving)
             return
+        if not self.reading_paused:
+            # Resumed while the transport drained (resume_writing): the thread alone may read
+            # the socket from here on, or a request read by the transport would be answered into
+            # the thread's queue with no one to wake it.
+            self.reading_paused = True
+            self.transport.pause_reading()
         sock_fd = self.conn.take_socket()
         if sock_fd < 0:
             # No socket to hand over (a stand-in transport): served on the loop, the replies
