@@ -1,4 +1,5 @@
-"""Production settings (nbdweb/settings_production.py), static files and logging.
+"""Production settings (nbdweb/settings_production.py), static files, logging, and what REDIS_URL
+makes of Celery's settings.
 
 Each check runs `manage.py` in a subprocess: settings are read once per process, and these
 tests must see exactly what an operator's process sees.
@@ -186,3 +187,31 @@ def test_gunicorn_logs_json_lines_with_log_format_json(tmp_path):
     assert {"gunicorn.error", "gunicorn.access"} <= loggers, loggers
     access = next(e for e in entries if e["logger"] == "gunicorn.access")
     assert "GET /api/v1/" in access["message"] and " 401 " in access["message"]
+
+
+def test_a_sentinel_redis_url_feeds_celerys_broker_and_result_backend(tmp_path):
+    """One REDIS_URL: Celery's app gets kombu's Sentinel form, the master's name in both
+    transport options (the job visibility timeout kept), and the ACL user for the backend."""
+    script = (
+        "import json, django\n"
+        "django.setup()\n"
+        "from nbdweb.celery import app\n"
+        "c = app.conf\n"
+        "print(json.dumps([c.broker_url, c.result_backend, c.redis_username,\n"
+        "    c.broker_transport_options['master_name'],\n"
+        "    c.broker_transport_options['visibility_timeout'],\n"
+        "    c.result_backend_transport_options['master_name']]))\n"
+    )
+    url = "redis+sentinel://nbdweb:pw@s1:26379,s2:26380/main/3"
+    result = run(["-c", script], tmp_path, REDIS_URL=url, NBDWEB_JOB_VISIBILITY_TIMEOUT="600")
+    assert result.returncode == 0, result.stderr
+    joined = "sentinel://nbdweb:pw@s1:26379/3;sentinel://nbdweb:pw@s2:26380/3"
+    assert json.loads(result.stdout) == [joined, joined, "nbdweb", "main", 600, "main"]
+
+
+def test_a_malformed_sentinel_redis_url_stops_the_process_naming_the_setting(tmp_path):
+    url = "redis+sentinel://:hunter2@s1:26379,s2:port/main/0"
+    result = run(["manage.py", "check"], tmp_path, REDIS_URL=url)
+    assert result.returncode != 0
+    assert "REDIS_URL: bad sentinel address 's2:port'" in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
