@@ -17,7 +17,7 @@ from exports_app.filtersets import NBDWebFilterSet, _by_id_or_name
 from exports_app.models import Job
 from exports_app.services import exports, provisioning
 
-from .base import django_errors_to_drf
+from .base import Conflict, django_errors_to_drf
 from .concurrency import ETagMixin, IdempotentPostsMixin
 from .fields import AsciiIntegerFilter, StrictModelSerializer
 from .serializers import ExportImportSerializer, ExportSerializer, SizeField
@@ -133,7 +133,8 @@ class JobViewSet(IdempotentPostsMixin, ETagMixin, ReadOnlyModelViewSet):
             try:
                 new_job = provisioning.retry_job(job)
             except provisioning.JobRefused as exc:
-                raise ValidationError({"non_field_errors": [str(exc)]}) from None
+                # The job's state forbids it (not failed, or not the export's latest).
+                raise Conflict(str(exc)) from None
         return Response(self.get_serializer(new_job).data, status=status.HTTP_202_ACCEPTED)
 
 

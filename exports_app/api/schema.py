@@ -39,8 +39,8 @@ ERROR_DESCRIPTIONS = {
     "401": "No or an invalid API token (or session).",
     "403": "The user lacks the permission for this.",
     "404": "No such object (or the user may not see it).",
-    "409": "Conflicts with the object's state: it is in use, being deleted, or a request with "
-    "the same Idempotency-Key is still running.",
+    "409": "Conflicts with the object's state: it is in use or being deleted, a job to retry "
+    "has not failed, or a request with the same Idempotency-Key is still running.",
     "412": "If-Match does not match the object's current ETag: it changed since it was read.",
     "422": "The Idempotency-Key was used before with a different request.",
     "503": "A service the answer depends on (Redis) is unreachable.",

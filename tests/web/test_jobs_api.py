@@ -246,9 +246,14 @@ def test_retry_of_a_failed_create_requests_it_again(api, default_node):
     assert response.json()["kind"] == "create" and response.json()["state"] == "queued"
     export.refresh_from_db()
     assert (export.state, export.last_error) == (ExportState.PROVISIONING, "")
-    # Only the latest failed job can be retried, and only once it has failed.
-    assert api.post(f"{JOBS}{job.pk}/retry/").status_code == 400
-    assert api.post(f"{JOBS}{response.json()['id']}/retry/").status_code == 400
+    # Only the latest failed job can be retried, and only once it has failed: the job's state
+    # forbids it, a 409 in the documented error shape.
+    again = api.post(f"{JOBS}{job.pk}/retry/")
+    assert again.status_code == 409
+    assert again.json() == {"detail": "A newer job exists for this export; retry that one instead."}
+    queued = api.post(f"{JOBS}{response.json()['id']}/retry/")
+    assert queued.status_code == 409
+    assert queued.json() == {"detail": "Only a failed job can be retried."}
 
 
 def test_a_failed_resize_keeps_the_old_size_and_the_export_served(ready):
