@@ -6,6 +6,7 @@ from collections.abc import Callable
 import pytest
 from django.conf import settings
 from django.contrib.auth.models import Permission, User
+from django.test import Client
 from knox.models import AuthToken
 from rest_framework.test import APIClient
 
@@ -41,6 +42,21 @@ def make_user(db) -> Callable[..., User]:
         return user
 
     return make
+
+
+@pytest.fixture
+def staff(client, make_user) -> Callable[..., Client]:
+    """Log a staff user with these permissions in (`staff("exports_app.view_export")`); return
+    the test client."""
+
+    def login(*perms: str, superuser: bool = False) -> Client:
+        user = make_user(*perms, superuser=superuser)
+        user.is_staff = True
+        user.save()
+        client.force_login(user)
+        return client
+
+    return login
 
 
 @pytest.fixture

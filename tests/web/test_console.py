@@ -30,20 +30,6 @@ def text(response) -> str:
     return response.content.decode().replace("\xa0", " ")
 
 
-@pytest.fixture
-def staff(client, make_user):
-    """Log a staff user with these permissions in; return the test client."""
-
-    def login(*perms: str, superuser: bool = False):
-        user = make_user(*perms, superuser=superuser)
-        user.is_staff = True
-        user.save()
-        client.force_login(user)
-        return client
-
-    return login
-
-
 def heartbeat(node: str, generation: int = 5, **extra) -> str:
     return heartbeat_record(
         node,

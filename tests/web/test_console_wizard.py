@@ -13,18 +13,6 @@ pytestmark = pytest.mark.django_db
 WIZARD = "/admin/console/exports/new/"
 
 
-@pytest.fixture
-def staff(client, make_user):
-    def login(*perms: str, superuser: bool = False):
-        user = make_user(*perms, superuser=superuser)
-        user.is_staff = True
-        user.save()
-        client.force_login(user)
-        return client
-
-    return login
-
-
 def test_the_wizard_needs_add_export(staff, default_node) -> None:
     client = staff("exports_app.view_export")
     assert client.get(WIZARD).status_code == 403

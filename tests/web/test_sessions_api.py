@@ -187,31 +187,17 @@ def test_node_status_is_unknown_without_redis(api, default_node, settings) -> No
 ADMIN_SESSIONS = "/admin/exports_app/workernode/sessions/"
 
 
-@pytest.fixture
-def admin_client_for(client, make_user):
-    def login(*perms: str, superuser: bool = False):
-        user = make_user(*perms, superuser=superuser)
-        user.is_staff = True
-        user.save()
-        client.force_login(user)
-        return client
-
-    return login
-
-
-def test_admin_node_list_shows_worker_status(
-    admin_client_for, live, web_redis, default_node
-) -> None:
+def test_admin_node_list_shows_worker_status(staff, live, web_redis, default_node) -> None:
     web_redis.set(published_key(default_node.name), 5)
-    page = admin_client_for(superuser=True).get("/admin/exports_app/workernode/")
+    page = staff(superuser=True).get("/admin/exports_app/workernode/")
     assert page.status_code == 200
     html = page.content.decode()
     assert 'data-state="online"' in html and "config current" in html
     assert "generation" not in html.lower()
 
 
-def test_admin_sessions_page_lists_and_ends_sessions(admin_client_for, live, web_redis) -> None:
-    client = admin_client_for(superuser=True)
+def test_admin_sessions_page_lists_and_ends_sessions(staff, live, web_redis) -> None:
+    client = staff(superuser=True)
     page = client.get(ADMIN_SESSIONS, {"node": "other"})
     text = page.content.decode()
     assert page.status_code == 200
@@ -222,11 +208,9 @@ def test_admin_sessions_page_lists_and_ends_sessions(admin_client_for, live, web
     assert web_redis.smembers(kicks_key("other")) == {"bb01"}
 
 
-def test_admin_sessions_page_needs_the_export_permissions(
-    admin_client_for, live, web_redis
-) -> None:
-    assert admin_client_for().get(ADMIN_SESSIONS).status_code == 403
-    viewer = admin_client_for("exports_app.view_export")
+def test_admin_sessions_page_needs_the_export_permissions(staff, live, web_redis) -> None:
+    assert staff().get(ADMIN_SESSIONS).status_code == 403
+    viewer = staff("exports_app.view_export")
     page = viewer.get(ADMIN_SESSIONS)
     assert page.status_code == 200
     assert "aa01" in page.content.decode()
