@@ -55,7 +55,7 @@ format: venv-dev
 	$(BIN)/ruff check --fix .
 
 # The benchmark's clients and the server it compares against, from Debian's packages.
-BENCH_PACKAGES = nbdkit:nbdkit nbdcopy:libnbd-bin fio:fio
+BENCH_PACKAGES = nbdkit:nbdkit nbdcopy:libnbd-bin fio:fio gcc:gcc mkfs.xfs:xfsprogs
 bench-deps:
 	@missing=""; for pair in $(BENCH_PACKAGES); do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
@@ -66,8 +66,10 @@ bench-deps:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "bench needs:$$missing (apt-get install$$missing)"; exit 1; fi; fi
 
+# Every filesystem at hand (BENCH_FS="local tmpfs xfs btrfs"), 3 interleaved rounds each unless
+# BENCH_ARGS says otherwise; the tables go to BENCH_OUT (bench/README.md).
 bench: venv-dev bench-deps
-	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	bench/filesystems.sh $(BIN)/python $(BENCH_ARGS)
 
 # Issue 19's scale figures at a size that fits 2 cores; a scratch database on DATABASE_URL's
 # server (default postgres://postgres@127.0.0.1:5432). Other sizes: BENCH_SCALE_ARGS.

@@ -1,7 +1,11 @@
 """nbdworker vs nbdkit's file plugin, on the same image, in one run.
 
-    .venv/bin/python bench/run.py [--size 1G] [--runtime 10] [--rounds 1] [--only seq,fio,connect]
+    .venv/bin/python bench/run.py [DIR] [--size 1G] [--runtime 10] [--rounds 1] [--only seq,fio]
+    .venv/bin/python bench/run.py /mnt/xfs --rounds 3 --markdown out.md   # one filesystem's table
     .venv/bin/python bench/run.py --baseline /tmp/before --rounds 3   # nbdworker before/after
+
+DIR (default /var/tmp) is where the image lives: the filesystem measured. `make bench` runs this
+on several filesystems (bench/filesystems.sh).
 
 Prints each figure for both servers and nbdworker's ratio to nbdkit (higher is better, except
 for connect latency where lower is better). With --baseline DIR the reference is not nbdkit but
@@ -78,7 +82,7 @@ def nbdkit(image: Path):
 
 
 @contextlib.contextmanager
-def nbdworker(image: Path, workdir: Path, repo: Path = REPO):
+def nbdworker(image: Path, workdir: Path, repo: Path = REPO, workers: str = "auto"):
     port = free_port()
     cfg = {
         "version": 1,
@@ -101,6 +105,8 @@ def nbdworker(image: Path, workdir: Path, repo: Path = REPO):
             str(image.parent),
             "--log-level",
             "WARNING",
+            "--workers",
+            workers,
         ],
         cwd=repo,
         env=ENV,
@@ -278,21 +284,43 @@ def main() -> int:
     p.add_argument("--connects", type=int, default=200)
     p.add_argument("--rounds", type=int, default=1, help="repeat: best and median figures")
     p.add_argument("--only", default="seq,fio,connect,tls")
-    p.add_argument("--dir", default=None, help="scratch directory (default: under /var/tmp)")
+    p.add_argument(
+        "directory",
+        nargs="?",
+        default=None,
+        help="where the images live, on the filesystem to measure (default: /var/tmp)",
+    )
+    p.add_argument("--dir", default=None, help="the same as DIR")
+    p.add_argument("--markdown", type=Path, default=None, help="append the median table here")
+    p.add_argument("--label", default=None, help="the filesystem's name in the markdown title")
     p.add_argument(
         "--baseline",
         type=Path,
         default=None,
         help="compare with nbdworker checked out here instead of nbdkit",
     )
+    p.add_argument("--workers", default="auto", help="nbdworker's serving processes")
+    p.add_argument(
+        "--versus-workers",
+        default=None,
+        help="compare with this same nbdworker run with this many serving processes",
+    )
     args = p.parse_args()
-    reference = "before" if args.baseline else "nbdkit"
+    if args.baseline:
+        reference = "before"
+    elif args.versus_workers:
+        reference = f"workers={args.versus_workers}"
+    else:
+        reference = "nbdkit"
     for tool in ("nbdkit", "nbdcopy", "fio"):
         if not shutil.which(tool, path=ENV["PATH"]):
             print(f"missing {tool}", file=sys.stderr)
             return 2
     only = set(args.only.split(","))
-    work = Path(tempfile.mkdtemp(prefix="nbdbench-", dir=args.dir or "/var/tmp"))
+    args.dir = args.directory or args.dir or "/var/tmp"
+    fstype = filesystem_type(args.dir)
+    print(f"filesystem under test: {fstype} ({args.dir})", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="nbdbench-", dir=args.dir))
     image = work / "images" / "bench.img"
     image.parent.mkdir()
     src = work / "source.img"
@@ -361,12 +389,14 @@ def main() -> int:
     # swapped every round), so a burst of load on a shared machine lands on both, not on one
     # server's whole series.
     with contextlib.ExitStack() as stack:
-        first = (
-            stack.enter_context(nbdworker(image, work, args.baseline.resolve()))
-            if args.baseline
-            else stack.enter_context(nbdkit(image))
-        )
-        servers = [(reference, first), ("nbdworker", stack.enter_context(nbdworker(image, work)))]
+        if args.baseline:
+            first = stack.enter_context(nbdworker(image, work, args.baseline.resolve()))
+        elif args.versus_workers:
+            first = stack.enter_context(nbdworker(image, work, workers=args.versus_workers))
+        else:
+            first = stack.enter_context(nbdkit(image))
+        theirs = stack.enter_context(nbdworker(image, work, workers=args.workers))
+        servers = [(reference, first), ("nbdworker", theirs)]
         for round_no in range(args.rounds):
             for name, _better, whole, fn in tests:
                 for server_name, (uri, pid) in servers if round_no % 2 == 0 else servers[::-1]:
@@ -388,13 +418,67 @@ def main() -> int:
     )
     cost.print_table()
     shutil.rmtree(work, ignore_errors=True)
-    if "tls" in only and not args.baseline:
+    rows = [(name, better == "up") for name, better, _whole, _fn in tests]
+    if "tls" in only and reference == "nbdkit":
         # The same comparison over TLS, against nbdkit --tls=require (bench/tls.py).
         import tls
 
         print()
-        tls.run_tls_bench(args.size, args.runtime, args.rounds, "seq,fio", args.dir)
+        tls_runs = tls.run_tls_bench(args.size, args.runtime, args.rounds, "seq,fio", args.dir)
+        runs.update(tls_runs)
+        rows += [(name, True) for name in tls_runs]
+    if args.markdown:
+        title = f"{args.label or fstype} ({fstype}, `{args.dir}`)"
+        with open(args.markdown, "a") as f:
+            f.write(markdown_table(title, rows, runs, reference, args) + "\n")
     return 0
+
+
+def filesystem_type(path: str) -> str:
+    out = subprocess.run(
+        ["findmnt", "-n", "-o", "FSTYPE", "--target", path], capture_output=True, text=True
+    )
+    return out.stdout.strip() or "unknown"
+
+
+# Issue 20's targets, ratio of medians to nbdkit: every figure >= 1.0 but these.
+TARGETS = {
+    "seq read, nbdcopy default (MB/s)": 1.2,
+    "seq read, nbdcopy --connections=1 (MB/s)": 1.2,
+    "4k randread iodepth=16 (IOPS)": 1.2,
+    "TLS 4k randread iodepth=1 (IOPS)": 0.9,
+}
+
+
+def markdown_table(
+    title: str,
+    rows: list[tuple[str, bool]],
+    runs: dict[str, dict[str, list[float]]],
+    reference: str,
+    args: argparse.Namespace,
+) -> str:
+    """One filesystem's medians, ratios and targets as a Markdown table."""
+    rounds = args.rounds
+    lines = [
+        f"#### {title}",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {args.size >> 20} MiB image, "
+        f"{rounds} interleaved round(s), fio {args.runtime} s; "
+        f"`bench/run.py {args.dir} --rounds {rounds} --runtime {args.runtime}`",
+        "",
+        f"| figure | {reference} (median) | nbdworker (median) | ratio | target |",
+        "|---|---|---|---|---|",
+    ]
+    for name, up in rows:
+        kit = statistics.median(runs[name][reference])
+        worker = statistics.median(runs[name]["nbdworker"])
+        ratio = worker / kit if up else kit / worker
+        target = TARGETS.get(name, 1.0)
+        mark = "met" if ratio >= target else "**missed**"
+        lines.append(
+            f"| {name} | {kit:,.2f} | {worker:,.2f} | {ratio:.2f}x | {target:.1f}x {mark} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
