@@ -25,6 +25,7 @@ from exports_app.console.forms import (
     WideNumberInput,
 )
 from exports_app.constants import MAX_VALIDITY_DAYS
+from exports_app.formfields import ASCII_NUMBER_OVERRIDES, AsciiIntegerFormField, ascii_formfield
 from exports_app.models import (
     Certificate,
     CertificateAuthority,
@@ -88,8 +89,15 @@ def action_with_form(
 # -- nodes and TLS policies --------------------------------------------------------------------
 
 
+class AsciiNumbersAdminMixin:
+    """Every integer field of the admin's forms reads ASCII digits only, as the API does
+    (exports_app/formfields.py)."""
+
+    formfield_overrides = ASCII_NUMBER_OVERRIDES
+
+
 @admin.register(WorkerNode)
-class WorkerNodeAdmin(NodeStatusAdminMixin, SimpleHistoryAdmin):
+class WorkerNodeAdmin(AsciiNumbersAdminMixin, NodeStatusAdminMixin, SimpleHistoryAdmin):
     list_display = [
         "name",
         "listen",
@@ -116,6 +124,7 @@ class WorkerNodeAdmin(NodeStatusAdminMixin, SimpleHistoryAdmin):
 
 class TLSPolicyForm(forms.ModelForm):
     class Meta:
+        formfield_callback = ascii_formfield
         model = TLSPolicy
         fields = "__all__"
 
@@ -134,7 +143,7 @@ class SwitchTLSModeForm(forms.Form):
 
 
 @admin.register(TLSPolicy)
-class TLSPolicyAdmin(SimpleHistoryAdmin):
+class TLSPolicyAdmin(AsciiNumbersAdminMixin, SimpleHistoryAdmin):
     form = TLSPolicyForm
     list_display = ["name", "mode", "server_certificate", "client_verification", "min_tls_version"]
     list_filter = ["mode", "client_verification", "min_tls_version"]
@@ -204,6 +213,7 @@ class ExportForm(EscapedHelpTextMixin, forms.ModelForm):
     )
 
     class Meta:
+        formfield_callback = ascii_formfield
         model = Export
         fields = "__all__"
         widgets = {
@@ -235,6 +245,7 @@ class ExportImportForm(forms.ModelForm):
     size = SizeFormField(help_text="The file's size (bytes or with a unit); the job checks it.")
 
     class Meta:
+        formfield_callback = ascii_formfield
         model = Export
         fields = ["node", "name", "image_path", "size", "description", "read_only", "enabled"]
         widgets = {"name": forms.TextInput(attrs={"size": 60})}
@@ -253,7 +264,7 @@ class ResizeExportForm(forms.Form):
 
 
 @admin.register(Export)
-class ExportAdmin(ExportPageAdminMixin, SimpleHistoryAdmin):
+class ExportAdmin(AsciiNumbersAdminMixin, ExportPageAdminMixin, SimpleHistoryAdmin):
     form = ExportForm
     list_display = [
         "__str__",
@@ -423,7 +434,7 @@ class ExportAdmin(ExportPageAdminMixin, SimpleHistoryAdmin):
 
 
 @admin.register(Job)
-class JobAdmin(JobListAdminMixin, admin.ModelAdmin):
+class JobAdmin(AsciiNumbersAdminMixin, JobListAdminMixin, admin.ModelAdmin):
     """Jobs are made by the export actions and the API; here they are watched and retried."""
 
     list_display = [
@@ -503,7 +514,7 @@ class CertificateAuthorityAddForm(forms.ModelForm):
         help_text="Creates an internal CA.",
     )
     key_algorithm = forms.ChoiceField(choices=KeyAlgorithm.choices, initial=KeyAlgorithm.EC_P256)
-    validity_days = forms.IntegerField(min_value=1, max_value=MAX_VALIDITY_DAYS, required=False)
+    validity_days = AsciiIntegerFormField(min_value=1, max_value=MAX_VALIDITY_DAYS, required=False)
     certificate_pem = forms.CharField(
         widget=forms.Textarea, required=False, strip=False, help_text="Imports an external CA."
     )
@@ -512,6 +523,7 @@ class CertificateAuthorityAddForm(forms.ModelForm):
     )
 
     class Meta:
+        formfield_callback = ascii_formfield
         model = CertificateAuthority
         fields = ["name", "description"]
 
@@ -531,7 +543,7 @@ class IssueClientCertificateForm(forms.Form):
         validators=[validate_no_control_characters],
         help_text="The client identity (CN).",
     )
-    validity_days = forms.IntegerField(
+    validity_days = AsciiIntegerFormField(
         min_value=1, max_value=MAX_VALIDITY_DAYS, required=False, help_text="Default: 365."
     )
 
@@ -552,7 +564,7 @@ class AddFormAdminMixin:
 
 
 @admin.register(CertificateAuthority)
-class CertificateAuthorityAdmin(AddFormAdminMixin, SimpleHistoryAdmin):
+class CertificateAuthorityAdmin(AsciiNumbersAdminMixin, AddFormAdminMixin, SimpleHistoryAdmin):
     list_display = ["name", "subject", "is_imported", "has_key", "not_after", "expiry_warning"]
     list_filter = ["is_imported", "key_algorithm"]
     search_fields = ["name", "subject", "serial", "fingerprint_sha256"]
@@ -649,13 +661,14 @@ class CertificateAddForm(EscapedHelpTextMixin, forms.ModelForm):
     )
     dns_names = forms.CharField(required=False, help_text="Comma-separated DNS SANs.")
     ip_addresses = forms.CharField(required=False, help_text="Comma-separated IP SANs.")
-    validity_days = forms.IntegerField(min_value=1, max_value=MAX_VALIDITY_DAYS, required=False)
+    validity_days = AsciiIntegerFormField(min_value=1, max_value=MAX_VALIDITY_DAYS, required=False)
     certificate_pem = forms.CharField(
         widget=forms.Textarea, required=False, strip=False, help_text="Imports a certificate."
     )
     private_key_pem = forms.CharField(widget=forms.Textarea, required=False, strip=False)
 
     class Meta:
+        formfield_callback = ascii_formfield
         model = Certificate
         fields = ["name", "description"]
 
@@ -697,7 +710,7 @@ class RevokedFilter(admin.SimpleListFilter):
 
 
 @admin.register(Certificate)
-class CertificateAdmin(AddFormAdminMixin, SimpleHistoryAdmin):
+class CertificateAdmin(AsciiNumbersAdminMixin, AddFormAdminMixin, SimpleHistoryAdmin):
     list_display = [
         "name",
         "kind",
@@ -836,6 +849,7 @@ class WebhookSubscriptionForm(forms.ModelForm):
     )
 
     class Meta:
+        formfield_callback = ascii_formfield
         model = WebhookSubscription
         fields = ["name", "target_url", "event_types", "enabled"]
 
@@ -857,7 +871,7 @@ class WebhookSubscriptionForm(forms.ModelForm):
 
 
 @admin.register(WebhookSubscription)
-class WebhookSubscriptionAdmin(SimpleHistoryAdmin):
+class WebhookSubscriptionAdmin(AsciiNumbersAdminMixin, SimpleHistoryAdmin):
     """The same subscriptions as /api/v1/webhooks/; URL rules in the model's clean()."""
 
     form = WebhookSubscriptionForm
@@ -885,7 +899,7 @@ class WebhookSubscriptionAdmin(SimpleHistoryAdmin):
 
 
 @admin.register(WebhookDelivery)
-class WebhookDeliveryAdmin(admin.ModelAdmin):
+class WebhookDeliveryAdmin(AsciiNumbersAdminMixin, admin.ModelAdmin):
     """The delivery log: every event sent to a webhook, its attempts and response codes."""
 
     list_display = [

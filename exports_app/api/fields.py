@@ -10,11 +10,11 @@ fields here, so each number the API reads goes through exports_app.validators.pa
 from __future__ import annotations
 
 import django_filters
-from django import forms
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import models
 from rest_framework import serializers
 
+from exports_app.formfields import AsciiIntegerFormField
 from exports_app.validators import MAX_OBJECT_ID, parse_ascii_int, parse_object_id
 
 __all__ = [
@@ -86,23 +86,6 @@ class StrictModelSerializer(serializers.ModelSerializer):
 
 
 # -- filters -------------------------------------------------------------------------------------
-
-
-class AsciiIntegerFormField(forms.IntegerField):
-    default_error_messages = {"invalid": "Enter a whole number in ASCII digits."}
-
-    def __init__(self, **kwargs) -> None:
-        kwargs.setdefault("max_value", MAX_OBJECT_ID)
-        kwargs.setdefault("min_value", -MAX_OBJECT_ID - 1)
-        super().__init__(**kwargs)
-
-    def to_python(self, value: object) -> int | None:
-        if value in self.empty_values:
-            return None
-        number = parse_ascii_int(str(value).strip())
-        if number is None:
-            raise DjangoValidationError(self.error_messages["invalid"], code="invalid")
-        return number
 
 
 class AsciiModelChoiceField(django_filters.fields.ModelChoiceField):

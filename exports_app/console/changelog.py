@@ -14,6 +14,7 @@ from django.db import models
 from django.urls import NoReverseMatch, reverse
 
 from exports_app.models import Certificate, CertificateAuthority, Export, TLSPolicy, WorkerNode
+from exports_app.validators import parse_object_id
 
 __all__ = ["TRACKED", "ChangeEntry", "change_entries"]
 
@@ -116,9 +117,11 @@ def _history_entries(
 ) -> list[ChangeEntry]:
     records = model.history.select_related("history_user").order_by("-history_date", "-pk")
     if query:
+        # An object's ID in ASCII digits and within range ("²".isdigit() is true too).
+        object_id = parse_object_id(query)
         records = (
-            records.filter(id=int(query))
-            if query.isdigit()
+            records.filter(id=object_id)
+            if object_id is not None
             else records.filter(name__icontains=query)
         )
     if username:
@@ -179,7 +182,7 @@ def _event_entries(
     if query:
         events = (
             events.filter(object_id=query)
-            if query.isdigit()
+            if parse_object_id(query) is not None
             else events.filter(object_repr__icontains=query)
         )
     if username:

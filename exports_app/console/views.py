@@ -24,6 +24,7 @@ from exports_app.admin_status import END_SESSIONS, VIEW_SESSIONS
 from exports_app.console import changelog, export_page, overview, wizard
 from exports_app.models import Certificate, Export, WorkerNode
 from exports_app.services import ca, renewal, workerstatus
+from exports_app.validators import parse_object_id
 
 __all__ = [
     "ROUTES",
@@ -221,8 +222,9 @@ def end_session(request: HttpRequest, node: str, session_id: str) -> HttpRespons
     except workerstatus.StatusUnavailable:
         notice = "Redis is unreachable: nothing was done."
     export_pk = request.POST.get("export", "")
-    if export_pk.isdigit():  # asked from the export's page: answer with its live part
-        export = get_object_or_404(Export, pk=int(export_pk))
+    export_id = parse_object_id(export_pk)
+    if export_id is not None:  # asked from the export's page: answer with its live part
+        export = get_object_or_404(Export, pk=export_id)
         return _render_export_live(request, export, notice=notice)
     return _render_section(request, "sessions", notice=notice)
 

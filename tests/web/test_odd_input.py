@@ -8,6 +8,7 @@ database's integer. A body of nested brackets must not reach the JSON parser's r
 import pytest
 
 from exports_app.models import Export
+from tests.support.adminforms import export_add_form
 
 pytestmark = pytest.mark.django_db
 
@@ -177,3 +178,54 @@ def test_a_page_no_route_matches_outside_the_api_is_still_html(client, db):
     response = client.get("/nope/")
     assert response.status_code == 404
     assert response["Content-Type"].startswith("text/html")
+
+
+# -- the admin's forms read numbers as the API does (one field: exports_app/formfields.py) --------
+
+
+@pytest.mark.parametrize("value", ["١٢", "\uff11\uff12", "²", "99999999999999999999999"])
+def test_admin_export_integer_fields_in_odd_digits_are_form_errors(
+    admin_client, default_node, value
+):
+    data = export_add_form(default_node.pk, max_connections=value, preferred_block_size="٤٠٩٦")
+    response = admin_client.post("/admin/exports_app/export/add/", data)
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors
+    assert {"max_connections", "preferred_block_size"} <= set(errors), errors
+    assert not Export.objects.exists()
+
+
+def test_admin_certificate_validity_in_odd_digits_is_a_form_error(admin_client, authority):
+    response = admin_client.post(
+        "/admin/exports_app/certificate/add/",
+        {"kind": "client", "authority": authority.pk, "common_name": "c", "validity_days": "٣٠"},
+    )
+    assert response.status_code == 200
+    assert "validity_days" in response.context["adminform"].form.errors
+
+
+def test_every_integer_field_of_the_admin_forms_reads_ascii_only(admin_client, default_node):
+    """The one place: an admin form whose integer field is Django's own would take "١٢"."""
+    from django import forms
+    from django.contrib import admin
+
+    from exports_app.formfields import AsciiIntegerFormField
+
+    loose = []
+    request = admin_client.get("/admin/").wsgi_request
+    for model, model_admin in admin.site._registry.items():
+        if model._meta.app_label != "exports_app":
+            continue
+        for form_class in {model_admin.get_form(request), model_admin.get_form(request, None)}:
+            for name, field in form_class.base_fields.items():
+                if isinstance(field, forms.IntegerField) and not isinstance(
+                    field, AsciiIntegerFormField
+                ):
+                    loose.append(f"{model.__name__}.{name}")
+    assert loose == []
+
+
+@pytest.mark.parametrize("query", ["²", "99999999999999999999999"])
+def test_console_changelog_search_with_odd_number_is_not_a_5xx(admin_client, default_node, query):
+    response = admin_client.get("/admin/console/changes/", {"q": query})
+    assert response.status_code < 500
