@@ -6,6 +6,11 @@ request: 422; the first request still running: 409). `finish` stores a success's
 `abandon` frees the key after a failure (a 4xx or 5xx answer, or an unhandled exception), so
 the client can try again. A key whose request never finished (its process was killed) is
 taken over by a retry after IN_PROGRESS_LIMIT. Expired keys are purged whenever a key is used.
+
+Each claim is fenced by its `created` time (a takeover sets a new one): a request whose key was
+taken over, and that ends after all, neither frees nor overwrites its successor's claim (else a
+failing first request would delete the successor's stored answer, and the next retry would run
+the POST again).
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ __all__ = [
 ]
 
 KEY_LIFETIME = timedelta(hours=24)
-# Longer than any request runs (gunicorn kills a worker after GUNICORN_TIMEOUT, 60 s by
-# default): a key still unfinished after this belongs to a request that died with its process.
+# Longer than requests run: a key still unfinished after this most likely belongs to a request
+# that died with its process. Not surely (gunicorn's gthread workers do not kill a slow request
+# at GUNICORN_TIMEOUT), hence the fencing of finish and abandon.
 IN_PROGRESS_LIMIT = timedelta(minutes=5)
 MAX_KEY_LENGTH = 255
 
@@ -86,9 +92,14 @@ def begin(user, key: str, request_digest: str) -> Outcome:
     return Outcome(replay=found)
 
 
+def _own_claim(record: IdempotencyKey):
+    """`record`'s row while it is still this request's claim (not taken over since)."""
+    return IdempotencyKey.objects.filter(pk=record.pk, created=record.created, status_code=None)
+
+
 def finish(record: IdempotencyKey, status_code: int, body: object) -> None:
-    IdempotencyKey.objects.filter(pk=record.pk).update(status_code=status_code, response_body=body)
+    _own_claim(record).update(status_code=status_code, response_body=body)
 
 
 def abandon(record: IdempotencyKey) -> None:
-    IdempotencyKey.objects.filter(pk=record.pk).delete()
+    _own_claim(record).delete()

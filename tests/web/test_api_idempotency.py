@@ -123,3 +123,37 @@ def test_a_key_left_unfinished_by_a_dead_process_is_taken_over(api, superuser, d
     retry = post(api, EXPORTS, {"name": "orphan", "size": "1G"}, "orphaned")
     assert retry.status_code == 201, retry.content
     assert IdempotencyKey.objects.get(key="orphaned").status_code == 201
+
+
+def _stale_attempt(user, key: str, body: bytes):
+    """A request that began with `key` and still runs past IN_PROGRESS_LIMIT (gunicorn's gthread
+    workers do not kill a slow request): its key is up for takeover."""
+    first = idempotency.begin(user, key, idempotency.digest("POST", EXPORTS, body)).record
+    assert first is not None
+    IdempotencyKey.objects.filter(pk=first.pk).update(
+        created=timezone.now() - idempotency.IN_PROGRESS_LIMIT - timedelta(seconds=1)
+    )
+    return first
+
+
+def test_a_stale_attempt_that_fails_does_not_free_its_successors_key(api, superuser, default_node):
+    stale = _stale_attempt(superuser, "slow", b'{"name": "slow", "size": "1G"}')
+    taken_over = post(api, EXPORTS, {"name": "slow", "size": "1G"}, "slow")
+    assert taken_over.status_code == 201, taken_over.content
+    # The first request now fails: it frees only its own claim, not the successor's answer.
+    idempotency.abandon(stale)
+    retry = post(api, EXPORTS, {"name": "slow", "size": "1G"}, "slow")
+    assert retry.status_code == 201, retry.content
+    assert retry.json() == taken_over.json()
+    assert Export.objects.filter(name="slow").count() == 1
+
+
+def test_a_stale_attempt_that_finishes_does_not_overwrite_its_successors_answer(
+    api, superuser, default_node
+):
+    stale = _stale_attempt(superuser, "late", b'{"name": "late", "size": "1G"}')
+    taken_over = post(api, EXPORTS, {"name": "late", "size": "1G"}, "late")
+    assert taken_over.status_code == 201, taken_over.content
+    idempotency.finish(stale, 201, {"id": -1, "name": "the stale attempt's answer"})
+    retry = post(api, EXPORTS, {"name": "late", "size": "1G"}, "late")
+    assert retry.json() == taken_over.json()
