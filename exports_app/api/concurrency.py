@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from django.db import models, transaction
@@ -27,7 +28,7 @@ __all__ = [
     "PreconditionFailed",
     "UnprocessableKey",
     "if_match_allows",
-    "object_etag",
+    "representation_etag",
 ]
 
 # Actions whose answer is one object: they send its ETag.
@@ -43,15 +44,16 @@ class PreconditionFailed(APIException):
     default_code = "precondition_failed"
 
 
-def object_etag(obj: models.Model, representation: Any = None) -> str:
-    """A strong ETag of the stored object and of its API representation: a digest of every
-    column and of the answer's body, so any saved change gives a new one, and so does a change
-    the answer shows from elsewhere (the node's name, the latest job) that a 304 must not
+def representation_etag(
+    model: type[models.Model], representation: Any, ignored: Iterable[str] = ()
+) -> str:
+    """A strong ETag of an object's API answer: a digest of its body but the `ignored` fields.
+    A saved change shows in it (every answer has the object's fields and `last_updated`), and
+    so does a change from elsewhere (the node's name, the latest job) that a 304 must not
     hide."""
-    digest = hashlib.sha256(obj._meta.label.encode())
-    for field in obj._meta.concrete_fields:
-        digest.update(f"\0{field.attname}={getattr(obj, field.attname)!r}".encode())
-    digest.update(b"\0" + json.dumps(representation, sort_keys=True, default=str).encode())
+    kept = {k: v for k, v in representation.items() if k not in ignored}
+    body = json.dumps(kept, sort_keys=True, default=str)
+    digest = hashlib.sha256(f"{model._meta.label}\0{body}".encode())
     return f'"{digest.hexdigest()[:32]}"'
 
 
@@ -69,6 +71,10 @@ class ETagMixin:
     DELETE, checked in get_object on the row locked for the rest of the transaction (the
     viewset runs its update and destroy in one)."""
 
+    # Fields of the answer that are a live report, not the object (a node's `status`, from its
+    # worker's heartbeat every 2 s): left out of the version, or every read would be stale.
+    etag_ignored_fields: tuple[str, ...] = ()
+
     def get_object(self):
         obj = super().get_object()
         if self.request.method not in PRECONDITION_METHODS:
@@ -82,7 +88,9 @@ class ETagMixin:
         return obj
 
     def current_etag(self, obj: models.Model) -> str:
-        return object_etag(obj, self.get_serializer(obj).data)
+        return representation_etag(
+            type(obj), self.get_serializer(obj).data, self.etag_ignored_fields
+        )
 
     def finalize_response(self, request, response, *args, **kwargs):
         response = super().finalize_response(request, response, *args, **kwargs)
@@ -93,6 +101,11 @@ class ETagMixin:
             and isinstance(data, dict)
             and "id" in data
         ):
+            model = self.get_queryset().model
+            if request.method in ("GET", "HEAD"):
+                # The answer is the object as it is: its body is the version.
+                response["ETag"] = representation_etag(model, data, self.etag_ignored_fields)
+                return response
             # Read again (as a GET reads it): a service may have changed the row after the
             # serializer saw it.
             obj = self.get_queryset().filter(pk=data["id"]).first()

@@ -47,6 +47,8 @@ class WorkerNodeViewSet(BaseModelViewSet):
     ).with_export_count()
     serializer_class = serializers.WorkerNodeSerializer
     filterset_class = filtersets.WorkerNodeFilterSet
+    # What the worker reports changes every heartbeat; the node's version is its settings.
+    etag_ignored_fields = ("status",)
 
 
 class TLSPolicyViewSet(BaseModelViewSet):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 
 from exports_app.models import Export, WorkerNode
+from nbdworker.contract.snapshot import heartbeat_key
+from tests.support.workerrecords import heartbeat_record
 
 pytestmark = pytest.mark.django_db
 
@@ -117,3 +119,20 @@ def test_a_list_has_an_etag_and_answers_304_while_it_is_unchanged(api, export):
     grown = api.get(EXPORTS, HTTP_IF_NONE_MATCH=etag)
     assert grown.status_code == 200
     assert grown.json()["count"] == 2
+
+
+def test_a_nodes_etag_is_its_own_version_not_its_workers_heartbeat(api, default_node, web_redis):
+    # The worker rewrites its heartbeat (with the time) every 2 s: a node read before one must
+    # still be changeable with If-Match, and still unchanged to If-None-Match.
+    def beat(time: str) -> None:
+        record = {"node": default_node.name, "generation": 1, "time": time}
+        web_redis.set(heartbeat_key(default_node.name), heartbeat_record(default_node.name, record))
+
+    url = f"/api/v1/nodes/{default_node.pk}/"
+    beat("2026-12-08T00:00:00Z")
+    read = api.get(url)
+    assert read.json()["status"]["status"] == "online"
+    beat("2026-12-08T00:00:02Z")
+    assert api.get(url, HTTP_IF_NONE_MATCH=read["ETag"]).status_code == 304
+    changed = api.patch(url, {"description": "rack 4"}, format="json", HTTP_IF_MATCH=read["ETag"])
+    assert changed.status_code == 200, changed.content
