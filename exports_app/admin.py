@@ -318,13 +318,17 @@ class ExportAdmin(AsciiNumbersAdminMixin, ExportPageAdminMixin, SimpleHistoryAdm
         form = ExportImportForm(request.POST or None)
         if request.method == "POST" and form.is_valid():
             export = form.save(commit=False)
-            exports.import_export(export)
-            self.message_user(
-                request,
-                f"{export}: the node's job checks {export.image_path!r} and takes it over.",
-                messages.SUCCESS,
-            )
-            return redirect(reverse("admin:exports_app_export_changelist"))
+            try:
+                exports.import_export(export)
+            except ValidationError as exc:  # a file the job would refuse: a form error
+                form.add_error(None, exc)
+            else:
+                self.message_user(
+                    request,
+                    f"{export}: the node's job checks {export.image_path!r} and takes it over.",
+                    messages.SUCCESS,
+                )
+                return redirect(reverse("admin:exports_app_export_changelist"))
         context = {
             **self.admin_site.each_context(request),
             "opts": self.model._meta,

@@ -224,31 +224,19 @@ def _verify(job: Job, export: Export, progress: ProgressRecorder) -> dict:
 
 
 def _import(job: Job, export: Export, progress: ProgressRecorder) -> dict:
-    """Take an existing file under the node's root as the export's image, once checked."""
-
-    def check(device_inode: str, size: int) -> None:
-        if size != job.params["size"]:
-            raise JobFailed(
-                f"{place.path} has {size} bytes, not the {job.params['size']} the import named."
-            )
-        # A second name (hard link) of another export's image is that image, and so is the
-        # same file reached through another node whose root shares a directory: any node.
-        other = (
-            Export.objects.filter(image_identity__startswith=f"{device_inode}:")
-            .exclude(pk=export.pk)
-            .first()
-        )
-        if other is not None:
-            raise JobFailed(f"{place.path} is the image of export {other.name!r} already.")
-
+    """Take an existing file under the node's root as the export's image, once checked (the
+    same checks as when the import was asked: the file may have changed since)."""
     with transaction.atomic(), _place(export) as place:
         # Imports take turns (every node row locked, in order): two imports of one file
         # cannot both pass the check before either records its identity.
         list(WorkerNode.objects.select_for_update().order_by("pk").values_list("pk", flat=True))
+        check = exports.import_check(export, place.path, job.params["size"])
         try:
             identity = images.take_over(place, check)
         except FileNotFoundError:
             raise JobFailed(f"No file to import at {place.path}.") from None
+        except exports.ImportRefused as exc:
+            raise JobFailed(str(exc)) from None
         Export.objects.filter(pk=export.pk).update(image_identity=identity, image_imported=True)
     return {"last_error": ""}
 

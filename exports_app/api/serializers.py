@@ -441,7 +441,10 @@ class ExportImportSerializer(ExportSerializer):
 
     def create(self, validated_data: dict) -> Export:
         export = Export(**validated_data)
-        exports.import_export(export)
+        try:
+            exports.import_export(export)
+        except DjangoValidationError as exc:  # a file the job would refuse: 400, no job
+            raise django_errors_to_drf(exc) from None
         return export
 
 

@@ -10,17 +10,21 @@ so the job's message is sent only once both are committed (`exports_app.services
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from exports_app.choices import ExportState
 from exports_app.models import Export, Job
-from exports_app.services import export_states, export_usage, provisioning
+from exports_app.services import export_states, export_usage, images, provisioning, storage
 
 __all__ = [
+    "ImportRefused",
+    "check_import",
     "check_resize",
     "create_export",
+    "import_check",
     "import_export",
     "resize_export",
     "save_export",
@@ -66,10 +70,65 @@ def create_export(export: Export, clone_from: Export | None = None) -> Job:
         return provisioning.request_clone(export, clone_from)
 
 
+class ImportRefused(Exception):
+    """The file cannot be the export's image; `field` is the request's field to blame."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def import_check(export: Export, path: str, size: int) -> Callable[[str, int], None]:
+    """What an import checks of the file beyond `images.take_over`'s own rules (asked by
+    `check_import`, and again by the import job, which alone decides): its size is the one
+    named, and no other export on any node has it as its image (a second name, or the same
+    directory reached through another node's root)."""
+
+    def check(device_inode: str, found: int) -> None:
+        if found != size:
+            raise ImportRefused(
+                "size", f"{path} has {found} bytes, not the {size} the import named."
+            )
+        other = (
+            Export.objects.filter(image_identity__startswith=f"{device_inode}:")
+            .exclude(pk=export.pk)
+            .first()
+        )
+        if other is not None:
+            raise ImportRefused(
+                "image_path", f"{path} is the image of export {other.name!r} already."
+            )
+
+    return check
+
+
+def check_import(export: Export) -> None:
+    """Refuse, when it is asked, an import the job would refuse: ValidationError naming the
+    field. Only where this host sees the node's storage root (a node on another host: its job
+    checks)."""
+    try:
+        with storage.image_place(export.node.storage_root, export.image_path) as place:
+            images.check_importable(place, import_check(export, place.path, export.size))
+    except storage.NotThisHost:
+        return
+    except storage.StorageRefused as exc:
+        raise ValidationError({"image_path": [str(exc)]}) from None
+    except ImportRefused as exc:
+        raise ValidationError({exc.field: [str(exc)]}) from None
+    except FileNotFoundError:
+        raise ValidationError(
+            {"image_path": [f"No file to import at {export.image_path!r}."]}
+        ) from None
+    except OSError as exc:  # ImageNotOwned (a symlink, a FIFO, hard links, another's) and errors
+        raise ValidationError({"image_path": [images.describe_error(exc)]}) from None
+
+
 def import_export(export: Export) -> Job:
     """Save a new (validated) export whose image is the existing file at its `image_path`, and
     request the job that checks the file and takes it over. Jobs change or remove that file only
-    once the job has recorded it; deleting the export without wipe then leaves it."""
+    once the job has recorded it; deleting the export without wipe then leaves it. A file this
+    host can see and the job would refuse is refused now (`check_import`): no export, no job."""
+    check_import(export)
     with transaction.atomic():
         export.save()
         return provisioning.request_import(export)

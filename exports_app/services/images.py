@@ -51,6 +51,7 @@ __all__ = [
     "ImageNotOwned",
     "ImagePlace",
     "Progress",
+    "check_importable",
     "clone",
     "create_sparse",
     "data_extents",
@@ -211,21 +212,35 @@ def take_over(place: ImagePlace, check: Callable[[str, int], None]) -> str:
     """
     fd = _open_checked(place, os.O_RDONLY, None)
     try:
-        st = os.fstat(fd)
-        check(f"{st.st_dev}:{st.st_ino}", st.st_size)
-        if st.st_nlink != 1:
-            raise ImageNotOwned(
-                place.path, f"It has {st.st_nlink} names (hard links); an import needs one"
-            )
-        if st.st_uid != os.geteuid():
-            raise ImageNotOwned(
-                place.path, f"It belongs to uid {st.st_uid}, not to nbdweb's (uid {os.geteuid()})"
-            )
+        _check_importable(fd, place, check)
         identity = _mark(fd, place.path)
         os.fchmod(fd, 0o600)
         return identity
     finally:
         os.close(fd)
+
+
+def check_importable(place: ImagePlace, check: Callable[[str, int], None]) -> None:
+    """Whether `take_over` would take the file at `place` (ImageNotOwned, FileNotFoundError or
+    what `check` raises if not); writes nothing. For refusing an import when it is asked."""
+    fd = _open_checked(place, os.O_RDONLY, None)
+    try:
+        _check_importable(fd, place, check)
+    finally:
+        os.close(fd)
+
+
+def _check_importable(fd: int, place: ImagePlace, check: Callable[[str, int], None]) -> None:
+    st = os.fstat(fd)
+    check(f"{st.st_dev}:{st.st_ino}", st.st_size)
+    if st.st_nlink != 1:
+        raise ImageNotOwned(
+            place.path, f"It has {st.st_nlink} names (hard links); an import needs one"
+        )
+    if st.st_uid != os.geteuid():
+        raise ImageNotOwned(
+            place.path, f"It belongs to uid {st.st_uid}, not to nbdweb's (uid {os.geteuid()})"
+        )
 
 
 def _has_identity(place: ImagePlace, name: str, identity: str) -> bool:

@@ -19,13 +19,17 @@ from django.conf import settings
 
 from exports_app.services.images import ImagePlace
 
-__all__ = ["StorageRefused", "configured_roots", "image_place"]
+__all__ = ["NotThisHost", "StorageRefused", "configured_roots", "image_place"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class StorageRefused(Exception):
     """The path is outside this host's storage roots or passes a symbolic link."""
+
+
+class NotThisHost(StorageRefused):
+    """The node's storage root is none of this host's: its files are another host's to see."""
 
 
 def configured_roots() -> list[str]:
@@ -50,7 +54,7 @@ def _below_configured_root(storage_root: str) -> tuple[str, list[str]]:
             return root, []
         if os.path.commonpath([root, wanted]) == root:
             return root, _relative_components(os.path.relpath(wanted, root), "storage root")
-    raise StorageRefused(
+    raise NotThisHost(
         f"The node's storage root {storage_root!r} is not among this host's storage roots "
         f"({':'.join(configured_roots()) or 'none'}; NBDWORKER_STORAGE_ROOTS)."
     )

@@ -219,10 +219,29 @@ def test_an_imported_image_deleted_with_wipe_is_zeroed_and_removed(api, default_
     assert not image.exists()
 
 
-@pytest.mark.parametrize("kind", ["symlink", "fifo", "directory", "missing", "wrong-size"])
+def refused_with(response, field: str, text: str) -> None:
+    """An import refused when asked: 400 naming the field, and neither export nor job."""
+    assert response.status_code == 400, response.content
+    assert text in " ".join(response.json().get(field, [])), response.json()
+    assert not Export.objects.exists() or export_named("t") is None
+    assert not Job.objects.filter(kind=JobKind.IMPORT).exists()
+
+
+@pytest.mark.parametrize(
+    ("kind", "field", "text"),
+    [
+        ("symlink", "image_path", "outside the node's storage root"),
+        ("fifo", "image_path", "Not a regular file"),
+        ("directory", "image_path", "Not a regular file"),
+        ("missing", "image_path", "No file to import"),
+        ("wrong-size", "size", "has 1048576 bytes, not the 2097152"),
+    ],
+)
 def test_import_refuses_anything_but_a_regular_file_of_the_named_size(
-    api, default_node, storage_root, elsewhere, kind
+    api, default_node, storage_root, elsewhere, kind, field, text
 ):
+    """Refused when asked (400 with the field's error), not accepted and then failed by the
+    job: the job checks again, but only what changed in between fails there."""
     path = storage_root / "thing.img"
     if kind == "symlink":
         (elsewhere / "target.img").write_bytes(VICTIM)
@@ -234,18 +253,24 @@ def test_import_refuses_anything_but_a_regular_file_of_the_named_size(
     elif kind == "wrong-size":
         path.write_bytes(VICTIM)
     response = api.post(IMPORT, {"name": "t", "image_path": "thing.img", "size": "2M"})
-    if kind == "symlink":
-        # Refused when asked already (the web side resolves the path), else by the job.
-        assert response.status_code in (202, 400), response.content
-    else:
-        assert response.status_code == 202, response.content
-    if response.status_code == 202:
-        [job] = run_jobs()
-        assert job.state == JobState.FAILED
-        assert export_named("t").state == ExportState.FAILED
-        assert export_named("t").image_identity == ""
+    refused_with(response, field, text)
     if kind == "symlink":
         assert (elsewhere / "target.img").read_bytes() == VICTIM
+
+
+def test_a_file_that_changes_after_the_request_is_refused_by_the_job(
+    api, default_node, storage_root
+):
+    path = storage_root / "thing.img"
+    path.write_bytes(VICTIM)
+    response = api.post(IMPORT, {"name": "t", "image_path": "thing.img", "size": MiB})
+    assert response.status_code == 202, response.content
+    path.write_bytes(VICTIM + VICTIM)
+    [job] = run_jobs()
+    assert job.state == JobState.FAILED
+    assert "not the 1048576 the import named" in job.error
+    assert export_named("t").state == ExportState.FAILED
+    assert export_named("t").image_identity == ""
 
 
 def test_import_refuses_the_image_of_another_export_by_a_second_name(
@@ -254,10 +279,8 @@ def test_import_refuses_the_image_of_another_export_by_a_second_name(
     api.post(EXPORTS, {"name": "mine", "size": MiB})
     run_jobs()
     os.link(storage_root / export_named("mine").image_path, storage_root / "alias.img")
-    api.post(IMPORT, {"name": "alias", "image_path": "alias.img", "size": MiB})
-    [job] = run_jobs()
-    assert job.state == JobState.FAILED
-    assert "image of export 'mine'" in job.error
+    response = api.post(IMPORT, {"name": "t", "image_path": "alias.img", "size": MiB})
+    refused_with(response, "image_path", "image of export 'mine'")
 
 
 def test_import_of_a_path_outside_the_root_is_400(api, default_node):
@@ -299,6 +322,26 @@ def test_admin_import_makes_the_same_import_job(admin_client, default_node, stor
     assert export_named("old").image_imported
 
 
+@pytest.mark.parametrize(
+    ("setup", "field", "text"),
+    [("missing", "image_path", "No file to import"), ("wrong-size", "size", "not the 2097152")],
+)
+def test_admin_import_refusals_are_form_errors_not_failed_jobs(
+    admin_client, default_node, storage_root, setup, field, text
+):
+    if setup == "wrong-size":
+        (storage_root / "old.img").write_bytes(VICTIM)
+    response = admin_client.post(
+        "/admin/exports_app/export/import/",
+        {"node": default_node.pk, "name": "t", "image_path": "old.img", "size": "2M"},
+    )
+    assert response.status_code == 200
+    errors = response.context["form"].errors
+    assert text in " ".join(errors.get(field, [])), errors
+    assert not Export.objects.exists()
+    assert not Job.objects.exists()
+
+
 def test_admin_import_needs_the_import_permission(client, make_user, default_node):
     staff = make_user("exports_app.view_export", "exports_app.add_export")
     staff.is_staff = True
@@ -322,21 +365,16 @@ def test_import_refuses_a_file_with_another_name(api, default_node, storage_root
     image = storage_root / "linked.img"
     image.write_bytes(VICTIM)
     os.link(image, storage_root / "second-name.img")
-    api.post(IMPORT, {"name": "linked", "image_path": "linked.img", "size": MiB})
-    [job] = run_jobs()
-    assert job.state == JobState.FAILED
-    assert "hard links" in job.error
-    assert export_named("linked").image_identity == ""
+    response = api.post(IMPORT, {"name": "t", "image_path": "linked.img", "size": MiB})
+    refused_with(response, "image_path", "hard links")
 
 
 def test_import_refuses_another_users_file(api, default_node, storage_root):
     image = storage_root / "theirs.img"
     image.write_bytes(VICTIM)
     os.chown(image, os.geteuid() + 4242, -1)
-    api.post(IMPORT, {"name": "theirs", "image_path": "theirs.img", "size": MiB})
-    [job] = run_jobs()
-    assert job.state == JobState.FAILED
-    assert f"uid {os.geteuid() + 4242}" in job.error
+    response = api.post(IMPORT, {"name": "t", "image_path": "theirs.img", "size": MiB})
+    refused_with(response, "image_path", f"uid {os.geteuid() + 4242}")
     assert image.stat().st_uid == os.geteuid() + 4242
 
 
@@ -366,12 +404,9 @@ def test_import_refuses_an_image_of_another_node_sharing_the_directory(
     # Renamed: the same file (device and inode), with one name.
     os.rename(storage_root / export_named("mine").image_path, storage_root / "sub" / "moved.img")
     response = api.post(
-        IMPORT, {"name": "again", "image_path": "moved.img", "size": MiB, "node": other.pk}
+        IMPORT, {"name": "t", "image_path": "moved.img", "size": MiB, "node": other.pk}
     )
-    assert response.status_code == 202, response.content
-    [job] = run_jobs()
-    assert job.state == JobState.FAILED
-    assert "image of export 'mine'" in job.error
+    refused_with(response, "image_path", "image of export 'mine'")
 
 
 def test_two_concurrent_imports_of_one_file_cannot_both_win(
