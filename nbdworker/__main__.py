@@ -25,7 +25,7 @@ from typing import Any
 
 from nbdworker.contract.config import ConfigError, WorkerConfig
 from nbdworker.contract.nodekey import NODE_KEY_ENV, NodeKey, load_node_key
-from nbdworker.contract.redisconn import connect, is_sentinel, parse_sentinel_url
+from nbdworker.contract.redisconn import check_url, connect
 from nbdworker.contract.snapshot import SecretError, key_id
 from nbdworker.logformat import configure_logging, log_format_from_env
 from nbdworker.settings import WorkerSettings
@@ -109,11 +109,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.log_format = log_format_from_env()
     except ValueError as exc:
         parser.error(str(exc))
-    if is_sentinel(args.redis_url):
-        try:
-            parse_sentinel_url(args.redis_url)
-        except ValueError as exc:
-            parser.error(f"REDIS_URL: {exc}")
+    try:
+        check_url(args.redis_url)
+    except ValueError as exc:
+        parser.error(f"REDIS_URL: {exc}")
     if isinstance(args.workers, str):  # a default from the environment is not converted
         try:
             args.workers = _workers(args.workers)

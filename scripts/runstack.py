@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from nbdweb.datadir import data_dir, secret_from_env_or_file  # noqa: E402
 from nbdworker.contract.nodekey import NODE_KEY_ENV, derive_node_key  # noqa: E402
-from nbdworker.contract.redisconn import is_sentinel, parse_sentinel_url  # noqa: E402
+from nbdworker.contract.redisconn import check_url, is_sentinel, parse_sentinel_url  # noqa: E402
 
 PYTHON = sys.executable
 STOP_GRACE_SECONDS = 15.0
@@ -319,6 +319,12 @@ def worker_node(env: dict[str, str]) -> str:
 
 def ensure_redis(env: dict[str, str], stack: Stack) -> None:
     url = env["REDIS_URL"]
+    try:
+        # Before anything logs the URL: redacted() cannot find a password with an unencoded
+        # "/", "?" or "#" in it.
+        check_url(url)
+    except ValueError as exc:
+        raise SystemExit(f"[runstack] REDIS_URL: {exc}") from None
     if redis_answers(url):
         say(f"redis answers at {redacted(url)}")
         return

@@ -12,6 +12,10 @@ backend) and nbdworker (config source, heartbeat). `REDIS_URL` is either
   authenticates as ``default``); sentinels that want a password of their own (their
   ``requirepass``) get ``?sentinel_password=...`` (and ``sentinel_username=...``).
 
+A "/", "?", "#" or "@" in a user or password is percent-encoded, as in any URL: a URL with an
+"@" after its host list is refused (it would otherwise split inside the password and show its
+tail in errors as a host, a master's name or an option).
+
 With TLS the server is always verified, against ``REDIS_TLS_CA_FILE`` (the system's CAs when
 unset), and a client certificate is presented from ``REDIS_TLS_CERT_FILE`` /
 ``REDIS_TLS_KEY_FILE`` when Redis asks for one (its ``tls-auth-clients``).
@@ -36,6 +40,7 @@ __all__ = [
     "RedisCredentials",
     "SentinelURL",
     "celery_settings",
+    "check_url",
     "connect",
     "is_sentinel",
     "parse_sentinel_url",
@@ -85,9 +90,37 @@ def uses_tls(url: str) -> bool:
     return scheme == "rediss" or SENTINEL_SCHEMES.get(scheme, False)
 
 
+# A user or password with an unencoded "/", "?" or "#" ends the URL's authority early: the rest
+# of it lands in the host list, the path or the query, where an error message would quote it.
+_UNENCODED_USERINFO = (
+    "an '@' after the host list: percent-encode '/', '?', '#' and '@' in the user, the password "
+    "and the query (%2F, %3F, %23, %40)"
+)
+
+
+def _refuse_misplaced_at(url: str) -> None:
+    """ValueError (quoting nothing) when an '@' follows the authority: most likely a password
+    with an unencoded '/', '?' or '#', whose tail would otherwise be taken for a host, a master
+    name, a database or an option, and shown in errors and logs."""
+    rest = url.partition("://")[2]
+    authority_end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    if "@" in rest[authority_end:]:
+        raise ValueError(f"malformed Redis URL: {_UNENCODED_USERINFO}")
+
+
+def check_url(url: str) -> None:
+    """ValueError, never quoting a password, when `url` is not a usable REDIS_URL: the same
+    checks every client's `connect` makes, for a process to refuse a bad setting at start."""
+    _refuse_misplaced_at(url)
+    if is_sentinel(url):
+        parse_sentinel_url(url)
+
+
 def _host_port(member: str) -> tuple[str, int]:
     if member.startswith("["):  # [IPv6]:port
-        host, _, rest = member[1:].partition("]")
+        host, bracket, rest = member[1:].partition("]")
+        if not bracket:
+            raise ValueError(f"bad sentinel address {member!r} (an IPv6 address without ']')")
         port_text = rest[1:] if rest.startswith(":") else rest
     else:
         host, _, port_text = member.partition(":")
@@ -104,6 +137,9 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     scheme = _scheme(url)
     if scheme not in SENTINEL_SCHEMES:
         raise ValueError(f"not a Sentinel URL: the scheme is {scheme!r}")
+    # After this, the user and password are all before the authority's last "@": the host list,
+    # path and query that errors quote hold none of them.
+    _refuse_misplaced_at(url)
     # urlsplit refuses a host list with an IPv6 member, and its .port a list: split by hand
     # (a password with "/", "?" or "#" in it is percent-encoded, as in any URL).
     rest = url.partition("://")[2].partition("#")[0]
@@ -219,6 +255,7 @@ def connect(
     (timeouts, decode_responses) for every connection. With a Sentinel URL its pool asks the
     sentinels for the primary on each new connection, so it follows a failover by itself."""
     tls = tls_options(url, environ)
+    _refuse_misplaced_at(url)
     if not is_sentinel(url):
         bare_url, credentials = _split_credentials(url)
         return redis_module.Redis.from_url(bare_url, **credentials, **tls, **options)
@@ -241,6 +278,7 @@ def celery_settings(url: str, environ: Mapping[str, str] | None = None) -> dict[
     joined by ``;`` with the master's name in the transport options: the same sentinels,
     credentials and TLS as every other client."""
     tls = tls_options(url, environ)
+    _refuse_misplaced_at(url)
     settings: dict[str, Any] = {"broker_url": url, "result_backend": url}
     if not is_sentinel(url):
         if tls:

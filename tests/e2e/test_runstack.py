@@ -103,6 +103,30 @@ def test_make_run_without_redis_and_without_redis_server_says_how_to_install(
     assert "apt-get install redis-server" in result.stdout + result.stderr
 
 
+def test_make_run_with_an_unencoded_password_in_redis_url_stops_showing_none_of_it(
+    tmp_path: Path,
+) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
+    env.update(
+        NBDWEB_DATA_DIR=str(tmp_path / "data"),
+        # A "/" in the password ends the URL's authority: redacted() found no password to mask.
+        REDIS_URL=f"redis://:hunt/er2@127.0.0.1:{free_port()}/0",
+        PATH=str(Path(sys.executable).parent),
+    )
+    result = subprocess.run(
+        [sys.executable, "scripts/runstack.py"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "REDIS_URL: malformed Redis URL" in output
+    assert "hunt" not in output and "er2" not in output
+
+
 def _environ(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes()
     return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)

@@ -272,6 +272,17 @@ def test_worker_with_a_bad_sentinel_url_refuses_to_start_saying_why(tmp_path) ->
     assert "hunter2" not in result.stderr
 
 
+def test_worker_with_an_unencoded_password_in_redis_url_refuses_to_start_quoting_none(
+    tmp_path,
+) -> None:
+    env = {**os.environ, "NBDWEB_CONFIG_SECRET": SECRET, "NBDWEB_DATA_DIR": str(tmp_path)}
+    env["REDIS_URL"] = "redis://:hunt/er2@127.0.0.1:6379/0"
+    result = run_worker_main("--listen", "127.0.0.1:0", env=env)
+    assert result.returncode == 2
+    assert "REDIS_URL: malformed Redis URL" in result.stderr
+    assert "hunt" not in result.stderr and "er2" not in result.stderr
+
+
 # -- hostile publishers ------------------------------------------------------------------------
 
 

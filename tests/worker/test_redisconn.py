@@ -157,3 +157,44 @@ def test_a_sentinel_client_finding_no_primary_says_so_without_passwords() -> Non
         client.ping()
     assert "No master found for 'm'" in str(caught.value)
     assert "secret" not in str(caught.value)
+
+
+# A generated password often holds "/" (base64), "?" or "#"; unencoded, it ends the URL's
+# authority early and its tail would be read (and quoted) as a host, a master or an option.
+UNENCODED_PASSWORDS = [
+    "redis+sentinel://:s3cr/et-tail@s1/m",
+    "redis+sentinel://:s3cr#et-tail@s1/m",
+    "redis+sentinel://:s3cr?et-tail@s1/m",
+    "redis+sentinel://nbdweb:12/s3cret-tail@s1/3",  # would parse: sentinel nbdweb:12, master ..@s1
+    "redis+sentinel://:s3c@r/et-tail@s1/m",
+]
+
+
+@pytest.mark.parametrize("url", UNENCODED_PASSWORDS)
+def test_an_unencoded_password_is_refused_without_quoting_any_of_it(url: str) -> None:
+    with pytest.raises(ValueError, match="percent-encode") as caught:
+        parse_sentinel_url(url)
+    assert "s3c" not in str(caught.value) and "tail" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        *UNENCODED_PASSWORDS,
+        "redis://:s3cr/et-tail@127.0.0.1:6379/0",
+        "redis://:s3cr#et-tail@127.0.0.1:6379/0",
+        "rediss://nbdweb:s3cr?et-tail@127.0.0.1:6379/0",
+    ],
+)
+def test_no_client_is_built_for_an_unencoded_password_and_the_error_quotes_none(url: str) -> None:
+    for module in (redis, redis.asyncio):
+        with pytest.raises(ValueError, match="percent-encode") as caught:
+            connect(module, url)
+        assert "s3c" not in str(caught.value) and "tail" not in str(caught.value)
+    with pytest.raises(ValueError, match="percent-encode"):
+        celery_settings(url)
+
+
+def test_an_ipv6_sentinel_without_its_closing_bracket_is_refused() -> None:
+    with pytest.raises(ValueError, match="without ']'"):
+        parse_sentinel_url("redis+sentinel://[::1/m")
