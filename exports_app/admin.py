@@ -917,7 +917,9 @@ class WebhookDeliveryAdmin(AsciiNumbersAdminMixin, admin.ModelAdmin):
         "created",
         "finished",
     ]
-    list_filter = ["state", "event_kind", "subscription"]
+    # Only the subscriptions of the deliveries this user may see (get_queryset): the plain
+    # related filter listed every subscription's name to anyone who may read the log.
+    list_filter = ["state", "event_kind", ("subscription", admin.RelatedOnlyFieldListFilter)]
     search_fields = ["event_id", "error"]
     list_select_related = ["subscription"]
     readonly_fields = [

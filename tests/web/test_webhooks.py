@@ -263,6 +263,27 @@ def test_admin_shows_a_staff_user_only_their_own_webhooks(
     assert deliveries.status_code == 200 and deliveries.context["cl"].result_count == 0
 
 
+def test_the_delivery_log_filter_names_no_one_elses_subscription(
+    client, make_user, superuser, allow_private
+) -> None:
+    """The delivery log's subscription filter listed every subscription by name, also to a
+    staff user who may see only the delivery log, and only their own deliveries."""
+    theirs = _subscription("http://127.0.0.1:9/admin", owner=superuser, name="payroll-secret")
+    _delivery(theirs)
+    staff = make_user("exports_app.view_webhookdelivery")
+    staff.is_staff = True
+    staff.save()
+    mine = _subscription("http://127.0.0.1:9/mine", owner=staff, name="my-own-hook")
+    _delivery(mine)
+    client.force_login(staff)
+    page = client.get("/admin/exports_app/webhookdelivery/")
+    assert page.status_code == 200 and page.context["cl"].result_count == 1
+    assert b"payroll-secret" not in page.content
+    assert b"my-own-hook" in page.content
+    by_id = client.get(f"/admin/exports_app/webhookdelivery/?subscription__id__exact={theirs.pk}")
+    assert b"payroll-secret" not in by_id.content
+
+
 @pytest.mark.parametrize(
     "url",
     [
