@@ -9,6 +9,8 @@ finds it (``manage.py node_key NODE --write``). `web_key(purpose)` is the web si
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -52,12 +54,30 @@ def _derived(master: str, node_name: str) -> str:
 
 def write_node_key(node_name: str, directory: Path | None = None) -> Path:
     """Write `node_name`'s key to ``<data dir>/node_keys/<node>`` (0600, its directory 0700),
-    replacing the file atomically; return the path."""
+    replacing the file atomically; return the path. OSError when the directory is another
+    user's and others may reach into it."""
     path = node_key_path(directory if directory is not None else data_dir(), node_name)
     path.parent.mkdir(mode=0o700, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(node_key(node_name) + "\n")
-    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        # A directory made by hand may be loose: others could read the key, or plant the
+        # temporary file below (0666, theirs) and read the key from it.
+        status = os.fstat(dir_fd)
+        if status.st_mode & 0o077:
+            if status.st_uid != os.geteuid():
+                raise OSError(
+                    errno.EPERM,
+                    f"{path.parent} is mode {status.st_mode & 0o777:o} and not ours: make it 700",
+                )
+            os.fchmod(dir_fd, 0o700)
+        tmp = f".{path.name}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(node_key(node_name) + "\n")
+        os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
     return path

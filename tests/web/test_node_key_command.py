@@ -38,6 +38,29 @@ def test_write_makes_a_0600_file_the_worker_reads(tmp_path, monkeypatch) -> None
     assert not key.from_master
 
 
+def test_write_keeps_the_key_private_in_a_directory_made_loose_beforehand(
+    tmp_path, monkeypatch
+) -> None:
+    """A node_keys dir made by hand (0777) where someone left a world-readable (and writable)
+    file at the temporary name: the key neither lands in that file nor stays readable."""
+    monkeypatch.setenv("NBDWEB_DATA_DIR", str(tmp_path))
+    keys = tmp_path / "node_keys"
+    keys.mkdir()
+    keys.chmod(0o777)
+    planted = keys / ".edge-1.tmp"
+    planted.write_text("")
+    planted.chmod(0o666)
+    reader = planted.open()  # a reader holding it open sees what is written into it
+    run("edge-1", "--write")
+    path = keys / "edge-1"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o700
+    assert reader.read() == ""
+    assert load_node_key("edge-1", {"NBDWEB_DATA_DIR": str(tmp_path)}) == derive_node_key(
+        settings.NBDWEB_CONFIG_SECRET, "edge-1"
+    )
+
+
 def test_a_name_that_is_no_node_name_is_refused() -> None:
     with pytest.raises(CommandError, match="node name"):
         run("../etc")

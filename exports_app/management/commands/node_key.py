@@ -34,7 +34,10 @@ class Command(BaseCommand):
             # A key may be handed out before the node is made; say so, it may be a typo.
             self.stderr.write(f"note: there is no node {node!r} (yet)")
         if write:
-            path = write_node_key(node)
+            try:
+                path = write_node_key(node)
+            except OSError as exc:
+                raise CommandError(f"cannot write the node key: {exc}") from None
             self.stdout.write(f"{node}: key written to {path}")
         else:
             self.stdout.write(node_key(node))

@@ -37,7 +37,10 @@ class Command(BaseCommand):
         name = settings.NBDWORKER_NODE
         self._register(name)
         if worker_data_dir is not None:
-            path = write_node_key(name, worker_data_dir)
+            try:
+                path = write_node_key(name, worker_data_dir)
+            except OSError as exc:
+                raise CommandError(f"cannot write the node key: {exc}") from None
             self.stdout.write(f"node {name!r}: key written to {path}")
 
     def _register(self, name: str) -> None:
