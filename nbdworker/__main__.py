@@ -82,6 +82,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "are closed at once (env NBDWORKER_MAX_HANDSHAKES_PER_ADDRESS; default 16; 0: no cap)",
     )
     parser.add_argument(
+        "--max-handshakes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="connections still negotiating in one serving process, from anyone; more are "
+        "closed at once (env NBDWORKER_MAX_HANDSHAKES; default 256; 0: no cap)",
+    )
+    parser.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,
@@ -298,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             args.storage_root,
             args.listen,
             handshakes_per_address=args.max_handshakes_per_address,
+            max_handshakes=args.max_handshakes,
         )
         if serving is not None:
             from nbdworker.supervisor import serve_as_child

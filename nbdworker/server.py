@@ -34,6 +34,7 @@ from nbdworker.listeners import Listener, bind_listeners, close_listeners
 from nbdworker.metrics import connection_totals
 from nbdworker.protocol import ExportView, TLSMode, TransmissionFlag
 from nbdworker.reload import ending_reason
+from nbdworker.session import HandshakeFailure
 from nbdworker.settings import WorkerSettings
 from nbdworker.slots import ConnectionSlots
 from nbdworker.spin import IdleSpinner
@@ -188,8 +189,10 @@ class NBDServer:
         self._listeners: list[Listener] = []  # served here, owned or inherited
         self._adopting: set[asyncio.Task] = set()  # accepted sockets being wrapped
         self._preadmitted = 0  # accepted and counted, connection_made still to come
-        # Connections still negotiating, per client address (settings.handshakes_per_address).
+        # Connections still negotiating, per client address (settings.handshakes_per_address),
+        # and in all (settings.max_handshakes).
         self._handshaking: dict[str, int] = {}
+        self._handshakes = 0
         self.spinner = IdleSpinner(settings.busy_poll_us)
         self._spin_pending = False
         # Thread pool for I/O that may block (flush, fallocate, cold reads); reads from the page
@@ -413,19 +416,29 @@ class NBDServer:
         self.connections.add(conn)
         return True
 
-    def handshake_started(self, address: str) -> bool:
-        """Count a connection from `address` into the handshake, unless that peer (its IPv6 /64:
-        handshake_peer_key) already has as many negotiating as the cap allows (one peer must
-        not take every slot)."""
-        cap = self.settings.handshakes_per_address
-        key = handshake_peer_key(address)
-        n = self._handshaking.get(key, 0)
-        if cap and n >= cap:
-            return False
-        self._handshaking[key] = n + 1
-        return True
+    def handshake_started(self, address: str) -> str | None:
+        """Count a connection from `address` ("" for a Unix-socket peer) into the handshake;
+        None, or why not (a `HandshakeFailure`): this process already negotiates with as many
+        connections as settings.max_handshakes allows, or that peer (its IPv6 /64:
+        handshake_peer_key) with as many as its cap allows (one peer must not take every
+        slot)."""
+        limit = self.settings.max_handshakes
+        if limit and self._handshakes >= limit:
+            return HandshakeFailure.HANDSHAKE_LIMIT
+        if address:
+            cap = self.settings.handshakes_per_address
+            key = handshake_peer_key(address)
+            n = self._handshaking.get(key, 0)
+            if cap and n >= cap:
+                return HandshakeFailure.HANDSHAKE_CAP
+            self._handshaking[key] = n + 1
+        self._handshakes += 1
+        return None
 
     def handshake_ended(self, address: str) -> None:
+        self._handshakes -= 1
+        if not address:
+            return
         key = handshake_peer_key(address)
         n = self._handshaking.get(key, 0) - 1
         if n > 0:

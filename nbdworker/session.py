@@ -43,6 +43,8 @@ class HandshakeFailure:
     TIMEOUT = "timeout"
     # Closed at once: too many connections from its address were still negotiating.
     HANDSHAKE_CAP = "handshake_cap"
+    # Closed at once: too many connections (from anyone) were negotiating in this process.
+    HANDSHAKE_LIMIT = "handshake_limit"
 
 
 def new_counts() -> list[int]:

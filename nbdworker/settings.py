@@ -74,6 +74,12 @@ MAX_BUSY_POLL_US = 1000
 # from one peer cannot take every slot. 0 turns the cap off.
 DEFAULT_HANDSHAKES_PER_ADDRESS = 16
 MAX_HANDSHAKES_PER_ADDRESS = 65535
+# Connections still negotiating in one serving process, whatever their addresses: many peers
+# (or one with many addresses) could otherwise hold every connection slot with idle
+# handshakes, and each TLS handshake costs memory and CPU before anyone is authenticated. A
+# quarter of the connection limit: far above the connects a busy node sees at once. 0: no cap.
+DEFAULT_MAX_HANDSHAKES = 256
+MAX_MAX_HANDSHAKES = 65535
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +96,8 @@ class WorkerSettings:
     storage_roots_given: tuple[str, ...] = ()
     # Connections of one client address still negotiating, per serving process (0: no cap).
     handshakes_per_address: int = DEFAULT_HANDSHAKES_PER_ADDRESS
+    # Connections still negotiating in one serving process, from anyone (0: no cap).
+    max_handshakes: int = DEFAULT_MAX_HANDSHAKES
 
     @classmethod
     def from_sources(
@@ -98,6 +106,7 @@ class WorkerSettings:
         listen: Sequence[str] | None = None,
         environ: Mapping[str, str] | None = None,
         handshakes_per_address: int | None = None,
+        max_handshakes: int | None = None,
     ) -> WorkerSettings:
         """Command-line values win over the environment, which wins over the defaults."""
         env = os.environ if environ is None else environ
@@ -125,11 +134,21 @@ class WorkerSettings:
                 f"NBDWORKER_BUSY_POLL_US={busy_poll_us}: between 0 and {MAX_BUSY_POLL_US}"
             )
         if handshakes_per_address is None:
-            handshakes_per_address = _handshakes_from_env(env)
+            handshakes_per_address = _count_from_env(
+                env, "NBDWORKER_MAX_HANDSHAKES_PER_ADDRESS", DEFAULT_HANDSHAKES_PER_ADDRESS
+            )
         if not 0 <= handshakes_per_address <= MAX_HANDSHAKES_PER_ADDRESS:
             raise ConfigError(
                 f"max handshakes per address {handshakes_per_address}: between 0 (no cap) and "
                 f"{MAX_HANDSHAKES_PER_ADDRESS}"
+            )
+        if max_handshakes is None:
+            max_handshakes = _count_from_env(
+                env, "NBDWORKER_MAX_HANDSHAKES", DEFAULT_MAX_HANDSHAKES
+            )
+        if not 0 <= max_handshakes <= MAX_MAX_HANDSHAKES:
+            raise ConfigError(
+                f"max handshakes {max_handshakes}: between 0 (no cap) and {MAX_MAX_HANDSHAKES}"
             )
         return cls(
             storage_roots=roots,
@@ -138,6 +157,7 @@ class WorkerSettings:
             busy_poll_us=busy_poll_us,
             storage_roots_given=tuple(os.path.abspath(r) for r in storage_roots),
             handshakes_per_address=handshakes_per_address,
+            max_handshakes=max_handshakes,
         )
 
     @property
@@ -147,12 +167,10 @@ class WorkerSettings:
         return tuple(zip(given, self.storage_roots, strict=True))
 
 
-def _handshakes_from_env(env: Mapping[str, str]) -> int:
-    raw = env.get("NBDWORKER_MAX_HANDSHAKES_PER_ADDRESS", "").strip()
+def _count_from_env(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
     if not raw:
-        return DEFAULT_HANDSHAKES_PER_ADDRESS
-    if not (raw.isascii() and raw.isdigit()):
-        raise ConfigError(
-            f"NBDWORKER_MAX_HANDSHAKES_PER_ADDRESS={raw!r}: expected a number (0: no cap)"
-        )
+        return default
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
+        raise ConfigError(f"{name}={raw!r}: expected a number (0: no cap)")
     return int(raw)

@@ -89,21 +89,29 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.phase = _PHASE_CLOSED
             transport.abort()
             return
-        address = peer[0] if isinstance(peer, tuple) else None
-        if address is not None:
-            if not self.host.handshake_started(address):
+        address = peer[0] if isinstance(peer, tuple) else ""
+        refused = self.host.handshake_started(address)
+        if refused is not None:
+            settings = self.host.settings
+            if refused == HandshakeFailure.HANDSHAKE_LIMIT:
+                log.warning(
+                    "%s: refused: %d connections are still negotiating (--max-handshakes)",
+                    self.peer,
+                    settings.max_handshakes,
+                )
+            else:
                 log.warning(
                     "%s: refused: %d connections from %s are still negotiating "
                     "(--max-handshakes-per-address)",
                     self.peer,
-                    self.host.settings.handshakes_per_address,
+                    settings.handshakes_per_address,
                     address,
                 )
-                self.record.handshake_failure = HandshakeFailure.HANDSHAKE_CAP
-                self.phase = _PHASE_CLOSED
-                transport.abort()
-                return
-            self.negotiating_from = address
+            self.record.handshake_failure = refused
+            self.phase = _PHASE_CLOSED
+            transport.abort()
+            return
+        self.negotiating_from = address
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)  # type: ignore[attr-defined]
         self.negotiation = Negotiation(self, self.host, self.state, self.record, self.loop)
         log.debug("%s: connected", self.peer)

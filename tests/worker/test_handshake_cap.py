@@ -111,3 +111,68 @@ def test_the_cap_is_a_setting(tmp_path) -> None:
 )
 def test_ipv6_peers_are_counted_by_their_64(first, second, same_peer) -> None:
     assert (handshake_peer_key(first) == handshake_peer_key(second)) is same_peer
+
+
+# -- the cap per serving process, whoever negotiates -------------------------------------------
+
+PROCESS_LIMIT = 6
+SOURCES = [f"127.0.0.{i}" for i in range(10, 20)]  # many peers, each under its own cap
+
+
+@pytest.fixture
+def limited_worker(worker_factory) -> RunningWorker:
+    config = {
+        "exports": [{"name": "m", "backend": "memory", "size": 4 * MiB}],
+        "limits": {"max_connections": 64, "handshake_timeout": 30.0},
+    }
+    return worker_factory(
+        config,
+        args=["--workers", "1", "--metrics-listen", "127.0.0.1:0"],
+        env={
+            "NBDWORKER_MAX_HANDSHAKES_PER_ADDRESS": str(CAP),
+            "NBDWORKER_MAX_HANDSHAKES": str(PROCESS_LIMIT),
+        },
+    )
+
+
+def test_many_addresses_cannot_hold_more_handshakes_than_the_process_allows(
+    limited_worker, stack
+) -> None:
+    """Idle handshakes from many addresses (each under its own cap) were limited only by the
+    connection limit: all of its slots negotiating at once. Now one serving process negotiates
+    at most NBDWORKER_MAX_HANDSHAKES; the rest are closed at once, counted; once handshakes end,
+    clients get in again, and sessions already serving are untouched."""
+    worker = limited_worker
+    serving = stack.enter_context(RawClient.open(worker.host, worker.port, "m", source=OTHER))
+    held = [
+        stack.enter_context(idle_handshake(worker, SOURCES[i % len(SOURCES)]))
+        for i in range(PROCESS_LIMIT)
+    ]
+    extras = [
+        stack.enter_context(RawClient(worker.host, worker.port, source=source))
+        for source in SOURCES[:4]
+    ]
+    for extra in extras:
+        assert extra.closed_by_server()
+    worker.wait_for_log(rf"refused: {PROCESS_LIMIT} connections are still negotiating")
+    samples = scrape(worker)
+    assert value(samples, "nbdworker_handshake_failures_total", reason="handshake_limit") == 4
+    assert value(samples, "nbdworker_open_connections", export="") == PROCESS_LIMIT
+    assert serving.read(0, 4096).error == 0
+    for c in held:
+        c.close()
+    poll(
+        lambda: value(scrape(worker), "nbdworker_open_connections", export="") == 0,
+        "the idle handshakes to be forgotten",
+    )
+    with RawClient.open(worker.host, worker.port, "m", source=SOURCES[0]) as c:
+        assert c.read(0, 4096).error == 0
+
+
+def test_the_process_limit_is_a_setting(tmp_path) -> None:
+    assert WorkerSettings.from_sources([str(tmp_path)], environ={}).max_handshakes > 0
+    env = {"NBDWORKER_MAX_HANDSHAKES": "9"}
+    assert WorkerSettings.from_sources([str(tmp_path)], environ=env).max_handshakes == 9
+    for bad in ("x", "-1", "\u00b2", "\u0661"):
+        with pytest.raises(ConfigError):
+            WorkerSettings.from_sources([str(tmp_path)], environ={"NBDWORKER_MAX_HANDSHAKES": bad})
