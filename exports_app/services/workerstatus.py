@@ -257,19 +257,31 @@ def offline_nodes(nodes: Iterable[str]) -> list[str]:
     return [name for name, alive in zip(names, replies, strict=True) if not alive]
 
 
+# One field of a hash, unless it is longer than ARGV[2] bytes: then its length (a number), so a
+# giant value someone put there is measured, not sent. One script: nothing can grow it between.
+_BOUNDED_HGET = """
+local length = redis.call('HSTRLEN', KEYS[1], ARGV[1])
+if length > tonumber(ARGV[2]) then return length end
+return redis.call('HGET', KEYS[1], ARGV[1])
+"""
+
+
 def find_session(session_id: str, nodes: Iterable[str]) -> dict[str, Any] | None:
     """The live session with this id on one of `nodes`. Raises StatusUnavailable."""
     names = list(nodes)
     try:
         with redis_client().pipeline(transaction=False) as pipe:
             for name in names:
-                pipe.hget(sessions_key(name), session_id)
+                pipe.eval(_BOUNDED_HGET, 1, sessions_key(name), session_id, MAX_RECORD_BYTES)
             replies = pipe.execute(raise_on_error=False)
         _raise_connection_errors(replies)
     except RedisError as exc:
         raise StatusUnavailable(str(exc)) from exc
     for name, raw in zip(names, replies, strict=True):
         if raw is None:
+            continue
+        if isinstance(raw, int):
+            _refused(name, "a session record", "too_large", f"{raw} bytes: not read")
             continue
         session = _record(name, SESSION, raw, "a session record")
         if session is not None and session.get("id") == session_id:

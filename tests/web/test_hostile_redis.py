@@ -146,6 +146,20 @@ def test_giant_and_malformed_values_answer_200_and_read_little(api, r, default_n
     assert observer.observe_workers()  # another key type is not "Redis unreachable"
 
 
+def test_ending_a_session_whose_record_is_giant_reads_little(api, r, default_node) -> None:
+    """DELETE /sessions/<id>/ reads that one record: a 32 MiB one is refused unread."""
+    name = default_node.name
+    r.set(heartbeat_key(name), heartbeat_record(name, {"node": name, "generation": 1}), ex=60)
+    r.hset(sessions_key(name), "b16", "x" * (32 << 20))
+    before = sent_by_redis(r)
+    response = api.delete(f"{SESSIONS}b16/")
+    assert response.status_code == 404, response.content
+    assert sent_by_redis(r) - before < READ_BOUND
+    assert workerstatus.refused_records["too_large"] >= 1
+    r.hset(sessions_key(name), "ea1", session_record(name, session("ea1", name)))
+    assert api.delete(f"{SESSIONS}ea1/").status_code == 202
+
+
 def test_forged_events_are_not_listed(api, r, default_node, committed) -> None:
     with committed():
         events.emit("node.online", {"type": "workernode", "id": None, "name": "real"}, {})
