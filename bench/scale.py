@@ -54,6 +54,7 @@ from urllib.parse import urlsplit, urlunsplit
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from nbdworker.contract.entries import entries_key, head_key  # noqa: E402
 from nbdworker.contract.nodekey import NODE_KEY_ENV, derive_node_key  # noqa: E402
 from nbdworker.contract.snapshot import config_key, heartbeat_key, published_key  # noqa: E402
 from scripts.runstack import COMMANDS, PYTHON, die_with_parent, free_port, process_env  # noqa: E402
@@ -461,7 +462,12 @@ def measure(args: argparse.Namespace, stack: dict) -> dict:
     fleet: Fleet = stack["fleet"]
     first_node = fleet.nodes[0]
     results: dict = {"nodes": args.nodes, "exports": args.exports}
-    results["snapshot_bytes"] = fleet.redis.strlen(config_key(first_node))
+    # The node's whole config as published (its signed entries and head): what a worker reads
+    # at start or resync. A change sends only its own entries.
+    results["snapshot_bytes"] = fleet.redis.strlen(config_key(first_node)) or (
+        fleet.redis.strlen(head_key(first_node))
+        + sum(len(v) for v in fleet.redis.hvals(entries_key(first_node)))
+    )
     fds, rss = worker_usage(stack["worker_pids"])
     results["worker_fds"] = {"first": fds[0], "max": max(fds)}
     results["worker_rss_kib"] = {"first": rss[0], "max": max(rss)}

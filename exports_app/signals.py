@@ -22,7 +22,7 @@ from django.db.models.signals import m2m_changed, post_delete, post_save, pre_sa
 from django.dispatch import receiver
 
 from exports_app.models import Certificate, CertificateAuthority, Export, TLSPolicy, WorkerNode
-from exports_app.models.publishing import NODE_SCOPE
+from exports_app.models.publishing import NODE_SCOPE, TLS_SCOPE
 from exports_app.services.export_states import SERVED_STATES
 from exports_app.services.publisher import schedule_publish
 
@@ -137,7 +137,7 @@ def node_changed(sender, instance: WorkerNode, created: bool = False, **kwargs) 
 def policy_changed(sender, instance: TLSPolicy, created: bool = False, **kwargs) -> None:
     before, after = _changed(instance, created)
     if not created and before != after:
-        schedule_publish(_nodes_of_policies(Q(tls_policy=instance)), NODE_SCOPE)
+        schedule_publish(_nodes_of_policies(Q(tls_policy=instance)), TLS_SCOPE)
 
 
 @receiver(
@@ -147,9 +147,9 @@ def policy_authorities_changed(sender, instance, action: str, pk_set, **kwargs) 
     if not action.startswith("post_"):
         return
     if isinstance(instance, TLSPolicy):
-        schedule_publish(_nodes_of_policies(Q(tls_policy=instance)), NODE_SCOPE)
+        schedule_publish(_nodes_of_policies(Q(tls_policy=instance)), TLS_SCOPE)
     elif pk_set:  # changed from the CA's side: the policies are in pk_set
-        schedule_publish(_nodes_of_policies(Q(tls_policy__in=pk_set)), NODE_SCOPE)
+        schedule_publish(_nodes_of_policies(Q(tls_policy__in=pk_set)), TLS_SCOPE)
 
 
 def _certificate_nodes(instance: Certificate) -> list[int]:
@@ -167,12 +167,12 @@ def certificate_saved(sender, instance: Certificate, created: bool = False, **kw
     if created and instance.revoked_at is None:
         return  # a new certificate is in no snapshot until a policy names it or it is revoked
     if before != after:
-        schedule_publish(_certificate_nodes(instance), NODE_SCOPE)
+        schedule_publish(_certificate_nodes(instance), TLS_SCOPE)
 
 
 @receiver(post_delete, sender=Certificate, dispatch_uid="nbdweb-publish-certificate-delete")
 def certificate_deleted(sender, instance: Certificate, **kwargs) -> None:
-    schedule_publish(_certificate_nodes(instance), NODE_SCOPE)
+    schedule_publish(_certificate_nodes(instance), TLS_SCOPE)
 
 
 @receiver(post_save, sender=CertificateAuthority, dispatch_uid="nbdweb-publish-ca")
@@ -182,9 +182,9 @@ def authority_saved(
     before, after = _changed(instance, created)
     if created or before == after:
         return  # no policy trusts a new CA yet
-    schedule_publish(_nodes_of_policies(Q(tls_policy__trusted_authorities=instance.pk)), NODE_SCOPE)
+    schedule_publish(_nodes_of_policies(Q(tls_policy__trusted_authorities=instance.pk)), TLS_SCOPE)
 
 
 @receiver(post_delete, sender=CertificateAuthority, dispatch_uid="nbdweb-publish-ca-delete")
 def authority_deleted(sender, instance: CertificateAuthority, **kwargs) -> None:
-    schedule_publish(_nodes_of_policies(Q(tls_policy__trusted_authorities=instance.pk)), NODE_SCOPE)
+    schedule_publish(_nodes_of_policies(Q(tls_policy__trusted_authorities=instance.pk)), TLS_SCOPE)

@@ -27,17 +27,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from nbdworker.configentries import CACHE_FORMAT, EntrySet, NoHead, Update
 from nbdworker.contract.config import WorkerConfig
 from nbdworker.contract.snapshot import (
     MAX_SNAPSHOT_BYTES,
@@ -124,19 +128,33 @@ class ConfigSource:
         self.health = FollowerHealth()
         self._lock = asyncio.Lock()
         self._log_window = (0.0, 0)  # (start of the minute, lines logged in it)
+        # The node's signed entries (the web side's format since issue 19; a single snapshot
+        # at config_key is still read when there is no head).
+        self.entry_set = EntrySet(client, node, key, on_rejected)
+        self._cached_update: Update | None = None
+        # Cache writes happen off the event loop, one at a time, the latest only.
+        self._cache_writer = ThreadPoolExecutor(1, thread_name_prefix="nbdworker-cache")
+        self._cache_latest: Update | None = None
+        self._cache_lock = threading.Lock()
 
     # -- start ----------------------------------------------------------------------------------
 
     async def initial(self) -> WorkerConfig:
         """The config to start with: the newer of Redis's and the cached one, else none."""
         from_redis = None
+        update = data = None
         try:
             async with asyncio.timeout(STARTUP_TIMEOUT):
-                data = await self._read_snapshot()
+                try:
+                    update = await self.entry_set.fetch(0)
+                except NoHead:
+                    data = await self._read_snapshot()
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("Redis unreachable at start (%s): using the cached config", exc)
         else:
-            if data is not None:
+            if update is not None:
+                from_redis = update.config
+            elif data is not None:
                 from_redis = self._verify(data, "Redis")
         # The cache counts even when Redis answers: an older snapshot put back into Redis must
         # not roll a restarted worker back.
@@ -144,10 +162,16 @@ class ConfigSource:
         if from_redis is not None and (
             cached is None or from_redis.generation >= cached.generation
         ):
-            self._save_cache(data)
+            if update is not None:
+                self.entry_set.commit(update)
+                self._save_cache(self.entry_set.cache_document(update))
+            else:
+                self._save_cache(data)
             config = from_redis
         elif cached is not None:
             log.info("using the cached config, generation %d", cached.generation)
+            if self._cached_update is not None:
+                self.entry_set.commit(self._cached_update)
             config = cached
         else:
             log.warning("starting with no exports until a config for node %r arrives", self.node)
@@ -165,7 +189,17 @@ class ConfigSource:
         except OSError as exc:
             log.error("cannot read the cached config %s: %s", self.cache_path, exc)
             return None
-        return self._verify(data, f"cache {self.cache_path}")
+        origin = f"cache {self.cache_path}"
+        if data.startswith(b'{"format":"' + CACHE_FORMAT.encode()):
+            try:
+                document = json.loads(data)
+            except (ValueError, RecursionError) as exc:
+                self._verify_failed(origin, SnapshotError(f"not JSON: {exc}"))
+                return None
+            if isinstance(document, dict) and document.get("format") == CACHE_FORMAT:
+                self._cached_update = self.entry_set.from_cache(document, origin)
+                return self._cached_update.config if self._cached_update else None
+        return self._verify(data, origin)
 
     async def _read_snapshot(self) -> bytes | None:
         """The node's snapshot from Redis, or None (none published, or refused and counted).
@@ -222,42 +256,86 @@ class ConfigSource:
         try:
             return verify_snapshot(data, self.key, node=self.node)
         except SnapshotError as exc:
-            kind = exc.kind
-            level = logging.INFO if kind == "old_generation" else logging.ERROR
-            log.log(level, "config from %s rejected: %s", origin, exc)
-            self.on_rejected(kind)
+            self._verify_failed(origin, exc)
             return None
 
+    def _verify_failed(self, origin: str, exc: SnapshotError) -> None:
+        kind = exc.kind
+        level = logging.INFO if kind == "old_generation" else logging.ERROR
+        log.log(level, "config from %s rejected: %s", origin, exc)
+        self.on_rejected(kind)
+
     async def fetch(self) -> bool:
-        """Fetch, verify and apply the node's snapshot; True if a new generation was applied."""
+        """Fetch, verify and apply the node's config; True if a new generation was applied."""
         async with self._lock:
-            data = await self._read_snapshot()
-            if data is None:
-                return False
-            # The same generation again (a repeated notice, a reconnect) is no news.
-            current = self.generation
-            config = self._verify(data, "Redis")
-            if config is None:
-                return False
-            if config.generation == current:
-                return False
-            if config.generation < current:
-                log.warning(
-                    "config from Redis rejected: generation %d is older than %d (applied)",
-                    config.generation,
-                    current,
-                )
-                self.on_rejected("old_generation")
+            try:
+                update = await self.entry_set.fetch(self.generation)
+            except NoHead:
+                return await self._fetch_snapshot()
+            if update is None:
                 return False
             try:
-                self.apply(config)
+                self.apply(update.config)
             except Exception:
-                log.exception("config generation %d could not be applied", config.generation)
+                log.exception("config generation %d could not be applied", update.config.generation)
                 self.on_rejected("apply_failed")
                 return False
-            self.generation = config.generation
-            self._save_cache(data)
+            self.generation = update.config.generation
+            self.entry_set.commit(update)
+            log.info(
+                "config generation %d from %s",
+                self.generation,
+                f"{len(update.head.changed or ())} changed entries"
+                if update.incremental
+                else f"all {len(update.entries)} entries",
+            )
+            self._cache_in_background(update)
             return True
+
+    def _cache_in_background(self, update: Update) -> None:
+        """Cache `update` from the cache thread; writes queued meanwhile collapse into the
+        latest."""
+        with self._cache_lock:
+            pending = self._cache_latest is not None
+            self._cache_latest = update
+        if not pending:
+            self._cache_writer.submit(self._write_latest_cache)
+
+    def _write_latest_cache(self) -> None:
+        with self._cache_lock:
+            update, self._cache_latest = self._cache_latest, None
+        if update is not None:
+            self._save_cache(self.entry_set.cache_document(update))
+
+    async def _fetch_snapshot(self) -> bool:
+        """The node's config published as one snapshot (no head in Redis)."""
+        data = await self._read_snapshot()
+        if data is None:
+            return False
+        # The same generation again (a repeated notice, a reconnect) is no news.
+        current = self.generation
+        config = self._verify(data, "Redis")
+        if config is None:
+            return False
+        if config.generation == current:
+            return False
+        if config.generation < current:
+            log.warning(
+                "config from Redis rejected: generation %d is older than %d (applied)",
+                config.generation,
+                current,
+            )
+            self.on_rejected("old_generation")
+            return False
+        try:
+            self.apply(config)
+        except Exception:
+            log.exception("config generation %d could not be applied", config.generation)
+            self.on_rejected("apply_failed")
+            return False
+        self.generation = config.generation
+        self._save_cache(data)
+        return True
 
     # -- follow ---------------------------------------------------------------------------------
 

@@ -239,6 +239,7 @@ NBDWORKER_LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "the parts the server is made of",
         (
             "nbdworker.settings",
+            "nbdworker.configentries",
             "nbdworker.configsource",
             "nbdworker.auth",
             "nbdworker.tls",

@@ -10,13 +10,17 @@ from django.db import models
 
 __all__ = ["PendingPublish"]
 
-# `scope` of a change to the node as a whole (its TLS policy, storage root, name).
+# `scope` of a change to the node as a whole (its storage root, name, policy): every entry is
+# written again.
 NODE_SCOPE = "node"
+# `scope` of a change to the node's TLS section alone (the policy's settings, certificates,
+# CAs, revocations): one entry.
+TLS_SCOPE = "tls"
 
 
 class PendingPublish(models.Model):
     node = models.ForeignKey("exports_app.WorkerNode", on_delete=models.CASCADE, related_name="+")
-    # "node", or "export:<pk>" for a change to one export (the export row may be gone).
+    # "node", "tls", or "export:<pk>" for a change to one export (the row may be gone).
     scope = models.CharField(max_length=40, default=NODE_SCOPE)
     created = models.DateTimeField(auto_now_add=True)
 

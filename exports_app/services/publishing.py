@@ -5,18 +5,22 @@ decides when), never on a request thread. Publishing one node (`publish_node`), 
 node's lock in Redis (``nbdweb:publisher-lock:<node>``: one publisher per node across every
 process and host):
 
-1. read the newest dirty marker (`PendingPublish`) of the node;
+1. read the newest dirty marker (`PendingPublish`) of the node, and the scopes of the markers
+   up to it: `export:<pk>`, `tls`, or `node` (everything);
 2. take the next generation: ``max(stored + 1, now in milliseconds)`` in
    ``nbdweb:config-generation:<node>`` (a WATCH/MULTI transaction). It only grows across web
    restarts, and even when Redis loses its data the clock keeps it above anything published
    before;
-3. build the node's full `WorkerConfig` from the database (ready, enabled exports; the TLS
-   policy with the decrypted server key, trusted CAs and revoked serials), validate it with the
-   worker's own parser, sign it with the node's own key (`services.nodekeys`, derived from the
-   master secret: no other node's worker can forge or open it; `nbdworker.contract.snapshot`);
-4. store it at ``nbdweb:config:<node>`` only if its generation is above the stored one (two
-   publishers racing cannot put an older snapshot back), then PUBLISH
-   ``nbdweb:config-changed:<node>`` ``<node>:<generation>``;
+3. build the entries of what changed from the database (one per changed export: served and
+   enabled, else removed; the TLS section with the decrypted server key, trusted CAs and
+   revoked serials), validate each with the worker's own parser, sign each with the node's own
+   key (`services.nodekeys`: no other node's worker can forge or open it;
+   `nbdworker.contract.entries`), and a head whose count and set digest follow from the stored
+   head and the replaced entries (both verified; anything that does not verify means a whole
+   rewrite);
+4. store entries and head in one MULTI/EXEC, only if the stored head is still the one read and
+   the generation is above the published one, then PUBLISH ``<node>:<generation>`` on
+   ``nbdweb:config-changed:<node>``;
 5. delete the markers up to the one read in 1 (later ones are the next publish's).
 
 A Redis error leaves the markers in place (the publisher tries again). `/api/v1/nodes/` shows a
@@ -31,6 +35,7 @@ import secrets
 import time
 from collections.abc import Iterable
 from functools import lru_cache
+from typing import Any
 
 import redis
 from django.conf import settings
@@ -38,16 +43,36 @@ from django.db.models import Max
 
 from exports_app.choices import TLSMode
 from exports_app.models import Export, PendingPublish, WorkerNode
+from exports_app.models.publishing import NODE_SCOPE, TLS_SCOPE
 from exports_app.services import export_states
 from exports_app.services.nodekeys import node_key
-from nbdworker.contract.config import ConfigError, WorkerConfig, tls_refusal
+from nbdworker.contract.config import (
+    ConfigError,
+    ExportConfig,
+    TLSConfig,
+    WorkerConfig,
+    tls_refusal,
+)
+from nbdworker.contract.entries import (
+    DIGEST_MODULUS,
+    TLS_FIELD,
+    Head,
+    entries_key,
+    export_field,
+    head_key,
+    set_digest,
+    sign_entry,
+    sign_head,
+    verify_entry,
+    verify_head,
+)
 from nbdworker.contract.redisconn import connect
 from nbdworker.contract.snapshot import (
+    SnapshotError,
     config_channel,
     config_key,
     generation_key,
     published_key,
-    sign_snapshot,
 )
 
 __all__ = [
@@ -189,37 +214,165 @@ def _next_generation(client: redis.Redis, node: str) -> int:
     return new
 
 
-def _store(client: redis.Redis, node: str, generation: int, envelope: str) -> bool:
+def _current_head(client: redis.Redis, node: str, key: str) -> tuple[str | None, Head | None]:
+    """The stored head, and it verified (None when missing, damaged or not ours: the next
+    publish then rewrites every entry)."""
+    raw = client.get(head_key(node))
+    if raw is None:
+        return None, None
+    try:
+        return raw, verify_head(raw, key, node=node)
+    except SnapshotError as exc:
+        log.warning("node %s: the stored head is refused (%s): rewriting every entry", node, exc)
+        return raw, None
+
+
+def _bodies(node: WorkerNode, export_ids: set[int] | None, with_tls: bool) -> dict[str, Any]:
+    """field → entry body (None: the export is no longer served) for `export_ids` (None: all
+    served exports) and, if `with_tls`, the TLS section. An export the worker's parser refuses
+    is logged and left out (it must not cost the node its other exports)."""
+    served = Export.objects.filter(
+        node=node, state__in=export_states.SERVED_STATES, enabled=True
+    ).select_related("node")
+    if export_ids is not None:
+        served = served.filter(pk__in=export_ids)
+    bodies: dict[str, Any] = {}
+    tls: dict | None = None
+    mode = node.tls_policy.mode
+    if with_tls:
+        tls = _tls_dict(node)
+        try:
+            TLSConfig.from_dict(tls, "tls")
+        except ConfigError as exc:
+            raise PublishError(f"node {node.name!r}: the TLS section is invalid: {exc}") from exc
+        bodies[TLS_FIELD] = tls
+    for export in served.order_by("pk"):
+        field = export_field(export.pk)
+        body = _export_dict(export)
+        try:
+            parsed = ExportConfig.from_dict(body, field)
+        except ConfigError as exc:
+            log.error("node %s: export %r not published: %s", node.name, export.name, exc)
+            continue
+        refusal = tls_refusal(parsed, mode)
+        if refusal is not None:
+            # Only rows saved before clean() refused them; the worker will not serve these,
+            # and this log is where the web side's operator hears of it.
+            log.warning("node %s: export %r will be refused: %s", node.name, export.name, refusal)
+        bodies[field] = body
+    for export_id in export_ids or ():
+        bodies.setdefault(export_field(export_id), None)
+    return bodies
+
+
+def _publish_one(
+    client: redis.Redis, node: WorkerNode, scopes: set[str] | None = None
+) -> int | None:
+    """Write what changed in `scopes` ("node", "tls", "export:<pk>"; None: everything) as
+    signed entries under a new head, then notify the node. A change to the node as a whole, or
+    a head or old entry that does not verify, rewrites every entry."""
+    key = node_key(node.name)
+    head_raw, head = _current_head(client, node.name, key)
+    full = scopes is None or head is None or NODE_SCOPE in scopes
+    export_ids = None
+    if not full:
+        export_ids = {int(s.split(":", 1)[1]) for s in scopes if s.startswith("export:")}
+        fields = [export_field(i) for i in sorted(export_ids)]
+        if TLS_SCOPE in scopes:
+            fields.append(TLS_FIELD)
+        with client.pipeline(transaction=False) as pipe:
+            pipe.hlen(entries_key(node.name))
+            pipe.hmget(entries_key(node.name), fields)
+            stored_count, old_values = pipe.execute()
+        old_macs: list[int] = []
+        try:
+            if stored_count != head.count:
+                raise SnapshotError(f"{stored_count} entries stored, the head counts {head.count}")
+            for field, value in zip(fields, old_values, strict=True):
+                if value is not None:
+                    old_macs.append(verify_entry(value, key, node=node.name, field=field).mac)
+        except SnapshotError as exc:
+            log.warning("node %s: stored entries refused (%s): rewriting all", node.name, exc)
+            full = True
+    generation = _next_generation(client, node.name)
+    bodies = _bodies(node, export_ids if not full else None, full or TLS_SCOPE in scopes)
+    writes: dict[str, str] = {}
+    macs: list[int] = []
+    for field, body in bodies.items():
+        if body is not None:
+            writes[field], mac = sign_entry(node.name, field, generation, body, key)
+            macs.append(mac)
+    removed = [field for field, body in bodies.items() if body is None]
+    if full:
+        new_head = Head(
+            node.name,
+            generation,
+            head.generation if head else 0,
+            len(writes),
+            set_digest(macs),
+            None,
+        )
+    else:
+        new_head = Head(
+            node.name,
+            generation,
+            head.generation,
+            head.count - len(old_macs) + len(writes),
+            (head.digest - sum(old_macs) + sum(macs)) % DIGEST_MODULUS,
+            tuple(sorted(bodies)),
+        )
+    if not _store(
+        client, node.name, head_raw, new_head, sign_head(new_head, key), writes, removed, full
+    ):
+        if full:
+            log.info("node %s: generation %d superseded by a newer publish", node.name, generation)
+            return None
+        return _publish_one(client, node, None)  # the head moved under us: write it all
+    log.info(
+        "node %s: published config generation %d (%s: %d entr%s written, %d removed)",
+        node.name,
+        generation,
+        "whole" if full else "changes",
+        len(writes),
+        "y" if len(writes) == 1 else "ies",
+        len(removed),
+    )
+    return generation
+
+
+def _store(
+    client: redis.Redis,
+    node: str,
+    head_raw: str | None,
+    head: Head,
+    head_envelope: str,
+    writes: dict[str, str],
+    removed: list[str],
+    full: bool,
+) -> bool:
+    """Store the entries and the head atomically, only if the head is still the one read (an
+    incremental head follows exactly one) and the generation is above the published one."""
     stored = False
 
     def step(pipe: redis.client.Pipeline) -> None:
         nonlocal stored
         current = int(pipe.get(published_key(node)) or 0)
-        stored = generation > current
+        stored = head.generation > current and (full or pipe.get(head_key(node)) == head_raw)
         pipe.multi()
-        if stored:
-            pipe.set(config_key(node), envelope)
-            pipe.set(published_key(node), generation)
-            pipe.publish(config_channel(node), f"{node}:{generation}")
+        if not stored:
+            return
+        if full:
+            pipe.delete(entries_key(node), config_key(node))
+        if writes:
+            pipe.hset(entries_key(node), mapping=writes)
+        if removed:
+            pipe.hdel(entries_key(node), *removed)
+        pipe.set(head_key(node), head_envelope)
+        pipe.set(published_key(node), head.generation)
+        pipe.publish(config_channel(node), f"{node}:{head.generation}")
 
-    client.transaction(step, published_key(node))
+    client.transaction(step, published_key(node), head_key(node))
     return stored
-
-
-def _publish_one(client: redis.Redis, node: WorkerNode) -> int | None:
-    generation = _next_generation(client, node.name)
-    config = build_config(node, generation)
-    envelope = sign_snapshot(config, node_key(node.name))
-    if not _store(client, node.name, generation, envelope):
-        log.info("node %s: generation %d superseded by a newer publish", node.name, generation)
-        return None
-    log.info(
-        "node %s: published config generation %d (%d export(s))",
-        node.name,
-        generation,
-        len(config.exports),
-    )
-    return generation
 
 
 # -- one publisher per node -------------------------------------------------------------------
@@ -276,8 +429,15 @@ def publish_node(node_id: int, *, only_pending: bool, lock_wait: float = 0.0) ->
         newest = PendingPublish.objects.filter(node_id=node_id).aggregate(Max("id"))["id__max"]
         if newest is None and only_pending:
             return None
+        scopes = None  # everything
+        if only_pending and newest is not None:
+            scopes = set(
+                PendingPublish.objects.filter(node_id=node_id, id__lte=newest).values_list(
+                    "scope", flat=True
+                )
+            )
         try:
-            generation = _publish_one(client, node)
+            generation = _publish_one(client, node, scopes)
         except PublishError as exc:
             log.error("node %s: config not published: %s", node.name, exc)
             generation = None

@@ -94,7 +94,8 @@ def kick_channel(node: str) -> str:
 
 
 def config_key(node: str) -> str:
-    """The node's signed snapshot (written by the web side)."""
+    """A node's config as one signed snapshot: what the web side wrote before per-export
+    entries (contract/entries.py); a worker still reads it when its node has no head."""
     return f"nbdweb:config:{node}"
 
 

@@ -24,10 +24,11 @@ from rest_framework.test import APIClient
 
 from exports_app.models import Export, TLSPolicy, WorkerNode
 from exports_app.services.nodekeys import node_key
-from nbdworker.contract.config import WorkerConfig
+from nbdworker.contract.entries import Head, entries_key, head_key, sign_entry, sign_head
 from nbdworker.contract.nodekey import NODE_KEY_ENV
-from nbdworker.contract.snapshot import config_channel, config_key, sign_snapshot
+from nbdworker.contract.snapshot import config_channel
 from nbdworker.protocol import Command, Errno, Reply
+from tests.support.entries import publish_entries, read_head
 from tests.support.polling import poll as wait_for
 from tests.support.rawclient import RawClient
 from tests.support.redisserver import PrivateRedis, private_redis
@@ -268,60 +269,61 @@ def test_disabling_an_export_in_use_answers_in_flight_reads_then_disconnects(sta
             assert c.read(block * BLOCK, BLOCK).data == pattern(block)
 
 
-def test_forged_and_older_snapshots_are_ignored(stack) -> None:
+def test_forged_and_older_entries_are_ignored(stack) -> None:
     stack.create("real")
     worker = stack.start_worker()
     r = stack.redis.client()
-    good = r.get(config_key(stack.node.name))
-    current = WorkerConfig.from_dict(json.loads(json.loads(good)["payload"]))
+    node, key = stack.node.name, node_key(stack.node.name)
+    current = read_head(r, node, key)
+    genuine_head = r.get(head_key(node))
 
-    forged = WorkerConfig.from_dict(
-        {**current.to_dict(), "generation": current.generation + 1000, "exports": []}
+    # A head and an entry signed with another key.
+    forged_field = "export:999999"
+    forged, _ = sign_entry(node, forged_field, current.generation + 1000, {"name": "x"}, "k")
+    r.hset(entries_key(node), forged_field, forged)
+    r.set(
+        head_key(node),
+        sign_head(
+            Head(node, current.generation + 1000, current.generation, 9, 0, (forged_field,)), "k"
+        ),
     )
-    r.set(config_key(stack.node.name), sign_snapshot(forged, "not-the-secret"))
-    r.publish(config_channel(stack.node.name), f"{stack.node.name}:{forged.generation}")
+    r.publish(config_channel(node), f"{node}:{current.generation + 1000}")
     worker.wait_for_log(r"config from Redis rejected: signed with another key")
+    r.hdel(entries_key(node), forged_field)
 
-    older = WorkerConfig.from_dict(
-        {**current.to_dict(), "generation": current.generation - 1, "exports": []}
-    )
-    r.set(config_key(stack.node.name), sign_snapshot(older, node_key(stack.node.name)))
-    r.publish(config_channel(stack.node.name), f"{stack.node.name}:{current.generation + 2000}")
+    # An older head put back after a genuine change.
+    stack.create("second")
+    stack.wait_listing(lambda names: set(names) == {"real", "second"}, "the second export")
+    r.set(head_key(node), genuine_head)
+    r.publish(config_channel(node), f"{node}:{current.generation + 2000}")
     worker.wait_for_log(r"config from Redis rejected: generation \d+ is older")
-    assert stack.listing() == {"real": ""}
+    assert set(stack.listing()) == {"real", "second"}
 
     # A genuine change after the refusals still goes through.
     stack.create("later")
-    stack.wait_listing(lambda names: set(names) == {"real", "later"}, "the genuine change")
+    stack.wait_listing(lambda names: set(names) == {"real", "second", "later"}, "the change")
 
 
-def test_snapshot_naming_a_path_outside_the_storage_roots_is_refused(stack, tmp_path) -> None:
+def test_an_entry_naming_a_path_outside_the_storage_roots_is_refused(stack, tmp_path) -> None:
     stack.create("inside")
     worker = stack.start_worker()
     outside = tmp_path / "elsewhere" / "secret.img"
     outside.parent.mkdir()
     outside.write_bytes(b"s" * 4096)
-    current = WorkerConfig.from_dict(
-        json.loads(json.loads(stack.redis.client().get(config_key(stack.node.name)))["payload"])
-    )
-    # Correctly signed: only the worker's own storage roots stand in the way.
-    evil = WorkerConfig.from_dict(
-        {
-            **current.to_dict(),
-            "generation": current.generation + 1,
-            "exports": [
-                *[e.to_dict() for e in current.exports],
-                {"name": "evil", "backend": "file", "path": str(outside)},
-                {"name": "passwd", "backend": "file", "path": "/etc/passwd"},
-            ],
-        }
-    )
     r = stack.redis.client()
-    r.set(config_key(stack.node.name), sign_snapshot(evil, node_key(stack.node.name)))
-    r.publish(config_channel(stack.node.name), f"{stack.node.name}:{evil.generation}")
+    # Correctly signed: only the worker's own storage roots stand in the way.
+    head = publish_entries(
+        r,
+        stack.node.name,
+        node_key(stack.node.name),
+        {
+            "export:900001": {"name": "evil", "backend": "file", "path": str(outside)},
+            "export:900002": {"name": "passwd", "backend": "file", "path": "/etc/passwd"},
+        },
+    )
     worker.wait_for_log(rf"export 'evil' refused: {outside} is not under a storage root")
     worker.wait_for_log(r"export 'passwd' refused: /etc/passwd is not under a storage root")
-    worker.wait_for_log(rf"config generation {evil.generation} applied: 1 export")
+    worker.wait_for_log(rf"config generation {head.generation} applied: 1 export")
     assert stack.listing() == {"inside": ""}
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdworker.contract.snapshot import config_key
+from nbdworker.contract.entries import head_key
 from tests.support.livestack import RunningStack, running_stack
 from tests.support.polling import poll
 from tests.support.redissentinel import DATA_PASSWORD, SENTINEL_PASSWORD, sentinel_cluster
@@ -64,7 +64,7 @@ def test_web_celery_and_nbdworker_follow_a_sentinel_failover(tmp_path: Path) -> 
             # Before: a create job (Celery through the sentinels) and the worker serving it.
             before = api(stack, "POST", "exports/", {"name": "before", "size": "1M"})
             poll(lambda: served_export(stack, "before"), "'before' served", JOB_TIMEOUT)
-            assert cluster.primary.client().exists(config_key("default"))
+            assert cluster.primary.client().exists(head_key("default"))
 
             cluster.kill_primary()
             promoted = cluster.wait_for_promotion(FAILOVER_TIMEOUT)
@@ -77,7 +77,7 @@ def test_web_celery_and_nbdworker_follow_a_sentinel_failover(tmp_path: Path) -> 
                 return bool(export) and export.get("description") == "after failover"
 
             poll(described, "the new description served by nbdworker", JOB_TIMEOUT)
-            assert promoted.client().exists(config_key("default"))
+            assert promoted.client().exists(head_key("default"))
 
             # A Celery job still runs: broker and result backend on the promoted replica.
             after = api(stack, "POST", "exports/", {"name": "after", "size": "2M"})

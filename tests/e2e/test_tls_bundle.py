@@ -16,8 +16,8 @@ from rest_framework.test import APIClient
 
 from exports_app.models import Export, TLSPolicy, WorkerNode
 from exports_app.services.nodekeys import node_key
+from nbdworker.contract.entries import TLS_FIELD, entries_key
 from nbdworker.contract.nodekey import NODE_KEY_ENV
-from nbdworker.contract.snapshot import config_key
 from tests.support.bundles import download_bundle, readme_commands, unpack_bundle
 from tests.support.kernelvm import (
     HOST_FROM_GUEST,
@@ -28,6 +28,7 @@ from tests.support.kernelvm import (
     require_qemu,
     scenario_archive,
 )
+from tests.support.polling import poll
 from tests.support.redisserver import PrivateRedis, private_redis
 from tests.support.tools import client_env, require_tool
 from tests.support.worker import RunningWorker, start_worker
@@ -184,11 +185,12 @@ def test_server_key_sealed_in_redis_and_cache_and_the_worker_still_serves_tls(
     assert size.returncode == 0, size.stderr
     assert int(size.stdout) == 4 * MiB
     node = export.node.name
-    raw = redis_server.client().get(config_key(node))
+    raw = redis_server.client().hget(entries_key(node), TLS_FIELD)
     assert "PRIVATE KEY" not in raw
     assert "nbdweb-sealed-v1:" in raw
     cached = tmp_path / "data" / "nbdworker" / f"config-{node}.json"
-    assert cached.exists()
+    # The worker caches what it applied from a thread of its own, once applied.
+    poll(cached.exists, "the worker's cached config")
     assert "PRIVATE KEY" not in cached.read_text()
 
 

@@ -16,13 +16,18 @@ from exports_app.models import Export, PendingPublish, TLSPolicy, WorkerNode
 from exports_app.services import ca, publisher, publishing
 from exports_app.services.nodekeys import node_key
 from nbdworker.contract.config import WorkerConfig
+from nbdworker.contract.entries import (
+    assemble,
+    entries_key,
+    head_key,
+    verify_entry,
+    verify_head,
+)
 from nbdworker.contract.snapshot import (
     config_channel,
-    config_key,
     generation_key,
     heartbeat_key,
     published_key,
-    verify_snapshot,
 )
 from tests.support.workerrecords import heartbeat_record
 
@@ -47,10 +52,20 @@ def r(redis_server, default_node):
 def published(r, node: WorkerNode) -> WorkerConfig | None:
     """The node's snapshot once every committed change is published."""
     publisher.drain()
-    data = r.get(config_key(node.name))
-    if data is None:
+    return read_entries(r, node)
+
+
+def read_entries(r, node: WorkerNode) -> WorkerConfig | None:
+    """The config the node's entries in Redis make, verified as its worker does."""
+    head = r.get(head_key(node.name))
+    if head is None:
         return None
-    return verify_snapshot(data, node_key(node.name), node=node.name)
+    key = node_key(node.name)
+    entries = {
+        field: verify_entry(value, key, node=node.name, field=field)
+        for field, value in r.hgetall(entries_key(node.name)).items()
+    }
+    return assemble(verify_head(head, key, node=node.name), entries)
 
 
 def make_export(node: WorkerNode, name: str, **kw) -> Export:
@@ -116,9 +131,10 @@ def test_the_redis_value_holds_no_pem_private_key(r, tls_node, server_certificat
     whoever reads Redis gets no private key; the worker, holding the config secret, does."""
     node = tls_node(TLSMode.FORCEDTLS)
     publisher.drain()
-    raw = r.get(config_key(node.name))
+    raw = r.hget(entries_key(node.name), "tls")
     assert "PRIVATE KEY" not in raw
     assert "nbdweb-sealed-v1:" in raw
+    assert not any("PRIVATE KEY" in value for value in r.hvals(entries_key(node.name)))
     assert published(r, node).tls.key_pem == server_certificate.private_key_pem()
 
 
@@ -210,7 +226,7 @@ def test_snapshot_follows_changes_and_deletes(r, default_node) -> None:
 def test_nothing_is_published_before_commit(r, default_node) -> None:
     with transaction.atomic():
         make_export(default_node, "pending")
-        assert r.get(config_key(default_node.name)) is None
+        assert r.get(head_key(default_node.name)) is None
     assert [e.name for e in published(r, default_node).exports] == ["pending"]
 
 
@@ -222,7 +238,7 @@ def test_a_rolled_back_transaction_publishes_nothing(r, default_node) -> None:
         make_export(default_node, "never")
         raise Abort
     assert not PendingPublish.objects.exists()
-    assert r.get(config_key(default_node.name)) is None
+    assert r.get(head_key(default_node.name)) is None
     assert r.get(generation_key(default_node.name)) is None
     # The next transaction still publishes.
     make_export(default_node, "later")
@@ -386,8 +402,7 @@ def test_the_beat_sweep_publishes_what_a_dead_process_left(r, default_node) -> N
     while PendingPublish.objects.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not PendingPublish.objects.exists()
-    data = r.get(config_key(default_node.name))
-    config = verify_snapshot(data, node_key(default_node.name), node=default_node.name)
+    config = read_entries(r, default_node)
     assert [e.name for e in config.exports] == ["x"]
 
 
@@ -404,7 +419,7 @@ def test_a_policy_description_edit_publishes_nothing(r, default_node) -> None:
         default_node.save()
 
     assert notices_of(r, default_node, edit) == []
-    assert r.get(config_key(default_node.name)) is None
+    assert r.get(head_key(default_node.name)) is None
 
 
 def test_an_export_the_worker_does_not_serve_publishes_nothing(r, default_node) -> None:
@@ -447,3 +462,60 @@ def test_a_create_publishes_once_when_its_image_is_ready(r, default_node) -> Non
     notices = notices_of(r, default_node, create_then_ready)
     assert len(notices) == 1
     assert [e.name for e in published(r, default_node).exports] == ["fresh"]
+
+
+# -- cost follows the change ------------------------------------------------------------------
+
+
+def stored_head(r, node: WorkerNode):
+    return verify_head(r.get(head_key(node.name)), node_key(node.name), node=node.name)
+
+
+def entry_generations(r, node: WorkerNode) -> dict[str, int]:
+    key = node_key(node.name)
+    return {
+        field: verify_entry(value, key, node=node.name, field=field).generation
+        for field, value in r.hgetall(entries_key(node.name)).items()
+    }
+
+
+def test_a_change_writes_only_the_entries_it_touches(r, default_node) -> None:
+    exports = [make_export(default_node, f"d{i}") for i in range(5)]
+    publisher.drain()
+    before = stored_head(r, default_node)
+    generations = entry_generations(r, default_node)
+
+    exports[2].description = "only this one"
+    exports[2].save()
+    publisher.drain()
+    head = stored_head(r, default_node)
+    field = f"export:{exports[2].pk}"
+    assert (head.previous, head.changed, head.count) == (before.generation, (field,), 6)
+    after = entry_generations(r, default_node)
+    assert after.pop(field) == head.generation
+    generations.pop(field)
+    assert after == generations  # no other entry was written
+
+    policy = default_node.tls_policy
+    policy.min_tls_version = "1.3"
+    policy.save()
+    publisher.drain()
+    assert stored_head(r, default_node).changed == ("tls",)
+
+    removed = exports[0].pk
+    exports[0].delete()
+    publisher.drain()
+    head = stored_head(r, default_node)
+    assert head.changed == (f"export:{removed}",) and head.count == 5
+    assert [e.name for e in published(r, default_node).exports] == ["d1", "d2", "d3", "d4"]
+
+
+def test_entries_damaged_in_redis_are_rewritten_whole_by_the_next_publish(r, default_node) -> None:
+    exports = [make_export(default_node, f"d{i}") for i in range(3)]
+    publisher.drain()
+    r.hdel(entries_key(default_node.name), f"export:{exports[1].pk}")  # an attacker's HDEL
+    exports[0].description = "changed"
+    exports[0].save()
+    publisher.drain()
+    assert stored_head(r, default_node).changed is None  # a whole rewrite
+    assert [e.name for e in published(r, default_node).exports] == ["d0", "d1", "d2"]
