@@ -33,6 +33,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PATH": "/usr/bin:/usr/sbin:" + os.environ.get("PATH", "")}
 
+# Each server in a session of its own, so in an autogroup of its own (sched(7)): on a loaded
+# machine the scheduler then shares the CPUs between the servers, the client and everyone else
+# as systemd's per-service cgroups would, instead of giving the server the share of a client's
+# thread. Off (BENCH_SERVER_SESSIONS=0): the servers share the benchmark's session.
+SERVER_SESSIONS = os.environ.get("BENCH_SERVER_SESSIONS", "1") != "0"
+
 CONNECT_SCRIPT = r"""
 import nbd, sys, time, statistics
 uri, n = sys.argv[1], int(sys.argv[2])
@@ -72,6 +78,7 @@ def nbdkit(image: Path):
     proc = subprocess.Popen(
         ["nbdkit", "-f", "-p", str(port), "-i", "127.0.0.1", "file", f"file={image}"],
         env=ENV,
+        start_new_session=SERVER_SESSIONS,
     )
     try:
         wait_port(port, proc)
@@ -110,6 +117,7 @@ def nbdworker(image: Path, workdir: Path, repo: Path = REPO, workers: str = "aut
         ],
         cwd=repo,
         env=ENV,
+        start_new_session=SERVER_SESSIONS,
     )
     try:
         wait_port(port, proc)

@@ -100,6 +100,7 @@ def nbdkit_tls(image: Path, pki: PKI) -> Iterator[tuple[str, int]]:
             f"file={image}",
         ],
         env=base.ENV,
+        start_new_session=base.SERVER_SESSIONS,
     )
     try:
         base.wait_port(port, proc)
@@ -139,6 +140,7 @@ def nbdworker_tls(image: Path, workdir: Path, pki: PKI) -> Iterator[tuple[str, i
         ],
         cwd=base.REPO,
         env=base.ENV,
+        start_new_session=base.SERVER_SESSIONS,
     )
     try:
         base.wait_port(port, proc)
