@@ -35,7 +35,7 @@ from importlib import metadata
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from nbdworker.contract.snapshot import heartbeat_key, kicks_key, sessions_key
 from nbdworker.contract.statusrecord import HEARTBEAT, SESSION, sign_record
@@ -50,6 +50,17 @@ HEARTBEAT_INTERVAL = 2.0
 HEARTBEAT_TTL = 3 * HEARTBEAT_INTERVAL
 # The most kicks handled per drain (the rest wait for the next one).
 MAX_KICKS = 1000
+# Longer members of the kick set are dropped inside Redis, never sent (a session id is 32 hex
+# digits; the API takes at most 64).
+MAX_KICK_ID_BYTES = 64
+# Pops up to ARGV[1] kicks; returns {members dropped for length, members kept}.
+_POP_KICKS = """
+local kept, dropped = {}, 0
+for _, id in ipairs(redis.call('SPOP', KEYS[1], ARGV[1])) do
+  if #id <= tonumber(ARGV[2]) then kept[#kept + 1] = id else dropped = dropped + 1 end
+end
+return {dropped, kept}
+"""
 # A whole rewrite of the sessions hash this often (in beats) even when nothing drifted: a
 # bounded repair for anything the length check cannot see (a value changed by someone else).
 FULL_RESYNC_BEATS = 15
@@ -188,13 +199,20 @@ class StatusPublisher:
         return int(replies[-1])
 
     async def drain_kicks(self) -> None:
-        ids = await self.client.spop(kicks_key(self.node), MAX_KICKS)
-        if not ids:
+        try:
+            dropped, ids = await self.client.eval(
+                _POP_KICKS, 1, kicks_key(self.node), MAX_KICKS, MAX_KICK_ID_BYTES
+            )
+        except ResponseError as exc:
+            # Not a set (WRONGTYPE): someone else wrote it. Raised, it would fail every beat and
+            # show the node offline; the key is this worker's to drain, so it goes.
+            log.warning("kick set: %s: deleted", exc)
+            await self.client.delete(kicks_key(self.node))
             return
-        # Anyone who can write to Redis can add anything to the set: an id that is not UTF-8
-        # names no session of ours.
+        # Anyone who can write to Redis can add anything to the set: an id that is not UTF-8,
+        # or longer than any session id, names no session of ours.
         wanted: set[str] = set()
-        malformed = 0
+        malformed = int(dropped)
         for raw in ids:
             try:
                 wanted.add(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw))
