@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -262,12 +262,33 @@ class EntrySet:
 
     # -- the local cache ------------------------------------------------------------------------
 
-    def cache_document(self, update: Update) -> bytes:
-        return json.dumps(
-            {"format": CACHE_FORMAT, "head": update.head_raw, "entries": update.raw},
-            separators=(",", ":"),
-            ensure_ascii=False,
-        ).encode()
+    def cache_lines(self, update: Update) -> Iterator[bytes]:
+        """The cache file, a line at a time: a header (format and head), then one JSON
+        ``[field, entry]`` per line. Many small encodings, not one of megabytes: the thread
+        writing it lets go of the GIL between them, so the event loop is never held up."""
+        header = {"format": CACHE_FORMAT, "head": update.head_raw}
+        yield json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+        for field, value in list(update.raw.items()):
+            yield json.dumps([field, value], separators=(",", ":"), ensure_ascii=False).encode()
+            yield b"\n"
+
+    def from_cache_lines(self, data: bytes, origin: str) -> Update | None:
+        """The update a cache file written by `cache_lines` holds, verified as from Redis."""
+        try:
+            lines = data.split(b"\n")
+            header = json.loads(lines[0])
+            raw: dict[str, str] = {}
+            for line in lines[1:]:
+                if line:
+                    field, value = json.loads(line)
+                    raw[field] = value
+        except (ValueError, TypeError, RecursionError) as exc:
+            self._refuse(origin, SnapshotError(f"not an entries cache: {exc}"))
+            return None
+        if not isinstance(header, dict):
+            self._refuse(origin, SnapshotError("not an entries cache"))
+            return None
+        return self.from_cache({"head": header.get("head"), "entries": raw}, origin)
 
     def from_cache(self, document: dict, origin: str) -> Update | None:
         head_raw, raw = document.get("head"), document.get("entries")

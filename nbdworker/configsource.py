@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +62,8 @@ BACKOFF_MAX = 30.0
 # At start, how long Redis may take to answer before the cached snapshot is used.
 STARTUP_TIMEOUT = 3.0
 PING_INTERVAL = 5.0
+# Seconds the cache writer waits, gathering changes, before writing the latest.
+CACHE_DELAY = 1.0
 # Malformed messages logged per minute at most (all are counted): a flood must not flood the log.
 MAX_BAD_MESSAGE_LOGS = 20
 
@@ -164,7 +165,7 @@ class ConfigSource:
         ):
             if update is not None:
                 self.entry_set.commit(update)
-                self._save_cache(self.entry_set.cache_document(update))
+                self._save_cache(self.entry_set.cache_lines(update))
             else:
                 self._save_cache(data)
             config = from_redis
@@ -190,15 +191,9 @@ class ConfigSource:
             log.error("cannot read the cached config %s: %s", self.cache_path, exc)
             return None
         origin = f"cache {self.cache_path}"
-        if data.startswith(b'{"format":"' + CACHE_FORMAT.encode()):
-            try:
-                document = json.loads(data)
-            except (ValueError, RecursionError) as exc:
-                self._verify_failed(origin, SnapshotError(f"not JSON: {exc}"))
-                return None
-            if isinstance(document, dict) and document.get("format") == CACHE_FORMAT:
-                self._cached_update = self.entry_set.from_cache(document, origin)
-                return self._cached_update.config if self._cached_update else None
+        if data.startswith(b'{"format":"' + CACHE_FORMAT.encode() + b'"'):
+            self._cached_update = self.entry_set.from_cache_lines(data, origin)
+            return self._cached_update.config if self._cached_update else None
         return self._verify(data, origin)
 
     async def _read_snapshot(self) -> bytes | None:
@@ -233,15 +228,18 @@ class ConfigSource:
             return None
         return data
 
-    def _save_cache(self, data: bytes | str) -> None:
-        raw = data.encode() if isinstance(data, str) else data
+    def _save_cache(self, data: bytes | str | Iterable[bytes]) -> None:
+        if isinstance(data, str):
+            data = data.encode()
+        chunks = [data] if isinstance(data, bytes) else data
         tmp = self.cache_path.with_suffix(".tmp")
         try:
             self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             # The snapshot holds the TLS private key: never readable by others, not even briefly.
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "wb") as f:
-                f.write(raw)
+                for chunk in chunks:
+                    f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.cache_path)
@@ -302,10 +300,13 @@ class ConfigSource:
             self._cache_writer.submit(self._write_latest_cache)
 
     def _write_latest_cache(self) -> None:
+        # Changes arriving within CACHE_DELAY make one write: the cache is for a start without
+        # Redis, and each write of a large node's entries costs CPU the event loop could use.
+        time.sleep(CACHE_DELAY)
         with self._cache_lock:
             update, self._cache_latest = self._cache_latest, None
         if update is not None:
-            self._save_cache(self.entry_set.cache_document(update))
+            self._save_cache(self.entry_set.cache_lines(update))
 
     async def _fetch_snapshot(self) -> bool:
         """The node's config published as one snapshot (no head in Redis)."""
