@@ -23,6 +23,7 @@ import hmac
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 from nbdworker.contract.config import ConfigError, ExportConfig, TLSConfig, WorkerConfig
@@ -61,6 +62,8 @@ TLS_FIELD = "tls"
 MAX_ENTRY_BYTES = 1 << 20
 MAX_ENTRIES = 200_000
 MAX_HEAD_BYTES = 1 << 20
+_ASCII_DIGITS = frozenset("0123456789")
+_ORDER = attrgetter("order")
 
 
 def entries_key(node: str) -> str:
@@ -84,6 +87,7 @@ class Entry:
     mac: int
     export: ExportConfig | None = None
     tls: TLSConfig | None = None
+    order: int = 0  # an export's id: exports are listed in the order they were made
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,9 +188,11 @@ def verify_entry(data: str | bytes, key: str | bytes, *, node: str, field: str) 
             if isinstance(key_pem, str) and is_sealed(key_pem):
                 body = {**body, "key_pem": open_sealed(key_pem, raw, node)}
             return Entry(field, generation, mac, tls=TLSConfig.from_dict(body, "tls"))
-        if not field.startswith("export:"):
+        number = field.removeprefix("export:")
+        if number == field or not (0 < len(number) <= 20 and _ASCII_DIGITS.issuperset(number)):
             raise ConfigError(f"unknown field {field[:80]!r}")
-        return Entry(field, generation, mac, export=ExportConfig.from_dict(body, field))
+        export = ExportConfig.from_dict(body, field)
+        return Entry(field, generation, mac, export=export, order=int(number))
     except SealError as exc:
         raise SnapshotError(f"tls.key_pem: {exc}") from None
     except ValueError as exc:  # ConfigError is one
@@ -244,11 +250,6 @@ def verify_head(data: str | bytes, key: str | bytes, *, node: str) -> Head:
 # -- the whole config ----------------------------------------------------------------------------
 
 
-def _export_order(field: str) -> tuple[int, str]:
-    number = field.removeprefix("export:")
-    return (int(number), field) if number.isascii() and number.isdigit() else (1 << 64, field)
-
-
 def assemble(head: Head, entries: Mapping[str, Entry]) -> WorkerConfig:
     """The config that `entries` make under `head`: every entry no newer than the head, as many
     as it counts, and their MACs summing to its digest. Raises SnapshotError."""
@@ -268,8 +269,11 @@ def assemble(head: Head, entries: Mapping[str, Entry]) -> WorkerConfig:
         raise SnapshotError("no tls entry")
     exports = []
     names: set[str] = set()
-    for field in sorted((f for f in entries if f != TLS_FIELD), key=_export_order):
-        entry = entries[field]
+    listed = sorted((e for e in entries.values() if e.export is not None), key=_ORDER)
+    if len(listed) != len(entries) - 1:
+        raise SnapshotError("an entry that is neither an export nor the TLS section")
+    for entry in listed:
+        field = entry.field
         if entry.generation > head.generation:
             raise SnapshotError(f"{field}: generation {entry.generation} above the head's")
         export = entry.export

@@ -173,6 +173,10 @@ def test_an_entry_moved_to_another_field_is_refused(shared_redis, node) -> None:
     with pytest.raises(SnapshotError) as refused:
         verify_entry(value, key, node="another-node", field="export:1")
     assert refused.value.kind == "other_node"
+    for field in ("bogus", "export:", "export:-1", "export:\u0661", "export:" + "9" * 21):
+        odd, _ = sign_entry(node, field, 5, body("e1"), key)
+        with pytest.raises(SnapshotError, match="unknown field"):
+            verify_entry(odd, key, node=node, field=field)
 
 
 def test_an_oversized_entry_is_not_read(shared_redis, node, tmp_path) -> None:
