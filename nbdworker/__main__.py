@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -293,6 +294,23 @@ async def run(
     return 0
 
 
+def wipe_initial_environment(names: tuple[str, ...]) -> None:
+    """Overwrite with NULs the values of `names` in the C environment this process started with,
+    which is what /proc/PID/environ shows to every process of the same user."""
+    try:
+        environ = ctypes.POINTER(ctypes.c_void_p).in_dll(ctypes.CDLL(None), "environ")
+    except (OSError, ValueError):
+        return  # no C library to ask: nothing this process can wipe
+    prefixes = tuple(f"{name}=".encode() for name in names)
+    i = 0
+    while (address := environ[i]) is not None:
+        entry = ctypes.string_at(address)
+        for prefix in prefixes:
+            if entry.startswith(prefix):
+                ctypes.memset(address + len(prefix), 0, len(entry) - len(prefix))
+        i += 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -323,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("configuration error: %s", exc)  # a log line, so JSON under LOG_FORMAT=json
         return 2
     # Serving processes (they parse the clients' bytes) inherit this environment: they use no
-    # secret, so they get none.
+    # secret, so they get none. They run as this process's user, so its /proc/PID/environ (the
+    # environment it started with, which unsetting leaves in place) loses the values too.
+    wipe_initial_environment(SECRET_VARIABLES)
     for name in SECRET_VARIABLES:
         os.environ.pop(name, None)
     if config is not None and config.node != settings.node:

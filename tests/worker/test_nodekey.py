@@ -223,5 +223,30 @@ def test_worker_process_gets_its_node_key_and_serving_processes_no_secret(tmp_pa
                 with open(f"/proc/{pid}/environ", "rb") as f:
                     names = {item.split(b"=", 1)[0] for item in f.read().split(b"\0")}
                 assert b"NBDWEB_CONFIG_SECRET" not in names and NODE_KEY_ENV.encode() not in names
+            # Its serving processes run as its user: they could read its /proc/PID/environ,
+            # the environment it started with, unless the secret's bytes are gone from it.
+            with open(f"/proc/{worker.proc.pid}/environ", "rb") as f:
+                assert MASTER.encode() not in f.read()
+        finally:
+            worker.stop()
+
+
+def test_a_node_key_given_in_the_environment_is_wiped_from_the_workers_environ(tmp_path):
+    key = derive_node_key(MASTER, "a")
+    with private_redis(tmp_path / "redis") as server:
+        server.client().set(config_key("a"), sign_snapshot(config_for("a", 1), key))
+        env = {
+            "REDIS_URL": server.url,
+            NODE_KEY_ENV: key,
+            "NBDWORKER_NODE": "a",
+            "NBDWEB_DATA_DIR": str(tmp_path / "data"),
+        }
+        worker = start_worker(
+            None, workdir=tmp_path / "w", storage_root=tmp_path, env=env, args=["--workers", "2"]
+        )
+        try:
+            worker.wait_for_log(r"following nbdweb:config-changed")
+            with open(f"/proc/{worker.proc.pid}/environ", "rb") as f:
+                assert key.encode() not in f.read()
         finally:
             worker.stop()
