@@ -80,3 +80,30 @@ def test_models_and_migrations_agree(tmp_path):
         "--dry-run",
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.django_db
+def test_recorded_owner_tokens_become_their_digests(default_node):
+    """0011: the identity in the database (and so in Redis's snapshots) stops carrying the
+    image's owner token; the image it names still passes the check."""
+    import importlib
+
+    from django.apps import apps as current_apps
+
+    from exports_app.models import Export
+    from nbdworker.contract.imageidentity import identity_mismatch, mark_digest
+
+    token = "ab" * 16
+    raw = Export.objects.create(
+        node=default_node, name="raw", size=1, image_identity=f"66:77:{token}"
+    )
+    bare = Export.objects.create(node=default_node, name="bare", size=1, image_identity="66:78:")
+    migration = importlib.import_module("exports_app.migrations.0011_image_mark_digests")
+    migration.digest_tokens(current_apps, None)
+    raw.refresh_from_db()
+    bare.refresh_from_db()
+    assert raw.image_identity == f"66:77:{mark_digest(token)}"
+    assert token not in raw.image_identity
+    assert bare.image_identity == "66:78:"
+    stat = os.stat_result((0o100600, 77, 66, 1, 0, 0, 1, 0, 0, 0))
+    assert identity_mismatch(stat, raw.image_identity, lambda: token) is None

@@ -18,6 +18,7 @@ from nbdworker.contract.config import ConfigError, ExportConfig, WorkerConfig
 from nbdworker.contract.imageidentity import OWNER_XATTR, identity_of
 from nbdworker.contract.nodekey import derive_node_key
 from nbdworker.contract.snapshot import config_channel, config_key, sign_snapshot
+from nbdworker.imagefile import ImageRefused, RefusalReason, open_image
 from nbdworker.protocol import Reply
 from nbdworker.server import _open_backend
 from nbdworker.settings import WorkerSettings
@@ -358,6 +359,53 @@ def test_an_impostor_at_the_images_name_is_refused_logged_and_counted(
         with RawClient.open(worker.host, worker.port, name) as c:
             assert c.read(0, len(INSIDE)).data == INSIDE
     assert value(scrape(worker), "nbdworker_exports_refused_total", reason="not_owned") == 2
+
+
+def test_an_impostor_on_the_freed_inode_with_the_mark_seen_in_redis_is_refused(tmp_path) -> None:
+    """Whoever can read the snapshot in Redis sees the recorded identity; whoever can write into
+    the storage dir deletes the image, creates files until one gets its inode back (ext4 hands
+    a freed inode out again at once) and renames it over the image's name with that mark. Before,
+    the identity carried the owner token itself, so this impostor was served."""
+    images = tmp_path / "images"
+    images.mkdir()
+    path = images / "disk.img"
+    path.write_bytes(INSIDE)
+    recorded = mark(path, "ab" * 16)  # as the create job records it: it goes into the snapshot
+    seen_mark = recorded.rpartition(":")[2]
+    inode = path.stat().st_ino
+    path.unlink()
+    for attempt in range(1000):
+        impostor = images / f"impostor-{attempt}"
+        impostor.write_bytes(OUTSIDE)
+        if impostor.stat().st_ino == inode:
+            break
+    else:
+        pytest.fail("no file got the freed inode back: this filesystem does not reuse inodes")
+    os.setxattr(impostor, OWNER_XATTR, seen_mark.encode())
+    os.rename(impostor, path)
+    with pytest.raises(ImageRefused) as refused:
+        open_image(str(path), [(str(images), str(images))], writable=False, identity=recorded)
+    assert refused.value.reason == RefusalReason.NOT_OWNED
+
+
+def test_an_identity_recorded_with_the_token_itself_still_opens_its_image(tmp_path) -> None:
+    """Identities recorded before the token was hashed (in snapshots published before the
+    upgrade) keep opening their own image, and only it."""
+    images = tmp_path / "images"
+    images.mkdir()
+    path = images / "old.img"
+    path.write_bytes(INSIDE)
+    os.setxattr(path, OWNER_XATTR, b"cd" * 16)
+    st = path.stat()
+    fd = open_image(
+        str(path), [(str(images), str(images))], False, f"{st.st_dev}:{st.st_ino}:{'cd' * 16}"
+    )
+    os.close(fd)
+    os.setxattr(path, OWNER_XATTR, b"ef" * 16)
+    with pytest.raises(ImageRefused):
+        open_image(
+            str(path), [(str(images), str(images))], False, f"{st.st_dev}:{st.st_ino}:{'cd' * 16}"
+        )
 
 
 @pytest.mark.parametrize(
