@@ -43,6 +43,7 @@ __all__ = [
     "latest_id",
     "parse_event_id",
     "read_after",
+    "read_entries",
     "validate_kinds",
     "visible_to",
 ]
@@ -164,7 +165,12 @@ def _record(body: dict[str, Any]) -> None:
     webhooks.fan_out(Event(id=event_id, **body))
 
 
-def _parse(event_id: str, fields: dict[str, str]) -> Event | None:
+def _parse(event_id: str, fields: dict[str, str] | None) -> Event | None:
+    if fields is None:
+        refused_events["too_large"] += 1
+        log.warning("event %s in %s is over %d bytes: skipped unread",
+                    event_id, EVENT_STREAM, _MAX_ENTRY_BYTES)  # fmt: skip
+        return None
     try:
         body = open_record(
             web_key(_EVENTS_PURPOSE), "web", "event", fields["event"], MAX_EVENT_BYTES
@@ -187,17 +193,53 @@ def _parse(event_id: str, fields: dict[str, str]) -> Event | None:
         return None
 
 
-def parse_entries(entries: Iterable[tuple[str, dict[str, str]]]) -> list[Event]:
+def parse_entries(entries: Iterable[tuple[str, dict[str, str] | None]]) -> list[Event]:
     return [e for e in (_parse(i, f) for i, f in entries) if e is not None]
+
+
+# Reading the stream with XRANGE or XREAD sends every entry whole, whatever someone else put
+# there. These run in Redis and send an entry's fields only when they fit in ARGV[n]; a bigger
+# entry comes back as its ID and size (one entry at a time inside the script, too).
+_BOUNDED_RANGE = """
+local out, start, max = {}, ARGV[1], tonumber(ARGV[3])
+for _ = 1, tonumber(ARGV[2]) do
+  local got = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', 1)
+  if #got == 0 then break end
+  local id, fields, size = got[1][1], got[1][2], 0
+  for _, part in ipairs(fields) do size = size + #part end
+  if size > max then out[#out + 1] = {id, {}, size} else out[#out + 1] = {id, fields} end
+  start = '(' .. id
+end
+return out
+"""
+_NEWEST_ID = """
+local got = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #got == 0 then return '0-0' end
+return got[1][1]
+"""
+# Room for the entry's field name beside an event of MAX_EVENT_BYTES.
+_MAX_ENTRY_BYTES = MAX_EVENT_BYTES + 64
 
 
 def latest_id(client=None) -> str:
     """The ID of the newest event, "0-0" when there is none. Raises RedisError."""
-    newest = (client or redis_client()).xrevrange(EVENT_STREAM, count=1)
-    return newest[0][0] if newest else "0-0"
+    return str((client or redis_client()).eval(_NEWEST_ID, 1, EVENT_STREAM))
+
+
+def read_entries(after: str, limit: int, client=None) -> list[tuple[str, dict[str, str] | None]]:
+    """Up to `limit` stream entries after ID `after`, oldest first: (ID, fields), fields None for
+    an entry too big to be one of ours (not read). Raises RedisError."""
+    replies = (client or redis_client()).eval(
+        _BOUNDED_RANGE, 1, EVENT_STREAM, f"({after}", limit, _MAX_ENTRY_BYTES
+    )
+    entries: list[tuple[str, dict[str, str] | None]] = []
+    for reply in replies:
+        entry_id, flat = str(reply[0]), reply[1]
+        fields = None if len(reply) > 2 else dict(zip(flat[::2], flat[1::2], strict=True))
+        entries.append((entry_id, fields))
+    return entries
 
 
 def read_after(after: str, limit: int) -> list[Event]:
     """Up to `limit` events after ID `after`, oldest first. Raises RedisError."""
-    entries = redis_client().xrange(EVENT_STREAM, min=f"({after}", count=limit)
-    return parse_entries(entries)
+    return parse_entries(read_entries(after, limit))

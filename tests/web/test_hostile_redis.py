@@ -160,6 +160,33 @@ def test_ending_a_session_whose_record_is_giant_reads_little(api, r, default_nod
     assert api.delete(f"{SESSIONS}ea1/").status_code == 202
 
 
+def test_giant_event_entries_are_skipped_unread_by_the_list_and_the_stream(
+    api, r, default_node, committed, settings
+) -> None:
+    """Stream entries are read whole by XRANGE / XREAD: three 16 MiB entries added by someone
+    else went to every reader, the list and each open event stream (and the stream's start)."""
+    settings.NBDWEB_EVENT_STREAM_MAX_SECONDS = 1.0
+    with committed():
+        events.emit("node.online", {"type": "workernode", "id": None, "name": "before"}, {})
+    for _ in range(3):
+        r.xadd(events.EVENT_STREAM, {"event": "x" * (16 << 20)})
+    with committed():
+        events.emit("node.online", {"type": "workernode", "id": None, "name": "after"}, {})
+    before = sent_by_redis(r)
+    listed = api.get("/api/v1/events/")
+    assert listed.status_code == 200, listed.content
+    assert [e["object"]["name"] for e in listed.json()] == ["before", "after"]
+    assert events.refused_events["too_large"] >= 3
+    stream = api.get("/api/v1/events/stream/", HTTP_LAST_EVENT_ID="0-0")
+    text = b"".join(stream.streaming_content).decode()
+    assert text.count("event: node.online") == 2
+    assert sent_by_redis(r) - before < READ_BOUND
+    r.xadd(events.EVENT_STREAM, {"event": "x" * (16 << 20)})
+    before = sent_by_redis(r)
+    assert b"".join(api.get("/api/v1/events/stream/").streaming_content)  # starts after it
+    assert sent_by_redis(r) - before < READ_BOUND
+
+
 def test_forged_events_are_not_listed(api, r, default_node, committed) -> None:
     with committed():
         events.emit("node.online", {"type": "workernode", "id": None, "name": "real"}, {})
