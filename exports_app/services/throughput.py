@@ -2,7 +2,8 @@
 
 Every `SAMPLE_SECONDS` one sampler (whichever process takes the Redis lock first: each Celery
 worker runs one, see nbdweb/celery.py) reads the byte counters of every live session from the
-workers' session hashes (nbdworker/status.py), turns the growth since the previous sample into
+workers' session hashes (`workerstatus.list_sessions`: only records the node's worker signed,
+read within bounds; anyone can write to Redis), turns the growth since the previous sample into
 bytes per second, and appends [time, read/s, written/s] to bounded ring buffers in Redis (one
 list per node and per export with traffic, `HISTORY` points each, expiring when unused).
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections import defaultdict
@@ -23,8 +25,9 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from exports_app.services import workerstatus
 from exports_app.services.publishing import redis_client
-from nbdworker.contract.snapshot import sessions_key
+from exports_app.services.workerstatus import MAX_SESSIONS_PER_NODE
 
 __all__ = [
     "HISTORY",
@@ -65,34 +68,68 @@ def _since(session: dict[str, Any]) -> float | None:
         return None
 
 
+# The sampler's last counters: at most this many entries, each in about this much room.
+LAST_ENTRY_ROOM = 1024
+# A hash's fields and values when it holds at most ARGV[1] fields in ARGV[2] bytes; else nil.
+_BOUNDED_HGETALL = """
+if redis.call('HLEN', KEYS[1]) > tonumber(ARGV[1]) then return false end
+local size = redis.call('MEMORY', 'USAGE', KEYS[1], 'SAMPLES', '0')
+if size and size > tonumber(ARGV[2]) then return false end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+
+def _timestamp(raw: object) -> float | None:
+    try:
+        value = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _last_counters(raw: object) -> dict[str, list]:
+    """The previous sample's [export, read, written] per "<node> <session id>"; what does not
+    parse as that (a hash of another type, too big, garbage) is no previous sample."""
+    if not isinstance(raw, list):
+        return {}
+    last: dict[str, list] = {}
+    for key, value in zip(raw[::2], raw[1::2], strict=False):
+        try:
+            export, read, written = json.loads(value)
+        except (TypeError, ValueError):
+            continue
+        if isinstance(read, int) and isinstance(written, int):
+            last[key.decode() if isinstance(key, bytes) else str(key)] = [export, read, written]
+    return last
+
+
 def sample_once(nodes: list[str], now: float | None = None, client=None) -> bool:
     """Take one sample of `nodes` unless another process took this interval's; True if taken."""
     now = time.time() if now is None else now
     client = client or redis_client()
     if not client.set(LOCK_KEY, "1", nx=True, px=int(SAMPLE_SECONDS * 900)):
         return False
+    # The sampler's own state: read within bounds, and believed only where it parses (whoever
+    # can write to Redis can put anything there).
+    max_entries = MAX_SESSIONS_PER_NODE * max(1, len(nodes))
     with client.pipeline(transaction=False) as pipe:
-        pipe.get(LAST_TIME_KEY)
-        pipe.hgetall(LAST_KEY)
-        for node in nodes:
-            pipe.hvals(sessions_key(node))
-        last_time_raw, last_raw, *hashes = pipe.execute()
-    last_time = float(last_time_raw) if last_time_raw else None
-    last = {}
-    for key, value in last_raw.items():
-        try:
-            last[key.decode() if isinstance(key, bytes) else key] = json.loads(value)
-        except ValueError:
-            continue
+        pipe.getrange(LAST_TIME_KEY, 0, 63)
+        pipe.eval(_BOUNDED_HGETALL, 1, LAST_KEY, max_entries, LAST_ENTRY_ROOM * (max_entries + 16))
+        last_time_raw, last_raw = pipe.execute(raise_on_error=False)
+    last_time = _timestamp(last_time_raw)
+    last = _last_counters(last_raw)
+    hashes = [[] for _ in nodes]
+    index = {node: i for i, node in enumerate(nodes)}
+    for session in workerstatus.list_sessions(nodes, client=client):
+        hashes[index[session["node"]]].append(session)
     elapsed = None if last_time is None else now - last_time
     rates_ok = elapsed is not None and 0 < elapsed <= MAX_GAP
     current: dict[str, str] = {}
     node_bytes: dict[str, list[int]] = {node: [0, 0] for node in nodes}
     export_bytes: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     for node, values in zip(nodes, hashes, strict=True):
-        for raw in values:
+        for session in values:
             try:
-                session = json.loads(raw)
                 sid, export = str(session["id"]), str(session.get("export", ""))
                 read, written = int(session["bytes_read"]), int(session["bytes_written"])
             except (ValueError, KeyError, TypeError):

@@ -97,3 +97,49 @@ def test_dashboard_charts_nodes_and_busiest_exports(web_redis, admin_client, def
     html = admin_client.get("/admin/console/section/throughput/").content.decode()
     assert f"node {default_node.name}" in html
     assert "busy disk" in html and html.count("<svg") == 2
+
+
+def sent_by_redis(web_redis) -> int:
+    return int(web_redis.info("stats")["total_net_output_bytes"])
+
+
+def test_sessions_no_worker_signed_count_for_nothing(web_redis) -> None:
+    """Anyone who can write to Redis could draw any traffic on the charts with made-up sessions:
+    the sampler believes only the records the node's worker signed."""
+    forged = {"id": "f1", "export": "disk", "bytes_read": 0, "bytes_written": 0,
+              "connected_since": "2020-01-01T00:00:00Z"}  # fmt: skip
+    web_redis.hset(sessions_key("n1"), "f1", json.dumps(forged))
+    sample(web_redis, 1000.0)
+    web_redis.hset(sessions_key("n1"), "f1", json.dumps({**forged, "bytes_read": 500 * MiB}))
+    sample(web_redis, 1010.0)
+    export_series = throughput.series(throughput.export_key("n1", "disk"), 1010.0, web_redis)
+    assert export_series == []
+    assert throughput.series(throughput.node_key("n1"), now=1010.0, client=web_redis) == [
+        (1010.0, 0.0, 0.0)
+    ]
+
+
+def test_100000_fake_sessions_and_garbage_state_are_not_read_by_the_sampler(web_redis) -> None:
+    with web_redis.pipeline(transaction=False) as pipe:
+        for start in range(0, 100_000, 10_000):
+            pipe.hset(
+                sessions_key("n1"),
+                mapping={f"f{i}": json.dumps({"id": f"f{i}"}) for i in range(start, start + 10**4)},
+            )
+        pipe.execute()
+    web_redis.hset(throughput.LAST_KEY, "n1 big", "x" * (32 << 20))
+    web_redis.set(throughput.LAST_TIME_KEY, "not a time")
+    before = sent_by_redis(web_redis)
+    assert sample(web_redis, 1000.0)
+    assert sent_by_redis(web_redis) - before < 256 << 10
+    put_session(web_redis, "n1", "s1", "disk", 0, 0, "2020-01-01T00:00:00Z")
+    web_redis.delete(sessions_key("n1"))
+    put_session(web_redis, "n1", "s1", "disk", 0, 0, "2020-01-01T00:00:00Z")
+    sample(web_redis, 1010.0)
+    put_session(web_redis, "n1", "s1", "disk", 100 * MiB, 0, "2020-01-01T00:00:00Z")
+    sample(web_redis, 1020.0)
+    assert throughput.series(throughput.node_key("n1"), now=1020.0, client=web_redis)[-1] == (
+        1020.0,
+        10 * MiB,
+        0.0,
+    )
