@@ -8,6 +8,8 @@ must leave no Job row at all.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.messages import get_messages
@@ -181,3 +183,21 @@ def test_a_client_that_connects_after_the_request_fails_the_shrink_job(api, expo
     export.refresh_from_db()
     # A refused resize puts the old size back; the export stays served.
     assert (export.size, export.state, export.last_error) == (MiB, ExportState.READY, IN_USE)
+
+
+def test_sessions_no_worker_signed_neither_block_a_shrink_nor_are_read_whole(
+    api, admin_client, export, worker_redis
+):
+    """Anyone who can write to Redis could block every shrink with one made-up session, and
+    make each check read 100,000 of them."""
+    node = export.node.name
+    with worker_redis.pipeline(transaction=False) as pipe:
+        for start in range(0, 100_000, 10_000):
+            fakes = {f"f{i}": json.dumps({"id": f"f{i}", "export": export.name})
+                     for i in range(start, start + 10_000)}  # fmt: skip
+            pipe.hset(sessions_key(node), mapping=fakes)
+        pipe.execute()
+    before = int(worker_redis.info("stats")["total_net_output_bytes"])
+    accepted, shown = api_resize(api, admin_client, export, MiB // 2, True)
+    assert int(worker_redis.info("stats")["total_net_output_bytes"]) - before < 256 << 10
+    assert accepted, shown
