@@ -50,7 +50,6 @@ from nbdworker.contract.config import (
     ConfigError,
     ExportConfig,
     TLSConfig,
-    WorkerConfig,
     tls_refusal,
 )
 from nbdworker.contract.entries import (
@@ -78,7 +77,6 @@ from nbdworker.contract.snapshot import (
 __all__ = [
     "NodeBusy",
     "PublishError",
-    "build_config",
     "lock_key",
     "publish_node",
     "publish_nodes",
@@ -167,34 +165,6 @@ def _export_dict(export: Export) -> dict:
         "allowed_clients": list(export.allowed_clients or []),
         "allowed_networks": list(export.allowed_networks or []),
     }
-
-
-def build_config(node: WorkerNode, generation: int = 0) -> WorkerConfig:
-    """The full snapshot of what `node`'s worker serves, validated by the worker's parser."""
-    node = WorkerNode.objects.select_related("tls_policy__server_certificate").get(pk=node.pk)
-    exports = (
-        Export.objects.filter(node=node, state__in=export_states.SERVED_STATES, enabled=True)
-        .select_related("node")
-        .order_by("pk")
-    )
-    data = {
-        "version": 1,
-        "generation": generation,
-        "node": node.name,
-        "exports": [_export_dict(e) for e in exports],
-        "tls": _tls_dict(node),
-    }
-    try:
-        config = WorkerConfig.from_dict(data)
-    except ConfigError as exc:
-        raise PublishError(f"node {node.name!r}: the config is invalid: {exc}") from exc
-    for export in config.exports:
-        # Only rows saved before clean() refused them; the worker will not serve these, and
-        # this log is where the web side's operator hears of it.
-        refusal = tls_refusal(export, config.tls.mode)
-        if refusal is not None:
-            log.warning("node %s: export %r will be refused: %s", node.name, export.name, refusal)
-    return config
 
 
 # -- delivering -------------------------------------------------------------------------------
