@@ -39,7 +39,6 @@ from typing import Any
 
 import redis
 from django.conf import settings
-from django.db.models import Max
 
 from exports_app.choices import TLSMode
 from exports_app.models import Export, PendingPublish, WorkerNode
@@ -396,16 +395,12 @@ def publish_node(node_id: int, *, only_pending: bool, lock_wait: float = 0.0) ->
     try:
         # Markers first, then the database: every change marked up to `newest` committed before
         # the config is read, so the published config includes it.
-        newest = PendingPublish.objects.filter(node_id=node_id).aggregate(Max("id"))["id__max"]
+        marks = list(PendingPublish.objects.filter(node_id=node_id).values_list("id", "scope"))
+        newest = max((mark_id for mark_id, _ in marks), default=None)
         if newest is None and only_pending:
             return None
-        scopes = None  # everything
-        if only_pending and newest is not None:
-            scopes = set(
-                PendingPublish.objects.filter(node_id=node_id, id__lte=newest).values_list(
-                    "scope", flat=True
-                )
-            )
+        # Only what the markers name (a publish_config asks for everything).
+        scopes = {scope for _, scope in marks} if only_pending else None
         try:
             generation = _publish_one(client, node, scopes)
         except PublishError as exc:
