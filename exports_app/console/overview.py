@@ -8,6 +8,7 @@ the same thing, and each section needs the same permission as the API that lists
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -124,7 +125,8 @@ def _remember_last_seen(statuses: dict[str, dict[str, Any]]) -> dict[str, dateti
                 if heartbeat and heartbeat.get("time"):
                     pipe.set(LAST_SEEN_KEY.format(node=name), heartbeat["time"])
                 else:
-                    pipe.get(LAST_SEEN_KEY.format(node=name))
+                    # A time is short; whatever else someone put there is not read whole.
+                    pipe.getrange(LAST_SEEN_KEY.format(node=name), 0, 63)
             replies = pipe.execute()
     except RedisError:
         return {}
@@ -184,6 +186,31 @@ def session_rows(node_names: list[str] | None = None) -> list[SessionRow]:
     return rows
 
 
+MAX_RATE_SAMPLES_BYTES = 256
+
+
+def _rate_samples(raw: object) -> list[list]:
+    """The stored samples, [[time, read, written], ...] (at most two); [] for anything else
+    (a value of another type, too long, not that shape: anyone can write to Redis)."""
+    if not isinstance(raw, str) or not raw or len(raw) > MAX_RATE_SAMPLES_BYTES:
+        return []
+    try:
+        samples = json.loads(raw)
+    except ValueError:
+        return []
+    if not isinstance(samples, list) or len(samples) > 2:
+        return []
+    for sample in samples:
+        if not (
+            isinstance(sample, list)
+            and len(sample) == 3
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in sample)
+            and math.isfinite(sample[0])
+        ):
+            return []
+    return samples
+
+
 def _session_rates(
     sessions: list[dict[str, Any]],
 ) -> dict[tuple[str, str], tuple[float | None, float | None]]:
@@ -199,14 +226,18 @@ def _session_rates(
     keys = [RATE_KEY.format(node=s["node"], session=s["id"]) for s in sessions]
     try:
         client = redis_client()
-        stored = client.mget(keys)
+        with client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                # Two samples are short; whatever else someone put there is not read whole.
+                pipe.getrange(key, 0, MAX_RATE_SAMPLES_BYTES)
+            stored = pipe.execute(raise_on_error=False)
     except RedisError:
         return {}
     rates: dict[tuple[str, str], tuple[float | None, float | None]] = {}
     updates = {}
     for s, key, raw in zip(sessions, keys, stored, strict=True):
         counters = [int(s.get("bytes_read", 0) or 0), int(s.get("bytes_written", 0) or 0)]
-        samples = json.loads(raw) if raw else []
+        samples = _rate_samples(raw)
         if not samples or samples[-1][1:] != counters:
             samples = [*samples[-1:], [now, *counters]]
             updates[key] = json.dumps(samples)

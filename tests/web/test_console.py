@@ -13,6 +13,7 @@ import pytest
 from django.utils import timezone
 
 from exports_app.choices import CertificateKind, ExportState, JobKind, JobState
+from exports_app.console import overview
 from exports_app.models import Certificate, Export, Job, PendingPublish, WorkerNode
 from exports_app.services import ca
 from nbdworker.contract.snapshot import heartbeat_key, kicks_key, published_key, sessions_key
@@ -270,3 +271,29 @@ def test_renew_issues_a_successor_and_moves_the_policies_to_it(
     policy.refresh_from_db()
     assert policy.server_certificate == successor
     assert f"renewed as {successor.name}" in response.content.decode()
+
+
+# -- what the console keeps in Redis, as anyone who can write to Redis leaves it -------------------
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"not json", b"[1, 2]", b'[[1, 2, 3], "x"]', b"\xff\xfe", b"x" * (8 << 20)],
+    ids=["not-json", "numbers", "bad-pairs", "not-utf8", "8MiB"],
+)
+def test_garbage_rate_samples_show_no_rate_not_a_500(staff, live, web_redis, garbage) -> None:
+    web_redis.set(overview.RATE_KEY.format(node=live.name, session="aa01"), garbage)
+    before = int(web_redis.info("stats")["total_net_output_bytes"])
+    response = staff(superuser=True).get(section_url("sessions"))
+    assert response.status_code == 200
+    assert "aa01" in text(response)
+    assert int(web_redis.info("stats")["total_net_output_bytes"]) - before < 256 << 10
+
+
+@pytest.mark.parametrize("garbage", [b"\xff\xfe", b"x" * (8 << 20)], ids=["not-utf8", "8MiB"])
+def test_a_garbage_last_seen_time_is_no_time_not_a_500(staff, default_node, web_redis, garbage):
+    web_redis.set(overview.LAST_SEEN_KEY.format(node=default_node.name), garbage)
+    before = int(web_redis.info("stats")["total_net_output_bytes"])
+    response = staff(superuser=True).get(section_url("nodes"))
+    assert response.status_code == 200
+    assert int(web_redis.info("stats")["total_net_output_bytes"]) - before < 256 << 10
