@@ -4,6 +4,8 @@ variable they set is documented in the README, and the two-node example (profile
 is two storage nodes: their own node names and queues, storage volumes, NBD ports, and a second
 nbdworker holding only its own node's key."""
 
+import ast
+import importlib.metadata
 import importlib.util
 import re
 import sys
@@ -87,6 +89,55 @@ def test_dockerfile_builds_from_the_pinned_requirements() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "requirements.txt" in dockerfile
     assert "debian:12" in dockerfile
+
+
+# What a production install runs: `make run`, the Dockerfile and the units install only
+# requirements.txt for these (tests, fuzz and bench have requirements-dev.txt).
+RUNTIME_SOURCES = (
+    "exports_app",
+    "nbdweb",
+    "nbdweb_cli",
+    "nbdworker",
+    "scripts/runstack.py",
+    "manage.py",
+)
+FIRST_PARTY = {"exports_app", "nbdweb", "nbdweb_cli", "nbdworker"}
+
+
+def _distribution_key(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_every_third_party_module_the_runtime_imports_is_pinned_in_requirements() -> None:
+    # A fresh `make run` failed at migrate with "No module named 'urllib3'": webhooks imported
+    # it while only the dev requirements (selenium) brought it into the venv.
+    pinned = {
+        _distribution_key(re.split(r"[\[=<>~ ]", line, maxsplit=1)[0])
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith(("#", "-"))
+    }
+    files = []
+    for source in RUNTIME_SOURCES:
+        path = ROOT / source
+        files.extend(sorted(path.rglob("*.py")) if path.is_dir() else [path])
+    distributions = importlib.metadata.packages_distributions()
+    unpinned = {}
+    for path in files:
+        for module in _top_level_imports(path) - FIRST_PARTY - set(sys.stdlib_module_names):
+            owners = {_distribution_key(name) for name in distributions.get(module, [module])}
+            if not owners & pinned:
+                unpinned.setdefault(module, []).append(str(path.relative_to(ROOT)))
+    assert not unpinned, f"imported but not in requirements.txt: {unpinned}"
 
 
 def _volume_of(service: dict, path: str) -> str:
