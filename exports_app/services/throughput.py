@@ -163,21 +163,33 @@ def sample_once(nodes: list[str], now: float | None = None, client=None) -> bool
     return True
 
 
+# A point is [time, read/s, written/s]: far shorter than this. Longer items stay in Redis.
+MAX_POINT_BYTES = 128
+_BOUNDED_LRANGE = """
+local out = {}
+for _, item in ipairs(redis.call('LRANGE', KEYS[1], ARGV[1], -1)) do
+  if #item <= tonumber(ARGV[2]) then out[#out + 1] = item end
+end
+return out
+"""
+
+
 def series(key: str, now: float | None = None, client=None) -> list[tuple[float, float, float]]:
     """[(time, read/s, written/s)] of the last hour, oldest first ([] when Redis is down)."""
     now = time.time() if now is None else now
     try:
-        raw = (client or redis_client()).lrange(key, -HISTORY, -1)
+        raw = (client or redis_client()).eval(_BOUNDED_LRANGE, 1, key, -HISTORY, MAX_POINT_BYTES)
     except RedisError:
         return []
     points = []
     for item in raw:
+        # Anyone can write to Redis: only three finite numbers are a point.
         try:
-            t, read, written = json.loads(item)
+            t, read, written = (float(v) for v in json.loads(item))
         except (ValueError, TypeError):
             continue
-        if now - t <= 3600:
-            points.append((float(t), float(read), float(written)))
+        if all(math.isfinite(v) for v in (t, read, written)) and now - t <= 3600:
+            points.append((t, read, written))
     return points
 
 

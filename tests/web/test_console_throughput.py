@@ -143,3 +143,22 @@ def test_100000_fake_sessions_and_garbage_state_are_not_read_by_the_sampler(web_
         10 * MiB,
         0.0,
     )
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b'["a", "b", "c"]', b"[1e999, 0, 0]", b'{"a": 1, "b": 2, "c": 3}', b"x" * (4 << 20)],
+    ids=["strings", "infinite", "object", "4MiB"],
+)
+def test_garbage_chart_points_are_skipped_not_a_500(
+    web_redis, admin_client, default_node, garbage
+) -> None:
+    key = throughput.node_key(default_node.name)
+    web_redis.rpush(key, json.dumps([time.time() - 5, 3 * MiB, 0]))
+    for _ in range(4):
+        web_redis.rpush(key, garbage)
+    before = sent_by_redis(web_redis)
+    response = admin_client.get("/admin/console/section/throughput/")
+    assert response.status_code == 200
+    assert f"node {default_node.name}" in response.content.decode()
+    assert sent_by_redis(web_redis) - before < 256 << 10
