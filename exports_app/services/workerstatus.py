@@ -129,7 +129,8 @@ def node_statuses(names: Iterable[str]) -> dict[str, dict[str, Any]]:
             for name in names:
                 # One byte over the bound is enough to refuse it.
                 pipe.getrange(heartbeat_key(name), 0, MAX_RECORD_BYTES)
-                pipe.get(published_key(name))
+                # A generation is at most 20 digits: one more is enough to refuse it.
+                pipe.getrange(published_key(name), 0, _GENERATION_DIGITS)
             replies = pipe.execute(raise_on_error=False)
         _raise_connection_errors(replies)
     except RedisError as exc:

@@ -187,6 +187,14 @@ def test_giant_event_entries_are_skipped_unread_by_the_list_and_the_stream(
     assert sent_by_redis(r) - before < READ_BOUND
 
 
+def test_a_giant_published_generation_is_not_read_whole(api, r, default_node) -> None:
+    r.setrange(published_key(default_node.name), 8 << 20, b"1")
+    before = sent_by_redis(r)
+    nodes = api.get(NODES)
+    assert nodes.status_code == 200, nodes.content
+    assert sent_by_redis(r) - before < READ_BOUND
+
+
 def test_forged_events_are_not_listed(api, r, default_node, committed) -> None:
     with committed():
         events.emit("node.online", {"type": "workernode", "id": None, "name": "real"}, {})
