@@ -128,12 +128,17 @@ class EntrySet:
 
     # -- reading ------------------------------------------------------------------------------
 
-    async def fetch(self, applied: int) -> Update | None:
+    async def fetch(self, applied: int, io_timeout: float | None = None) -> Update | None:
         """The next config from Redis if its generation is above `applied`, verified; None if
-        there is none or it was refused (logged and counted). Raises NoHead."""
+        there is none or it was refused (logged and counted). Raises NoHead, and TimeoutError
+        when a Redis command takes longer than `io_timeout` (verifying is not bounded by it)."""
         loop = asyncio.get_running_loop()
+
+        async def io(command):
+            return await asyncio.wait_for(command, io_timeout)
+
         try:
-            head_raw = _text(await self.client.getrange(head_key(self.node), 0, MAX_HEAD_BYTES))
+            head_raw = _text(await io(self.client.getrange(head_key(self.node), 0, MAX_HEAD_BYTES)))
             if not head_raw:
                 raise NoHead
             head = self._head(head_raw)
@@ -153,14 +158,16 @@ class EntrySet:
                 and head.previous == self.generation == applied
                 and len(head.changed) <= MAX_ENTRIES
             ):
-                reply = await self.client.eval(
-                    _READ_SOME,
-                    2,
-                    head_key(self.node),
-                    entries_key(self.node),
-                    MAX_HEAD_BYTES,
-                    MAX_ENTRY_BYTES,
-                    *head.changed,
+                reply = await io(
+                    self.client.eval(
+                        _READ_SOME,
+                        2,
+                        head_key(self.node),
+                        entries_key(self.node),
+                        MAX_HEAD_BYTES,
+                        MAX_ENTRY_BYTES,
+                        *head.changed,
+                    )
                 )
                 if _text(reply[0]) == head_raw:
                     values = [_text(v) for v in reply[1:]]
@@ -170,14 +177,16 @@ class EntrySet:
                     if update is not None:
                         return update
                 # Published again meanwhile, or the changes do not add up: read it all.
-            reply = await self.client.eval(
-                _READ_ALL,
-                2,
-                head_key(self.node),
-                entries_key(self.node),
-                MAX_HEAD_BYTES,
-                MAX_ENTRIES,
-                MAX_SNAPSHOT_BYTES,
+            reply = await io(
+                self.client.eval(
+                    _READ_ALL,
+                    2,
+                    head_key(self.node),
+                    entries_key(self.node),
+                    MAX_HEAD_BYTES,
+                    MAX_ENTRIES,
+                    MAX_SNAPSHOT_BYTES,
+                )
             )
         except ResponseError as exc:  # WRONGTYPE: someone stored another type there
             self._refuse("Redis", SnapshotError(str(exc)))

@@ -145,10 +145,12 @@ class ConfigSource:
         from_redis = None
         update = data = None
         try:
-            async with asyncio.timeout(STARTUP_TIMEOUT):
-                try:
-                    update = await self.entry_set.fetch(0)
-                except NoHead:
+            try:
+                # Each Redis command is bounded, not verifying: 50 workers starting together on
+                # two cores each verify their whole config, which may take longer.
+                update = await self.entry_set.fetch(0, io_timeout=STARTUP_TIMEOUT)
+            except NoHead:
+                async with asyncio.timeout(STARTUP_TIMEOUT):
                     data = await self._read_snapshot()
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("Redis unreachable at start (%s): using the cached config", exc)
