@@ -171,6 +171,20 @@ def node_statuses(names: Iterable[str]) -> dict[str, dict[str, Any]]:
     return result
 
 
+# A node's sessions hash when it holds at most ARGV[1] fields in at most min(ARGV[2], ARGV[3] per
+# field + 16) bytes: {"ok", fields and values}; else {"too_many", count} or {"too_large", count,
+# bytes}, the hash unread. WRONGTYPE is the script's error.
+_BOUNDED_SESSIONS = """
+local count = redis.call('HLEN', KEYS[1])
+if count > tonumber(ARGV[1]) then return {'too_many', count} end
+local size = redis.call('MEMORY', 'USAGE', KEYS[1], 'SAMPLES', '0') or 0
+if size > math.min(tonumber(ARGV[2]), tonumber(ARGV[3]) * (count + 16)) then
+  return {'too_large', count, size}
+end
+return {'ok', redis.call('HGETALL', KEYS[1])}
+"""
+
+
 def list_sessions(nodes: Iterable[str], client=None) -> list[dict[str, Any]]:
     """Every live session on `nodes`, oldest first (read with `client`, default the web side's
     own). Raises StatusUnavailable."""
@@ -179,44 +193,50 @@ def list_sessions(nodes: Iterable[str], client=None) -> list[dict[str, Any]]:
         return []
     client = client or redis_client()
     try:
-        # How many, and how big, before anything is read.
+        # How many, and how big, and only then the hash itself: in one script per node, so
+        # nothing can grow the hash between the check and the read.
         with client.pipeline(transaction=False) as pipe:
             for name in names:
-                pipe.hlen(sessions_key(name))
-                pipe.memory_usage(sessions_key(name), samples=0)
-            sizes = pipe.execute(raise_on_error=False)
-        _raise_connection_errors(sizes)
-        readable = []
-        for i, name in enumerate(names):
-            count, size = sizes[2 * i], sizes[2 * i + 1]
-            if isinstance(count, ResponseError) or isinstance(size, ResponseError):
-                error = count if isinstance(count, ResponseError) else size
-                _refused(name, "sessions", "malformed", str(error))
-            elif count > MAX_SESSIONS_PER_NODE:
-                _refused(
-                    name,
-                    "sessions",
-                    "too_many",
-                    f"{count} sessions, over {MAX_SESSIONS_PER_NODE}: none read",
-                    count,
+                pipe.eval(
+                    _BOUNDED_SESSIONS,
+                    1,
+                    sessions_key(name),
+                    MAX_SESSIONS_PER_NODE,
+                    MAX_SESSIONS_BYTES,
+                    SESSION_ROOM,
                 )
-            elif (size or 0) > min(MAX_SESSIONS_BYTES, SESSION_ROOM * (count + 16)):
-                _refused(
-                    name,
-                    "sessions",
-                    "too_large",
-                    f"{count} sessions in {size} bytes, more than sessions take: none read",
-                    count,
-                )
-            elif count:
-                readable.append(name)
-        with client.pipeline(transaction=False) as pipe:
-            for name in readable:
-                pipe.hgetall(sessions_key(name))
-            replies = pipe.execute(raise_on_error=False)
-        _raise_connection_errors(replies)
+            results = pipe.execute(raise_on_error=False)
+        _raise_connection_errors(results)
     except RedisError as exc:
         raise StatusUnavailable(str(exc)) from exc
+    readable, replies = [], []
+    for name, result in zip(names, results, strict=True):
+        if isinstance(result, ResponseError):
+            _refused(name, "sessions", "malformed", str(result))
+            continue
+        verdict = result[0].decode() if isinstance(result[0], bytes) else str(result[0])
+        if verdict == "too_many":
+            count = int(result[1])
+            _refused(
+                name,
+                "sessions",
+                "too_many",
+                f"{count} sessions, over {MAX_SESSIONS_PER_NODE}: none read",
+                count,
+            )
+        elif verdict == "too_large":
+            count, size = int(result[1]), int(result[2])
+            _refused(
+                name,
+                "sessions",
+                "too_large",
+                f"{count} sessions in {size} bytes, more than sessions take: none read",
+                count,
+            )
+        else:
+            flat = result[1]
+            readable.append(name)
+            replies.append(dict(zip(flat[::2], flat[1::2], strict=True)))
     sessions = []
     for name, fields in zip(readable, replies, strict=True):
         if not isinstance(fields, dict):

@@ -195,6 +195,48 @@ def test_a_giant_published_generation_is_not_read_whole(api, r, default_node) ->
     assert sent_by_redis(r) - before < READ_BOUND
 
 
+class _WriterRacesAfterFirstRoundTrip:
+    """The web side's Redis client, with a hostile writer that acts right after the first
+    pipeline it sends has been answered (where a writer toggling a field in a loop lands)."""
+
+    def __init__(self, client, race) -> None:
+        self._client, self._race = client, race
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def pipeline(self, *args, **kwargs):
+        pipe = self._client.pipeline(*args, **kwargs)
+        execute, race = pipe.execute, self
+
+        def execute_then_race(*a, **k):
+            replies = execute(*a, **k)
+            if race._race is not None:
+                race._race, writer = None, race._race
+                writer()
+            return replies
+
+        pipe.execute = execute_then_race
+        return pipe
+
+
+def test_sessions_grown_between_the_size_check_and_the_read_are_not_read(
+    api, r, default_node, monkeypatch
+) -> None:
+    name = default_node.name
+    r.set(heartbeat_key(name), heartbeat_record(name, {"node": name, "generation": 1}), ex=60)
+    r.hset(sessions_key(name), "ea1", session_record(name, session("ea1", name)))
+    real = workerstatus.redis_client()
+    giant = lambda: r.hset(sessions_key(name), "b16", "x" * (32 << 20))  # noqa: E731
+    monkeypatch.setattr(
+        workerstatus, "redis_client", lambda: _WriterRacesAfterFirstRoundTrip(real, giant)
+    )
+    before = sent_by_redis(r)
+    sessions = workerstatus.list_sessions([name])
+    assert sent_by_redis(r) - before < READ_BOUND
+    assert [s["id"] for s in sessions] == ["ea1"]
+
+
 def test_forged_events_are_not_listed(api, r, default_node, committed) -> None:
     with committed():
         events.emit("node.online", {"type": "workernode", "id": None, "name": "real"}, {})
