@@ -34,7 +34,9 @@ from nbdworker.supervisor import SERVING_ENV
 
 log = logging.getLogger("nbdworker")
 
-SECRET_VARIABLES = (NODE_KEY_ENV, "NBDWEB_CONFIG_SECRET")
+# Taken out of the environment once read (the Redis URL holds Redis's password: only this
+# process talks to Redis, its serving processes never do).
+SECRET_VARIABLES = (NODE_KEY_ENV, "NBDWEB_CONFIG_SECRET", "REDIS_URL")
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 

@@ -231,6 +231,36 @@ def test_worker_process_gets_its_node_key_and_serving_processes_no_secret(tmp_pa
             worker.stop()
 
 
+def test_serving_processes_get_no_redis_password(tmp_path) -> None:
+    """Serving processes use no Redis: REDIS_URL (with its password) is not in their
+    environment, nor, where they could read it, in the worker's /proc/PID/environ."""
+    password = "redis-pass-for-the-supervisor-only"
+    key = derive_node_key(MASTER, "a")
+    with private_redis(tmp_path / "redis", password=password) as server:
+        server.client().set(config_key("a"), sign_snapshot(config_for("a", 1), key))
+        env = {
+            "REDIS_URL": server.url,
+            NODE_KEY_ENV: key,
+            "NBDWORKER_NODE": "a",
+            "NBDWEB_DATA_DIR": str(tmp_path / "data"),
+        }
+        assert password in server.url
+        worker = start_worker(
+            None, workdir=tmp_path / "w", storage_root=tmp_path, env=env, args=["--workers", "2"]
+        )
+        try:
+            worker.wait_for_log(r"following nbdweb:config-changed")
+            pid = worker.proc.pid
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                children = [int(child) for child in f.read().split()]
+            assert children
+            for child in [pid, *children]:
+                with open(f"/proc/{child}/environ", "rb") as f:
+                    assert password.encode() not in f.read()
+        finally:
+            worker.stop()
+
+
 def test_a_node_key_given_in_the_environment_is_wiped_from_the_workers_environ(tmp_path):
     key = derive_node_key(MASTER, "a")
     with private_redis(tmp_path / "redis") as server:
