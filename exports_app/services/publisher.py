@@ -134,10 +134,19 @@ def _publish_until_clean(node_id: int) -> bool:
     except NodeBusy:
         return True  # its holder re-reads the markers when it releases the lock
     except (redis.RedisError, DatabaseError) as exc:
-        log.error("node %s: config not published, retrying: %s", node_id, exc)
+        log.error("node %s: config not published, retrying: %s", _node_label(node_id), exc)
     except Exception:
-        log.exception("node %s: config not published (retrying)", node_id)
+        log.exception("node %s: config not published (retrying)", _node_label(node_id))
     return False
+
+
+def _node_label(node_id: int) -> str:
+    """The node's name for a log line (operators know nodes by name), its id if unreadable."""
+    try:
+        name = WorkerNode.objects.filter(pk=node_id).values_list("name", flat=True).first()
+    except DatabaseError:
+        name = None
+    return repr(name) if name else f"#{node_id}"
 
 
 def _publish_in_pool_thread(node_id: int) -> bool:

@@ -293,10 +293,12 @@ def test_redis_outage_fails_no_request_and_the_change_is_published_when_redis_is
         # The markers stay until a publish has stored what they mark.
         other = WorkerNode.objects.get(name="other")
         assert PendingPublish.objects.filter(node__in=[default_node, other]).count() == 2
+        # Named as operators know the node (operations.md quotes this line), not by its id.
+        retrying = f"node {default_node.name!r}: config not published, retrying"
         deadline = time.monotonic() + 10
-        while "retrying" not in caplog.text and time.monotonic() < deadline:
+        while retrying not in caplog.text and time.monotonic() < deadline:
             time.sleep(0.05)
-    assert "retrying" in caplog.text
+    assert retrying in caplog.text
     redis_server.start()
     # No further change: the publisher thread tries again and publishes both once Redis answers.
     deadline = time.monotonic() + 20
