@@ -176,8 +176,13 @@ def test_make_run_gives_each_process_only_the_secrets_it_uses(stack: StartedStac
         if role == "nbdworker" and SERVING_ENV in environ:
             role = "nbdworker serving"
         seen[role] = seen.get(role, 0) + 1
-        given = {name for name in secrets if environ.get(name)}
+        given = {name for name in secrets if name in environ}
         assert given == expected[role], (role, pid, given)
+        if role == "nbdworker":
+            # Read at start, then overwritten where its /proc/PID/environ shows it: its
+            # serving processes run as its user.
+            assert environ["NBDWEB_NODE_KEY"].strip("\0") == "", (role, pid)
+            assert not environ.get("REDIS_URL", "").strip("\0"), (role, pid)
         if role != "redis":
             assert environ.get("NBDWEB_SECRET_FILES") == "0", (role, pid)
     assert set(seen) >= set(expected) - {"nbdworker serving"}, seen
