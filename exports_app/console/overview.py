@@ -51,7 +51,56 @@ IDLE_AFTER = 5.0
 
 
 def _parse_time(value: Any) -> datetime | None:
-    return parse_datetime(value) if isinstance(value, str) else None
+    if not isinstance(value, str):
+        return None
+    try:
+        return parse_datetime(value)
+    except ValueError:  # well-formed, but no date ("2026-13-45T99:99:99Z")
+        return None
+
+
+# Ten years: an uptime beyond is no uptime (a timedelta overflows long before a float does).
+MAX_UPTIME_SECONDS = 10 * 365 * 86400
+
+
+def _count(value: Any, limit: float) -> float | None:
+    """`value` when it is a number from 0 to `limit` (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return value if 0 <= value <= limit else None
+
+
+def _generation_time(generation: int | None) -> datetime | None:
+    """When a generation was published (generations are milliseconds since the epoch); None
+    for one no clock reaches (anyone can write the published generation in Redis)."""
+    if generation is None:
+        return None
+    try:
+        return datetime.fromtimestamp(generation / 1000, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _storage_view(storage: Any) -> list[dict[str, Any]]:
+    """The heartbeat's storage roots: a root's name and error as text, sizes only as byte
+    counts, a use percentage only from those."""
+    if not isinstance(storage, list):
+        return []
+    roots = []
+    for entry in storage[:64]:
+        if not isinstance(entry, dict):
+            continue
+        root: dict[str, Any] = {"root": str(entry.get("root", ""))}
+        if "error" in entry:
+            root["error"] = str(entry["error"])
+        for name in ("total", "used", "free"):
+            value = _count(entry.get(name), 1 << 62)
+            if isinstance(value, int):
+                root[name] = value
+        if root.get("total"):
+            root["used_percent"] = round(100 * root.get("used", 0) / root["total"])
+        roots.append(root)
+    return roots
 
 
 # -- nodes ---------------------------------------------------------------------------------------
@@ -91,12 +140,11 @@ def node_cards(nodes: list[WorkerNode] | None = None) -> list[NodeCard]:
             # Generations are the publish time in milliseconds: the oldest change not applied
             # is at most this old.
             config_state = "behind"
-            behind_since = datetime.fromtimestamp(status["generation_published"] / 1000, tz=UTC)
-        uptime = heartbeat.get("uptime")
-        storage = [s for s in heartbeat.get("storage", []) if isinstance(s, dict)]
-        for root in storage:
-            if root.get("total"):
-                root["used_percent"] = round(100 * root.get("used", 0) / root["total"])
+            behind_since = _generation_time(status["generation_published"])
+        # What a worker says about itself is signed by its own key, no more: a compromised
+        # worker can sign anything there, and the console shows only what makes sense.
+        uptime = _count(heartbeat.get("uptime"), MAX_UPTIME_SECONDS)
+        storage = _storage_view(heartbeat.get("storage"))
         cards.append(
             NodeCard(
                 node=node,
@@ -105,10 +153,10 @@ def node_cards(nodes: list[WorkerNode] | None = None) -> list[NodeCard]:
                 config_state=config_state,
                 behind_since=behind_since,
                 version=str(heartbeat.get("version", "")),
-                uptime=timedelta(seconds=int(uptime)) if isinstance(uptime, int | float) else None,
+                uptime=timedelta(seconds=int(uptime)) if uptime is not None else None,
                 storage=storage,
                 exports=getattr(node, "export_count", None) or node.exports.count(),
-                sessions=int(heartbeat.get("sessions", 0) or 0),
+                sessions=int(_count(heartbeat.get("sessions"), 1 << 32) or 0),
                 policy_mode=node.tls_policy.mode,
             )
         )

@@ -297,3 +297,34 @@ def test_a_garbage_last_seen_time_is_no_time_not_a_500(staff, default_node, web_
     response = staff(superuser=True).get(section_url("nodes"))
     assert response.status_code == 200
     assert int(web_redis.info("stats")["total_net_output_bytes"]) - before < 256 << 10
+
+
+def test_a_published_generation_far_in_the_future_is_not_a_500(staff, live, web_redis) -> None:
+    """Anyone who can write to Redis: 20 digits pass as a generation, not as a time."""
+    web_redis.set(published_key(live.name), "9" * 20)
+    response = staff(superuser=True).get(section_url("nodes"))
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"storage": [{"root": "/", "total": "x", "used": 1}]},
+        {"storage": [{"root": "/", "total": 10, "used": "x"}]},
+        {"storage": 12},
+        {"uptime": 1e300},
+        {"sessions": "many"},
+        {"time": "2026-13-45T99:99:99Z"},
+        {"version": {"nested": ["x"]}},
+    ],
+    ids=["total", "used", "storage", "uptime", "sessions", "time", "version"],
+)
+def test_a_worker_signing_garbage_in_its_heartbeat_is_not_a_500(
+    staff, live, web_redis, fields
+) -> None:
+    """A compromised worker signs with its own node key: what it says about itself is shown
+    as far as it makes sense, never a 500 for the console's users."""
+    web_redis.set(heartbeat_key(live.name), heartbeat(live.name, **fields), ex=60)
+    response = staff(superuser=True).get(section_url("nodes"))
+    assert response.status_code == 200
+    assert staff(superuser=True).get(DASHBOARD).status_code == 200
