@@ -213,10 +213,13 @@ def seq_write(uri: str, src: Path, size: int, conns: int | None) -> float:
     return size / timed(["nbdcopy", *extra, str(src), uri]) / 1e6
 
 
-def fio_iops(uri: str, rw: str, depth: int, runtime: int) -> float:
+def fio_iops(uri: str, rw: str, depth: int, runtime: int, jobs: int = 1) -> float:
+    """IOPS of `jobs` fio jobs together (each job its own connection)."""
     out = subprocess.run(
         [
             "fio",
+            f"--numjobs={jobs}",
+            "--group_reporting",
             "--name=bench",
             "--ioengine=nbd",
             f"--uri={uri}",
@@ -308,6 +311,7 @@ def main() -> int:
         help="compare with nbdworker checked out here instead of nbdkit",
     )
     p.add_argument("--workers", default="auto", help="nbdworker's serving processes")
+    p.add_argument("--fio-jobs", type=int, default=1, help="fio jobs (connections) per run")
     p.add_argument(
         "--versus-workers",
         default=None,
@@ -378,7 +382,7 @@ def main() -> int:
                         f"4k {rw} iodepth={depth} (IOPS)",
                         "up",
                         False,
-                        lambda u, rw=rw, d=depth: fio_iops(u, rw, d, args.runtime),
+                        lambda u, rw=rw, d=depth: fio_iops(u, rw, d, args.runtime, args.fio_jobs),
                     )
                 )
     if "connect" in only:
