@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 from functools import lru_cache
 from typing import Any
 
@@ -74,6 +75,17 @@ def sign_record(node_key: str, node: str, kind: str, body: dict[str, Any]) -> st
     return canonical_json({**body, _SIG: _mac(node_key, node, kind, body)})
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def open_record(
     node_key: str,
     node: str,
@@ -87,7 +99,9 @@ def open_record(
     if len(raw) > max_bytes:
         raise RecordRefused("too_large", f"record of {len(raw)} bytes is over {max_bytes}")
     try:
-        body = json.loads(raw)
+        # NaN and Infinity are no JSON: read, they would make every answer that shows the
+        # record fail (strict JSON out). A worker signs them only if something is wrong with it.
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise RecordRefused("malformed", "not JSON") from None
     if not isinstance(body, dict):

@@ -237,6 +237,26 @@ def test_sessions_grown_between_the_size_check_and_the_read_are_not_read(
     assert [s["id"] for s in sessions] == ["ea1"]
 
 
+def test_a_worker_signing_non_finite_numbers_is_refused_not_a_500(api, r, default_node) -> None:
+    """A compromised worker signs with its own key: NaN or Infinity in its records (Python's
+    JSON reads and writes them) made every node and session list a 500 (strict JSON out)."""
+    name = default_node.name
+    r.set(heartbeat_key(name), heartbeat_record(name, {"node": name, "uptime": float("nan")}))
+    infinite_reads = {**session("ea1", name), "reads": 1e999}
+    r.hset(sessions_key(name), "ea1", session_record(name, infinite_reads))
+    nodes = api.get(NODES)
+    assert nodes.status_code == 200, nodes.content
+    assert {n["name"]: n["status"]["status"] for n in nodes.json()["results"]} == {name: "offline"}
+    # The same signature holds over 1e999, which reads as Infinity without being a constant.
+    signed = heartbeat_record(name, {"node": name, "uptime": float("inf")})
+    r.set(heartbeat_key(name), signed.replace("Infinity", "1e999"))
+    assert api.get(NODES).status_code == 200
+    r.set(heartbeat_key(name), heartbeat_record(name, {"node": name, "generation": 1}), ex=60)
+    sessions = api.get(SESSIONS)
+    assert sessions.status_code == 200, sessions.content
+    assert (sessions.json()["count"], sessions.json()["unknown_nodes"]) == (0, [])
+
+
 def test_forged_events_are_not_listed(api, r, default_node, committed) -> None:
     with committed():
         events.emit("node.online", {"type": "workernode", "id": None, "name": "real"}, {})
