@@ -50,9 +50,14 @@ _ERRNO_NAMES = {int(e): e.name for e in Errno}
 SCRAPE_TIMEOUT = 5.0
 
 
-def connection_totals(stats: WorkerStats, sessions: Iterable[SessionRecord]) -> dict[str, Any]:
+def connection_totals(
+    stats: WorkerStats,
+    sessions: Iterable[SessionRecord],
+    fast_paths: dict[str, dict[str, str]] | None = None,
+) -> dict[str, Any]:
     """The counters of one serving process, live connections included, as plain JSON data
-    (a supervisor sums those of its serving processes with `merge_totals`)."""
+    (a supervisor sums those of its serving processes with `merge_totals`); `fast_paths` is
+    each export's `Backend.fast_paths()`."""
     counts = {export: list(c) for export, c in stats.retired_counts.items()}
     errors = dict(stats.errors)
     live: dict[str, int] = {}
@@ -79,6 +84,11 @@ def connection_totals(stats: WorkerStats, sessions: Iterable[SessionRecord]) -> 
         "opened": dict(stats.connections_opened),
         "handshake_failures": dict(stats.handshake_failures),
         "exports_refused": dict(stats.exports_refused),
+        "fast_paths": [
+            [export, path, state, 1]
+            for export, paths in (fast_paths or {}).items()
+            for path, state in paths.items()
+        ],
     }
 
 
@@ -93,8 +103,11 @@ def merge_totals(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "exports_refused": {},
     }
     errors: dict[tuple[str, int], int] = {}
+    paths: dict[tuple[str, str, str], int] = {}
     for part in parts:
         merged["handshaking"] += part["handshaking"]
+        for export, path, state, n in part.get("fast_paths", ()):
+            paths[export, path, state] = paths.get((export, path, state), 0) + n
         for key in ("live", "opened", "handshake_failures", "exports_refused"):
             target = merged[key]
             for name, n in part[key].items():
@@ -106,6 +119,7 @@ def merge_totals(parts: list[dict[str, Any]]) -> dict[str, Any]:
         for export, errno, n in part["errors"]:
             errors[export, errno] = errors.get((export, errno), 0) + n
     merged["errors"] = [[export, errno, n] for (export, errno), n in errors.items()]
+    merged["fast_paths"] = [[*key, n] for key, n in paths.items()]
     return merged
 
 
@@ -171,6 +185,15 @@ def _families(totals: dict[str, Any], stats: WorkerStats) -> list[Any]:
     )
     for reason, n in sorted(stats.config_rejected.items()):
         rejected.add_metric([reason], n)
+    fast_paths = GaugeMetricFamily(
+        "nbdworker_export_fast_path",
+        "Serving processes by the state of an optional fast path on an export's image "
+        "(hole_check on|off, reads rwf_nowait|measured, sendfile on|off; tmpfs: hole_check off, "
+        "reads measured). Why is in the log.",
+        labels=["export", "path", "state"],
+    )
+    for export, path, state, n in sorted(totals.get("fast_paths", ())):
+        fast_paths.add_metric([export, path, state], n)
     generation = GaugeMetricFamily(
         "nbdworker_config_generation", "The config generation applied.", value=stats.generation
     )
@@ -188,6 +211,7 @@ def _families(totals: dict[str, Any], stats: WorkerStats) -> list[Any]:
         failures,
         refused,
         rejected,
+        fast_paths,
         generation,
         uptime,
     ]

@@ -534,7 +534,8 @@ class NBDServer:
                 conn.shutdown()
 
     async def metric_totals(self) -> dict:
-        return connection_totals(self.stats, [conn.record for conn in self.connections])
+        fast_paths = {name: e.backend.fast_paths() for name, e in self.state.exports.items()}
+        return connection_totals(self.stats, [conn.record for conn in self.connections], fast_paths)
 
     def force_close(self) -> None:
         self._forced = True

@@ -100,7 +100,9 @@ class Backend:
         """`os.sendfile` from `sendfile_fd` failed as unsupported: stop offering it."""
 
     def fast_paths(self) -> dict[str, str]:
-        """What the backend decided about its optional fast paths, for logs and metrics."""
+        """What the backend decided about its optional fast paths, {path: state} (metrics:
+        `nbdworker_export_fast_path`): hole_check on|off, reads rwf_nowait|measured, sendfile
+        on|off. The reasons are in the log."""
         return {}
 
     def size_changed(self) -> bool:

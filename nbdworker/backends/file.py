@@ -217,11 +217,10 @@ class FileBackend(Backend):
             log.info("%s: sendfile refused (%s): reads are sent from memory", self.label, exc)
 
     def fast_paths(self) -> dict[str, str]:
-        cost = self._read_cost
         return {
-            "hole_check": self._holes.describe() if self._seek_ok else "off (unsupported)",
-            "reads": "RWF_NOWAIT" if cost is None else cost.describe(),
-            "sendfile": "on" if self._sendfile_ok else "off (refused)",
+            "hole_check": "on" if self._holes.enabled and self._seek_ok else "off",
+            "reads": "rwf_nowait" if self._read_cost is None else "measured",
+            "sendfile": "on" if self._sendfile_ok else "off",
         }
 
     # -- writes -------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ Each fast path is a probe that a request would otherwise repeat:
 * `sendfile` from the image: the reply queue falls back to `pread` for the range it refused,
   and the image stops offering it.
 
-The decisions are per open image, logged when made, and reported by `FileBackend.fast_paths`.
+The decisions are per open image, logged when made, and reported by `FileBackend.fast_paths`
+(the metric `nbdworker_export_fast_path`).
 Nothing here is shared between threads beyond plain attributes: a racing update only makes a
 decision one request later or sooner.
 """
@@ -83,9 +84,6 @@ class HoleCheckCost:
                 HOLE_CHECK_BUDGET_NS / 1e6,
             )
 
-    def describe(self) -> str:
-        return "on" if self.enabled else f"off ({self.cost_ns / 1e6:.2f} ms per check)"
-
 
 class ReadCost:
     """For an image whose filesystem refuses RWF_NOWAIT: whether a read is likely to be served
@@ -97,21 +95,16 @@ class ReadCost:
     reads only their last page).
     """
 
-    __slots__ = ("cold_left", "inline_reads", "pool_reads", "slow_reads")
+    __slots__ = ("cold_left",)
 
     def __init__(self) -> None:
         self.cold_left = 0
-        self.slow_reads = 0
-        self.inline_reads = 0
-        self.pool_reads = 0
 
     def inline(self) -> bool:
         """Whether to try the next read inline."""
         if self.cold_left:
             self.cold_left -= 1
-            self.pool_reads += 1
             return False
-        self.inline_reads += 1
         return True
 
     def took(self, ns: int, nbytes: int) -> bool:
@@ -119,15 +112,8 @@ class ReadCost:
         if ns <= READ_SLOW_BASE_NS + (nbytes >> 10) * READ_SLOW_NS_PER_KIB:
             self.cold_left = 0
             return True
-        self.slow_reads += 1
         self.cold_left = COLD_READS
         return False
-
-    def describe(self) -> str:
-        return (
-            f"by measured cost ({self.inline_reads} inline, {self.pool_reads} in the pool, "
-            f"{self.slow_reads} waited for storage)"
-        )
 
 
 def filesystem_type(fd: int) -> str:

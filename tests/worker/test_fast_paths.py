@@ -29,7 +29,10 @@ from nbdworker.backends.probes import (
     HoleCheckCost,
     ReadCost,
 )
+from nbdworker.metrics import connection_totals, merge_totals
+from nbdworker.stats import WorkerStats
 from tests.support.fixtures import make_image
+from tests.support.metrics import scrape, value
 from tests.support.mounts import loop_filesystem, mounted
 
 MiB = 1 << 20
@@ -92,7 +95,7 @@ def test_every_fast_path_stays_on_where_it_works(probing_fs: Path, caplog):
             with ours, theirs:
                 assert os.sendfile(ours.fileno(), b.sendfile_fd, 7 * MiB, 4096) == 4096
                 assert theirs.recv(4096, socket.MSG_WAITALL) == data[7 * MiB : 7 * MiB + 4096]
-        assert b.fast_paths() == {"hole_check": "on", "reads": "RWF_NOWAIT", "sendfile": "on"}
+        assert b.fast_paths() == {"hole_check": "on", "reads": "rwf_nowait", "sendfile": "on"}
         assert not [r for r in caplog.records if r.name.startswith("nbdworker.backends")]
     finally:
         b.close()
@@ -108,7 +111,7 @@ def test_hole_check_is_given_up_on_tmpfs(tmpfs_backend, caplog):
         for i in range(HOLE_CHECK_WINDOW):
             assert b.hole_check(4 * MiB + i * MiB, 256 * 1024) == [(256 * 1024, 0)]
         assert b.hole_check(0, 4 * MiB) is None
-    assert b.fast_paths()["hole_check"].startswith("off (")
+    assert b.fast_paths()["hole_check"] == "off"
     (line,) = [r.getMessage() for r in caplog.records if "hole check" in r.getMessage()]
     assert "disk.img (tmpfs): hole check of reads off" in line
     # Block status, which a client asks for, still answers.
@@ -124,7 +127,7 @@ def test_reads_are_inline_on_tmpfs_though_rwf_nowait_is_refused(tmpfs_backend, c
             assert b.pread_nowait(memoryview(buf), offset) == len(buf)
             assert bytes(buf) == data[offset : offset + len(buf)]
             assert b.cached(offset, 256 * 1024)
-    assert b.fast_paths()["reads"].startswith("by measured cost (")
+    assert b.fast_paths()["reads"] == "measured"
     refusals = [r.getMessage() for r in caplog.records if "RWF_NOWAIT" in r.getMessage()]
     assert len(refusals) == 1, refusals  # noticed once, not per read
     assert "disk.img (tmpfs): RWF_NOWAIT refused" in refusals[0]
@@ -132,7 +135,7 @@ def test_reads_are_inline_on_tmpfs_though_rwf_nowait_is_refused(tmpfs_backend, c
     assert b.fast_paths()["sendfile"] == "on" and b.sendfile_fd is not None
 
 
-def test_worker_serving_from_tmpfs_logs_its_decisions(worker_factory, tmp_path, tmpfs):
+def test_worker_serving_from_tmpfs_logs_and_reports_its_decisions(worker_factory, tmp_path, tmpfs):
     data = data_image(tmpfs / "disk.img", TMPFS_IMAGE)
     w = worker_factory(
         {
@@ -140,6 +143,7 @@ def test_worker_serving_from_tmpfs_logs_its_decisions(worker_factory, tmp_path, 
             "exports": [{"name": "disk", "backend": "file", "path": str(tmpfs / "disk.img")}],
         },
         storage_root=tmpfs,
+        args=["--metrics-listen", "127.0.0.1:0"],
     )
     copy = tmp_path / "copy.img"
     # One connection, structured replies: every 256 KiB read would get a hole check.
@@ -151,6 +155,10 @@ def test_worker_serving_from_tmpfs_logs_its_decisions(worker_factory, tmp_path, 
     assert hashlib.sha256(copy.read_bytes()).digest() == hashlib.sha256(data).digest()
     w.wait_for_log(r"disk\.img \(tmpfs\): hole check of reads off")
     w.wait_for_log(r"disk\.img \(tmpfs\): RWF_NOWAIT refused")
+    samples = scrape(w)
+    for path, state in (("hole_check", "off"), ("reads", "measured"), ("sendfile", "on")):
+        labels = {"export": "disk", "path": path, "state": state}
+        assert value(samples, "nbdworker_export_fast_path", **labels) == 1, (labels, samples)
 
 
 # -- the rules, on measured costs given to them --
@@ -195,7 +203,20 @@ def test_sendfile_refused_once_is_not_offered_again(tmp_path, caplog):
             b.sendfile_refused(OSError(errno.EINVAL, "Invalid argument"))
             b.sendfile_refused(OSError(errno.EINVAL, "Invalid argument"))
         assert b.sendfile_fd is None  # Commands.read then sends reads from memory
-        assert b.fast_paths()["sendfile"] == "off (refused)"
+        assert b.fast_paths()["sendfile"] == "off"
         assert len([r for r in caplog.records if "sendfile refused" in r.getMessage()]) == 1
     finally:
         b.close()
+
+
+def test_serving_processes_are_summed_per_state():
+    # What a supervisor makes of its serving processes' reports (each decides for its own open
+    # image): one process has met tmpfs's slow hole check, the other has not read yet.
+    stats = WorkerStats()
+    first = connection_totals(stats, [], {"disk": {"hole_check": "off", "sendfile": "on"}})
+    second = connection_totals(stats, [], {"disk": {"hole_check": "on", "sendfile": "on"}})
+    assert sorted(merge_totals([first, second])["fast_paths"]) == [
+        ["disk", "hole_check", "off", 1],
+        ["disk", "hole_check", "on", 1],
+        ["disk", "sendfile", "on", 2],
+    ]
