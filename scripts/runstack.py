@@ -375,6 +375,7 @@ def prepare(env: dict[str, str], secrets: dict[str, str]) -> None:
     web_env = process_env(env, secrets, "web")
     manage(web_env, "migrate", "--noinput")
     manage(web_env, "collectstatic", "--noinput", "-v0")
+    manage(web_env, "sync_node_listen")
     manage(web_env, "set_public_address")
     # For a worker that shares the data dir but not this environment (docker compose's).
     manage(web_env, "node_key", worker_node(env), "--write")
