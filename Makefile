@@ -8,7 +8,7 @@ BIN     = $(VENV)/bin
 .PHONY: help venv venv-dev run test lint format check bench bench-deps bench-scale clean
 
 help:
-	@echo "make run     - install into $(VENV), migrate, start web + celery + nbdworker (foreground)"
+	@echo "make run     - install into $(VENV), migrate, start web, Celery worker and beat, nbdworker (foreground)"
 	@echo "make test    - install dev requirements into $(VENV) and run the whole suite"
 	@echo "make lint    - ruff check and ruff format --check"
 	@echo "make format  - ruff format and ruff check --fix"
