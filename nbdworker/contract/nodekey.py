@@ -9,7 +9,8 @@ A worker finds its key (`load_node_key`), in this order:
 
 1. ``NBDWEB_NODE_KEY`` (what ``manage.py node_key <node>`` prints);
 2. ``$NBDWEB_DATA_DIR/node_keys/<node>`` (what ``manage.py node_key <node> --write`` writes,
-   0600; refused when group or others may read it);
+   0600; refused when group or others may read it, when another user owns it, or when others
+   may write into its directory: whoever writes it chooses the key);
 3. the master secret (``NBDWEB_CONFIG_SECRET``, else ``$NBDWEB_DATA_DIR/config_secret``), for a
    single machine whose worker shares the web side's data dir: the worker derives its own key
    from it at once, keeps only that, and logs a warning. Anywhere else, give it only (1) or (2).
@@ -98,6 +99,18 @@ def _read_key_file(path: Path) -> str | None:
         if status.st_mode & 0o077:
             raise SecretError(
                 f"{path} is mode {status.st_mode & 0o777:o}: others may read it; chmod 600 it"
+            )
+        # Whoever wrote the file chose the key this worker verifies its config with.
+        if status.st_uid != os.geteuid():
+            raise SecretError(
+                f"{path} is owned by uid {status.st_uid}, not this worker's user "
+                f"({os.geteuid()}): chown it"
+            )
+        folder = os.stat(path.parent)
+        if folder.st_mode & 0o022:
+            raise SecretError(
+                f"{path.parent} is mode {folder.st_mode & 0o777:o}: others may write a key "
+                "there; chmod 700 it"
             )
         return f.read(256).decode("ascii", "replace").strip()
 

@@ -148,6 +148,26 @@ def test_node_key_refusals(tmp_path) -> None:
         load_node_key("../a", env)
 
 
+def test_a_key_file_someone_else_could_have_put_there_is_refused(tmp_path) -> None:
+    """Whoever writes the key file chooses the key the worker verifies its config with (and
+    can then sign a config for it). A file of another user, or in a directory others may
+    write, is not this worker's key."""
+    env = {"NBDWEB_DATA_DIR": str(tmp_path)}
+    path = tmp_path / "node_keys" / "a"
+    path.parent.mkdir(mode=0o700)
+    path.write_text(derive_node_key(MASTER, "a"))
+    path.chmod(0o600)
+    os.chown(path, os.geteuid() + 1, -1)  # another user's, still 0600
+    with pytest.raises(SecretError, match=r"owned by uid \d+"):
+        load_node_key("a", env)
+    os.chown(path, os.geteuid(), -1)
+    path.parent.chmod(0o777)
+    with pytest.raises(SecretError, match="others may write"):
+        load_node_key("a", env)
+    path.parent.chmod(0o700)
+    assert load_node_key("a", env) == derive_node_key(MASTER, "a")
+
+
 def test_config_source_for_node_a_logs_and_counts_node_b_snapshot(tmp_path, caplog) -> None:
     """A validly signed snapshot of node B copied to node A's key: node A's follower refuses
     it (logged, counted as bad_signature) and keeps its own config."""
