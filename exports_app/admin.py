@@ -832,10 +832,7 @@ class CertificateAdmin(AsciiNumbersAdminMixin, AddFormAdminMixin, SimpleHistoryA
         except bundles.BundleError as exc:
             self.message_user(request, f"{certificate}: {exc}", messages.ERROR)
             return None
-        response = HttpResponse(data, content_type="application/gzip")
-        filename = bundles.bundle_filename(certificate)
-        response["Content-Disposition"] = f'attachment; filename="{filename}"'
-        return response
+        return bundles.bundle_download(certificate, data)
 
 
 # -- webhooks (issue 17) -----------------------------------------------------------------------

@@ -166,10 +166,7 @@ class CertificateViewSet(BaseModelViewSet):
             data = bundles.build_client_bundle(certificate, node=node, export=export)
         except bundles.BundleError as exc:
             raise ValidationError({"non_field_errors": [str(exc)]}) from None
-        response = HttpResponse(data, content_type="application/gzip")
-        filename = bundles.bundle_filename(certificate)
-        response["Content-Disposition"] = f'attachment; filename="{filename}"'
-        return response
+        return bundles.bundle_download(certificate, data)
 
     @staticmethod
     def _lookup_param(request, name: str, model):

@@ -8,10 +8,18 @@ import tarfile
 import time
 from urllib.parse import quote
 
+from django.http import HttpResponse
+
 from exports_app.choices import CertificateKind
 from exports_app.models import Certificate, Export, WorkerNode
 
-__all__ = ["BundleError", "build_client_bundle", "bundle_filename", "client_commands"]
+__all__ = [
+    "BundleError",
+    "build_client_bundle",
+    "bundle_download",
+    "bundle_filename",
+    "client_commands",
+]
 
 
 class BundleError(ValueError):
@@ -21,6 +29,15 @@ class BundleError(ValueError):
 def bundle_filename(certificate: Certificate) -> str:
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in certificate.name)[:80]
     return f"{safe or 'certificate'}-tls.tar.gz"
+
+
+def bundle_download(certificate: Certificate, data: bytes) -> HttpResponse:
+    """The bundle as a file download. It holds a private key: no cache (a browser's, a proxy's)
+    may keep a copy."""
+    response = HttpResponse(data, content_type="application/gzip")
+    response["Content-Disposition"] = f'attachment; filename="{bundle_filename(certificate)}"'
+    response["Cache-Control"] = "no-store"
+    return response
 
 
 def _ca_pems(certificate: Certificate, node: WorkerNode) -> list[str]:

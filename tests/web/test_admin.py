@@ -281,6 +281,8 @@ def test_issue_client_certificate_action_and_bundle(admin_client, objects):
         )
     response = admin_client.get(f"/admin/exports_app/certificate/{issued.pk}/bundle/")
     assert response.status_code == 200 and response["Content-Type"] == "application/gzip"
+    # It holds the private key: no browser or proxy cache may keep it.
+    assert "no-store" in response["Cache-Control"].split(", ")
     # Two at once is refused with a message, not an error page.
     response = _action(
         admin_client, "certificate", "download_bundle", [issued.pk, objects["certificate"].pk]

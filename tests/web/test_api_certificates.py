@@ -481,6 +481,12 @@ def test_bundle_contents(api, tls_node, client_certificate, server_certificate, 
     assert "--enable-tls --certfile" in readme
 
 
+def test_the_bundle_holding_a_private_key_is_never_cached(api, client_certificate, default_node):
+    response = api.get(f"{CERTS}{client_certificate.pk}/bundle/")
+    assert response.status_code == 200
+    assert "no-store" in response["Cache-Control"].split(", ")
+
+
 def test_bundle_refusals(api, client_certificate, server_certificate, default_node):
     assert api.get(f"{CERTS}{server_certificate.pk}/bundle/").status_code == 400
     assert api.get(f"{CERTS}{client_certificate.pk}/bundle/", {"export": "x"}).status_code == 400
