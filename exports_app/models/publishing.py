@@ -1,7 +1,7 @@
 """Dirty markers: committed changes a node's worker has not been sent yet.
 
 A change to what a worker serves inserts a `PendingPublish` row in the change's own transaction
-(`services.publishing.schedule_publish`), so the marker commits or rolls back with the change.
+(`services.publisher.schedule_publish`), so the marker commits or rolls back with the change.
 The publisher (`services.publisher`) deletes a node's markers only after the node's config that
 includes them is stored in Redis: a publisher that dies leaves them for the next one.
 """

@@ -49,6 +49,7 @@ from nbdworker.contract.config import (
     ConfigError,
     ExportConfig,
     TLSConfig,
+    WorkerConfig,
     tls_refusal,
 )
 from nbdworker.contract.entries import (
@@ -76,6 +77,7 @@ from nbdworker.contract.snapshot import (
 __all__ = [
     "NodeBusy",
     "PublishError",
+    "build_config",
     "lock_key",
     "publish_node",
     "publish_nodes",
@@ -164,6 +166,25 @@ def _export_dict(export: Export) -> dict:
         "allowed_clients": list(export.allowed_clients or []),
         "allowed_networks": list(export.allowed_networks or []),
     }
+
+
+def build_config(node: WorkerNode, generation: int = 0) -> WorkerConfig:
+    """The whole config the node's entries make: what its worker serves once every change is
+    published (tests, and anyone asking what a node would be sent)."""
+    node = WorkerNode.objects.select_related("tls_policy__server_certificate").get(pk=node.pk)
+    bodies = _bodies(node, None, True)
+    tls = bodies.pop(TLS_FIELD)
+    document = {
+        "version": 1,
+        "generation": generation,
+        "node": node.name,
+        "exports": list(bodies.values()),
+        "tls": tls,
+    }
+    try:
+        return WorkerConfig.from_dict(document)
+    except ConfigError as exc:
+        raise PublishError(f"node {node.name!r}: the config is invalid: {exc}") from exc
 
 
 # -- delivering -------------------------------------------------------------------------------
