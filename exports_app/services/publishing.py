@@ -7,10 +7,11 @@ process and host):
 
 1. read the newest dirty marker (`PendingPublish`) of the node, and the scopes of the markers
    up to it: `export:<pk>`, `tls`, or `node` (everything);
-2. take the next generation: ``max(stored + 1, now in milliseconds)`` in
+2. take the next generation: ``max(stored + 1, now in milliseconds, head + 1)`` in
    ``nbdweb:config-generation:<node>`` (a WATCH/MULTI transaction). It only grows across web
    restarts, and even when Redis loses its data the clock keeps it above anything published
-   before;
+   before. A stored counter that is not digits, or is far above the clock (forged), is logged,
+   counted and reset: a writer must not choose the generation the web side signs;
 3. build the entries of what changed from the database (one per changed export: served and
    enabled, else removed; the TLS section with the decrypted server key, trusted CAs and
    revoked serials), validate each with the worker's own parser, sign each with the node's own
@@ -18,8 +19,8 @@ process and host):
    `nbdworker.contract.entries`), and a head whose count and set digest follow from the stored
    head and the replaced entries (both verified; anything that does not verify means a whole
    rewrite);
-4. store entries and head in one MULTI/EXEC, only if the stored head is still the one read and
-   the generation is above the published one, then PUBLISH ``<node>:<generation>`` on
+4. store entries and head in one MULTI/EXEC, only if the stored head is still the one read (a
+   whole rewrite: or is not a newer publish's, verified), then PUBLISH ``<node>:<generation>`` on
    ``nbdweb:config-changed:<node>``;
 5. delete the markers up to the one read in 1 (later ones are the next publish's).
 
@@ -33,6 +34,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
@@ -54,6 +56,8 @@ from nbdworker.contract.config import (
 )
 from nbdworker.contract.entries import (
     DIGEST_MODULUS,
+    MAX_ENTRY_BYTES,
+    MAX_HEAD_BYTES,
     TLS_FIELD,
     Head,
     entries_key,
@@ -67,6 +71,7 @@ from nbdworker.contract.entries import (
 )
 from nbdworker.contract.redisconn import connect
 from nbdworker.contract.snapshot import (
+    MAX_GENERATION_DIGITS,
     SnapshotError,
     config_channel,
     config_key,
@@ -75,6 +80,7 @@ from nbdworker.contract.snapshot import (
 )
 
 __all__ = [
+    "GENERATION_AHEAD_MS",
     "NodeBusy",
     "PublishError",
     "build_config",
@@ -82,6 +88,7 @@ __all__ = [
     "publish_node",
     "publish_nodes",
     "redis_client",
+    "refused_values",
 ]
 
 log = logging.getLogger("exports_app.publishing")
@@ -89,6 +96,17 @@ log = logging.getLogger("exports_app.publishing")
 # A request must not hang on an unreachable Redis: fail fast and let the retry catch up.
 REDIS_CONNECT_TIMEOUT = 1.0
 REDIS_TIMEOUT = 3.0
+
+# A stored generation counter further than this above the clock (or the stored head) was not
+# written by a publisher: it is forged, and reset. Believing it would sign it into a head, and
+# the worker refuses every generation below one it applied.
+GENERATION_AHEAD_MS = 60_000
+
+# What the publisher read back from Redis and refused (garbage, forged or over its bound), by
+# kind ("generation", "head", "entries"): each is logged, counted and overwritten.
+refused_values: Counter[str] = Counter()
+# The head as read when it is over its bound or not a string: compared, never verified.
+_UNREADABLE = "!unreadable"
 
 
 class PublishError(Exception):
@@ -190,13 +208,47 @@ def build_config(node: WorkerNode, generation: int = 0) -> WorkerConfig:
 # -- delivering -------------------------------------------------------------------------------
 
 
-def _next_generation(client: redis.Redis, node: str) -> int:
-    floor = time.time_ns() // 1_000_000
+def _refuse(node: str, kind: str, what: str) -> None:
+    refused_values[kind] += 1
+    log.warning("node %s: %s refused, overwritten by this publish", node, what)
+
+
+def _believed_generation(node: str, key: str, raw: str | None, ceiling: int) -> int:
+    """A stored generation counter as read (at most MAX_GENERATION_DIGITS + 1 characters); 0
+    when missing, or refused (logged and counted) when not ASCII digits or above `ceiling`."""
+    if not raw:
+        return 0
+    if len(raw) > MAX_GENERATION_DIGITS or not raw.isascii() or not raw.isdigit():
+        _refuse(node, "generation", f"{key} holds no generation ({raw[:24]!r})")
+        return 0
+    if int(raw) > ceiling:
+        _refuse(node, "generation", f"{key} holds {raw}, forged far above the clock")
+        return 0
+    return int(raw)
+
+
+def _read_generation(pipe: redis.client.Pipeline, key: str) -> str | None:
+    try:
+        return pipe.getrange(key, 0, MAX_GENERATION_DIGITS)
+    except redis.ResponseError:  # WRONGTYPE: another type was stored there
+        return "!wrongtype"
+
+
+def _next_generation(client: redis.Redis, node: str, head: Head | None) -> int:
+    """``max(stored + 1, now in ms, head + 1)``: the verified head is the floor (a writer cannot
+    forge it), and a stored counter is believed only up to GENERATION_AHEAD_MS above the clock
+    or that head, so no writer pushes the node's generations out of the worker's reach."""
+    now = time.time_ns() // 1_000_000
+    head_generation = head.generation if head is not None else 0
+    floor = max(now, head_generation + 1)
+    ceiling = max(now, head_generation) + GENERATION_AHEAD_MS
     new = 0
 
     def step(pipe: redis.client.Pipeline) -> None:
         nonlocal new
-        new = max(int(pipe.get(generation_key(node)) or 0) + 1, floor)
+        raw = _read_generation(pipe, generation_key(node))
+        stored = _believed_generation(node, generation_key(node), raw, ceiling)
+        new = max(stored + 1, floor)
         pipe.multi()
         pipe.set(generation_key(node), new)
 
@@ -204,17 +256,51 @@ def _next_generation(client: redis.Redis, node: str) -> int:
     return new
 
 
+_READ_HEAD = """
+if redis.call('STRLEN', KEYS[1]) > tonumber(ARGV[1]) then return ARGV[2] end
+return redis.call('GET', KEYS[1])
+"""
+
+
+def _read_head(client: redis.Redis | redis.client.Pipeline, node: str) -> str | None:
+    """The stored head as read, bounded in Redis (`_UNREADABLE` when over its bound or another
+    type); None when missing."""
+    try:
+        return client.eval(_READ_HEAD, 1, head_key(node), MAX_HEAD_BYTES, _UNREADABLE)
+    except redis.ResponseError:  # WRONGTYPE: another type was stored there
+        return _UNREADABLE
+
+
 def _current_head(client: redis.Redis, node: str, key: str) -> tuple[str | None, Head | None]:
     """The stored head, and it verified (None when missing, damaged or not ours: the next
     publish then rewrites every entry)."""
-    raw = client.get(head_key(node))
+    raw = _read_head(client, node)
     if raw is None:
         return None, None
+    if raw == _UNREADABLE:
+        _refuse(node, "head", "the stored head (over its bound, or not a string)")
+        return raw, None
     try:
         return raw, verify_head(raw, key, node=node)
     except SnapshotError as exc:
+        refused_values["head"] += 1
         log.warning("node %s: the stored head is refused (%s): rewriting every entry", node, exc)
         return raw, None
+
+
+# The entries count, then each field's value: false when missing, a marker when over its bound
+# (never sent whole).
+_READ_CHANGED = """
+local out = {redis.call('HLEN', KEYS[1])}
+for i = 2, #ARGV do
+  if redis.call('HSTRLEN', KEYS[1], ARGV[i]) > tonumber(ARGV[1]) then
+    out[#out + 1] = '!too-large'
+  else
+    out[#out + 1] = redis.call('HGET', KEYS[1], ARGV[i])
+  end
+end
+return out
+"""
 
 
 def _bodies(node: WorkerNode, export_ids: set[int] | None, with_tls: bool) -> dict[str, Any]:
@@ -270,21 +356,24 @@ def _publish_one(
         fields = [export_field(i) for i in sorted(export_ids)]
         if TLS_SCOPE in scopes:
             fields.append(TLS_FIELD)
-        with client.pipeline(transaction=False) as pipe:
-            pipe.hlen(entries_key(node.name))
-            pipe.hmget(entries_key(node.name), fields)
-            stored_count, old_values = pipe.execute()
         old_macs: list[int] = []
         try:
+            try:
+                stored_count, *old_values = client.eval(
+                    _READ_CHANGED, 1, entries_key(node.name), MAX_ENTRY_BYTES, *fields
+                )
+            except redis.ResponseError as exc:  # WRONGTYPE: another type was stored there
+                raise SnapshotError(str(exc)) from None
             if stored_count != head.count:
                 raise SnapshotError(f"{stored_count} entries stored, the head counts {head.count}")
             for field, value in zip(fields, old_values, strict=True):
                 if value is not None:
                     old_macs.append(verify_entry(value, key, node=node.name, field=field).mac)
         except SnapshotError as exc:
+            refused_values["entries"] += 1
             log.warning("node %s: stored entries refused (%s): rewriting all", node.name, exc)
             full = True
-    generation = _next_generation(client, node.name)
+    generation = _next_generation(client, node.name, head)
     bodies = _bodies(node, export_ids if not full else None, full or TLS_SCOPE in scopes)
     writes: dict[str, str] = {}
     macs: list[int] = []
@@ -312,7 +401,7 @@ def _publish_one(
             tuple(sorted(bodies)),
         )
     if not _store(
-        client, node.name, head_raw, new_head, sign_head(new_head, key), writes, removed, full
+        client, node.name, key, head_raw, new_head, sign_head(new_head, key), writes, removed, full
     ):
         if full:
             log.info("node %s: generation %d superseded by a newer publish", node.name, generation)
@@ -330,9 +419,21 @@ def _publish_one(
     return generation
 
 
+def _superseded(node: str, key: str, current_raw: str | None, generation: int) -> bool:
+    """Whether the stored head is another publisher's, of `generation` or later (only a head
+    that verifies counts: a forged or damaged one is overwritten)."""
+    if current_raw is None or current_raw == _UNREADABLE:
+        return False
+    try:
+        return verify_head(current_raw, key, node=node).generation >= generation
+    except SnapshotError:
+        return False
+
+
 def _store(
     client: redis.Redis,
     node: str,
+    key: str,
     head_raw: str | None,
     head: Head,
     head_envelope: str,
@@ -341,13 +442,18 @@ def _store(
     full: bool,
 ) -> bool:
     """Store the entries and the head atomically, only if the head is still the one read (an
-    incremental head follows exactly one) and the generation is above the published one."""
+    incremental head follows exactly one), or for a whole rewrite, the head stored meanwhile is
+    not a newer publish's. The published generation key is only written, never believed (any
+    writer can set it)."""
     stored = False
 
     def step(pipe: redis.client.Pipeline) -> None:
         nonlocal stored
-        current = int(pipe.get(published_key(node)) or 0)
-        stored = head.generation > current and (full or pipe.get(head_key(node)) == head_raw)
+        current_raw = _read_head(pipe, node)
+        if current_raw == head_raw:
+            stored = True
+        else:
+            stored = full and not _superseded(node, key, current_raw, head.generation)
         pipe.multi()
         if not stored:
             return
@@ -361,7 +467,7 @@ def _store(
         pipe.set(published_key(node), head.generation)
         pipe.publish(config_channel(node), f"{node}:{head.generation}")
 
-    client.transaction(step, published_key(node), head_key(node))
+    client.transaction(step, head_key(node))
     return stored
 
 
@@ -435,6 +541,11 @@ def publish_node(node_id: int, *, only_pending: bool, lock_wait: float = 0.0) ->
             client.eval(_RELEASE_LUA, 1, lock_key(node.name), token)
 
 
+# Rounds of publishing what was marked meanwhile before leaving the rest to the beat sweep (a
+# node changed without pause keeps marking).
+PUBLISH_AGAIN_ROUNDS = 10
+
+
 def publish_nodes(node_ids: Iterable[int], lock_wait: float = 10.0) -> dict[str, int | None]:
     """Publish the given nodes now, in this thread, pending changes or not (`manage.py
     publish_config`). Never raises: errors are logged. Returns {node name: generation, or None}.
@@ -444,6 +555,13 @@ def publish_nodes(node_ids: Iterable[int], lock_wait: float = 10.0) -> dict[str,
         results[name] = None
         try:
             results[name] = publish_node(node_id, only_pending=False, lock_wait=lock_wait)
+            # Released: a change marked while we held the lock (its publisher found the lock
+            # taken and left the marker to the holder) is ours to publish.
+            for _ in range(PUBLISH_AGAIN_ROUNDS):
+                again = publish_node(node_id, only_pending=True, lock_wait=lock_wait)
+                if again is None and not PendingPublish.objects.filter(node_id=node_id).exists():
+                    break
+                results[name] = again or results[name]
         except NodeBusy:
             log.error("node %s: config not published, its publisher lock stays taken", name)
         except redis.RedisError as exc:

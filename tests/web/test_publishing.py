@@ -521,3 +521,101 @@ def test_entries_damaged_in_redis_are_rewritten_whole_by_the_next_publish(r, def
     publisher.drain()
     assert stored_head(r, default_node).changed is None  # a whole rewrite
     assert [e.name for e in published(r, default_node).exports] == ["d0", "d1", "d2"]
+
+
+# -- hostile Redis: what the publisher reads back ------------------------------------------------
+
+
+@pytest.mark.parametrize("key_of", [generation_key, published_key], ids=["generation", "published"])
+@pytest.mark.parametrize("wrong_type", [False, True], ids=["text", "hash"])
+def test_a_garbage_stored_generation_is_counted_and_overwritten_and_the_change_arrives(
+    r, default_node, key_of, wrong_type
+) -> None:
+    make_export(default_node, "a")
+    publisher.drain()
+    refused = publishing.refused_values["generation"]
+    r.delete(key_of(default_node.name))
+    if wrong_type:
+        r.hset(key_of(default_node.name), "not", "a string")
+    else:
+        r.set(key_of(default_node.name), "not a number")
+    make_export(default_node, "b")
+    assert [e.name for e in published(r, default_node).exports] == ["a", "b"]
+    if key_of is generation_key:
+        assert publishing.refused_values["generation"] > refused
+    # else: the published generation is written for the status, never believed
+    assert r.get(key_of(default_node.name)).isdigit()  # overwritten from the truth
+
+
+@pytest.mark.parametrize("key_of", [generation_key, published_key], ids=["generation", "published"])
+@pytest.mark.parametrize("forged", [10**19, 10**17, 2**63 - 1])
+def test_a_forged_far_future_generation_is_not_believed_and_loses_no_change(
+    r, default_node, key_of, forged
+) -> None:
+    make_export(default_node, "a")
+    publisher.drain()
+    before = stored_head(r, default_node).generation
+    r.set(key_of(default_node.name), forged)
+    make_export(default_node, "b")
+    assert [e.name for e in published(r, default_node).exports] == ["a", "b"]
+    assert not PendingPublish.objects.exists()
+    generation = stored_head(r, default_node).generation
+    # Above what the worker applied, and near the clock: a worker is never pushed out of reach.
+    assert before < generation <= time.time_ns() // 1_000_000 + publishing.GENERATION_AHEAD_MS
+    # The next change follows on from the real generation.
+    make_export(default_node, "c")
+    assert published(r, default_node).generation > generation
+
+
+def sent_by_redis(r) -> int:
+    return int(r.info("stats")["total_net_output_bytes"])
+
+
+@pytest.mark.parametrize("wrong_type", [False, True], ids=["giant", "hash"])
+def test_a_giant_head_is_not_read_whole_and_is_rewritten(r, default_node, wrong_type) -> None:
+    make_export(default_node, "a")
+    publisher.drain()
+    r.delete(head_key(default_node.name))
+    if wrong_type:
+        r.hset(head_key(default_node.name), "not", "a string")
+    else:
+        r.setrange(head_key(default_node.name), 8 << 20, b"x")
+    before = sent_by_redis(r)
+    make_export(default_node, "b")
+    publisher.drain()
+    assert sent_by_redis(r) - before < 1 << 20
+    assert [e.name for e in read_entries(r, default_node).exports] == ["a", "b"]
+
+
+def test_a_giant_entry_is_not_read_whole_and_is_rewritten(r, default_node) -> None:
+    export = make_export(default_node, "a")
+    publisher.drain()
+    r.hset(entries_key(default_node.name), f"export:{export.pk}", "x" * (8 << 20))
+    before = sent_by_redis(r)
+    export.description = "changed"
+    export.save()
+    publisher.drain()
+    assert sent_by_redis(r) - before < 1 << 20
+    assert [e.description for e in read_entries(r, default_node).exports] == ["changed"]
+
+
+def test_publish_config_publishes_what_was_marked_while_it_held_the_lock(
+    r, default_node, monkeypatch
+) -> None:
+    make_export(default_node, "a")
+    publisher.drain()
+    real = publishing._publish_one
+
+    def publish_while_another_process_marks(client, node, scopes=None):
+        # Another process changes the node now: its publisher finds the lock taken and leaves
+        # the marker to the holder.
+        if not Export.objects.filter(name="late").exists():
+            make_export(default_node, "late")
+        return real(client, node, scopes)
+
+    monkeypatch.setattr(publishing, "_publish_one", publish_while_another_process_marks)
+    # The other process's publisher is not this one's thread: nothing here publishes the mark.
+    monkeypatch.setattr(publisher._Publisher, "wake", lambda self, ids: None)
+    publishing.publish_nodes([default_node.pk])
+    assert not PendingPublish.objects.exists()
+    assert [e.name for e in read_entries(r, default_node).exports] == ["a", "late"]
