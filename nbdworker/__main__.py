@@ -232,6 +232,11 @@ async def run(
         server.apply_config(new)
         status.wake()
 
+    def apply_changes(new: WorkerConfig, changed: frozenset[str]) -> None:
+        assert server is not None and status is not None
+        server.apply_config(new, changed)
+        status.wake()
+
     def kicked() -> None:
         assert status is not None
         status.wake()
@@ -253,6 +258,7 @@ async def run(
             node_key,
             state_dir,
             apply=apply,
+            apply_changes=apply_changes,
             on_kick=kicked,
             on_rejected=stats.snapshot_rejected,
         )

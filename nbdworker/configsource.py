@@ -112,6 +112,7 @@ class ConfigSource:
         apply: Callable[[WorkerConfig], None],
         on_kick: Callable[[], None] = lambda: None,
         on_rejected: Callable[[str], None] = lambda kind: None,
+        apply_changes: Callable[[WorkerConfig, frozenset[str]], None] | None = None,
     ) -> None:
         self.client = client
         self.node = node
@@ -119,6 +120,9 @@ class ConfigSource:
         self.state_dir = Path(state_dir)
         self.cache_path = self.state_dir / f"config-{node}.json"
         self.apply = apply
+        # Given, an update that read only the changed entries is applied with the names of the
+        # exports they changed (before and after), so the worker opens only those.
+        self.apply_changes = apply_changes
         self.on_kick = on_kick
         self.on_rejected = on_rejected
         self.generation = 0
@@ -275,7 +279,10 @@ class ConfigSource:
             if update is None:
                 return False
             try:
-                self.apply(update.config)
+                if update.incremental and self.apply_changes is not None:
+                    self.apply_changes(update.config, self._changed_exports(update))
+                else:
+                    self.apply(update.config)
             except Exception:
                 log.exception("config generation %d could not be applied", update.config.generation)
                 self.on_rejected("apply_failed")
@@ -291,6 +298,17 @@ class ConfigSource:
             )
             self._cache_in_background(update)
             return True
+
+    def _changed_exports(self, update: Update) -> frozenset[str]:
+        """The names of the exports `update`'s changed entries held or hold: an entry's export
+        may have been renamed, so both."""
+        names = set()
+        for name in update.head.changed or ():
+            for entries in (self.entry_set.entries, update.entries):
+                entry = entries.get(name)
+                if entry is not None and entry.export is not None:
+                    names.add(entry.export.name)
+        return frozenset(names)
 
     def _cache_in_background(self, update: Update) -> None:
         """Cache `update` from the cache thread; writes queued meanwhile collapse into the

@@ -21,7 +21,7 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 
 from nbdworker.backendholds import BackendHolds, reusable_backend
@@ -213,51 +213,29 @@ class NBDServer:
 
     # -- configuration --------------------------------------------------------------------------
 
-    def apply_config(self, config: WorkerConfig) -> None:
-        """Swap in a new configuration; existing connections keep the one they started with."""
+    def apply_config(self, config: WorkerConfig, changed: Collection[str] | None = None) -> None:
+        """Swap in a new configuration; existing connections keep the one they started with.
+
+        `changed`: the export names (before and after) in which `config` may differ from the
+        config applied (nbdworker/configsource.py knows them from the entries it read). Only
+        those are compared and (re)opened; every other export keeps its entry, open image and
+        all, untouched (no comparison, no fstat). None, or a new TLS mode (which may refuse any
+        export: `tls_refusal`), compares every export, as at start and after a resync.
+        """
         old = self.state.exports
+        if changed is not None and config.tls.mode != self.state.config.tls.mode:
+            changed = None
         exports: dict[str, ExportEntry] = {}
         for cfg in config.exports:
-            if not cfg.enabled:
+            if changed is not None and cfg.name not in changed:
+                # Unchanged since the config applied: served (or not) as it was.
+                kept = old.get(cfg.name)
+                if kept is not None:
+                    exports[cfg.name] = kept
                 continue
-            # Checked before an open backend is reused: the export may be unchanged while the
-            # mode is not (SELECTIVETLS -> OPTIONALTLS).
-            refusal = tls_refusal(cfg, config.tls.mode)
-            if refusal is not None:
-                # Absent from LIST, INFO/GO answered UNKNOWN, live sessions ended: never served
-                # in plaintext while the admin believes it is TLS-only.
-                log.error("export %r refused: %s", cfg.name, refusal)
-                self.stats.export_refused("tls_mode")
-                continue
-            prev = old.get(cfg.name)
-            if prev is not None and prev.config == cfg and not prev.backend.size_changed():
-                exports[cfg.name] = prev
-                continue
-            # A description or rule edit keeps the open image (one descriptor per image, not
-            # one per change); anything else opens it anew.
-            backend = reusable_backend(prev, cfg) or _open_backend(
-                cfg, self.settings, self.shared_memory, self.stats.export_refused
-            )
-            if backend is None:
-                continue
-            view = ExportView(
-                name=cfg.name,
-                description=cfg.description,
-                size=backend.size,
-                flags=export_flags(cfg, backend),
-                min_block=cfg.min_block_size,
-                preferred_block=cfg.preferred_block_size,
-                max_block=cfg.max_block_size,
-                tls_required=cfg.tls_required,
-            )
-            exports[cfg.name] = ExportEntry(cfg, backend, view)
-            log.info(
-                "export %r: %s backend, %d bytes%s",
-                cfg.name,
-                cfg.backend,
-                backend.size,
-                ", read-only" if view.flags & TransmissionFlag.READ_ONLY else "",
-            )
+            entry = self._export_entry(cfg, config.tls.mode, old.get(cfg.name))
+            if entry is not None:
+                exports[cfg.name] = entry
         # The backends this generation no longer serves close when the last connection using
         # them lets go (backendholds.py), so nothing is closed under a live client.
         tls_context = None
@@ -277,6 +255,50 @@ class NBDServer:
         )
         self.stats.generation = config.generation
         self.end_affected_connections()
+
+    def _export_entry(
+        self, cfg: ExportConfig, tls_mode: str, prev: ExportEntry | None
+    ) -> ExportEntry | None:
+        """What `cfg` serves: `prev` when nothing changed, else its image reused or opened (and
+        proven, nbdworker/imagefile.py); None when it is disabled or refused."""
+        if not cfg.enabled:
+            return None
+        # Checked before an open backend is reused: the export may be unchanged while the
+        # mode is not (SELECTIVETLS -> OPTIONALTLS).
+        refusal = tls_refusal(cfg, tls_mode)
+        if refusal is not None:
+            # Absent from LIST, INFO/GO answered UNKNOWN, live sessions ended: never served
+            # in plaintext while the admin believes it is TLS-only.
+            log.error("export %r refused: %s", cfg.name, refusal)
+            self.stats.export_refused("tls_mode")
+            return None
+        if prev is not None and prev.config == cfg and not prev.backend.size_changed():
+            return prev
+        # A description or rule edit keeps the open image (one descriptor per image, not
+        # one per change); anything else opens it anew.
+        backend = reusable_backend(prev, cfg) or _open_backend(
+            cfg, self.settings, self.shared_memory, self.stats.export_refused
+        )
+        if backend is None:
+            return None
+        view = ExportView(
+            name=cfg.name,
+            description=cfg.description,
+            size=backend.size,
+            flags=export_flags(cfg, backend),
+            min_block=cfg.min_block_size,
+            preferred_block=cfg.preferred_block_size,
+            max_block=cfg.max_block_size,
+            tls_required=cfg.tls_required,
+        )
+        log.info(
+            "export %r: %s backend, %d bytes%s",
+            cfg.name,
+            cfg.backend,
+            backend.size,
+            ", read-only" if view.flags & TransmissionFlag.READ_ONLY else "",
+        )
+        return ExportEntry(cfg, backend, view)
 
     def end_affected_connections(self) -> None:
         """End, gracefully, the connections the current config withdraws (nbdworker/reload.py);

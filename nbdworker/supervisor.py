@@ -12,9 +12,14 @@ The supervisor talks to each serving process over a socketpair ("the link"). Mes
 4-byte big-endian length and a JSON object:
 
 * supervisor -> serving: ``{"op": "config", "config": {...}}`` (the first one, then every new
-  generation), ``{"op": "kick", "ids": [...]}``, ``{"op": "report", "id": n}``;
-* serving -> supervisor: ``{"op": "ready", "pid": n}`` once it serves, and
-  ``{"op": "report", "id": n, "sessions": {...}, "totals": {...}}``.
+  generation the config source read whole), ``{"op": "changes", "previous": g, "config":
+  {...everything but the exports...}, "exports": [...], "removed": [names]}`` (a generation the
+  source read as changed entries: only the changed exports, applied to generation g),
+  ``{"op": "kick", "ids": [...]}``, ``{"op": "report", "id": n}``;
+* serving -> supervisor: ``{"op": "ready", "pid": n}`` once it serves,
+  ``{"op": "report", "id": n, "sessions": {...}, "totals": {...}}``, and ``{"op": "resync"}``
+  when a "changes" message does not follow the generation it serves (the supervisor answers
+  with the whole config).
 
 Signals: SIGINT/SIGTERM to the supervisor are passed on (a second one forces, as in a single
 process); a serving process that dies unexpectedly is started again; serving processes die with
@@ -35,9 +40,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Collection
+from dataclasses import replace
 from typing import Any
 
-from nbdworker.contract.config import ConfigError, WorkerConfig
+from nbdworker.contract.config import ConfigError, ExportConfig, WorkerConfig
 from nbdworker.listeners import Listener, bind_listeners, close_listeners
 from nbdworker.metrics import merge_totals
 from nbdworker.server import NBDServer
@@ -236,6 +243,9 @@ class Supervisor:
                 future = child.reports.pop(int(message.get("id", -1)), None)
                 if future is not None and not future.done():
                     future.set_result(message)
+            elif op == "resync":
+                log.warning("serving process %d asked for the whole config", child.index)
+                child.send({"op": "config", "config": self.config.to_dict()})
         await self._ended(child)
 
     async def _ended(self, child: ServingProcess) -> None:
@@ -278,11 +288,16 @@ class Supervisor:
 
     # -- what the config source, the status publisher and the metrics call ---------------------
 
-    def apply_config(self, config: WorkerConfig) -> None:
-        self.config = config
+    def apply_config(self, config: WorkerConfig, changed: Collection[str] | None = None) -> None:
+        previous, self.config = self.config, config
         self.stats.generation = config.generation
         log.info("config generation %d passed to the serving processes", config.generation)
-        message = {"op": "config", "config": config.to_dict()}
+        if changed is None:
+            message = {"op": "config", "config": config.to_dict()}
+        else:
+            # Only what changed: a 10,000-export config is megabytes of JSON to encode here
+            # and to parse in every serving process.
+            message = changes_message(previous, config, changed)
         for child in self.children:
             child.send(message)
 
@@ -371,6 +386,53 @@ class Supervisor:
         log.info("stopped")
 
 
+def changes_message(
+    previous: WorkerConfig, config: WorkerConfig, changed: Collection[str]
+) -> dict[str, Any]:
+    """The "changes" message taking a serving process from `previous` to `config`, which
+    differ at most in the exports named in `changed` (and in anything but the exports)."""
+    header = replace(config, exports=()).to_dict()
+    del header["exports"]
+    present = [e for e in config.exports if e.name in changed]
+    present_names = {e.name for e in present}
+    return {
+        "op": "changes",
+        "previous": previous.generation,
+        "config": header,
+        "exports": [e.to_dict() for e in present],
+        "removed": sorted(name for name in changed if name not in present_names),
+    }
+
+
+def config_with_changes(current: WorkerConfig, message: dict[str, Any]) -> WorkerConfig:
+    """`current` with a "changes" message applied: changed exports replaced where they were
+    (new ones last), removed ones dropped. Raises ConfigError (KeyError, TypeError) when the
+    message is malformed."""
+    header = dict(message["config"])
+    default_export = header.pop("default_export", None)
+    # Everything but the exports, validated as a config without any.
+    base = WorkerConfig.from_dict({**header, "exports": []})
+    changed: dict[str, ExportConfig] = {}
+    for i, d in enumerate(message["exports"]):
+        export = ExportConfig.from_dict(d, f"exports[{i}]")
+        if export.name in changed:
+            raise ConfigError(f"exports[{i}].name: a duplicate")
+        changed[export.name] = export
+    removed = message["removed"]
+    if not isinstance(removed, list) or not all(isinstance(n, str) for n in removed):
+        raise ConfigError("removed: expected a list of names")
+    gone = set(removed)
+    exports = []
+    for export in current.exports:
+        if export.name in gone:
+            continue
+        exports.append(changed.pop(export.name, export))
+    exports.extend(changed.values())
+    if default_export is not None and not any(e.name == default_export for e in exports):
+        raise ConfigError(f"default_export: names no export: {default_export!r}")
+    return replace(base, default_export=default_export, exports=tuple(exports))
+
+
 # -- the serving process's side ---------------------------------------------------------------
 
 
@@ -440,6 +502,31 @@ async def _follow_supervisor(
                 server.apply_config(WorkerConfig.from_dict(message["config"]))
             except (ConfigError, KeyError) as exc:
                 log.error("config from the supervisor refused: %s", exc)
+        elif op == "changes":
+            current = server.state.config
+            if message.get("previous") != current.generation:
+                # A generation missed (one refused): the changes do not apply to this one.
+                log.warning(
+                    "changes to generation %r, this process serves %d: asking for the whole config",
+                    message.get("previous"),
+                    current.generation,
+                )
+                writer.write(encode_message({"op": "resync"}))
+                continue
+            try:
+                config = config_with_changes(current, message)
+            except (ConfigError, KeyError, TypeError) as exc:
+                log.error("config changes from the supervisor refused: %s", exc)
+                writer.write(encode_message({"op": "resync"}))
+                continue
+            names = {e["name"] for e in message["exports"]} | set(message["removed"])
+            log.info(
+                "generation %d from the supervisor: %d export(s) changed, %d removed",
+                config.generation,
+                len(message["exports"]),
+                len(message["removed"]),
+            )
+            server.apply_config(config, names)
         elif op == "kick":
             await server.end_sessions(set(message.get("ids", ())))
         elif op == "report":

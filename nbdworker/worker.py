@@ -4,6 +4,7 @@ serving process (`NBDServer`, nbdworker/server.py) or a supervisor of several
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any, Protocol
 
 from nbdworker.contract.config import WorkerConfig
@@ -25,7 +26,10 @@ class Worker(Protocol):
 
     async def shutdown(self) -> None: ...
 
-    def apply_config(self, config: WorkerConfig) -> None: ...
+    def apply_config(self, config: WorkerConfig, changed: Collection[str] | None = None) -> None:
+        """Serve `config`; `changed`: the export names it may differ in from the config
+        applied (None: any)."""
+        ...
 
     async def session_report(self, node: str) -> dict[str, dict]:
         """Session id -> public view of each connection in transmission."""
