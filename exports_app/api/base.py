@@ -1,5 +1,6 @@
 """Shared API behaviour: model validation in serializers, transactions in viewsets."""
 
+import copy
 from itertools import pairwise
 
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -59,8 +60,9 @@ class ValidatedModelSerializer(StrictModelSerializer):
         plain = {k: v for k, v in attrs.items() if not model._meta.get_field(k).many_to_many}
         if self.instance is None:
             return model(**plain)
-        # Work on a copy so a failed validation never leaves the instance half-changed.
-        instance = model.objects.get(pk=self.instance.pk)
+        # Work on a copy so a failed validation never leaves the instance half-changed. An
+        # in-memory copy: the viewset has just read (and locked) the row, with its relations.
+        instance = copy.copy(self.instance)
         for key, value in plain.items():
             setattr(instance, key, value)
         return instance
@@ -140,10 +142,25 @@ class BaseModelViewSet(IdempotentPostsMixin, ETagMixin, ModelViewSet):
     # would be a PATCH under another name).
     http_method_names = ["get", "post", "patch", "delete", "head", "options"]
 
+    def retrieve(self, request, *args, **kwargs) -> Response:
+        return Response(self.representation_of_read(self.get_object()))
+
+    def create(self, request, *args, **kwargs) -> Response:
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        self.perform_create(serializer)
+        return self.current_answer(serializer, status.HTTP_201_CREATED)
+
     def update(self, request, *args, **kwargs) -> Response:
         # One transaction from the If-Match check (get_object) to the write.
         with transaction.atomic():
-            return super().update(request, *args, **kwargs)
+            instance = self.get_object()
+            serializer = self.get_serializer(
+                instance, data=request.data, partial=kwargs.get("partial", False)
+            )
+            serializer.is_valid(raise_exception=True)
+            self.perform_update(serializer)
+            return self.current_answer(serializer)
 
     def destroy(self, request, *args, **kwargs) -> Response:
         with transaction.atomic():

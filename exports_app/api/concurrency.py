@@ -20,8 +20,10 @@ from rest_framework.exceptions import APIException, ValidationError
 from rest_framework.response import Response
 
 from exports_app.services import idempotency
+from exports_app.validators import parse_object_id
 
 __all__ = [
+    "READ_WITH_ANSWER",
     "ETagMixin",
     "IdempotentPostsMixin",
     "KeyInUse",
@@ -36,6 +38,9 @@ OBJECT_ACTIONS = frozenset(
     {"retrieve", "create", "partial_update", "update", "resize", "verify", "revoke", "retry"}
 )
 PRECONDITION_METHODS = frozenset({"PATCH", "PUT", "DELETE"})
+# Serializer context flag: the object was read from the viewset's queryset for this very answer,
+# so its annotations (an export's latest job) are current and need no query of their own.
+READ_WITH_ANSWER = "read_with_answer"
 
 
 class PreconditionFailed(APIException):
@@ -76,21 +81,54 @@ class ETagMixin:
     etag_ignored_fields: tuple[str, ...] = ()
 
     def get_object(self):
-        obj = super().get_object()
         if self.request.method not in PRECONDITION_METHODS:
-            return obj
+            return super().get_object()
         if transaction.get_connection().in_atomic_block:
-            # Lock, then read again: nobody can change the row between the check and the write.
-            list(type(obj)._default_manager.select_for_update().filter(pk=obj.pk).values("pk"))
-            obj = super().get_object()
-        if not if_match_allows(self.request.headers.get("If-Match"), self.current_etag(obj)):
+            # Lock, then read: nobody can change the row between the check and the write.
+            self._lock_requested_row()
+        obj = super().get_object()
+        header = self.request.headers.get("If-Match")
+        # The ETag costs a serialization: only when a header names one.
+        needs_etag = header is not None and header.strip() not in ("", "*")
+        if needs_etag and not if_match_allows(header, self.current_etag(obj)):
             raise PreconditionFailed()
         return obj
 
+    def _lock_requested_row(self) -> None:
+        """Lock the row the URL names (nothing when it names none: get_object answers 404).
+        Only that row (of="self", no ordering join): locking its node's row as well would
+        queue every change of the node's other exports behind this one."""
+        lookup = self.kwargs.get(self.lookup_url_kwarg or self.lookup_field)
+        object_id = parse_object_id(lookup) if self.lookup_field == "pk" else None
+        if object_id is None:
+            return
+        model = self.get_queryset().model
+        rows = model._default_manager.select_for_update(of=("self",)).filter(pk=object_id)
+        list(rows.order_by().values("pk"))
+
+    def representation_of_read(self, obj: models.Model) -> dict:
+        """The answer body of `obj`, just read from get_queryset() (its annotations current)."""
+        context = {**self.get_serializer_context(), READ_WITH_ANSWER: True}
+        return self.get_serializer(obj, context=context).data
+
     def current_etag(self, obj: models.Model) -> str:
         return representation_etag(
-            type(obj), self.get_serializer(obj).data, self.etag_ignored_fields
+            type(obj), self.representation_of_read(obj), self.etag_ignored_fields
         )
+
+    def current_answer(self, serializer, status_code: int = status.HTTP_200_OK) -> Response:
+        """The object `serializer` saved, as a GET reads it now and serialized once: the body
+        and its ETag (set in finalize_response from this body) are the version a later
+        If-Match names."""
+        obj = self.get_queryset().filter(pk=serializer.instance.pk).first()
+        if obj is None:  # gone already (a service deleted it): the serializer's view of it
+            return Response(serializer.data, status=status_code)
+        data = self.representation_of_read(obj)
+        # A create names the new object's address (Location), as DRF's create does.
+        headers = self.get_success_headers(data) if status_code == status.HTTP_201_CREATED else None
+        response = Response(data, status=status_code, headers=headers)
+        response.etag_of_body = True
+        return response
 
     def finalize_response(self, request, response, *args, **kwargs):
         response = super().finalize_response(request, response, *args, **kwargs)
@@ -102,7 +140,7 @@ class ETagMixin:
             and "id" in data
         ):
             model = self.get_queryset().model
-            if request.method in ("GET", "HEAD"):
+            if request.method in ("GET", "HEAD") or getattr(response, "etag_of_body", False):
                 # The answer is the object as it is: its body is the version.
                 response["ETag"] = representation_etag(model, data, self.etag_ignored_fields)
                 return response

@@ -16,6 +16,7 @@ from exports_app.services.certificates import NewAuthority, NewCertificate
 from exports_app.validators import parse_object_id, parse_size, validate_no_control_characters
 
 from .base import ValidatedModelSerializer, django_errors_to_drf
+from .concurrency import READ_WITH_ANSWER
 from .fields import AsciiIntegerField, AsciiPrimaryKeyRelatedField, StrictModelSerializer
 
 __all__ = [
@@ -56,8 +57,10 @@ class StrictCharField(serializers.CharField):
 
 
 def default_node() -> WorkerNode | None:
-    node = WorkerNode.objects.filter(name=settings.NBDWORKER_NODE).first()
-    return node or WorkerNode.objects.order_by("pk").first()
+    # With its policy: an export's validation reads it.
+    nodes = WorkerNode.objects.select_related("tls_policy")
+    node = nodes.filter(name=settings.NBDWORKER_NODE).first()
+    return node or nodes.order_by("pk").first()
 
 
 # -- nodes and policies ------------------------------------------------------------------------
@@ -328,12 +331,23 @@ class ExportSerializer(ValidatedModelSerializer):
         attrs = {k: v for k, v in attrs.items() if k not in ("force", "clone_from")}
         return super().build_instance(attrs)
 
+    def to_representation(self, instance: Export) -> dict:
+        # get_job and get_job_url share one lookup of the latest job per answer.
+        self._latest_job: dict = {}
+        return super().to_representation(instance)
+
     def get_job(self, export: Export) -> int | None:
-        # A list uses the queryset's annotation (no query per row). A single export is looked
-        # up: its annotation predates the job an update may just have requested.
-        if self.parent is not None and hasattr(export, "latest_job_id"):
+        # The queryset's annotation is current when the export was read for this answer (a
+        # list, or the viewset's READ_WITH_ANSWER). An export a service has handled since it
+        # was read is looked up: its annotation predates the job that service may have asked.
+        if hasattr(export, "latest_job_id") and (
+            self.parent is not None or self.context.get(READ_WITH_ANSWER)
+        ):
             return export.latest_job_id
-        return export.jobs.order_by("-pk").values_list("pk", flat=True).first()
+        memo = getattr(self, "_latest_job", {})
+        if export.pk not in memo:
+            memo[export.pk] = export.jobs.order_by("-pk").values_list("pk", flat=True).first()
+        return memo[export.pk]
 
     @extend_schema_field(OpenApiTypes.URI)
     def get_job_url(self, export: Export) -> str | None:
