@@ -1,6 +1,7 @@
 """NBD exports: a named image on a node and the rules for serving it."""
 
 import hashlib
+import itertools
 import os
 from urllib.parse import quote
 
@@ -162,16 +163,23 @@ class Export(models.Model):
     def default_image_path(self) -> str:
         """`<slug>.img`, with a numeric suffix when another export on the node already uses it."""
         base = slugify(self.name)[:100] or "export"
-        taken = set(
-            Export.objects.filter(node_id=self.node_id, image_path__startswith=base)
-            .exclude(pk=self.pk)
-            .values_list("image_path", flat=True)
-        )
-        candidate, counter = f"{base}.img", 1
-        while candidate in taken:
-            counter += 1
-            candidate = f"{base}-{counter}.img"
-        return candidate
+        # Candidates are asked for by equality, a batch at a time (the node's unique index
+        # answers): a prefix LIKE cannot use that index and read every image path of the node.
+        batch = 32
+        for first in itertools.count(1, batch):
+            candidates = [
+                f"{base}.img" if n == 1 else f"{base}-{n}.img" for n in range(first, first + batch)
+            ]
+            taken = set(
+                Export.objects.filter(node_id=self.node_id, image_path__in=candidates)
+                .exclude(pk=self.pk)
+                .order_by()  # no join for the default ordering
+                .values_list("image_path", flat=True)
+            )
+            for candidate in candidates:
+                if candidate not in taken:
+                    return candidate
+        raise AssertionError("unreachable")
 
     # -- validation ----------------------------------------------------------------------------
 

@@ -112,6 +112,24 @@ def test_a_create_answers_the_body_and_etag_a_get_reads_next(api, default_node):
     assert created["ETag"] == read["ETag"]
 
 
+def test_default_image_paths_skip_taken_suffixes_past_one_batch(api, default_node):
+    # The free path is looked for 32 candidates per query: the 40th same-slug export still
+    # gets the first free suffix.
+    Export.objects.bulk_create(
+        Export(
+            node=default_node,
+            name=f"taken{n}",
+            name_digest=name_digest(f"taken{n}"),
+            image_path="disk.img" if n == 1 else f"disk-{n}.img",
+            size=1 << 20,
+        )
+        for n in [*range(1, 40), 41]
+    )
+    created = api.post(URL, {"name": "disk", "size": "1M"})
+    assert created.status_code == 201, created.content
+    assert created.json()["image_path"] == "disk-40.img"
+
+
 def test_a_patch_locks_the_exports_row_only_not_its_nodes(api, default_node):
     # FOR UPDATE over the ordering join to the node would lock the node's row too and queue
     # every change of the node's other exports behind this one.
