@@ -232,9 +232,9 @@ async def run(
         server.apply_config(new)
         status.wake()
 
-    def apply_changes(new: WorkerConfig, changed: frozenset[str]) -> None:
+    async def apply_changes(new: WorkerConfig, changed: frozenset[str]) -> None:
         assert server is not None and status is not None
-        server.apply_config(new, changed)
+        await server.apply_changes(new, changed)
         status.wake()
 
     def kicked() -> None:

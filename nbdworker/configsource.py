@@ -32,7 +32,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,7 +112,7 @@ class ConfigSource:
         apply: Callable[[WorkerConfig], None],
         on_kick: Callable[[], None] = lambda: None,
         on_rejected: Callable[[str], None] = lambda kind: None,
-        apply_changes: Callable[[WorkerConfig, frozenset[str]], None] | None = None,
+        apply_changes: Callable[[WorkerConfig, frozenset[str]], Awaitable[None]] | None = None,
     ) -> None:
         self.client = client
         self.node = node
@@ -280,7 +280,7 @@ class ConfigSource:
                 return False
             try:
                 if update.incremental and self.apply_changes is not None:
-                    self.apply_changes(update.config, self._changed_exports(update))
+                    await self.apply_changes(update.config, self._changed_exports(update))
                 else:
                     self.apply(update.config)
             except Exception:

@@ -213,7 +213,49 @@ class NBDServer:
 
     # -- configuration --------------------------------------------------------------------------
 
-    def apply_config(self, config: WorkerConfig, changed: Collection[str] | None = None) -> None:
+    async def apply_changes(self, config: WorkerConfig, changed: Collection[str]) -> None:
+        """`apply_config(config, changed)`, with the changed exports' images opened (or, for one
+        kept open, stat'ed and fstat'ed) in the executor, off the event loop; then the swap on
+        the loop. A config applied meanwhile (none is, from one config source) makes this one
+        open its images on the loop instead."""
+        base = self.state
+        if config.tls.mode != base.config.tls.mode:
+            self.apply_config(config)  # a new mode may refuse any export: all are compared
+            return
+        wanted = [cfg for cfg in config.exports if cfg.name in changed]
+        refusals: list[str] = []
+        prepared = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._prepare_entries, wanted, config.tls.mode, base, refusals.append
+        )
+        for reason in refusals:
+            self.stats.export_refused(reason)
+        if self.state is not base:
+            for name, entry in prepared.items():
+                prev = base.exports.get(name)
+                if entry is not None and (prev is None or entry.backend is not prev.backend):
+                    entry.backend.close()
+            self.apply_config(config, changed)
+            return
+        self.apply_config(config, changed, prepared)
+
+    def _prepare_entries(
+        self,
+        wanted: list[ExportConfig],
+        tls_mode: str,
+        base: ServerState,
+        refused: Callable[[str], None],
+    ) -> dict[str, ExportEntry | None]:
+        return {
+            cfg.name: self._export_entry(cfg, tls_mode, base.exports.get(cfg.name), refused)
+            for cfg in wanted
+        }
+
+    def apply_config(
+        self,
+        config: WorkerConfig,
+        changed: Collection[str] | None = None,
+        prepared: dict[str, ExportEntry | None] | None = None,
+    ) -> None:
         """Swap in a new configuration; existing connections keep the one they started with.
 
         `changed`: the export names (before and after) in which `config` may differ from the
@@ -221,6 +263,7 @@ class NBDServer:
         those are compared and (re)opened; every other export keeps its entry, open image and
         all, untouched (no comparison, no fstat). None, or a new TLS mode (which may refuse any
         export: `tls_refusal`), compares every export, as at start and after a resync.
+        `prepared`: the changed exports' entries, made off the loop (`apply_changes`).
         """
         old = self.state.exports
         if changed is not None and config.tls.mode != self.state.config.tls.mode:
@@ -233,7 +276,12 @@ class NBDServer:
                 if kept is not None:
                     exports[cfg.name] = kept
                 continue
-            entry = self._export_entry(cfg, config.tls.mode, old.get(cfg.name))
+            if prepared is not None and cfg.name in prepared:
+                entry = prepared[cfg.name]
+            else:
+                entry = self._export_entry(
+                    cfg, config.tls.mode, old.get(cfg.name), self.stats.export_refused
+                )
             if entry is not None:
                 exports[cfg.name] = entry
         # The backends this generation no longer serves close when the last connection using
@@ -257,10 +305,15 @@ class NBDServer:
         self.end_affected_connections()
 
     def _export_entry(
-        self, cfg: ExportConfig, tls_mode: str, prev: ExportEntry | None
+        self,
+        cfg: ExportConfig,
+        tls_mode: str,
+        prev: ExportEntry | None,
+        refused: Callable[[str], None],
     ) -> ExportEntry | None:
         """What `cfg` serves: `prev` when nothing changed, else its image reused or opened (and
-        proven, nbdworker/imagefile.py); None when it is disabled or refused."""
+        proven, nbdworker/imagefile.py); None when it is disabled or refused (`refused(why)`).
+        Touches nothing of the server's state: it may run in the executor."""
         if not cfg.enabled:
             return None
         # Checked before an open backend is reused: the export may be unchanged while the
@@ -270,14 +323,14 @@ class NBDServer:
             # Absent from LIST, INFO/GO answered UNKNOWN, live sessions ended: never served
             # in plaintext while the admin believes it is TLS-only.
             log.error("export %r refused: %s", cfg.name, refusal)
-            self.stats.export_refused("tls_mode")
+            refused("tls_mode")
             return None
         if prev is not None and prev.config == cfg and not prev.backend.size_changed():
             return prev
         # A description or rule edit keeps the open image (one descriptor per image, not
         # one per change); anything else opens it anew.
         backend = reusable_backend(prev, cfg) or _open_backend(
-            cfg, self.settings, self.shared_memory, self.stats.export_refused
+            cfg, self.settings, self.shared_memory, refused
         )
         if backend is None:
             return None

@@ -301,6 +301,9 @@ class Supervisor:
         for child in self.children:
             child.send(message)
 
+    async def apply_changes(self, config: WorkerConfig, changed: Collection[str]) -> None:
+        self.apply_config(config, changed)
+
     async def _reports(self) -> list[dict[str, Any]]:
         loop = asyncio.get_running_loop()
         waiting = []
@@ -526,7 +529,7 @@ async def _follow_supervisor(
                 len(message["exports"]),
                 len(message["removed"]),
             )
-            server.apply_config(config, names)
+            await server.apply_changes(config, names)
         elif op == "kick":
             await server.end_sessions(set(message.get("ids", ())))
         elif op == "report":

@@ -31,6 +31,10 @@ class Worker(Protocol):
         applied (None: any)."""
         ...
 
+    async def apply_changes(self, config: WorkerConfig, changed: Collection[str]) -> None:
+        """`apply_config(config, changed)`, what may block (opening images) off the loop."""
+        ...
+
     async def session_report(self, node: str) -> dict[str, dict]:
         """Session id -> public view of each connection in transmission."""
         ...

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from nbdworker import server as server_module
 from nbdworker.contract.config import ConfigError, WorkerConfig
 from nbdworker.contract.nodekey import NODE_KEY_ENV, derive_node_key
 from nbdworker.server import NBDServer
@@ -160,6 +162,80 @@ def test_a_new_tls_mode_compares_every_export_even_with_names(tmp_path: Path) ->
         server.serving_threads.shutdown()
 
 
+def test_apply_changes_opens_the_changed_images_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "images"
+    images(root, 4)
+    settings = WorkerSettings.from_sources([str(root)], ["127.0.0.1:0"], environ={})
+    before = [export(root, i) for i in range(3)]
+    after = [*before, export(root, 3)]
+    opened_in: list[str] = []
+    real_open_image = server_module.open_image
+
+    def recording_open_image(*args, **kwargs):
+        opened_in.append(threading.current_thread().name)
+        return real_open_image(*args, **kwargs)
+
+    async def main() -> None:
+        server = NBDServer(settings, config(before, 1))
+        monkeypatch.setattr(server_module, "open_image", recording_open_image)
+        try:
+            await server.apply_changes(config(after, 2), {"e3"})
+            assert "e3" in server.state.exports and server.state.config.generation == 2
+        finally:
+            server.executor.shutdown()
+            server.serving_threads.shutdown()
+
+    asyncio.run(main())
+    assert len(opened_in) == 1 and opened_in[0].startswith("nbdio")
+
+
+def test_an_image_opened_for_a_superseded_config_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another config applied while the executor opened the images: the changes are applied
+    # again on the loop over it, and the image opened for nothing does not stay open.
+    root = tmp_path / "images"
+    images(root, 4)
+    settings = WorkerSettings.from_sources([str(root)], ["127.0.0.1:0"], environ={})
+    before = [export(root, i) for i in range(3)]
+    opening, go_on = threading.Event(), threading.Event()
+    fds: list[int] = []
+    real_open_image = server_module.open_image
+
+    def held_open_image(*args, **kwargs):
+        fd = real_open_image(*args, **kwargs)
+        fds.append(fd)
+        if threading.current_thread().name.startswith("nbdio"):
+            opening.set()
+            assert go_on.wait(10)
+        return fd
+
+    async def main() -> None:
+        server = NBDServer(settings, config(before, 1))
+        monkeypatch.setattr(server_module, "open_image", held_open_image)
+        try:
+            descriptors = len(os.listdir("/proc/self/fd"))
+            task = asyncio.create_task(
+                server.apply_changes(config([*before, export(root, 3)], 3), {"e3"})
+            )
+            while not opening.is_set():
+                await asyncio.sleep(0.01)
+            server.apply_config(config(before[:2], 2), {"e2"})
+            go_on.set()
+            await task
+            assert sorted(server.state.exports) == ["e0", "e1", "e3"]
+            assert len(fds) == 2  # opened in the executor, then again on the loop
+            # e2's image closed, e3's open once: the one opened for generation 1 went.
+            assert len(os.listdir("/proc/self/fd")) == descriptors
+        finally:
+            server.executor.shutdown()
+            server.serving_threads.shutdown()
+
+    asyncio.run(main())
+
+
 # -- the config source --------------------------------------------------------------------------
 
 
@@ -185,7 +261,11 @@ def test_the_source_passes_the_names_its_changed_entries_held_and_hold(
 
     async def main() -> None:
         source = make_source(redis_server.url, node, tmp_path / "state", rec)
-        source.apply_changes = lambda config, names: changes.append((config.generation, names))
+
+        async def apply_changes(config: WorkerConfig, names: frozenset[str]) -> None:
+            changes.append((config.generation, names))
+
+        source.apply_changes = apply_changes
         try:
             await source.initial()
             # An edit, a rename, a removal and an addition.
