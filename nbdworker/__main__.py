@@ -175,6 +175,17 @@ def tune_malloc() -> None:
         pass
 
 
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the kernel once (`malloc_trim`).
+
+    With the trim threshold `tune_malloc` sets, what start-up freed (the whole config read and
+    verified: at 10,000 exports megabytes of replies and JSON) would stay resident for the
+    worker's life.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def run_on_new_loop(main: Coroutine[Any, Any, int], profile_path: str | None = None) -> int:
     """Run `main` on a new event loop (uvloop when installed) and close it; with
     `profile_path`, write cProfile statistics of the whole run there (bench/README)."""
@@ -272,6 +283,7 @@ async def run(
         server = NBDServer(settings, config, shutdown_timeout=args.shutdown_timeout, stats=stats)
     try:
         await server.start()
+        release_free_memory()
         if args.metrics_listen:
             from nbdworker.metrics import start_metrics_server
 
