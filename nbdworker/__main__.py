@@ -176,7 +176,8 @@ def tune_malloc() -> None:
 
 
 def release_free_memory() -> None:
-    """Hand the heap's free pages back to the kernel once (`malloc_trim`).
+    """Hand the heap's free pages back to the kernel (`malloc_trim`): once serving, and after
+    each whole config.
 
     With the trim threshold `tune_malloc` sets, what start-up freed (the whole config read and
     verified: at 10,000 exports megabytes of replies and JSON) would stay resident for the
@@ -242,6 +243,8 @@ async def run(
         assert server is not None and status is not None
         server.apply_config(new)
         status.wake()
+        # A whole config was read (a resync, a snapshot): its transient megabytes go back too.
+        release_free_memory()
 
     async def apply_changes(new: WorkerConfig, changed: frozenset[str]) -> None:
         assert server is not None and status is not None
