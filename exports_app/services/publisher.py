@@ -36,7 +36,7 @@ from django.db import DatabaseError, connections, transaction
 
 from exports_app.models import PendingPublish, WorkerNode
 from exports_app.models.publishing import NODE_SCOPE
-from exports_app.services.publishing import NodeBusy, publish_node
+from exports_app.services.publishing import NodeBusy, publish_node, publish_pending_batch
 
 __all__ = ["COALESCE_SECONDS", "drain", "publish_pending", "schedule_publish"]
 
@@ -158,9 +158,21 @@ def _publish_in_pool_thread(node_id: int) -> bool:
 
 def _publish_each(node_ids: Iterable[int]) -> set[int]:
     """Publish each node that has markers; the ids that failed (to retry). Several nodes (a
-    policy shared by many) are published by up to PUBLISH_THREADS threads at once: most of a
-    publish is waiting on PostgreSQL and Redis."""
+    policy shared by many) are published as one batch, then what is left by up to
+    PUBLISH_THREADS threads at once: most of a publish is waiting on PostgreSQL and Redis."""
     ids = sorted(node_ids)
+    if len(ids) <= 1:
+        return {i for i in ids if not _publish_until_clean(i)}
+    try:
+        # One batch for all (one round trip per phase, each TLS section built once), then
+        # node by node what is left: marked meanwhile, or held by another publisher.
+        publish_pending_batch(ids)
+    except (redis.RedisError, DatabaseError) as exc:
+        log.error("config of %d nodes not published together, one by one: %s", len(ids), exc)
+    except Exception:
+        log.exception("config of %d nodes not published together, one by one", len(ids))
+    left = set(PendingPublish.objects.filter(node_id__in=ids).values_list("node_id", flat=True))
+    ids = sorted(left)
     if len(ids) <= 1:
         return {i for i in ids if not _publish_until_clean(i)}
     with ThreadPoolExecutor(min(PUBLISH_THREADS, len(ids)), "nbdweb-publish") as pool:

@@ -8,7 +8,7 @@ process and host):
 1. read the newest dirty marker (`PendingPublish`) of the node, and the scopes of the markers
    up to it: `export:<pk>`, `tls`, or `node` (everything);
 2. take the next generation: ``max(stored + 1, now in milliseconds, head + 1)`` in
-   ``nbdweb:config-generation:<node>`` (a WATCH/MULTI transaction). It only grows across web
+   ``nbdweb:config-generation:<node>`` (one script, atomic in Redis). It only grows across web
    restarts, and even when Redis loses its data the clock keeps it above anything published
    before. A stored counter that is not digits, or is far above the clock (forged), is logged,
    counted and reset: a writer must not choose the generation the web side signs;
@@ -19,10 +19,13 @@ process and host):
    `nbdworker.contract.entries`), and a head whose count and set digest follow from the stored
    head and the replaced entries (both verified; anything that does not verify means a whole
    rewrite);
-4. store entries and head in one MULTI/EXEC, only if the stored head is still the one read (a
-   whole rewrite: or is not a newer publish's, verified), then PUBLISH ``<node>:<generation>`` on
-   ``nbdweb:config-changed:<node>``;
+4. store entries and head in one script (atomic), only if the stored head is still the one
+   read (a whole rewrite: or is not a newer publish's, verified), then PUBLISH
+   ``<node>:<generation>`` on ``nbdweb:config-changed:<node>``;
 5. delete the markers up to the one read in 1 (later ones are the next publish's).
+
+Several nodes (`publish_pending_batch`: a policy many share) go through these steps together,
+one Redis round trip per step for all of them, each TLS section built once per policy.
 
 A Redis error leaves the markers in place (the publisher tries again). `/api/v1/nodes/` shows a
 node whose worker runs an older generation than the latest, or that has markers, as not current.
@@ -31,6 +34,7 @@ node whose worker runs an older generation than the latest, or that has markers,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -41,6 +45,7 @@ from typing import Any
 
 import redis
 from django.conf import settings
+from django.db.models import Q
 
 from exports_app.choices import TLSMode
 from exports_app.models import Export, PendingPublish, WorkerNode
@@ -71,7 +76,6 @@ from nbdworker.contract.entries import (
 )
 from nbdworker.contract.redisconn import connect
 from nbdworker.contract.snapshot import (
-    MAX_GENERATION_DIGITS,
     SnapshotError,
     config_channel,
     config_key,
@@ -87,6 +91,7 @@ __all__ = [
     "lock_key",
     "publish_node",
     "publish_nodes",
+    "publish_pending_batch",
     "redis_client",
     "refused_values",
 ]
@@ -213,51 +218,46 @@ def _refuse(node: str, kind: str, what: str) -> None:
     log.warning("node %s: %s refused, overwritten by this publish", node, what)
 
 
-def _believed_generation(node: str, key: str, raw: str | None, ceiling: int) -> int:
-    """A stored generation counter as read (at most MAX_GENERATION_DIGITS + 1 characters); 0
-    when missing, or refused (logged and counted) when not ASCII digits or above `ceiling`."""
-    if not raw:
-        return 0
-    if len(raw) > MAX_GENERATION_DIGITS or not raw.isascii() or not raw.isdigit():
-        _refuse(node, "generation", f"{key} holds no generation ({raw[:24]!r})")
-        return 0
-    if int(raw) > ceiling:
-        _refuse(node, "generation", f"{key} holds {raw}, forged far above the clock")
-        return 0
-    return int(raw)
+# The node's next generation, max(stored + 1, ARGV[1] (the floor)), stored and returned with why
+# the stored counter was not believed ('' when it was): not a string, not ASCII digits, or above
+# ARGV[2] (the ceiling: forged). Believed values stay below 2^53 (exact in Lua's numbers).
+_NEXT_GENERATION = """
+local kind = redis.call('TYPE', KEYS[1]).ok
+local stored, refused = 0, ''
+if kind == 'string' then
+  local raw = redis.call('GETRANGE', KEYS[1], 0, 20)
+  if #raw > 15 or not string.match(raw, '^%d+$') then refused = 'not a generation'
+  elseif tonumber(raw) > tonumber(ARGV[2]) then refused = 'forged far above the clock'
+  else stored = tonumber(raw) end
+elseif kind ~= 'none' then refused = 'of type ' .. kind end
+local new = string.format('%.0f', math.max(stored + 1, tonumber(ARGV[1])))
+redis.call('SET', KEYS[1], new)
+return {new, refused}
+"""
 
 
-def _read_generation(pipe: redis.client.Pipeline, key: str) -> str | None:
-    try:
-        return pipe.getrange(key, 0, MAX_GENERATION_DIGITS)
-    except redis.ResponseError:  # WRONGTYPE: another type was stored there
-        return "!wrongtype"
-
-
-def _next_generation(client: redis.Redis, node: str, head: Head | None) -> int:
-    """``max(stored + 1, now in ms, head + 1)``: the verified head is the floor (a writer cannot
-    forge it), and a stored counter is believed only up to GENERATION_AHEAD_MS above the clock
-    or that head, so no writer pushes the node's generations out of the worker's reach."""
+def _generation_bounds(head: Head | None) -> tuple[int, int]:
+    """(floor, ceiling) of the next generation: above the clock and the verified head (a writer
+    cannot forge it); a stored counter is believed only up to GENERATION_AHEAD_MS above them, so
+    no writer chooses the generation the web side signs (the worker refuses any below the one it
+    applied)."""
     now = time.time_ns() // 1_000_000
     head_generation = head.generation if head is not None else 0
-    floor = max(now, head_generation + 1)
-    ceiling = max(now, head_generation) + GENERATION_AHEAD_MS
-    new = 0
+    return max(now, head_generation + 1), max(now, head_generation) + GENERATION_AHEAD_MS
 
-    def step(pipe: redis.client.Pipeline) -> None:
-        nonlocal new
-        raw = _read_generation(pipe, generation_key(node))
-        stored = _believed_generation(node, generation_key(node), raw, ceiling)
-        new = max(stored + 1, floor)
-        pipe.multi()
-        pipe.set(generation_key(node), new)
 
-    client.transaction(step, generation_key(node))
+def _generation_reply(node: str, reply: list) -> int:
+    new, refused = int(reply[0]), reply[1]
+    if refused:
+        _refuse(node, "generation", f"{generation_key(node)} ({refused})")
     return new
 
 
+# The head if it is a string within ARGV[1] bytes, ARGV[2] when it is not, false when missing.
 _READ_HEAD = """
-if redis.call('STRLEN', KEYS[1]) > tonumber(ARGV[1]) then return ARGV[2] end
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind == 'none' then return false end
+if kind ~= 'string' or redis.call('STRLEN', KEYS[1]) > tonumber(ARGV[1]) then return ARGV[2] end
 return redis.call('GET', KEYS[1])
 """
 
@@ -265,27 +265,23 @@ return redis.call('GET', KEYS[1])
 def _read_head(client: redis.Redis | redis.client.Pipeline, node: str) -> str | None:
     """The stored head as read, bounded in Redis (`_UNREADABLE` when over its bound or another
     type); None when missing."""
-    try:
-        return client.eval(_READ_HEAD, 1, head_key(node), MAX_HEAD_BYTES, _UNREADABLE)
-    except redis.ResponseError:  # WRONGTYPE: another type was stored there
-        return _UNREADABLE
+    return client.eval(_READ_HEAD, 1, head_key(node), MAX_HEAD_BYTES, _UNREADABLE)
 
 
-def _current_head(client: redis.Redis, node: str, key: str) -> tuple[str | None, Head | None]:
-    """The stored head, and it verified (None when missing, damaged or not ours: the next
-    publish then rewrites every entry)."""
-    raw = _read_head(client, node)
+def _checked_head(node: str, key: str, raw: str | None) -> Head | None:
+    """The head `raw`, verified (None when missing, damaged or not ours: the next publish then
+    rewrites every entry)."""
     if raw is None:
-        return None, None
+        return None
     if raw == _UNREADABLE:
         _refuse(node, "head", "the stored head (over its bound, or not a string)")
-        return raw, None
+        return None
     try:
-        return raw, verify_head(raw, key, node=node)
+        return verify_head(raw, key, node=node)
     except SnapshotError as exc:
         refused_values["head"] += 1
         log.warning("node %s: the stored head is refused (%s): rewriting every entry", node, exc)
-        return raw, None
+        return None
 
 
 # The entries count, then each field's value: false when missing, a marker when over its bound
@@ -303,25 +299,27 @@ return out
 """
 
 
-def _bodies(node: WorkerNode, export_ids: set[int] | None, with_tls: bool) -> dict[str, Any]:
+def _bodies(
+    node: WorkerNode,
+    export_ids: set[int] | None,
+    with_tls: bool,
+    tls_sections: dict[int, dict | PublishError] | None = None,
+) -> dict[str, Any]:
     """field → entry body (None: the export is no longer served) for `export_ids` (None: all
-    served exports) and, if `with_tls`, the TLS section. An export the worker's parser refuses
-    is logged and left out (it must not cost the node its other exports)."""
+    served exports) and, if `with_tls`, the TLS section (built once per policy in
+    `tls_sections`). An export the worker's parser refuses is logged and left out (it must not
+    cost the node its other exports)."""
+    bodies: dict[str, Any] = {}
+    mode = node.tls_policy.mode
+    if with_tls:
+        bodies[TLS_FIELD] = _tls_section(node, {} if tls_sections is None else tls_sections)
+    if export_ids is not None and not export_ids:
+        return bodies
     served = Export.objects.filter(
         node=node, state__in=export_states.SERVED_STATES, enabled=True
     ).select_related("node")
     if export_ids is not None:
         served = served.filter(pk__in=export_ids)
-    bodies: dict[str, Any] = {}
-    tls: dict | None = None
-    mode = node.tls_policy.mode
-    if with_tls:
-        tls = _tls_dict(node)
-        try:
-            TLSConfig.from_dict(tls, "tls")
-        except ConfigError as exc:
-            raise PublishError(f"node {node.name!r}: the TLS section is invalid: {exc}") from exc
-        bodies[TLS_FIELD] = tls
     for export in served.order_by("pk"):
         field = export_field(export.pk)
         body = _export_dict(export)
@@ -341,82 +339,187 @@ def _bodies(node: WorkerNode, export_ids: set[int] | None, with_tls: bool) -> di
     return bodies
 
 
-def _publish_one(
-    client: redis.Redis, node: WorkerNode, scopes: set[str] | None = None
-) -> int | None:
-    """Write what changed in `scopes` ("node", "tls", "export:<pk>"; None: everything) as
-    signed entries under a new head, then notify the node. A change to the node as a whole, or
-    a head or old entry that does not verify, rewrites every entry."""
-    key = node_key(node.name)
-    head_raw, head = _current_head(client, node.name, key)
-    full = scopes is None or head is None or NODE_SCOPE in scopes
-    export_ids = None
-    if not full:
-        export_ids = {int(s.split(":", 1)[1]) for s in scopes if s.startswith("export:")}
-        fields = [export_field(i) for i in sorted(export_ids)]
-        if TLS_SCOPE in scopes:
-            fields.append(TLS_FIELD)
-        old_macs: list[int] = []
+def _tls_section(node: WorkerNode, sections: dict[int, dict | PublishError]) -> dict:
+    """The node's TLS section, built and validated once per policy per batch (decrypting the
+    server key and parsing the certificates is most of a policy change's publish)."""
+    policy_id = node.tls_policy_id
+    if policy_id not in sections:
         try:
+            tls = _tls_dict(node)
             try:
-                stored_count, *old_values = client.eval(
-                    _READ_CHANGED, 1, entries_key(node.name), MAX_ENTRY_BYTES, *fields
+                TLSConfig.from_dict(tls, "tls")
+            except ConfigError as exc:
+                raise PublishError(f"the TLS section is invalid: {exc}") from exc
+            sections[policy_id] = tls
+        except PublishError as exc:
+            sections[policy_id] = exc
+    section = sections[policy_id]
+    if isinstance(section, PublishError):
+        raise PublishError(f"node {node.name!r}: {section}")
+    return section
+
+
+@dataclasses.dataclass
+class _Plan:
+    """One node's publish through its phases (`_publish_batch`)."""
+
+    node: WorkerNode
+    scopes: set[str] | None
+    key: str = ""
+    head_raw: str | None = None
+    head: Head | None = None
+    full: bool = True
+    export_ids: set[int] | None = None
+    fields: list[str] = dataclasses.field(default_factory=list)
+    old_macs: list[int] = dataclasses.field(default_factory=list)
+    generation: int = 0
+    new_head: Head | None = None
+    writes: dict[str, str] = dataclasses.field(default_factory=dict)
+    removed: list[str] = dataclasses.field(default_factory=list)
+
+
+def _plan_reads(client: redis.Redis, plans: list[_Plan]) -> None:
+    """Read every node's head, then the old entries of the changed fields, in one round trip
+    each for the batch; decide which nodes are rewritten whole."""
+    with client.pipeline(transaction=False) as pipe:
+        for plan in plans:
+            _read_head(pipe, plan.node.name)
+        heads = pipe.execute(raise_on_error=False)
+    changed: list[_Plan] = []
+    for plan, raw in zip(plans, heads, strict=True):
+        plan.key = node_key(plan.node.name)
+        plan.head_raw = _UNREADABLE if isinstance(raw, redis.ResponseError) else raw
+        if isinstance(raw, Exception) and not isinstance(raw, redis.ResponseError):
+            raise raw
+        plan.head = _checked_head(plan.node.name, plan.key, plan.head_raw)
+        scopes = plan.scopes
+        plan.full = scopes is None or plan.head is None or NODE_SCOPE in scopes
+        if not plan.full:
+            plan.export_ids = {int(s.split(":", 1)[1]) for s in scopes if s.startswith("export:")}
+            plan.fields = [export_field(i) for i in sorted(plan.export_ids)]
+            if TLS_SCOPE in scopes:
+                plan.fields.append(TLS_FIELD)
+            changed.append(plan)
+    if not changed:
+        return
+    with client.pipeline(transaction=False) as pipe:
+        for plan in changed:
+            pipe.eval(_READ_CHANGED, 1, entries_key(plan.node.name), MAX_ENTRY_BYTES, *plan.fields)
+        replies = pipe.execute(raise_on_error=False)
+    for plan, reply in zip(changed, replies, strict=True):
+        try:
+            if isinstance(reply, redis.ResponseError):  # WRONGTYPE: another type stored there
+                raise SnapshotError(str(reply))
+            if isinstance(reply, Exception):
+                raise reply
+            stored_count, *old_values = reply
+            if stored_count != plan.head.count:
+                raise SnapshotError(
+                    f"{stored_count} entries stored, the head counts {plan.head.count}"
                 )
-            except redis.ResponseError as exc:  # WRONGTYPE: another type was stored there
-                raise SnapshotError(str(exc)) from None
-            if stored_count != head.count:
-                raise SnapshotError(f"{stored_count} entries stored, the head counts {head.count}")
-            for field, value in zip(fields, old_values, strict=True):
+            for name, value in zip(plan.fields, old_values, strict=True):
                 if value is not None:
-                    old_macs.append(verify_entry(value, key, node=node.name, field=field).mac)
+                    entry = verify_entry(value, plan.key, node=plan.node.name, field=name)
+                    plan.old_macs.append(entry.mac)
         except SnapshotError as exc:
             refused_values["entries"] += 1
-            log.warning("node %s: stored entries refused (%s): rewriting all", node.name, exc)
-            full = True
-    generation = _next_generation(client, node.name, head)
-    bodies = _bodies(node, export_ids if not full else None, full or TLS_SCOPE in scopes)
-    writes: dict[str, str] = {}
+            log.warning("node %s: stored entries refused (%s): rewriting all", plan.node.name, exc)
+            plan.full, plan.export_ids, plan.old_macs = True, None, []
+
+
+def _plan_generations(client: redis.Redis, plans: list[_Plan]) -> None:
+    with client.pipeline(transaction=False) as pipe:
+        for plan in plans:
+            floor, ceiling = _generation_bounds(plan.head)
+            pipe.eval(_NEXT_GENERATION, 1, generation_key(plan.node.name), floor, ceiling)
+        replies = pipe.execute()
+    for plan, reply in zip(plans, replies, strict=True):
+        plan.generation = _generation_reply(plan.node.name, reply)
+
+
+def _plan_entries(plan: _Plan, tls_sections: dict[int, dict | PublishError]) -> None:
+    """Build, validate and sign the node's changed entries and its new head (raises
+    PublishError)."""
+    node, head = plan.node, plan.head
+    with_tls = plan.full or TLS_SCOPE in plan.scopes
+    bodies = _bodies(node, None if plan.full else plan.export_ids, with_tls, tls_sections)
     macs: list[int] = []
-    for field, body in bodies.items():
+    for name, body in bodies.items():
         if body is not None:
-            writes[field], mac = sign_entry(node.name, field, generation, body, key)
+            plan.writes[name], mac = sign_entry(node.name, name, plan.generation, body, plan.key)
             macs.append(mac)
-    removed = [field for field, body in bodies.items() if body is None]
-    if full:
-        new_head = Head(
-            node.name,
-            generation,
-            head.generation if head else 0,
-            len(writes),
-            set_digest(macs),
-            None,
+    plan.removed = [name for name, body in bodies.items() if body is None]
+    previous = head.generation if head else 0
+    if plan.full:
+        plan.new_head = Head(
+            node.name, plan.generation, previous, len(plan.writes), set_digest(macs), None
         )
     else:
-        new_head = Head(
+        plan.new_head = Head(
             node.name,
-            generation,
-            head.generation,
-            head.count - len(old_macs) + len(writes),
-            (head.digest - sum(old_macs) + sum(macs)) % DIGEST_MODULUS,
+            plan.generation,
+            previous,
+            head.count - len(plan.old_macs) + len(plan.writes),
+            (head.digest - sum(plan.old_macs) + sum(macs)) % DIGEST_MODULUS,
             tuple(sorted(bodies)),
         )
-    if not _store(
-        client, node.name, key, head_raw, new_head, sign_head(new_head, key), writes, removed, full
-    ):
-        if full:
-            log.info("node %s: generation %d superseded by a newer publish", node.name, generation)
-            return None
-        return _publish_one(client, node, None)  # the head moved under us: write it all
-    log.info(
-        "node %s: published config generation %d (%s: %d entr%s written, %d removed)",
-        node.name,
-        generation,
-        "whole" if full else "changes",
-        len(writes),
-        "y" if len(writes) == 1 else "ies",
-        len(removed),
-    )
-    return generation
+
+
+# Store a node's entries and head only if the head is still ARGV[2] (as read: '' when missing,
+# the unreadable marker when over ARGV[1] bytes or not a string) and, for a publish of changes,
+# the entries are a hash: then ARGV[3] '1' deletes the entries first (a whole rewrite); ARGV[7]
+# pairs of field and entry follow from ARGV[9], then the fields to remove; the head ARGV[4] and
+# generation ARGV[5] are stored, the notice ARGV[7] published on ARGV[6]. 0: nothing written.
+_STORE = """
+local kind = redis.call('TYPE', KEYS[1]).ok
+local current = ''
+if kind ~= 'none' then
+  if kind ~= 'string' or redis.call('STRLEN', KEYS[1]) > tonumber(ARGV[1]) then
+    current = '%UNREADABLE%'
+  else
+    current = redis.call('GET', KEYS[1])
+  end
+end
+if current ~= ARGV[2] then return 0 end
+if ARGV[3] == '1' then
+  redis.call('DEL', KEYS[2], KEYS[3])
+else
+  local entries = redis.call('TYPE', KEYS[2]).ok
+  if entries ~= 'none' and entries ~= 'hash' then return 0 end
+end
+local first, last = 9, 8 + 2 * tonumber(ARGV[8])
+for i = first, last, 1000 do
+  redis.call('HSET', KEYS[2], unpack(ARGV, i, math.min(i + 999, last)))
+end
+for i = last + 1, #ARGV, 1000 do
+  redis.call('HDEL', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('SET', KEYS[1], ARGV[4])
+redis.call('SET', KEYS[4], ARGV[5])
+redis.call('PUBLISH', ARGV[6], ARGV[7])
+return 1
+""".replace("%UNREADABLE%", _UNREADABLE)
+
+
+def _store_args(plan: _Plan) -> list[Any]:
+    node, head = plan.node.name, plan.new_head
+    args: list[Any] = [
+        MAX_HEAD_BYTES,
+        plan.head_raw or "",
+        "1" if plan.full else "0",
+        sign_head(head, plan.key),
+        head.generation,
+        config_channel(node),
+        f"{node}:{head.generation}",
+        len(plan.writes),
+    ]
+    for name, value in plan.writes.items():
+        args += (name, value)
+    return args + plan.removed
+
+
+def _store_keys(node: str) -> tuple[str, str, str, str]:
+    return head_key(node), entries_key(node), config_key(node), published_key(node)
 
 
 def _superseded(node: str, key: str, current_raw: str | None, generation: int) -> bool:
@@ -430,45 +533,76 @@ def _superseded(node: str, key: str, current_raw: str | None, generation: int) -
         return False
 
 
-def _store(
-    client: redis.Redis,
-    node: str,
-    key: str,
-    head_raw: str | None,
-    head: Head,
-    head_envelope: str,
-    writes: dict[str, str],
-    removed: list[str],
-    full: bool,
-) -> bool:
-    """Store the entries and the head atomically, only if the head is still the one read (an
-    incremental head follows exactly one), or for a whole rewrite, the head stored meanwhile is
-    not a newer publish's. The published generation key is only written, never believed (any
-    writer can set it)."""
-    stored = False
+def _store_unless_superseded(client: redis.Redis, plan: _Plan) -> bool:
+    """A whole rewrite whose head moved since it was read: stored unless the head now stored
+    is a newer publish's (verified: a forged or damaged one is overwritten)."""
+    node = plan.node.name
+    for _ in range(3):
+        current = _read_head(client, node)
+        if _superseded(node, plan.key, current, plan.generation):
+            return False
+        plan.head_raw = current
+        if client.eval(_STORE, 4, *_store_keys(node), *_store_args(plan)):
+            return True
+    # Rewritten under us on every try and never by a newer publish (a writer at work): keep the
+    # markers (the caller's Redis error) rather than count the change as sent.
+    raise redis.RedisError(f"node {node}: the stored head keeps changing under the publish")
 
-    def step(pipe: redis.client.Pipeline) -> None:
-        nonlocal stored
-        current_raw = _read_head(pipe, node)
-        if current_raw == head_raw:
-            stored = True
-        else:
-            stored = full and not _superseded(node, key, current_raw, head.generation)
-        pipe.multi()
-        if not stored:
-            return
-        if full:
-            pipe.delete(entries_key(node), config_key(node))
-        if writes:
-            pipe.hset(entries_key(node), mapping=writes)
-        if removed:
-            pipe.hdel(entries_key(node), *removed)
-        pipe.set(head_key(node), head_envelope)
-        pipe.set(published_key(node), head.generation)
-        pipe.publish(config_channel(node), f"{node}:{head.generation}")
 
-    client.transaction(step, head_key(node))
-    return stored
+def _publish_batch(client: redis.Redis, plans: list[_Plan]) -> dict[int, int | None]:
+    """Publish several nodes, each under its lock: one round trip per phase for the batch
+    (heads, old entries, generations, stores), each TLS section built once per policy. Returns
+    {node id: generation published, or None (config not buildable: logged; superseded)}."""
+    results: dict[int, int | None] = {}
+    _plan_reads(client, plans)
+    _plan_generations(client, plans)
+    tls_sections: dict[int, dict | PublishError] = {}
+    ready: list[_Plan] = []
+    for plan in plans:
+        try:
+            _plan_entries(plan, tls_sections)
+        except PublishError as exc:
+            log.error("node %s: config not published: %s", plan.node.name, exc)
+            results[plan.node.pk] = None
+            continue
+        ready.append(plan)
+    results.update(_publish_batch_stores(client, ready))
+    return results
+
+
+def _publish_batch_stores(client: redis.Redis, ready: list[_Plan]) -> dict[int, int | None]:
+    results: dict[int, int | None] = {}
+    with client.pipeline(transaction=False) as pipe:
+        for plan in ready:
+            pipe.eval(_STORE, 4, *_store_keys(plan.node.name), *_store_args(plan))
+        stored = pipe.execute()
+    for plan, ok in zip(ready, stored, strict=True):
+        node = plan.node
+        if not ok and not plan.full:
+            # The head moved under us (or the entries are not a hash): write it all.
+            try:
+                results[node.pk] = _publish_one(client, node, None)
+            except PublishError as exc:
+                log.error("node %s: config not published: %s", node.name, exc)
+                results[node.pk] = None
+            continue
+        if not ok and not _store_unless_superseded(client, plan):
+            log.info(
+                "node %s: generation %d superseded by a newer publish", node.name, plan.generation
+            )
+            results[node.pk] = None
+            continue
+        log.info(
+            "node %s: published config generation %d (%s: %d entr%s written, %d removed)",
+            node.name,
+            plan.generation,
+            "whole" if plan.full else "changes",
+            len(plan.writes),
+            "y" if len(plan.writes) == 1 else "ies",
+            len(plan.removed),
+        )
+        results[node.pk] = plan.generation
+    return results
 
 
 # -- one publisher per node -------------------------------------------------------------------
@@ -504,6 +638,33 @@ def _acquire(client: redis.Redis, node: str, wait: float) -> str:
     return token
 
 
+def _publish_one(
+    client: redis.Redis, node: WorkerNode, scopes: set[str] | None = None
+) -> int | None:
+    """Write what changed in `scopes` ("node", "tls", "export:<pk>"; None: everything) as
+    signed entries under a new head, then notify the node (raises PublishError)."""
+    plan = _Plan(node, scopes)
+    _plan_reads(client, [plan])
+    _plan_generations(client, [plan])
+    _plan_entries(plan, {})
+    return _publish_batch_stores(client, [plan])[node.pk]
+
+
+def _nodes(node_ids: Iterable[int]) -> list[WorkerNode]:
+    return list(
+        WorkerNode.objects.select_related("tls_policy__server_certificate")
+        .filter(pk__in=set(node_ids))
+        .order_by("pk")
+    )
+
+
+def _release(client: redis.Redis, locks: dict[str, str]) -> None:
+    with contextlib.suppress(redis.RedisError), client.pipeline(transaction=False) as pipe:
+        for name, token in locks.items():
+            pipe.eval(_RELEASE_LUA, 1, lock_key(name), token)
+        pipe.execute()
+
+
 def publish_node(node_id: int, *, only_pending: bool, lock_wait: float = 0.0) -> int | None:
     """Publish one node's config now, under its lock, and clear the markers it includes.
 
@@ -514,9 +675,10 @@ def publish_node(node_id: int, *, only_pending: bool, lock_wait: float = 0.0) ->
     """
     if only_pending and not PendingPublish.objects.filter(node_id=node_id).exists():
         return None  # another publisher sent it already (checked again under the lock)
-    node = WorkerNode.objects.select_related("tls_policy").filter(pk=node_id).first()
-    if node is None:
+    nodes = _nodes([node_id])
+    if not nodes:
         return None
+    node = nodes[0]
     client = redis_client()
     token = _acquire(client, node.name, lock_wait)
     try:
@@ -537,8 +699,45 @@ def publish_node(node_id: int, *, only_pending: bool, lock_wait: float = 0.0) ->
             PendingPublish.objects.filter(node_id=node_id, id__lte=newest).delete()
         return generation
     finally:
-        with contextlib.suppress(redis.RedisError):
-            client.eval(_RELEASE_LUA, 1, lock_key(node.name), token)
+        _release(client, {node.name: token})
+
+
+def publish_pending_batch(node_ids: Iterable[int]) -> dict[int, int | None]:
+    """Publish the markers of several nodes in one batch (a policy many nodes share): the
+    nodes whose lock is free, each under it, with one round trip per phase for all and each TLS
+    section built once. Nodes another publisher holds are left to it (it re-reads the markers
+    when done); the caller looks again for markers left (see `publisher`). Raises
+    redis.RedisError or DatabaseError with the markers kept."""
+    nodes = _nodes(node_ids)
+    if not nodes:
+        return {}
+    client = redis_client()
+    tokens = {node.name: secrets.token_hex(16) for node in nodes}
+    with client.pipeline(transaction=False) as pipe:
+        for name, token in tokens.items():
+            pipe.set(lock_key(name), token, nx=True, px=LOCK_TTL_MS)
+        taken = pipe.execute()
+    locks = {name: token for (name, token), ok in zip(tokens.items(), taken, strict=True) if ok}
+    try:
+        nodes = [node for node in nodes if node.name in locks]
+        # Markers first, then the database (as publish_node): every change marked up to each
+        # node's newest committed before any of the batch's config is read.
+        scopes: dict[int, set[str]] = {}
+        newest: dict[int, int] = {}
+        marks = PendingPublish.objects.filter(node_id__in=[n.pk for n in nodes])
+        for node_id, mark_id, scope in marks.values_list("node_id", "id", "scope"):
+            scopes.setdefault(node_id, set()).add(scope)
+            newest[node_id] = max(newest.get(node_id, 0), mark_id)
+        plans = [_Plan(node, scopes[node.pk]) for node in nodes if node.pk in scopes]
+        results = _publish_batch(client, plans) if plans else {}
+        if newest:
+            done = Q()
+            for node_id, mark_id in newest.items():
+                done |= Q(node_id=node_id, id__lte=mark_id)
+            PendingPublish.objects.filter(done).delete()
+        return results
+    finally:
+        _release(client, locks)
 
 
 # Rounds of publishing what was marked meanwhile before leaving the rest to the beat sweep (a

@@ -619,3 +619,48 @@ def test_publish_config_publishes_what_was_marked_while_it_held_the_lock(
     publishing.publish_nodes([default_node.pk])
     assert not PendingPublish.objects.exists()
     assert [e.name for e in read_entries(r, default_node).exports] == ["a", "late"]
+
+
+# -- many nodes at once ---------------------------------------------------------------------------
+
+
+def test_a_policy_shared_by_many_nodes_is_published_in_one_batch_of_constant_queries(
+    r, default_node, storage_root, monkeypatch
+) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    nodes = [default_node] + [
+        WorkerNode.objects.create(
+            name=f"n{i}",
+            listen=f"127.0.0.1:{10820 + i}",
+            storage_root=str(storage_root),
+            tls_policy=default_node.tls_policy,
+        )
+        for i in range(7)
+    ]
+    for node in nodes:
+        make_export(node, f"disk-{node.name}")
+    publisher.drain()
+    hold_publisher_lock(r, nodes[-1])  # another process publishes this one: left to it
+    before = {node.name: stored_head(r, node).generation for node in nodes}
+    monkeypatch.setattr(publisher._Publisher, "wake", lambda self, ids: None)
+    policy = default_node.tls_policy
+    policy.min_tls_version = "1.3"
+    policy.save()
+
+    with CaptureQueriesContext(connection) as queries:
+        publishing.publish_pending_batch([node.pk for node in nodes])
+    # Nodes, markers, the policy's certificate, CAs and revocations, the markers' delete: the
+    # same for 8 nodes as for 2.
+    assert len(queries) <= 8, [q["sql"] for q in queries]
+    for node in nodes[:-1]:
+        head = stored_head(r, node)
+        assert head.changed == ("tls",) and head.generation > before[node.name]
+        assert entry_generations(r, node)["tls"] == head.generation
+    assert stored_head(r, nodes[-1]).generation == before[nodes[-1].name]
+    assert list(PendingPublish.objects.values_list("node__name", flat=True)) == [nodes[-1].name]
+    r.delete(publishing.lock_key(nodes[-1].name))
+    publisher.publish_pending()
+    assert stored_head(r, nodes[-1]).changed == ("tls",)
+    assert not PendingPublish.objects.exists()
