@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from nbdworker.contract.entries import entries_key, head_key
 from tests.support.livestack import StartedStack, create_api_token, http_status, started_stack
 from tests.support.pki import make_pki
 from tests.support.redisserver import PrivateRedis, private_redis
@@ -96,5 +97,6 @@ def test_whole_stack_over_rediss_with_an_acl_user(
 
     # The web side reads nbdworker's heartbeat from the same Redis.
     stack.wait_for(node_online, "the node shown online")
-    assert tls_redis.client().exists("nbdweb:config:default")
+    # The config went out as per-export entries under their signed head, over TLS.
+    assert tls_redis.client().exists(head_key("default"), entries_key("default")) == 2
     assert not any(PASSWORD in line for line in stack.lines), "the Redis password was logged"
