@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Collection
 
 from nbdworker.backends import Backend, FileBackend
 from nbdworker.contract.config import ExportConfig
@@ -80,6 +81,30 @@ class BackendHolds:
         del self._states[id(state)]
         for entry in state.exports.values():
             self.release(entry.backend)
+
+    def pass_on(
+        self, previous: ServerState, new: ServerState, changed: Collection[str] | None
+    ) -> None:
+        """The current generation's hold goes from `previous` to `new` (`hold_state(new)`, then
+        `release_state(previous)`). When `changed` names every export in which the two differ
+        (the others are the very same entries) and only the current generation holds
+        `previous`, just those exports' backends are counted again: the others would be held
+        once more by `new` and once less by `previous`."""
+        held = self._states.get(id(previous))
+        if changed is None or held is None or held[1] != 1 or id(new) in self._states:
+            self.hold_state(new)
+            self.release_state(previous)
+            return
+        del self._states[id(previous)]
+        self._states[id(new)] = (new, 1)
+        for name in changed:
+            entry = new.exports.get(name)
+            if entry is not None:
+                self.hold(entry.backend)
+        for name in changed:
+            entry = previous.exports.get(name)
+            if entry is not None:
+                self.release(entry.backend)
 
 
 def reusable_backend(prev: ExportEntry | None, cfg: ExportConfig) -> Backend | None:

@@ -85,9 +85,10 @@ def _open_backend(
     cfg: ExportConfig,
     settings: WorkerSettings,
     shared_memory: str | None = None,
-    refused: Callable[[str], None] = lambda reason: None,
+    refused: Callable[[str, str], None] = lambda reason, line: log.error("%s", line),
 ) -> Backend | None:
-    """The export's backend, or None when it is refused (logged, and `refused(reason)`)."""
+    """The export's backend, or None when it is refused (`refused(reason, log line)`: the
+    caller logs it)."""
     if cfg.backend == "memory":
         if shared_memory is not None:
             return _shared_memory_backend(cfg, shared_memory)
@@ -101,14 +102,14 @@ def _open_backend(
             identity=cfg.image_identity,
         )
     except ImageRefused as exc:
-        log.error("export %r refused: %s", cfg.name, exc)
-        refused(exc.reason)
+        refused(exc.reason, f"export {cfg.name!r} refused: {exc}")
         return None
     try:
         return FileBackend(cfg.path, read_only=cfg.read_only, fd=fd)
     except OSError as exc:
-        log.error("export %r refused: cannot open %s: %s", cfg.name, cfg.path, exc)
-        refused(RefusalReason.OPEN_FAILED)
+        refused(
+            RefusalReason.OPEN_FAILED, f"export {cfg.name!r} refused: cannot open {cfg.path}: {exc}"
+        )
         return None
 
 
@@ -223,12 +224,19 @@ class NBDServer:
             self.apply_config(config)  # a new mode may refuse any export: all are compared
             return
         wanted = [cfg for cfg in config.exports if cfg.name in changed]
-        refusals: list[str] = []
+        refusals: list[tuple[str, str]] = []
         prepared = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self._prepare_entries, wanted, config.tls.mode, base, refusals.append
+            self.executor,
+            self._prepare_entries,
+            wanted,
+            config.tls.mode,
+            base,
+            lambda reason, line: refusals.append((reason, line)),
         )
-        for reason in refusals:
-            self.stats.export_refused(reason)
+        # Logged here, on the loop, just before the swap (no await in between): once a refusal
+        # is in the log, the export is no longer served.
+        for reason, line in refusals:
+            self._refused(reason, line)
         if self.state is not base:
             for name, entry in prepared.items():
                 prev = base.exports.get(name)
@@ -243,7 +251,7 @@ class NBDServer:
         wanted: list[ExportConfig],
         tls_mode: str,
         base: ServerState,
-        refused: Callable[[str], None],
+        refused: Callable[[str, str], None],
     ) -> dict[str, ExportEntry | None]:
         return {
             cfg.name: self._export_entry(cfg, tls_mode, base.exports.get(cfg.name), refused)
@@ -279,9 +287,7 @@ class NBDServer:
             if prepared is not None and cfg.name in prepared:
                 entry = prepared[cfg.name]
             else:
-                entry = self._export_entry(
-                    cfg, config.tls.mode, old.get(cfg.name), self.stats.export_refused
-                )
+                entry = self._export_entry(cfg, config.tls.mode, old.get(cfg.name), self._refused)
             if entry is not None:
                 exports[cfg.name] = entry
         # The backends this generation no longer serves close when the last connection using
@@ -296,23 +302,26 @@ class NBDServer:
                 log.error("TLS policy unusable, TLS connections will fail: %s", exc)
         previous = self.state
         self.state = ServerState(config, exports, TLSMode[config.tls.mode], tls_context)
-        self.backend_holds.hold_state(self.state)
-        self.backend_holds.release_state(previous)
+        self.backend_holds.pass_on(previous, self.state, changed)
         log.info(
             "config generation %d applied: %d export(s) served", config.generation, len(exports)
         )
         self.stats.generation = config.generation
         self.end_affected_connections()
 
+    def _refused(self, reason: str, line: str) -> None:
+        log.error("%s", line)
+        self.stats.export_refused(reason)
+
     def _export_entry(
         self,
         cfg: ExportConfig,
         tls_mode: str,
         prev: ExportEntry | None,
-        refused: Callable[[str], None],
+        refused: Callable[[str, str], None],
     ) -> ExportEntry | None:
         """What `cfg` serves: `prev` when nothing changed, else its image reused or opened (and
-        proven, nbdworker/imagefile.py); None when it is disabled or refused (`refused(why)`).
+        proven, nbdworker/imagefile.py); None when it is disabled or refused (`refused(why, line)`).
         Touches nothing of the server's state: it may run in the executor."""
         if not cfg.enabled:
             return None
@@ -322,8 +331,7 @@ class NBDServer:
         if refusal is not None:
             # Absent from LIST, INFO/GO answered UNKNOWN, live sessions ended: never served
             # in plaintext while the admin believes it is TLS-only.
-            log.error("export %r refused: %s", cfg.name, refusal)
-            refused("tls_mode")
+            refused("tls_mode", f"export {cfg.name!r} refused: {refusal}")
             return None
         if prev is not None and prev.config == cfg and not prev.backend.size_changed():
             return prev

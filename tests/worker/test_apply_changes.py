@@ -99,6 +99,12 @@ def one_change_cost(root: Path, count: int, monkeypatch: pytest.MonkeyPatch) -> 
         untouched = [n for n in kept if n not in changed]
         assert all(exports[n] is kept[n] for n in untouched)
         assert list(exports) == [e["name"] for e in after]
+        # The images no export serves any more are closed (no connection holds them), the
+        # others held once: by the generation now current.
+        assert server.backend_holds.open_backends == len(exports)
+        for gone in (kept["e1"].backend, kept["e2"].backend):
+            with pytest.raises(OSError):
+                os.fstat(gone.fd)
         return calls.calls
     finally:
         server.executor.shutdown()
