@@ -219,5 +219,9 @@ class ExportJobActions:
         return self._accepted(export.pk)
 
     def _accepted(self, pk: int) -> Response:
+        # Read after the job was requested and serialized once: the body is what a GET reads
+        # next, and its ETag (finalize_response) that body's.
         export = self.get_queryset().get(pk=pk)
-        return Response(self.get_serializer(export).data, status=status.HTTP_202_ACCEPTED)
+        response = Response(self.representation_of_read(export), status=status.HTTP_202_ACCEPTED)
+        response.etag_of_body = True
+        return response

@@ -139,3 +139,22 @@ def test_a_patch_locks_the_exports_row_only_not_its_nodes(api, default_node):
     locks = [q["sql"] for q in captured.captured_queries if "FOR UPDATE" in q["sql"]]
     assert len(locks) == 1, locks
     assert "JOIN" not in locks[0] and 'FOR UPDATE OF "exports_app_export"' in locks[0]
+
+
+@pytest.mark.parametrize("action", ["resize", "verify"])
+def test_a_job_actions_answer_is_the_body_and_etag_a_get_reads_next(api, default_node, action):
+    created = api.post(URL, {"name": f"act-{action}", "size": "1M"}).json()
+    Export.objects.filter(pk=created["id"]).update(state="ready")
+    url = f"{URL}{created['id']}/"
+    body = {"size": "2M"} if action == "resize" else {}
+    with CaptureQueriesContext(connection) as captured:
+        accepted = api.post(f"{url}{action}/", body)
+    assert accepted.status_code == 202, accepted.content
+    job_lookups = [
+        q for q in captured.captured_queries if 'FROM "exports_app_job" WHERE' in q["sql"]
+    ]
+    assert len(job_lookups) <= 1, job_lookups  # the state's check of earlier jobs, no more
+    read = api.get(url)
+    assert accepted.json() == read.json()
+    assert accepted.json()["job"] is not None
+    assert accepted["ETag"] == read["ETag"]
