@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,17 +56,6 @@ def nbdweb(
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
     return result
-
-
-def api(stack: RunningStack, method: str, path: str, body: dict | None = None) -> dict:
-    request = urllib.request.Request(
-        f"{stack.url}/api/v1/{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        method=method,
-        headers={"Authorization": f"Token {stack.token}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
 
 
 def test_exports_from_create_to_delete(stack: RunningStack) -> None:
@@ -114,7 +102,7 @@ def test_a_failed_job_makes_watch_exit_non_zero(stack: RunningStack) -> None:
     created = nbdweb(stack, "--json", "exports", "create", "blocked", "--size", "1M", "--wait")
     assert created.returncode == 1, (created.stdout, created.stderr)
     assert "failed" in created.stderr
-    job = api(stack, "GET", "jobs/?export_name=blocked")["results"][0]
+    job = stack.api("GET", "jobs/?export_name=blocked")["results"][0]
     watched = nbdweb(stack, "jobs", "watch", str(job["id"]))
     assert watched.returncode == 1
     assert f"job {job['id']} failed" in watched.stderr
@@ -122,7 +110,7 @@ def test_a_failed_job_makes_watch_exit_non_zero(stack: RunningStack) -> None:
 
 
 def test_certificates_issue_bundle_revoke(stack: RunningStack, tmp_path: Path) -> None:
-    api(stack, "POST", "authorities/", {"name": "cli-ca", "common_name": "CLI test CA"})
+    stack.api("POST", "authorities/", {"name": "cli-ca", "common_name": "CLI test CA"})
     issued = ok(nbdweb(stack, "--json", "certs", "issue", "alice", "--authority", "cli-ca"))
     certificate = json.loads(issued.stdout)
     assert certificate["common_name"] == "alice" and certificate["kind"] == "client"

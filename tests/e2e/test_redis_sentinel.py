@@ -7,49 +7,20 @@ sentinels (tests/support/redissentinel.py)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from nbdworker.contract.entries import head_key
-from tests.support.livestack import RunningStack, running_stack
+from tests.support.livestack import running_stack
 from tests.support.polling import poll
 from tests.support.redissentinel import DATA_PASSWORD, SENTINEL_PASSWORD, sentinel_cluster
 from tests.support.redisserver import free_port
-from tests.support.tools import client_env, require_tool
 
 pytestmark = pytest.mark.e2e
 
 JOB_TIMEOUT = 90.0
 FAILOVER_TIMEOUT = 60.0
-
-
-def api(stack: RunningStack, method: str, path: str, body: dict | None = None) -> dict:
-    request = urllib.request.Request(
-        f"{stack.url}/api/v1/{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        method=method,
-        headers={"Authorization": f"Token {stack.token}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
-
-
-def served_export(stack: RunningStack, name: str) -> dict | None:
-    """nbdinfo's view of export `name` on the stack's nbdworker, or None if not served."""
-    result = subprocess.run(
-        [require_tool("nbdinfo"), "--json", f"nbd://127.0.0.1:{stack.nbd_port}/{name}"],
-        capture_output=True,
-        text=True,
-        env=client_env(),
-        timeout=30,
-    )
-    if result.returncode != 0:
-        return None
-    return json.loads(result.stdout)["exports"][0]
 
 
 def test_web_celery_and_nbdworker_follow_a_sentinel_failover(tmp_path: Path) -> None:
@@ -62,36 +33,36 @@ def test_web_celery_and_nbdworker_follow_a_sentinel_failover(tmp_path: Path) -> 
             assert f"127.0.0.1:{cluster.sentinel_ports[0]}" in log  # "redis answers at ..."
 
             # Before: a create job (Celery through the sentinels) and the worker serving it.
-            before = api(stack, "POST", "exports/", {"name": "before", "size": "1M"})
-            poll(lambda: served_export(stack, "before"), "'before' served", JOB_TIMEOUT)
+            before = stack.api("POST", "exports/", {"name": "before", "size": "1M"})
+            poll(lambda: stack.served_export("before"), "'before' served", JOB_TIMEOUT)
             assert cluster.primary.client().exists(head_key("default"))
 
             cluster.kill_primary()
             promoted = cluster.wait_for_promotion(FAILOVER_TIMEOUT)
 
             # A config change made through the web after the failover reaches nbdworker.
-            api(stack, "PATCH", f"exports/{before['id']}/", {"description": "after failover"})
+            stack.api("PATCH", f"exports/{before['id']}/", {"description": "after failover"})
 
             def described() -> bool:
-                export = served_export(stack, "before")
+                export = stack.served_export("before")
                 return bool(export) and export.get("description") == "after failover"
 
             poll(described, "the new description served by nbdworker", JOB_TIMEOUT)
             assert promoted.client().exists(head_key("default"))
 
             # A Celery job still runs: broker and result backend on the promoted replica.
-            after = api(stack, "POST", "exports/", {"name": "after", "size": "2M"})
+            after = stack.api("POST", "exports/", {"name": "after", "size": "2M"})
 
             def ready() -> bool:
-                return api(stack, "GET", f"exports/{after['id']}/")["state"] == "ready"
+                return stack.api("GET", f"exports/{after['id']}/")["state"] == "ready"
 
             poll(ready, "the create job after the failover", JOB_TIMEOUT)
-            served = poll(lambda: served_export(stack, "after"), "'after' served", JOB_TIMEOUT)
+            served = poll(lambda: stack.served_export("after"), "'after' served", JOB_TIMEOUT)
             assert served["export-size"] == 2 << 20
 
             # The web reads the worker's heartbeat from the new primary too.
             def online() -> bool:
-                nodes = api(stack, "GET", "nodes/")["results"]
+                nodes = stack.api("GET", "nodes/")["results"]
                 return any(node.get("status", {}).get("status") == "online" for node in nodes)
 
             poll(online, "the node shown online after the failover", JOB_TIMEOUT)

@@ -22,7 +22,6 @@ from tests.support.liveweb import LiveWeb
 from tests.support.polling import poll
 from tests.support.postgres import private_postgres
 from tests.support.redisserver import free_port, private_redis
-from tests.support.tools import client_env, require_tool
 
 pytestmark = pytest.mark.e2e
 
@@ -120,20 +119,6 @@ def web_a(stack: RunningStack) -> Web:
     return Web(stack.url, stack.token)
 
 
-def served_export(stack: RunningStack, name: str) -> dict | None:
-    """nbdinfo's view of export `name` on the stack's nbdworker, or None if not served."""
-    result = subprocess.run(
-        [require_tool("nbdinfo"), "--json", f"nbd://127.0.0.1:{stack.nbd_port}/{name}"],
-        capture_output=True,
-        text=True,
-        env=client_env(),
-        timeout=30,
-    )
-    if result.returncode != 0:
-        return None
-    return json.loads(result.stdout)["exports"][0]
-
-
 def test_the_two_web_processes_share_postgresql_not_a_local_file(
     stack: RunningStack, web_a: Web, web_b: Web
 ) -> None:
@@ -154,14 +139,14 @@ def test_a_change_through_either_web_is_seen_by_the_other_and_published(
         return webs[editor].api("GET", f"exports/{created['id']}/")["state"] == "ready"
 
     poll(ready_on_the_other, f"{name} ready as seen through web {editor}", JOB_TIMEOUT)
-    poll(lambda: served_export(stack, name), f"{name} served", JOB_TIMEOUT)
+    poll(lambda: stack.served_export(name), f"{name} served", JOB_TIMEOUT)
 
     description = f"edited on {editor}"
     webs[editor].api("PATCH", f"exports/{created['id']}/", {"description": description})
     assert webs[maker].api("GET", f"exports/{created['id']}/")["description"] == description
 
     def published() -> bool:
-        export = served_export(stack, name)
+        export = stack.served_export(name)
         return bool(export) and export.get("description") == description
 
     poll(published, f"the description edited on web {editor} served", JOB_TIMEOUT)

@@ -20,6 +20,7 @@ For tests of the start-up itself (its output, its processes, what they survive),
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -36,6 +37,7 @@ import pytest
 
 from tests.support.polling import poll
 from tests.support.redisserver import free_port
+from tests.support.tools import client_env, require_tool
 
 __all__ = [
     "ADMIN_PASSWORD",
@@ -65,6 +67,30 @@ class RunningStack:
     images: Path
     env: dict[str, str]
     log: Path
+
+    def api(self, method: str, path: str, body: dict | None = None) -> dict:
+        """One call of the stack's REST API with its admin token, answered in JSON."""
+        request = urllib.request.Request(
+            f"{self.url}/api/v1/{path}",
+            data=None if body is None else json.dumps(body).encode(),
+            method=method,
+            headers={"Authorization": f"Token {self.token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def served_export(self, name: str) -> dict | None:
+        """nbdinfo's view of export `name` on the stack's nbdworker, or None if not served."""
+        result = subprocess.run(
+            [require_tool("nbdinfo"), "--json", f"nbd://127.0.0.1:{self.nbd_port}/{name}"],
+            capture_output=True,
+            text=True,
+            env=client_env(),
+            timeout=30,
+        )
+        if result.returncode != 0:
+            return None
+        return json.loads(result.stdout)["exports"][0]
 
 
 def stack_env(data: Path, overrides: dict[str, str] | None = None) -> dict[str, str]:
