@@ -23,6 +23,7 @@ import pytest
 from rest_framework.test import APIClient
 
 from exports_app.models import Export, TLSPolicy, WorkerNode
+from exports_app.services import publisher
 from exports_app.services.nodekeys import node_key
 from nbdworker.contract.entries import Head, entries_key, head_key, sign_entry, sign_head
 from nbdworker.contract.nodekey import NODE_KEY_ENV
@@ -78,6 +79,9 @@ class Stack:
         return self.tmp / "images"
 
     def start_worker(self) -> RunningWorker:
+        # What the test committed is published before the worker reads it: the publisher
+        # thread's timing is test_publishing's subject, not this module's.
+        publisher.drain()
         self.worker = start_worker(
             None,
             workdir=self.tmp / "worker",

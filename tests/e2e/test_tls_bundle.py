@@ -15,6 +15,7 @@ import pytest
 from rest_framework.test import APIClient
 
 from exports_app.models import Export, TLSPolicy, WorkerNode
+from exports_app.services import publisher
 from exports_app.services.nodekeys import node_key
 from nbdworker.contract.entries import TLS_FIELD, entries_key
 from nbdworker.contract.nodekey import NODE_KEY_ENV
@@ -101,6 +102,7 @@ def tls_stack(
     assert export.state == "ready", export.last_error
     assert api.get(f"/api/v1/exports/{export.pk}/").json()["uri"].startswith("nbds://")
 
+    publisher.drain()  # what was committed is in Redis before the worker reads it
     worker = start_worker(
         None,
         workdir=tmp_path / "worker",
