@@ -105,6 +105,16 @@ class _Publisher:
             wanted, self._wanted = self._wanted, set()
         return wanted
 
+    def _back_off(self, failed: set[int], delay: float) -> None:
+        """Wait `delay` before retrying `failed`, unless another node is woken meanwhile: one
+        node that keeps failing must not hold back every other node's publish. A change to a
+        failing node does not cut its backoff short."""
+        deadline = time.monotonic() + delay
+        with self._cond:
+            self._wanted |= failed
+            while self._wanted <= failed and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+
     def _run(self) -> None:
         delay = RETRY_FIRST_DELAY
         try:
@@ -113,10 +123,7 @@ class _Publisher:
                 if not failed:
                     delay = RETRY_FIRST_DELAY
                     continue
-                with self._cond:
-                    self._wanted |= failed
-                # A backoff while Redis or the database is down: nothing to be notified by.
-                time.sleep(delay)
+                self._back_off(failed, delay)
                 delay = min(delay * 2, RETRY_MAX_DELAY)
         finally:
             connections.close_all()  # this thread's own database connections

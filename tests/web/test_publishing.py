@@ -9,6 +9,7 @@ import logging
 import time
 
 import pytest
+import redis
 from django.db import transaction
 
 from exports_app.choices import ClientVerification, ExportState, TLSMode
@@ -310,6 +311,40 @@ def test_redis_outage_fails_no_request_and_the_change_is_published_when_redis_is
     )
     assert [e.name for e in published(r, default_node).exports] == ["during-outage"]
     assert published(r, other) is not None
+
+
+def test_a_node_that_keeps_failing_does_not_hold_back_another_nodes_publish(
+    r, default_node, storage_root, monkeypatch
+) -> None:
+    failing = WorkerNode.objects.create(
+        name="failing",
+        listen="127.0.0.1:10813",
+        storage_root=str(storage_root),
+        tls_policy=default_node.tls_policy,
+    )
+    publisher.drain()
+    # The next publisher thread starts afresh, with the long first backoff below.
+    poll(lambda: publisher._publisher()._thread is None, "the publisher idle", 20)
+    attempts: list[int] = []
+    real_publish_node = publisher.publish_node
+
+    def publish_node(node_id: int, **kwargs):
+        if node_id == failing.pk:
+            attempts.append(node_id)
+            raise redis.ConnectionError("this node's publish fails")
+        return real_publish_node(node_id, **kwargs)
+
+    monkeypatch.setattr(publisher, "publish_node", publish_node)
+    monkeypatch.setattr(publisher, "RETRY_FIRST_DELAY", 120.0)
+    make_export(failing, "stuck")
+    poll(lambda: attempts, "the failing node's publish tried", 20)
+    make_export(default_node, "prompt")
+
+    def prompt_published() -> bool:
+        config = read_entries(r, default_node)
+        return config is not None and [e.name for e in config.exports] == ["prompt"]
+
+    poll(prompt_published, "the healthy node published during the other's backoff", 20)
 
 
 def test_publish_config_command_republishes_every_node(r, default_node) -> None:
