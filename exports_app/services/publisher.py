@@ -119,13 +119,22 @@ class _Publisher:
         delay = RETRY_FIRST_DELAY
         try:
             while (wanted := self._take()) is not None:
-                failed = _publish_each(wanted)
+                try:
+                    failed = _publish_each(wanted)
+                except Exception:
+                    # Whatever escaped, this process goes on publishing: a thread that died
+                    # here left every later change of this process unpublished.
+                    log.exception("config of node(s) %s not published (retrying)", sorted(wanted))
+                    failed = set(wanted)
                 if not failed:
                     delay = RETRY_FIRST_DELAY
                     continue
                 self._back_off(failed, delay)
                 delay = min(delay * 2, RETRY_MAX_DELAY)
         finally:
+            with self._cond:
+                if self._thread is threading.current_thread():
+                    self._thread = None  # the next change starts a thread anew
             connections.close_all()  # this thread's own database connections
 
 

@@ -347,6 +347,31 @@ def test_a_node_that_keeps_failing_does_not_hold_back_another_nodes_publish(
     poll(prompt_published, "the healthy node published during the other's backoff", 20)
 
 
+def test_the_publisher_thread_survives_an_unexpected_error(r, default_node, monkeypatch) -> None:
+    publisher.drain()
+    failures: list[int] = []
+    real_publish_each = publisher._publish_each
+
+    def publish_each(node_ids):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("something nobody expected")
+        return real_publish_each(node_ids)
+
+    monkeypatch.setattr(publisher, "_publish_each", publish_each)
+    make_export(default_node, "first")
+    poll(lambda: failures, "the unexpected error raised", 20)
+    make_export(default_node, "second")
+
+    def both_published() -> bool:
+        config = read_entries(r, default_node)
+        return config is not None and sorted(e.name for e in config.exports) == ["first", "second"]
+
+    # By the publisher thread, not drain(): before, the thread died and no change of this
+    # process was published again.
+    poll(both_published, "both changes published by the thread", 3 * publisher.RETRY_MAX_DELAY)
+
+
 def test_publish_config_command_republishes_every_node(r, default_node) -> None:
     from django.core.management import call_command
 
