@@ -7,7 +7,6 @@ one is valid on the other (sessions live in the database, signed with the shared
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import urllib.error
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.livestack import ADMIN_PASSWORD, RunningStack, running_stack
+from tests.support.livestack import ADMIN_PASSWORD, RunningStack, api_call, running_stack
 from tests.support.liveweb import LiveWeb
 from tests.support.polling import poll
 from tests.support.postgres import private_postgres
@@ -43,14 +42,7 @@ class Web:
         self.token = token
 
     def api(self, method: str, path: str, body: dict | None = None) -> dict:
-        request = urllib.request.Request(
-            f"{self.url}/api/v1/{path}",
-            data=None if body is None else json.dumps(body).encode(),
-            method=method,
-            headers={"Authorization": f"Token {self.token}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
+        return api_call(self.url, self.token, method, path, body)
 
 
 @pytest.fixture(scope="module")

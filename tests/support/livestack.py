@@ -59,6 +59,18 @@ START_TIMEOUT = 180.0
 ADMIN_PASSWORD = "a-long-live-stack-password"
 
 
+def api_call(url: str, token: str, method: str, path: str, body: dict | None = None) -> dict:
+    """One call of the REST API at `url` with `token`, answered in JSON."""
+    request = urllib.request.Request(
+        f"{url}/api/v1/{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        method=method,
+        headers={"Authorization": f"Token {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
 @dataclass
 class RunningStack:
     url: str
@@ -70,14 +82,7 @@ class RunningStack:
 
     def api(self, method: str, path: str, body: dict | None = None) -> dict:
         """One call of the stack's REST API with its admin token, answered in JSON."""
-        request = urllib.request.Request(
-            f"{self.url}/api/v1/{path}",
-            data=None if body is None else json.dumps(body).encode(),
-            method=method,
-            headers={"Authorization": f"Token {self.token}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
+        return api_call(self.url, self.token, method, path, body)
 
     def served_export(self, name: str) -> dict | None:
         """nbdinfo's view of export `name` on the stack's nbdworker, or None if not served."""
